@@ -1,0 +1,1 @@
+//! Configuration: `cluster.toml` and `modules/<AM>/module.toml` (SPEC §4).

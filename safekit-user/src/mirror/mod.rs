@@ -1,0 +1,1 @@
+//! Mirror module (SPEC §5).

@@ -1,0 +1,1 @@
+//! Lab: a bridge, node namespaces and a client namespace.

@@ -1,0 +1,53 @@
+//! safekit developer tasks, shared by `cargo xtask` and the privileged
+//! cluster tests in `xtask/tests/`.
+
+pub mod lab;
+pub mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root (parent of this crate).
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Runs a command, failing with its description when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// True when the command runs and exits 0 (output discarded).
+pub fn cmd_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Directory of the built `safekitd`/`safekit` binaries: `SAFEKIT_BIN_DIR`,
+/// else `target/debug` of this workspace.
+#[must_use]
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("SAFEKIT_BIN_DIR").map_or_else(
+        || {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+                .join("debug")
+        },
+        PathBuf::from,
+    )
+}

@@ -1,0 +1,166 @@
+//! `cargo xtask setup`: installs what a brand-new machine lacks, idempotently.
+//!
+//! 1. Debian packages (nftables libs, iproute2, ping, bpftool, ...).
+//! 2. The workspace toolchain (`rust-toolchain.toml`) and the eBPF nightly
+//!    (`safekit-ebpf/rust-toolchain.toml`) with `rust-src`.
+//! 3. `bpf-linker`, built against that nightly's own libLLVM, installed in a
+//!    per-nightly directory that `safekit-user/build.rs` puts first in PATH.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd_ok, run, workspace_root};
+
+/// Debian packages the build, the lab and the tests need.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "libnftnl-dev",
+    "libmnl-dev",
+    "nftables",
+    "iproute2",
+    "iputils-ping",
+    "bpftool",
+    "ethtool",
+    "tcpdump",
+    "iperf3",
+    "pkg-config",
+    "psmisc",
+];
+
+/// bpf-linker release that works with the pinned nightly's LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Reads `channel = "..."` from a rust-toolchain.toml.
+pub fn toolchain_channel(file: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+/// Directory holding the bpf-linker built for `nightly`.
+pub fn bpf_linker_root(nightly: &str) -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/safekit-tools").join(nightly))
+}
+
+pub fn setup() -> Result<()> {
+    let root = workspace_root();
+    apt()?;
+    let stable = toolchain_channel(&root.join("rust-toolchain.toml"))?;
+    let nightly = toolchain_channel(&root.join("safekit-ebpf/rust-toolchain.toml"))?;
+    toolchain(&stable, &["clippy", "rustfmt"])?;
+    toolchain(&nightly, &["rust-src"])?;
+    bpf_linker(&stable, &nightly)?;
+    eprintln!("setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION})");
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+}
+
+fn toolchain(channel: &str, components: &[&str]) -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup")?;
+    let list = String::from_utf8_lossy(&installed.stdout);
+    if !list.lines().any(|l| l.starts_with(&format!("{channel}-"))) {
+        eprintln!("setup: installing toolchain {channel}");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            channel,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let have = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", channel])
+        .output()
+        .context("running rustup")?;
+    let have = String::from_utf8_lossy(&have.stdout);
+    for c in components {
+        if !have.lines().any(|l| l.starts_with(c)) {
+            eprintln!("setup: adding {c} to {channel}");
+            run(Command::new("rustup").args(["component", "add", c, "--toolchain", channel]))?;
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker(stable: &str, nightly: &str) -> Result<()> {
+    let dest = bpf_linker_root(nightly)?;
+    let bin = dest.join("bin/bpf-linker");
+    if bin.exists() && cmd_ok(Command::new(&bin).arg("--version")) {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM");
+    let sysroot = Command::new("rustc")
+        .arg(format!("+{nightly}"))
+        .args(["--print", "sysroot"])
+        .output()
+        .context("rustc --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    let lib = sysroot.join("lib");
+    let so = std::fs::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let llvm_major: u32 = so
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("cannot read the LLVM version of {so}"))?;
+    // An LLVM_PREFIX whose lib/libLLVM.so is the nightly's own library.
+    let prefix = std::env::temp_dir().join(format!("safekit-llvm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    std::os::unix::fs::symlink(lib.join(&so), prefix.join("lib/libLLVM.so"))?;
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{stable}"))
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--root"])
+        .arg(&dest)
+        .env("LLVM_PREFIX", &prefix)
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+        );
+    if llvm_major != 23 {
+        // bpf-linker's default feature is llvm-23.
+        cmd.args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")]);
+    }
+    let result = run(&mut cmd);
+    let _ = std::fs::remove_dir_all(&prefix);
+    result?;
+    if !cmd_ok(Command::new(&bin).arg("--version")) {
+        bail!("{} was installed but does not run", bin.display());
+    }
+    Ok(())
+}
