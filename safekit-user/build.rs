@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         root_dir,
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&nightly))
-        .context("building safekit-ebpf (run `cargo xtask setup` if the nightly or bpf-linker is missing)")
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&nightly)).context(
+        "building safekit-ebpf (run `cargo xtask setup` if the nightly or bpf-linker is missing)",
+    )
 }

@@ -12,6 +12,8 @@
 pub const BUCKETS: u32 = 256;
 /// Capacity of the VIP map.
 pub const MAX_VIPS: u32 = 16;
+/// Size of the bucket ownership map: one row of `BUCKETS` per VIP slot.
+pub const OWNED_ENTRIES: u32 = MAX_VIPS * BUCKETS;
 /// Capacity of the rule map.
 pub const MAX_RULES: u32 = 256;
 
@@ -63,6 +65,9 @@ pub struct VipValue {
     pub vmac: [u8; 6],
     /// `VIP_FLAG_*` bits (native endian).
     pub flags: u16,
+    /// Slot of this VIP in the `OWNED` map: its buckets are at
+    /// `slot * BUCKETS + bucket` (each farm module has its own membership).
+    pub slot: u32,
 }
 
 /// `VipValue::flags`: every rule of this VIP hashes the client IP only, so
@@ -189,7 +194,16 @@ pub fn bucket_client_ip(saddr: [u8; 4], seed: u32) -> u32 {
 #[must_use]
 pub fn bucket_client_ip_port(saddr: [u8; 4], sport_be: [u8; 2], seed: u32) -> u32 {
     bucket_of_hash(jhash_8(
-        [saddr[0], saddr[1], saddr[2], saddr[3], sport_be[0], sport_be[1], 0, 0],
+        [
+            saddr[0],
+            saddr[1],
+            saddr[2],
+            saddr[3],
+            sport_be[0],
+            sport_be[1],
+            0,
+            0,
+        ],
         seed,
     ))
 }

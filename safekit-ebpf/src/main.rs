@@ -21,8 +21,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use safekit_common::{
-    BUCKETS, FILTER_CLIENT_IP, FilterConfig, VIP_FLAG_IP_ONLY, MAX_RULES, MAX_VIPS, PROTO_TCP, PROTO_UDP, RuleKey,
-    RuleValue, VipKey, VipValue, bucket_client_ip, bucket_client_ip_port, counter,
+    BUCKETS, FILTER_CLIENT_IP, FilterConfig, MAX_RULES, MAX_VIPS, OWNED_ENTRIES, PROTO_TCP,
+    PROTO_UDP, RuleKey, RuleValue, VIP_FLAG_IP_ONLY, VipKey, VipValue, bucket_client_ip,
+    bucket_client_ip_port, counter,
 };
 
 /// VIPs of the farm modules on this node.
@@ -31,9 +32,10 @@ static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
 /// Balanced (VIP, proto, port) rules.
 #[map]
 static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
-/// Bucket ownership: 1 when this node accepts the bucket.
+/// Bucket ownership, one row of 256 per VIP slot: 1 when this node accepts
+/// the bucket.
 #[map]
-static OWNED: Array<u32> = Array::with_max_entries(BUCKETS, 0);
+static OWNED: Array<u32> = Array::with_max_entries(OWNED_ENTRIES, 0);
 /// Interface settings (one entry).
 #[map]
 static CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
@@ -49,7 +51,7 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const ARP_LEN: usize = 28;
 
 #[xdp]
-pub fn safekit_farm(ctx: XdpContext) -> u32 {
+fn safekit_farm(ctx: XdpContext) -> u32 {
     match try_safekit_farm(&ctx) {
         Ok(action) => action,
         // A frame we cannot parse is not ours to judge: let the stack decide.
@@ -166,6 +168,7 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         return Ok(xdp_action::XDP_PASS);
     };
     let vip_flags = vip.flags;
+    let slot = vip.slot;
     let v = ptr_at(ctx, off, 20)?;
     // SAFETY: 20 bytes of IPv4 header are inside the frame (checked above).
     let (vihl, l4proto) = unsafe { (*v, *v.add(9)) };
@@ -223,7 +226,7 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
             bucket_client_ip_port(saddr, sport, cfg.seed)
         }
     };
-    if OWNED.get(bucket).copied().unwrap_or(0) == 0 {
+    if slot >= MAX_VIPS || OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) == 0 {
         count(counter::DROP_NOT_OWNER);
         return Ok(xdp_action::XDP_DROP);
     }

@@ -1,5 +1,24 @@
 //! safekit user space: the `safekitd` daemon and the `safekit` CLI share this
 //! library.
+//!
+//! The daemon's main loop ([`daemon::run`]): load and validate the config
+//! ([`config::load`]), find which node this host is, bind one heartbeat socket
+//! per LAN, the control socket and HTTP, then hand everything to the engine
+//! ([`daemon::engine`]), which waits for a datagram, a command or its next
+//! deadline, updates the modules, sends the heartbeats that are due and
+//! publishes a [`status::NodeStatus`] that `safekit state`, `ready.txt` and
+//! `/metrics` read.
 
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod ebpf;
+pub mod farm;
+pub mod heartbeat;
+pub mod metrics;
 pub mod mirror;
+pub mod modlog;
+pub mod paths;
+pub mod status;
+pub mod sys;

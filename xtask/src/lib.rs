@@ -1,6 +1,7 @@
 //! safekit developer tasks, shared by `cargo xtask` and the privileged
 //! cluster tests in `xtask/tests/`.
 
+pub mod demo;
 pub mod lab;
 pub mod setup;
 
@@ -21,9 +22,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// Runs a command, failing with its description when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("spawning {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -36,18 +35,4 @@ pub fn cmd_ok(cmd: &mut Command) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Directory of the built `safekitd`/`safekit` binaries: `SAFEKIT_BIN_DIR`,
-/// else `target/debug` of this workspace.
-#[must_use]
-pub fn bin_dir() -> PathBuf {
-    std::env::var_os("SAFEKIT_BIN_DIR").map_or_else(
-        || {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-                .join("debug")
-        },
-        PathBuf::from,
-    )
 }

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{run, setup, workspace_root};
+use xtask::{demo, run, setup, workspace_root};
 
 #[derive(Parser)]
 #[command(about = "safekit developer tasks")]
@@ -17,6 +17,15 @@ struct Cli {
 enum Task {
     /// Install what this machine lacks (Debian packages, toolchains, bpf-linker).
     Setup,
+    /// Setup, build, bring up a lab and show the product working.
+    Run,
+    /// Build the binaries (debug).
+    Build,
+    /// Lab of network namespaces with safekitd in each node.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// Setup, build, and run every test (unit, eBPF, privileged cluster tests).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -25,23 +34,66 @@ enum Task {
     },
 }
 
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create the lab (bridge, node and client namespaces, configs, keys)
+    /// and start safekitd in every node.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Remove everything the lab made.
+    Down,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build()
+        }
+        Task::Run => {
+            setup::setup()?;
+            build()?;
+            demo::run()
+        }
+        Task::Lab {
+            cmd: LabCmd::Up { nodes },
+        } => {
+            setup::setup()?;
+            build()?;
+            demo::lab_up(nodes)?.persist();
+            demo::print_lab_help(nodes);
+            Ok(())
+        }
+        Task::Lab { cmd: LabCmd::Down } => {
+            demo::lab_down();
+            Ok(())
+        }
         Task::Test { args } => test(&args),
     }
 }
 
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+/// `cargo +STABLE` in the workspace (through the rustup proxy).
 fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(workspace_root());
+    let mut c = Command::new("cargo");
+    c.arg(format!("+{}", setup::STABLE))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .current_dir(workspace_root());
     c
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    build()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(args))

@@ -30,6 +30,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "psmisc",
 ];
 
+/// The Rust toolchain that builds the workspace: current aya needs rustc >=
+/// 1.98. Not a rust-toolchain.toml: rustup does not install those by itself,
+/// and `cargo xtask` has to run on a brand-new machine's default toolchain
+/// first. `setup` also sets a rustup directory override so that a plain
+/// `cargo build` in the workspace uses it.
+pub const STABLE: &str = "1.99.1";
+
 /// bpf-linker release that works with the pinned nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -46,19 +53,42 @@ pub fn toolchain_channel(file: &Path) -> Result<String> {
 /// Directory holding the bpf-linker built for `nightly`.
 pub fn bpf_linker_root(nightly: &str) -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    Ok(PathBuf::from(home).join(".local/safekit-tools").join(nightly))
+    Ok(PathBuf::from(home)
+        .join(".local/safekit-tools")
+        .join(nightly))
 }
 
 pub fn setup() -> Result<()> {
     let root = workspace_root();
     apt()?;
-    let stable = toolchain_channel(&root.join("rust-toolchain.toml"))?;
+    let stable = STABLE;
     let nightly = toolchain_channel(&root.join("safekit-ebpf/rust-toolchain.toml"))?;
-    toolchain(&stable, &["clippy", "rustfmt"])?;
+    toolchain(stable, &["clippy", "rustfmt"])?;
     toolchain(&nightly, &["rust-src"])?;
-    bpf_linker(&stable, &nightly)?;
+    bpf_linker(stable, &nightly)?;
+    override_workspace(&root, stable)?;
     eprintln!("setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION})");
     Ok(())
+}
+
+/// `rustup override set STABLE` for the workspace directory (plain `cargo`
+/// there then builds with the pinned toolchain).
+fn override_workspace(root: &Path, stable: &str) -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["override", "list"])
+        .output()
+        .context("running rustup")?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    let want = format!("{}", root.display());
+    if list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(want.as_str()) && l.contains(stable))
+    {
+        return Ok(());
+    }
+    run(Command::new("rustup")
+        .args(["override", "set", stable, "--path"])
+        .arg(root))
 }
 
 fn apt() -> Result<()> {
@@ -145,7 +175,12 @@ fn bpf_linker(stable: &str, nightly: &str) -> Result<()> {
     std::os::unix::fs::symlink(lib.join(&so), prefix.join("lib/libLLVM.so"))?;
     let mut cmd = Command::new("cargo");
     cmd.arg(format!("+{stable}"))
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--root"])
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--root",
+        ])
         .arg(&dest)
         .env("LLVM_PREFIX", &prefix)
         .env(
@@ -154,7 +189,11 @@ fn bpf_linker(stable: &str, nightly: &str) -> Result<()> {
         );
     if llvm_major != 23 {
         // bpf-linker's default feature is llvm-23.
-        cmd.args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")]);
+        cmd.args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ]);
     }
     let result = run(&mut cmd);
     let _ = std::fs::remove_dir_all(&prefix);

@@ -1,1 +1,49 @@
-fn main() {}
+//! `safekitd --root DIR`: the safekit daemon of one node.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use safekit::{config, daemon, paths::Paths};
+
+/// The safekit daemon: runs this node's modules, heartbeats, health check
+/// and metrics.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Root of every path (config, state, runtime, logs); default `/`.
+    #[arg(long, env = "SAFEKIT_ROOT")]
+    root: Option<PathBuf>,
+    /// This node's name in cluster.toml (default: the node whose address is
+    /// configured on this host).
+    #[arg(long)]
+    node: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAFEKIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let paths = Paths::from_arg_or_env(args.root);
+    let config = match config::load(&paths.etc()) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("safekitd: invalid configuration:\n{errors}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime
+        .block_on(daemon::run(paths, config, args.node))
+        .context("safekitd")?;
+    Ok(())
+}

@@ -36,7 +36,10 @@ impl HeartbeatKey {
     /// the same cluster key can also key replication).
     #[must_use]
     pub fn derive(cluster_key: &[u8]) -> Self {
-        Self(blake3::derive_key("safekit 2026 heartbeat MAC v1", cluster_key))
+        Self(blake3::derive_key(
+            "safekit 2026 heartbeat MAC v1",
+            cluster_key,
+        ))
     }
 }
 
@@ -103,7 +106,11 @@ pub fn encode(hb: &Heartbeat, key: &HeartbeatKey) -> Result<Vec<u8>, EncodeError
     out.push(len_u8("cluster", hb.cluster.as_bytes())?);
     out.push(len_u8("node", hb.node.as_bytes())?);
     out.push(len_u8("module", hb.module.as_bytes())?);
-    out.extend_from_slice(&u16::try_from(hb.payload.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(
+        &u16::try_from(hb.payload.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
     out.extend_from_slice(hb.cluster.as_bytes());
     out.extend_from_slice(hb.node.as_bytes());
     out.extend_from_slice(hb.module.as_bytes());
@@ -194,7 +201,10 @@ mod tests {
     #[test]
     fn other_key_is_bad_mac() {
         let bytes = encode(&sample(), &HeartbeatKey::derive(&[1; 32])).unwrap();
-        assert_eq!(decode(&bytes, &HeartbeatKey::derive(&[2; 32])), Err(Rejected::BadMac));
+        assert_eq!(
+            decode(&bytes, &HeartbeatKey::derive(&[2; 32])),
+            Err(Rejected::BadMac)
+        );
     }
 
     #[test]
@@ -213,7 +223,11 @@ mod tests {
         let key = HeartbeatKey::derive(&[9; 32]);
         let bytes = encode(&sample(), &key).unwrap();
         for n in 0..bytes.len() {
-            assert_eq!(decode(&bytes[..n], &key), Err(Rejected::Truncated), "len {n}");
+            assert_eq!(
+                decode(&bytes[..n], &key),
+                Err(Rejected::Truncated),
+                "len {n}"
+            );
         }
     }
 

@@ -69,7 +69,10 @@ mod tests {
         assert!(w.check_and_record(1, 11), "reordered but fresh");
         assert!(!w.check_and_record(1, 11));
         assert!(w.check_and_record(1, 500));
-        assert!(!w.check_and_record(1, 500 - WINDOW), "older than the window");
+        assert!(
+            !w.check_and_record(1, 500 - WINDOW),
+            "older than the window"
+        );
         assert!(w.check_and_record(1, 500 - WINDOW + 1));
     }
 

@@ -1,0 +1,97 @@
+//! The `safekit` command line (clap derive), one file per group of
+//! subcommands. Each command talks to the node's daemon over the control
+//! socket found from `--root` / `SAFEKIT_ROOT`.
+
+mod config_check;
+mod log;
+mod module_cmd;
+mod state;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    control::{self, Request, Response},
+    paths::Paths,
+};
+
+/// Control a safekit node.
+#[derive(Parser, Debug)]
+#[command(name = "safekit", version)]
+pub struct Cli {
+    /// Root of the node's paths (as given to safekitd); default `/`.
+    #[arg(long, global = true, env = "SAFEKIT_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show module states (all modules, or one with -m).
+    State(state::StateArgs),
+    /// Start a module on this node.
+    Start(ModuleArg),
+    /// Stop a module on this node.
+    Stop(ModuleArg),
+    /// Stop every module and the daemon of this node.
+    Shutdown,
+    /// Print a module's log.
+    Log(log::LogArgs),
+    /// Write an information line into a module's log (for scripts).
+    Printi(log::PrintArgs),
+    /// Write an error line into a module's log (for scripts).
+    Printe(log::PrintArgs),
+    /// Configuration commands.
+    Config {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+/// `safekit config ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate cluster.toml and every module.toml without touching a
+    /// running module.
+    Check,
+}
+
+/// `-m AM` (or `SAFEMODULE`).
+#[derive(clap::Args, Debug)]
+pub struct ModuleArg {
+    /// Module name.
+    #[arg(short = 'm', long = "module", env = "SAFEMODULE")]
+    pub module: String,
+}
+
+/// Entry point; returns the process exit code.
+#[must_use]
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let paths = Paths::from_arg_or_env(cli.root.clone());
+    match cli.command {
+        Command::State(args) => state::run(&paths, &args),
+        Command::Start(m) => module_cmd::simple(&paths, Request::Start { module: m.module }),
+        Command::Stop(m) => module_cmd::simple(&paths, Request::Stop { module: m.module }),
+        Command::Shutdown => module_cmd::simple(&paths, Request::Shutdown),
+        Command::Log(args) => log::show(&paths, &args),
+        Command::Printi(args) => log::print(&paths, &args, crate::modlog::Level::Info),
+        Command::Printe(args) => log::print(&paths, &args, crate::modlog::Level::Error),
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => config_check::run(&paths),
+    }
+}
+
+/// Default time to wait for the daemon's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request to the daemon of `paths`.
+pub(crate) fn call(paths: &Paths, req: &Request) -> Result<Response, control::ControlError> {
+    control::call(&paths.control_socket(), req, CALL_TIMEOUT)
+}

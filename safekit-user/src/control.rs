@@ -1,0 +1,89 @@
+//! Control protocol between `safekit` and `safekitd`: one JSON request and
+//! one JSON response per line over the Unix socket `/run/safekit/safekitd.sock`
+//! (root only: the socket is created mode 0600).
+
+use std::{
+    io::BufRead as _, io::Write as _, os::unix::net::UnixStream, path::Path, time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::status::NodeStatus;
+
+/// A command for the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Status of every module.
+    State,
+    /// Start a module.
+    Start {
+        /// Module name.
+        module: String,
+    },
+    /// Stop a module.
+    Stop {
+        /// Module name.
+        module: String,
+    },
+    /// Stop every module and exit.
+    Shutdown,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Done; a message for the operator.
+    Ok {
+        /// What happened.
+        message: String,
+    },
+    /// Refused or failed; nothing changed.
+    Error {
+        /// What is wrong.
+        error: String,
+    },
+    /// Status snapshot.
+    State {
+        /// The node.
+        status: NodeStatus,
+    },
+}
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon listening there.
+    #[error("cannot reach safekitd at {path}: {source} (is safekitd running with this --root?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("talking to safekitd: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered something unreadable.
+    #[error("unreadable answer from safekitd: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one request and waits for the answer (blocking; for the CLI).
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    Ok(serde_json::from_str(&answer)?)
+}

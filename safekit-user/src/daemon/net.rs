@@ -1,0 +1,153 @@
+//! Sockets of the daemon: heartbeat UDP per LAN, the control Unix socket.
+
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, sync::Arc};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UdpSocket, UnixListener},
+    sync::{mpsc, oneshot},
+};
+
+use super::{StartError, engine::Event};
+use crate::{
+    config::ClusterConfig,
+    control::{Request, Response},
+    heartbeat::codec::MAX_LEN,
+    paths::Paths,
+};
+
+/// The heartbeat socket bound on one LAN.
+#[derive(Debug, Clone)]
+pub struct LanSocket {
+    /// LAN name.
+    pub lan: String,
+    /// Bound to (addr, heartbeat port).
+    pub socket: Arc<UdpSocket>,
+}
+
+/// The node whose configured address exists on this host: binding a UDP
+/// socket to an address only succeeds where it is local.
+pub(super) fn find_local_node(cluster: &ClusterConfig) -> Result<String, StartError> {
+    for node in &cluster.nodes {
+        for addr in node.addrs.values() {
+            if std::net::UdpSocket::bind(SocketAddr::new(*addr, 0)).is_ok() {
+                return Ok(node.name.clone());
+            }
+        }
+    }
+    let all: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.addrs.values().map(ToString::to_string))
+        .collect();
+    Err(StartError::NodeNotFound(all.join(", ")))
+}
+
+pub(super) async fn bind_heartbeat_sockets(
+    cluster: &ClusterConfig,
+    me: &str,
+) -> Result<Vec<LanSocket>, StartError> {
+    let node = cluster
+        .node(me)
+        .ok_or_else(|| StartError::UnknownNode(me.to_owned()))?;
+    let mut out = Vec::new();
+    for lan in cluster.lans.iter().filter(|l| l.heartbeat) {
+        let Some(addr) = node.addrs.get(&lan.name) else {
+            continue;
+        };
+        let sa = SocketAddr::new(*addr, cluster.ports.heartbeat);
+        let socket = UdpSocket::bind(sa)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "heartbeat UDP",
+                addr: sa,
+                source,
+            })?;
+        out.push(LanSocket {
+            lan: lan.name.clone(),
+            socket: Arc::new(socket),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn receive_heartbeats(
+    lan: usize,
+    socket: Arc<UdpSocket>,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut buf = vec![0u8; MAX_LEN + 1];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let ev = Event::Datagram {
+                    lan,
+                    from,
+                    bytes: buf[..n].to_vec(),
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat receive error");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+pub(super) fn bind_control_socket(paths: &Paths) -> Result<UnixListener, StartError> {
+    let path = paths.control_socket();
+    let io = |op, source| StartError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(paths.run_dir()).map_err(|e| io("creating the directory of", e))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(StartError::AlreadyRunning(path.display().to_string()));
+        }
+        // A socket left by a daemon that died.
+        std::fs::remove_file(&path).map_err(|e| io("removing stale", e))?;
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| io("binding", e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("chmod", e))?;
+    Ok(listener)
+}
+
+pub(super) async fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (reply, answer) = oneshot::channel();
+                        if tx.send(Event::Control { req, reply }).await.is_err() {
+                            return;
+                        }
+                        answer.await.unwrap_or(Response::Error {
+                            error: "safekitd is shutting down".into(),
+                        })
+                    }
+                    Err(e) => Response::Error {
+                        error: format!("bad request: {e}"),
+                    },
+                };
+                let mut text = serde_json::to_string(&response).unwrap_or_default();
+                text.push('\n');
+                if write.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

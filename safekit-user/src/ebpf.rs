@@ -1,0 +1,14 @@
+//! The embedded eBPF object (`safekit-ebpf`, built by build.rs) and its
+//! loader.
+
+/// The eBPF object bytes, aligned for aya's ELF parser.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/safekit"));
+
+/// Name of the XDP farm filter program in the object.
+pub const FARM_PROGRAM: &str = "safekit_farm";
+
+/// Loads the object into the kernel's BPF subsystem (maps created, programs
+/// not yet verified or attached).
+pub fn load() -> Result<aya::Ebpf, aya::EbpfError> {
+    aya::Ebpf::load(OBJECT)
+}

@@ -1,0 +1,284 @@
+//! The I/O edge of the farm data plane: loads the embedded XDP program,
+//! attaches it to the LAN interface, and writes its maps (VIPs, rules, bucket
+//! ownership, interface settings). Reads the per-CPU verdict counters.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use safekit_common::{
+    BUCKETS, FilterConfig, MAX_VIPS, RuleKey, RuleValue, VIP_FLAG_IP_ONLY, VipKey, VipValue,
+    counter,
+};
+
+use crate::ebpf;
+
+/// Errors of the farm filter.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// Loading the object or a program failed.
+    #[error("loading the XDP farm filter: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Verifier or attach failure.
+    #[error("{op} the XDP farm filter on {interface}: {source}")]
+    Program {
+        /// What was being done.
+        op: &'static str,
+        /// Interface.
+        interface: String,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object or has the wrong type.
+    #[error("XDP farm filter map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The object lacks a map or program (build mismatch).
+    #[error("the embedded eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+/// One balanced rule of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterRule {
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    /// Destination port, 0 = any.
+    pub port: u16,
+    /// `safekit_common::FILTER_CLIENT_IP` or `FILTER_CLIENT_IP_PORT`.
+    pub filter: u32,
+}
+
+/// XDP attach mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Driver (native) mode.
+    Native,
+    /// Generic (skb) mode: works everywhere; needed on veth for `XDP_TX`
+    /// unless the peer also runs XDP.
+    Generic,
+}
+
+/// The attached filter and its maps.
+pub struct FarmFilter {
+    _bpf: Ebpf,
+    interface: String,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    rules: HashMap<MapData, RuleKey, RuleValue>,
+    owned: Array<MapData, u32>,
+    config: Array<MapData, FilterConfig>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Per slot: the VIP using it and the ownership last written.
+    slots: Vec<Option<(Ipv4Addr, Vec<bool>)>>,
+}
+
+impl std::fmt::Debug for FarmFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FarmFilter")
+            .field("interface", &self.interface)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = bpf.take_map(name).ok_or(FilterError::Missing(name))?;
+    T::try_from(map).map_err(|source| FilterError::Map { name, source })
+}
+
+/// Mode for an interface: generic on virtual pairs (veth: `iflink` differs
+/// from `ifindex`), native elsewhere.
+#[must_use]
+pub fn default_mode(interface: &str) -> AttachMode {
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{interface}/{f}"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    match (read("ifindex"), read("iflink")) {
+        (Some(a), Some(b)) if a != b => AttachMode::Generic,
+        _ => AttachMode::Native,
+    }
+}
+
+impl FarmFilter {
+    /// Loads the program and attaches it to `interface`, passing everything
+    /// until [`FarmFilter::enable`].
+    pub fn attach(interface: &str, mode: AttachMode) -> Result<Self, FilterError> {
+        let mut bpf = ebpf::load()?;
+        let prog: &mut Xdp = bpf
+            .program_mut(ebpf::FARM_PROGRAM)
+            .ok_or(FilterError::Missing("safekit_farm program"))?
+            .try_into()
+            .map_err(|source| FilterError::Program {
+                op: "typing",
+                interface: interface.to_owned(),
+                source,
+            })?;
+        prog.load().map_err(|source| FilterError::Program {
+            op: "verifying",
+            interface: interface.to_owned(),
+            source,
+        })?;
+        let xdp_mode = match mode {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        };
+        let name = std::ffi::CString::new(interface)
+            .map_err(|_| FilterError::Missing("interface name without NUL"))?;
+        prog.attach(name.as_c_str(), xdp_mode)
+            .map_err(|source| FilterError::Program {
+                op: "attaching",
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            vips: take(&mut bpf, "VIPS")?,
+            rules: take(&mut bpf, "RULES")?,
+            owned: take(&mut bpf, "OWNED")?,
+            config: take(&mut bpf, "CONFIG")?,
+            counters: take(&mut bpf, "COUNTERS")?,
+            _bpf: bpf,
+            interface: interface.to_owned(),
+            slots: vec![None; MAX_VIPS as usize],
+        })
+    }
+
+    fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> FilterError {
+        move |source| FilterError::Map { name, source }
+    }
+
+    /// Declares a VIP, its virtual MAC and its rules; returns its slot (no
+    /// bucket owned yet).
+    pub fn add_vip(
+        &mut self,
+        vip: Ipv4Addr,
+        vmac: [u8; 6],
+        rules: &[FilterRule],
+    ) -> Result<u32, FilterError> {
+        let slot = match self.slot_of(vip) {
+            Some(s) => s,
+            None => self
+                .slots
+                .iter()
+                .position(Option::is_none)
+                .and_then(|s| u32::try_from(s).ok())
+                .ok_or(FilterError::Missing("free VIP slot (at most 16 farm VIPs)"))?,
+        };
+        self.slots[slot as usize] = Some((vip, vec![false; BUCKETS as usize]));
+        // Start from "owns nothing" in the kernel too.
+        for b in 0..BUCKETS {
+            self.owned
+                .set(slot * BUCKETS + b, &0, 0)
+                .map_err(Self::map_err("OWNED"))?;
+        }
+        let ip_only = rules
+            .iter()
+            .all(|r| r.filter == safekit_common::FILTER_CLIENT_IP);
+        for r in rules {
+            let key = RuleKey {
+                vip: vip.octets(),
+                port_be: r.port.to_be(),
+                proto: r.proto,
+                pad: 0,
+            };
+            self.rules
+                .insert(&key, &RuleValue { filter: r.filter }, 0)
+                .map_err(Self::map_err("RULES"))?;
+        }
+        let value = VipValue {
+            vmac,
+            flags: if ip_only { VIP_FLAG_IP_ONLY } else { 0 },
+            slot,
+        };
+        self.vips
+            .insert(&VipKey { addr: vip.octets() }, &value, 0)
+            .map_err(Self::map_err("VIPS"))?;
+        Ok(slot)
+    }
+
+    fn slot_of(&self, vip: Ipv4Addr) -> Option<u32> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|(v, _)| *v == vip))
+            .and_then(|s| u32::try_from(s).ok())
+    }
+
+    /// Forgets a VIP and its rules: its traffic is no longer filtered here.
+    pub fn remove_vip(&mut self, vip: Ipv4Addr, rules: &[FilterRule]) -> Result<(), FilterError> {
+        let Some(slot) = self.slot_of(vip) else {
+            return Ok(());
+        };
+        self.set_owned(vip, &[false; BUCKETS as usize])?;
+        let _ = self.vips.remove(&VipKey { addr: vip.octets() });
+        for r in rules {
+            let _ = self.rules.remove(&RuleKey {
+                vip: vip.octets(),
+                port_be: r.port.to_be(),
+                proto: r.proto,
+                pad: 0,
+            });
+        }
+        self.slots[slot as usize] = None;
+        Ok(())
+    }
+
+    /// Turns filtering on (interface MAC, hash seed).
+    pub fn enable(&mut self, ifmac: [u8; 6], seed: u32) -> Result<(), FilterError> {
+        let cfg = FilterConfig {
+            ifmac,
+            pad: [0; 2],
+            seed,
+            enabled: 1,
+        };
+        self.config.set(0, &cfg, 0).map_err(Self::map_err("CONFIG"))
+    }
+
+    /// Sets bucket ownership. Buckets this node loses are released before
+    /// any bucket it gains is taken, so at no moment does it own a bucket it
+    /// should not (each map element flips atomically).
+    pub fn set_owned(&mut self, vip: Ipv4Addr, owned: &[bool]) -> Result<(), FilterError> {
+        let slot = self
+            .slot_of(vip)
+            .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
+        let Some((_, current)) = self.slots[slot as usize].as_mut() else {
+            return Ok(());
+        };
+        for pass in [false, true] {
+            for (b, (&want, have)) in owned.iter().zip(current.iter_mut()).enumerate() {
+                if want != *have && want == pass {
+                    let idx = slot * BUCKETS + u32::try_from(b).unwrap_or(u32::MAX);
+                    self.owned
+                        .set(idx, &u32::from(want), 0)
+                        .map_err(Self::map_err("OWNED"))?;
+                    *have = want;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verdict counters summed over CPUs, indexed by
+    /// `safekit_common::counter`.
+    pub fn counters(&self) -> Result<Vec<u64>, FilterError> {
+        (0..counter::COUNT)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(Self::map_err("COUNTERS"))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,4 @@
+//! Farm module (SPEC §6).
+
+pub mod assign;
+pub mod filter;

@@ -1,0 +1,190 @@
+//! Module states as every interface shows them (CLI, heartbeats, HTTP,
+//! metrics), and the status snapshot the daemon publishes.
+
+use serde::{Deserialize, Serialize};
+
+/// A module's state on one node (SPEC §5, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ModuleState {
+    /// Not running.
+    Stop,
+    /// Waiting: in transition, or stuck (peer or up-to-date data missing, a
+    /// checker down).
+    Wait,
+    /// Mirror primary without a secondary.
+    Alone,
+    /// Mirror primary with an up-to-date secondary.
+    Prim,
+    /// Mirror secondary.
+    Second,
+    /// Farm member serving its share.
+    Up,
+}
+
+impl ModuleState {
+    /// Every state.
+    pub const ALL: [ModuleState; 6] = [
+        ModuleState::Stop,
+        ModuleState::Wait,
+        ModuleState::Alone,
+        ModuleState::Prim,
+        ModuleState::Second,
+        ModuleState::Up,
+    ];
+
+    /// Code carried in heartbeats.
+    #[must_use]
+    pub fn code(self) -> u8 {
+        match self {
+            ModuleState::Stop => 0,
+            ModuleState::Wait => 1,
+            ModuleState::Alone => 2,
+            ModuleState::Prim => 3,
+            ModuleState::Second => 4,
+            ModuleState::Up => 5,
+        }
+    }
+
+    /// State of a heartbeat code.
+    #[must_use]
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.code() == code)
+    }
+
+    /// Exit code of `safekit state -m AM -lq`: STOP 0, WAIT 1, ALONE/UP 2,
+    /// PRIM 3, SECOND 4.
+    #[must_use]
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ModuleState::Stop => 0,
+            ModuleState::Wait => 1,
+            ModuleState::Alone | ModuleState::Up => 2,
+            ModuleState::Prim => 3,
+            ModuleState::Second => 4,
+        }
+    }
+
+    /// Upper-case name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleState::Stop => "STOP",
+            ModuleState::Wait => "WAIT",
+            ModuleState::Alone => "ALONE",
+            ModuleState::Prim => "PRIM",
+            ModuleState::Second => "SECOND",
+            ModuleState::Up => "UP",
+        }
+    }
+
+    /// True where `ready.txt` answers 200: PRIM, ALONE or UP.
+    #[must_use]
+    pub fn is_ready(self) -> bool {
+        matches!(
+            self,
+            ModuleState::Prim | ModuleState::Alone | ModuleState::Up
+        )
+    }
+}
+
+impl std::fmt::Display for ModuleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// State colour: red = down or stuck, orange = in transition, green = fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Colour {
+    /// Down or stuck.
+    Red,
+    /// In transition (resynchronising, waiting for a peer).
+    Orange,
+    /// Serving as intended.
+    Green,
+}
+
+impl Colour {
+    /// Lower-case name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Colour::Red => "red",
+            Colour::Orange => "orange",
+            Colour::Green => "green",
+        }
+    }
+
+    /// ANSI escape for a terminal.
+    #[must_use]
+    pub fn ansi(self) -> &'static str {
+        match self {
+            Colour::Red => "\x1b[31m",
+            Colour::Orange => "\x1b[33m",
+            Colour::Green => "\x1b[32m",
+        }
+    }
+}
+
+/// Module kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Primary/backup.
+    Mirror,
+    /// Active/active.
+    Farm,
+}
+
+/// What this node knows of a peer's instance of a module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Peer node name.
+    pub node: String,
+    /// Last state heard, `None` if never heard or lost.
+    pub state: Option<ModuleState>,
+    /// True once heartbeats stopped on every LAN for the timeout.
+    pub lost: bool,
+    /// Milliseconds since the last heartbeat per LAN (absent: never).
+    pub last_seen_ms: Vec<(String, u64)>,
+}
+
+/// One module on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    /// Module name.
+    pub name: String,
+    /// Kind.
+    pub mode: Mode,
+    /// Local state.
+    pub state: ModuleState,
+    /// Local colour.
+    pub colour: Colour,
+    /// Every peer of this module.
+    pub peers: Vec<PeerStatus>,
+    /// Details for `state -v` (key, value), in display order.
+    pub details: Vec<(String, String)>,
+}
+
+/// The node and its modules, as `safekit state` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Cluster name.
+    pub cluster: String,
+    /// This node's name.
+    pub node: String,
+    /// Daemon incarnation.
+    pub epoch: u64,
+    /// Every module, by name.
+    pub modules: Vec<ModuleStatus>,
+}
+
+impl NodeStatus {
+    /// The module called `name`.
+    #[must_use]
+    pub fn module(&self, name: &str) -> Option<&ModuleStatus> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+}

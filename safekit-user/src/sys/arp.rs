@@ -1,0 +1,74 @@
+//! Gratuitous ARP from user space (XDP cannot originate frames): an
+//! AF_PACKET socket bound to the interface sends an ARP request whose sender
+//! and target are the VIP, from the MAC that should receive its traffic (the
+//! node's own for a mirror VIP, the virtual MAC for a farm VIP).
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+
+/// The gratuitous ARP frame: broadcast, `who-has VIP tell VIP` from `mac`.
+#[must_use]
+pub fn garp_frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // htype Ethernet, ptype IPv4, hlen 6, plen 4, op request.
+    f[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&vip.octets());
+    // Target hardware address zero, target protocol address = VIP.
+    f[38..42].copy_from_slice(&vip.octets());
+    f
+}
+
+/// Sends `frame` on interface `ifindex` through a raw AF_PACKET socket.
+pub fn send_frame(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+    let proto = u16::try_from(libc::ETH_P_ARP).unwrap_or(0x0806).to_be();
+    // SAFETY: socket(2) returns a new fd or -1; no memory is passed.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
+    sa.sll_protocol = proto;
+    sa.sll_ifindex = i32::try_from(ifindex).unwrap_or(0);
+    sa.sll_halen = 6;
+    sa.sll_addr[..6].copy_from_slice(&frame[0..6]);
+    let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(20);
+    // SAFETY: the buffer and the address are valid for the given lengths
+    // during the call.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const sa).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garp_announces_the_vip_from_the_mac() {
+        let mac = [0x5a, 0xfe, 10, 0, 0, 200];
+        let f = garp_frame(mac, Ipv4Addr::new(10, 0, 0, 200));
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[22..28], &mac, "sender hardware address");
+        assert_eq!(&f[28..32], &[10, 0, 0, 200], "sender protocol address");
+        assert_eq!(&f[38..42], &[10, 0, 0, 200], "target protocol address");
+    }
+}

@@ -1,0 +1,206 @@
+//! Virtual IPs over rtnetlink: find the interface of a VIP's subnet, add the
+//! VIP there, remove it.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    Handle,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkMessage},
+    },
+};
+
+/// Errors of VIP management.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    /// Netlink failed.
+    #[error("netlink {op}: {source}")]
+    Netlink {
+        /// Operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// No interface carries an address of the VIP's subnet.
+    #[error(
+        "no interface has an IPv4 address in the subnet of VIP {0} (name one with vip.interface)"
+    )]
+    NoInterface(Ipv4Addr),
+    /// The named interface does not exist.
+    #[error("interface {0:?} does not exist")]
+    UnknownInterface(String),
+    /// Opening the netlink socket failed.
+    #[error("opening a netlink socket: {0}")]
+    Open(#[from] std::io::Error),
+}
+
+/// The interface a VIP lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// ifindex.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// Hardware address.
+    pub mac: [u8; 6],
+    /// The interface's own address in the VIP's subnet (ARP sender of
+    /// probes).
+    pub addr: Ipv4Addr,
+    /// Prefix length of that subnet.
+    pub prefix: u8,
+}
+
+/// A netlink handle driven by a task on the current runtime.
+pub fn connect() -> Result<Handle, VipError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn in_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
+    if prefix == 0 {
+        return true;
+    }
+    let mask = u32::MAX << (32 - u32::from(prefix.min(32)));
+    (u32::from(a) & mask) == (u32::from(b) & mask)
+}
+
+fn link_name_mac(link: &LinkMessage) -> (String, [u8; 6]) {
+    let mut name = String::new();
+    let mut mac = [0u8; 6];
+    for a in &link.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name.clone_from(n),
+            LinkAttribute::Address(m) if m.len() == 6 => mac.copy_from_slice(m),
+            _ => {}
+        }
+    }
+    (name, mac)
+}
+
+/// The interface holding an address in `vip`'s subnet (or the one named),
+/// ignoring addresses equal to the VIP itself.
+pub async fn find_interface(
+    handle: &Handle,
+    vip: Ipv4Addr,
+    named: Option<&str>,
+) -> Result<Interface, VipError> {
+    let mut addrs = handle.address().get().execute();
+    let mut best: Option<(u32, Ipv4Addr, u8)> = None;
+    while let Some(msg) = addrs.try_next().await.map_err(|source| VipError::Netlink {
+        op: "address dump",
+        source,
+    })? {
+        let addr = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) => {
+                Some(*v)
+            }
+            _ => None,
+        });
+        let Some(addr) = addr else { continue };
+        if addr == vip || addr.is_loopback() {
+            continue;
+        }
+        let prefix = msg.header.prefix_len;
+        if in_subnet(addr, vip, prefix) && best.is_none_or(|(_, _, p)| prefix > p) {
+            best = Some((msg.header.index, addr, prefix));
+        }
+    }
+    if let Some(name) = named {
+        let mut links = handle.link().get().match_name(name.to_owned()).execute();
+        let link = links
+            .try_next()
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| VipError::UnknownInterface(name.to_owned()))?;
+        let (name, mac) = link_name_mac(&link);
+        let (addr, prefix) = best
+            .filter(|(i, _, _)| *i == link.header.index)
+            .map_or((Ipv4Addr::UNSPECIFIED, 32), |(_, a, p)| (a, p));
+        return Ok(Interface {
+            index: link.header.index,
+            name,
+            mac,
+            addr,
+            prefix,
+        });
+    }
+    let (index, addr, prefix) = best.ok_or(VipError::NoInterface(vip))?;
+    let mut links = handle.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(|source| VipError::Netlink {
+            op: "link get",
+            source,
+        })?
+        .ok_or(VipError::NoInterface(vip))?;
+    let (name, mac) = link_name_mac(&link);
+    Ok(Interface {
+        index,
+        name,
+        mac,
+        addr,
+        prefix,
+    })
+}
+
+/// Adds `vip` on `iface` with the subnet's prefix (no error if present).
+pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
+    match handle
+        .address()
+        .add(iface.index, IpAddr::V4(vip), iface.prefix)
+        .execute()
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        Err(source) => Err(VipError::Netlink {
+            op: "address add",
+            source,
+        }),
+    }
+}
+
+/// Removes `vip` from `iface` (no error if absent).
+pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(iface.index)
+        .set_address_filter(IpAddr::V4(vip))
+        .execute();
+    while let Some(msg) = addrs.try_next().await.map_err(|source| VipError::Netlink {
+        op: "address dump",
+        source,
+    })? {
+        match handle.address().del(msg).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
+            Err(source) => {
+                return Err(VipError::Netlink {
+                    op: "address del",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_membership() {
+        let a = Ipv4Addr::new(10, 77, 1, 1);
+        assert!(in_subnet(a, Ipv4Addr::new(10, 77, 1, 200), 24));
+        assert!(!in_subnet(a, Ipv4Addr::new(10, 77, 2, 200), 24));
+        assert!(in_subnet(a, Ipv4Addr::new(10, 77, 2, 200), 16));
+    }
+}

@@ -1,0 +1,119 @@
+//! Shared helpers of the privileged cluster tests: the lab (namespaces,
+//! bridge, daemons), entering a namespace, talking to a node.
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a subset")]
+
+#[path = "../../../xtask/src/lab.rs"]
+pub mod lab;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use safekit::{
+    control::{self, Request, Response},
+    status::NodeStatus,
+};
+
+pub use lab::{Lab, LabModule, LabSpec};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Cluster tests measure timings: run them one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Points the lab at this build's binaries.
+pub fn use_built_binaries() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_safekitd"));
+    // SAFETY: set before any thread of this test reads the environment
+    // (tests take `serial()` first and call this right after).
+    unsafe { std::env::set_var("SAFEKIT_BIN_DIR", bin.parent().unwrap()) };
+}
+
+/// A lab with `nodes` nodes and these modules, in `/tmp/safekit-test-<prefix>`.
+pub fn lab(prefix: &str, subnet: u8, nodes: usize, modules: Vec<LabModule>) -> Lab {
+    use_built_binaries();
+    let spec = LabSpec {
+        prefix: prefix.to_owned(),
+        nodes,
+        subnet,
+        modules,
+        cluster_extra: String::new(),
+    };
+    Lab::up(spec, &PathBuf::from(format!("/tmp/safekit-test-{prefix}"))).expect("lab up")
+}
+
+/// Runs `f` on a thread that entered network namespace `ns`; sockets it
+/// opens live in that namespace.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// The node's status through its control socket.
+pub fn status(lab: &Lab, node: usize) -> NodeStatus {
+    let sock = lab.root(node).join("run/safekit/safekitd.sock");
+    match control::call(&sock, &Request::State, Duration::from_secs(5)).expect("control call") {
+        Response::State { status } => status,
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+/// Polls `cond` every 10 ms for up to `limit`; returns the time it took.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// `GET path` on `addr` from inside `ns`: (status code, body).
+pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (code, body)
+    })
+}
+
+/// The value of a metrics sample `name{labels}` in a /metrics body.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,503 @@
+//! Runs the embedded XDP farm filter through `BPF_PROG_TEST_RUN`: proves the
+//! whole eBPF toolchain (nightly, bpf-linker, aya-build, embedding, loading,
+//! verifier) and checks verdicts and output frames on a table of packets.
+//! Needs root (CAP_BPF); the suite runs as root.
+
+use aya::{
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
+};
+use safekit::ebpf;
+use safekit_common::{
+    BUCKETS, FILTER_CLIENT_IP_PORT, FilterConfig, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue, VipKey,
+    VipValue, bucket_client_ip, bucket_client_ip_port, counter,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const VIP: [u8; 4] = [10, 9, 0, 100];
+const VMAC: [u8; 6] = [0x5a, 0xfe, 10, 9, 0, 100];
+const IFMAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xcc];
+
+fn eth(dst: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn tcp_to(daddr: [u8; 4], saddr: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = eth(VMAC, 0x0800);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0];
+    ip.extend_from_slice(&saddr);
+    ip.extend_from_slice(&daddr);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0; 16]);
+    f
+}
+
+struct Filter {
+    bpf: aya::Ebpf,
+}
+
+impl Filter {
+    fn new() -> Self {
+        let mut bpf = ebpf::load().expect("loading the embedded eBPF object");
+        let prog: &mut Xdp = bpf
+            .program_mut(ebpf::FARM_PROGRAM)
+            .expect("program in object")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("verifier accepts the farm filter");
+        let mut vips: HashMap<_, VipKey, VipValue> =
+            HashMap::try_from(bpf.map_mut("VIPS").unwrap()).unwrap();
+        vips.insert(
+            &VipKey { addr: VIP },
+            &VipValue {
+                vmac: VMAC,
+                flags: 0,
+                slot: 0,
+            },
+            0,
+        )
+        .unwrap();
+        let mut rules: HashMap<_, RuleKey, RuleValue> =
+            HashMap::try_from(bpf.map_mut("RULES").unwrap()).unwrap();
+        rules
+            .insert(
+                &RuleKey {
+                    vip: VIP,
+                    port_be: 80u16.to_be(),
+                    proto: PROTO_TCP,
+                    pad: 0,
+                },
+                &RuleValue {
+                    filter: FILTER_CLIENT_IP_PORT,
+                },
+                0,
+            )
+            .unwrap();
+        let mut cfg: Array<_, FilterConfig> =
+            Array::try_from(bpf.map_mut("CONFIG").unwrap()).unwrap();
+        cfg.set(
+            0,
+            &FilterConfig {
+                ifmac: IFMAC,
+                pad: [0; 2],
+                seed: 0,
+                enabled: 1,
+            },
+            0,
+        )
+        .unwrap();
+        Self { bpf }
+    }
+
+    /// Owns exactly the even buckets.
+    fn own_even_buckets(&mut self) {
+        let mut owned: Array<_, u32> = Array::try_from(self.bpf.map_mut("OWNED").unwrap()).unwrap();
+        for b in 0..BUCKETS {
+            owned.set(b, &u32::from(b % 2 == 0), 0).unwrap();
+        }
+    }
+
+    fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
+        let prog: &Xdp = self
+            .bpf
+            .program(ebpf::FARM_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        let c: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.bpf.map("COUNTERS").unwrap()).unwrap();
+        c.get(&index, 0).unwrap().iter().sum()
+    }
+}
+
+/// A frame and what the filter must do with it.
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    verdict: u32,
+    /// Expected output frame (None: unchanged input).
+    output: Option<Vec<u8>>,
+    /// Counter that must move by one.
+    counter: u32,
+}
+
+const XDP_TX: u32 = 3;
+const CLIENT: [u8; 4] = [10, 9, 0, 250];
+
+fn ipv4(proto: u8, saddr: [u8; 4], daddr: [u8; 4], frag: u16, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 7]);
+    ip.extend_from_slice(&frag.to_be_bytes());
+    ip.extend_from_slice(&[64, proto, 0, 0]);
+    ip.extend_from_slice(&saddr);
+    ip.extend_from_slice(&daddr);
+    ip.extend_from_slice(l4);
+    ip
+}
+
+fn l4_ports(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.resize(len, 0);
+    l4
+}
+
+fn frame(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(VMAC, ethertype);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn vlan(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&VMAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    for (i, t) in tags.iter().enumerate() {
+        f.extend_from_slice(
+            &(if i == 0 && tags.len() == 2 {
+                0x88a8u16
+            } else {
+                0x8100u16
+            })
+            .to_be_bytes(),
+        );
+        f.extend_from_slice(&t.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn arp(op: u16, sha: [u8; 6], spa: [u8; 4], tha: [u8; 6], tpa: [u8; 4]) -> Vec<u8> {
+    let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
+    a.extend_from_slice(&op.to_be_bytes());
+    a.extend_from_slice(&sha);
+    a.extend_from_slice(&spa);
+    a.extend_from_slice(&tha);
+    a.extend_from_slice(&tpa);
+    a
+}
+
+fn with_dst(mut f: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    f[0..6].copy_from_slice(&mac);
+    f
+}
+
+fn owned(port: u16) -> bool {
+    bucket_client_ip_port(CLIENT, port.to_be_bytes(), 0) % 2 == 0
+}
+
+fn cases() -> Vec<Case> {
+    use counter::*;
+    let p_own = (1024u16..).find(|p| owned(*p)).unwrap();
+    let p_foreign = (1024u16..).find(|p| !owned(*p)).unwrap();
+    let tcp_own = frame(
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+    );
+    let tcp_foreign = frame(
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 80, 20)),
+    );
+    let udp_any_port = frame(
+        0x0800,
+        &ipv4(PROTO_UDP, CLIENT, VIP, 0, &l4_ports(5353, 9999, 8)),
+    );
+    let udp_ip_owned = bucket_client_ip(CLIENT, 0) % 2 == 0;
+    let icmp = frame(0x0800, &ipv4(1, CLIENT, VIP, 0, &[8, 0, 0, 0, 0, 1, 0, 1]));
+    let not_vip = frame(
+        0x0800,
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            [10, 9, 0, 1],
+            0,
+            &l4_ports(p_foreign, 80, 20),
+        ),
+    );
+    let tcp_other_port = frame(
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 22, 20)),
+    );
+    // Non-first fragment (offset 8 * 185 bytes) to the TCP rule VIP: no
+    // ports, and that VIP hashes ports, so it cannot be placed.
+    let frag_tail = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 185, &[0; 32]));
+    // First fragment (MF set, offset 0) carries the ports: placed normally.
+    let frag_head = frame(
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0x2000, &l4_ports(p_own, 80, 20)),
+    );
+    let arp_req = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], VIP));
+    let mut arp_reply_out = Vec::new();
+    arp_reply_out.extend_from_slice(&CLIENT_MAC);
+    arp_reply_out.extend_from_slice(&VMAC);
+    arp_reply_out.extend_from_slice(&0x0806u16.to_be_bytes());
+    arp_reply_out.extend_from_slice(&arp(2, VMAC, VIP, CLIENT_MAC, CLIENT));
+    let arp_req_other = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], [10, 9, 0, 1]));
+    let arp_reply_in = frame(0x0806, &arp(2, CLIENT_MAC, CLIENT, VMAC, VIP));
+    let vlan_own = vlan(
+        &[10],
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+    );
+    let qinq_foreign = vlan(
+        &[10, 20],
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 80, 20)),
+    );
+    let mut truncated_l4 = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
+    truncated_l4.extend_from_slice(&[0x12]);
+    let mut bad_ihl = frame(
+        0x0800,
+        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+    );
+    bad_ihl[14] = 0x43; // IHL 3 words < 20 bytes
+    let runt = eth(VMAC, 0x0800)[..13].to_vec();
+    let mut ip_cut = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
+    ip_cut.truncate(14 + 10); // before the addresses
+    vec![
+        Case {
+            name: "TCP, owned bucket",
+            output: Some(with_dst(tcp_own.clone(), IFMAC)),
+            frame: tcp_own,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "TCP, foreign bucket",
+            frame: tcp_foreign,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "UDP, any-port rule hashing the client IP",
+            output: udp_ip_owned.then(|| with_dst(udp_any_port.clone(), IFMAC)),
+            frame: udp_any_port,
+            verdict: if udp_ip_owned { XDP_PASS } else { XDP_DROP },
+            counter: if udp_ip_owned { ACCEPT } else { DROP_NOT_OWNER },
+        },
+        Case {
+            name: "ICMP to the VIP: no rule, untouched",
+            frame: icmp,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_NO_RULE,
+        },
+        Case {
+            name: "TCP to a non-VIP address, untouched",
+            frame: not_vip,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_OTHER,
+        },
+        Case {
+            name: "TCP to the VIP on a port without rule",
+            frame: tcp_other_port,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_NO_RULE,
+        },
+        Case {
+            name: "non-first fragment under a port rule",
+            frame: frag_tail,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_FRAGMENT,
+        },
+        Case {
+            name: "first fragment, owned",
+            output: Some(with_dst(frag_head.clone(), IFMAC)),
+            frame: frag_head,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "ARP request for the VIP: answered with the virtual MAC",
+            frame: arp_req,
+            verdict: XDP_TX,
+            output: Some(arp_reply_out),
+            counter: ARP_REPLY,
+        },
+        Case {
+            name: "ARP request for another address",
+            frame: arp_req_other,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_OTHER,
+        },
+        Case {
+            name: "ARP reply (not a request), untouched",
+            frame: arp_reply_in,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_OTHER,
+        },
+        Case {
+            name: "802.1Q-tagged TCP, owned",
+            output: Some(with_dst(vlan_own.clone(), IFMAC)),
+            frame: vlan_own,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "QinQ-tagged TCP, foreign",
+            frame: qinq_foreign,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "TCP to the VIP cut inside the ports",
+            frame: truncated_l4,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+        Case {
+            name: "IPv4 header length below 20",
+            frame: bad_ihl,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+        Case {
+            name: "runt Ethernet frame",
+            frame: runt,
+            verdict: XDP_PASS,
+            output: None,
+            counter: u32::MAX,
+        },
+        Case {
+            name: "IPv4 cut before the addresses",
+            frame: ip_cut,
+            verdict: XDP_PASS,
+            output: None,
+            counter: u32::MAX,
+        },
+    ]
+}
+
+#[test]
+fn packet_table() {
+    let mut f = Filter::new();
+    f.own_even_buckets();
+    // A UDP rule on any port, hashing the client IP only.
+    {
+        let mut rules: HashMap<_, RuleKey, RuleValue> =
+            HashMap::try_from(f.bpf.map_mut("RULES").unwrap()).unwrap();
+        rules
+            .insert(
+                &RuleKey {
+                    vip: VIP,
+                    port_be: 0,
+                    proto: PROTO_UDP,
+                    pad: 0,
+                },
+                &RuleValue {
+                    filter: safekit_common::FILTER_CLIENT_IP,
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let mut failures = Vec::new();
+    for case in cases() {
+        let before: Vec<u64> = (0..counter::COUNT).map(|i| f.counter(i)).collect();
+        let (verdict, out) = match f.run(&case.frame) {
+            Ok(r) => r,
+            Err(e) => {
+                // The kernel refuses frames shorter than an Ethernet header.
+                if case.frame.len() < 14 {
+                    continue;
+                }
+                panic!("{}: test run failed: {e}", case.name);
+            }
+        };
+        let after: Vec<u64> = (0..counter::COUNT).map(|i| f.counter(i)).collect();
+        let expected_out = case.output.clone().unwrap_or_else(|| case.frame.clone());
+        if verdict != case.verdict {
+            failures.push(format!(
+                "{}: verdict {verdict}, expected {}",
+                case.name, case.verdict
+            ));
+        }
+        if case.verdict != XDP_DROP && out != expected_out {
+            failures.push(format!(
+                "{}: output frame differs\n got {out:02x?}\nwant {expected_out:02x?}",
+                case.name
+            ));
+        }
+        for i in 0..counter::COUNT {
+            let moved = after[i as usize] - before[i as usize];
+            let want = u64::from(i == case.counter);
+            if moved != want {
+                failures.push(format!(
+                    "{}: counter {i} moved by {moved}, expected {want}",
+                    case.name
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn farm_filter_accepts_owned_buckets_drops_the_rest_and_ignores_other_traffic() {
+    let mut f = Filter::new();
+    f.own_even_buckets();
+
+    // Find one client port in an owned bucket and one in a foreign bucket,
+    // as user space computes them.
+    let client = [10, 9, 0, 250];
+    let owned_port = (1024u16..)
+        .find(|p| bucket_client_ip_port(client, p.to_be_bytes(), 0) % 2 == 0)
+        .unwrap();
+    let foreign_port = (1024u16..)
+        .find(|p| bucket_client_ip_port(client, p.to_be_bytes(), 0) % 2 == 1)
+        .unwrap();
+
+    // Owned: passed, destination MAC rewritten to the interface's own.
+    let frame = tcp_to(VIP, client, owned_port, 80);
+    let (verdict, out) = f.run(&frame).unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&out[0..6], &IFMAC);
+    assert_eq!(&out[6..], &frame[6..], "only the destination MAC changes");
+
+    // Foreign bucket: dropped.
+    let (verdict, _) = f.run(&tcp_to(VIP, client, foreign_port, 80)).unwrap();
+    assert_eq!(verdict, XDP_DROP);
+
+    // Not a VIP: untouched.
+    let other = tcp_to([10, 9, 0, 1], client, foreign_port, 80);
+    let (verdict, out) = f.run(&other).unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, other);
+
+    assert_eq!(f.counter(counter::ACCEPT), 1);
+    assert_eq!(f.counter(counter::DROP_NOT_OWNER), 1);
+    assert_eq!(f.counter(counter::PASS_OTHER), 1);
+}
