@@ -2,7 +2,7 @@
 //! loader.
 
 /// The eBPF object bytes, aligned for aya's ELF parser.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/safekit"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/safekit-ebpf"));
 
 /// Name of the XDP farm filter program in the object.
 pub const FARM_PROGRAM: &str = "safekit_farm";

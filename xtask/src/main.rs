@@ -78,7 +78,7 @@ fn main() -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    run(cargo().args(["build", "--workspace", "--bins"]))
+    run(cargo().args(["build", "--bins"]))
 }
 
 /// `cargo +STABLE` in the workspace (through the rustup proxy).
@@ -94,7 +94,38 @@ fn cargo() -> Command {
 fn test(args: &[String]) -> Result<()> {
     setup::setup()?;
     build()?;
-    run(cargo()
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .args(args))
+    // Default members only: safekit-ebpf is built by safekit-user's build.rs
+    // for the BPF target, never for the host.
+    let mut child = cargo()
+        .args(["test", "--no-fail-fast"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|p| p.trim().strip_suffix(word).map(str::trim))
+                        .and_then(|n| n.rsplit(' ').next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                };
+                passed += count("passed");
+                failed += count("failed");
+                ignored += count("ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole suite.
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        anyhow::bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }

@@ -28,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "pkg-config",
     "psmisc",
+    "curl",
 ];
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=

@@ -18,11 +18,11 @@ use crate::{
 
 /// The heartbeat socket bound on one LAN.
 #[derive(Debug, Clone)]
-pub struct LanSocket {
+pub(super) struct LanSocket {
     /// LAN name.
-    pub lan: String,
+    pub(super) lan: String,
     /// Bound to (addr, heartbeat port).
-    pub socket: Arc<UdpSocket>,
+    pub(super) socket: Arc<UdpSocket>,
 }
 
 /// The node whose configured address exists on this host: binding a UDP
