@@ -53,6 +53,11 @@ pub(super) fn deserialize<T: DeserializeOwned>(text: &str, diag: &mut Diag) -> O
                     return None;
                 };
                 let key = path_at(original.get_ref(), &span).unwrap_or_default();
+                let message = if message.contains("invalid type: table, expected an array") {
+                    format!("{message} (write [[{key}]] before each entry)")
+                } else {
+                    message
+                };
                 diag.error(Some(&span), key, message);
                 if !remove_at(work.get_mut(), &span) {
                     return None;

@@ -667,6 +667,15 @@ fn wrong_type() {
         "service.failover",
         &["expected true or false"],
     );
+    // A table where an array of tables is expected.
+    let errs = module_errors(&format!("{MIRROR_HEAD}[rfs]\n[rfs.dir]\npath = \"/srv\"\n"));
+    assert_one(
+        &errs,
+        MODULE_FILE_PATH,
+        4,
+        "rfs.dir",
+        &["expected an array", "write [[rfs.dir]]"],
+    );
     // A bad value removed while parsing is not also reported as missing.
     let errs = cluster_errors(&CLUSTER.replace("name = \"node2\"", "name = 2"));
     assert_one(
