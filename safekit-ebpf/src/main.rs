@@ -113,7 +113,7 @@ fn try_safekit_farm(ctx: &XdpContext) -> Result<u32, ()> {
         }
     }
     match proto {
-        ETH_P_ARP => arp(ctx, off),
+        ETH_P_ARP => arp(ctx, off, cfg),
         ETH_P_IP => ipv4(ctx, off, cfg),
         _ => {
             count(counter::PASS_OTHER);
@@ -122,9 +122,12 @@ fn try_safekit_farm(ctx: &XdpContext) -> Result<u32, ()> {
     }
 }
 
-/// Answers an ARP request for a VIP with its virtual MAC, in place.
+/// Answers an ARP request for a VIP with its virtual MAC, in place. The
+/// Ethernet source is the interface's own MAC: the virtual MAC never appears
+/// as a source, so bridges and switches never learn it and keep flooding VIP
+/// traffic to every node.
 #[inline(always)]
-fn arp(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+fn arp(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     let a = ptr_at(ctx, off, ARP_LEN)?;
     // SAFETY: the whole ARP body is inside the frame (checked above).
     let hdr = unsafe { core::slice::from_raw_parts_mut(a, ARP_LEN) };
@@ -154,7 +157,7 @@ fn arp(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     // SAFETY: the Ethernet addresses are inside the frame (checked above).
     let eth = unsafe { core::slice::from_raw_parts_mut(e, 12) };
     eth[0..6].copy_from_slice(&sha);
-    eth[6..12].copy_from_slice(&vmac);
+    eth[6..12].copy_from_slice(&cfg.ifmac);
     count(counter::ARP_REPLY);
     Ok(xdp_action::XDP_TX)
 }

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod mirror;
 pub mod modlog;
 pub mod paths;
+pub mod script;
 pub mod status;
 pub mod sys;

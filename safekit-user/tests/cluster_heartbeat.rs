@@ -374,12 +374,16 @@ fn ready_txt_is_404_for_stopped_and_unknown_modules_and_200_when_up() {
             .status
             .success()
     );
-    assert_eq!(
-        lab.safekit(1, &["state", "-m", "front", "-lq"])
-            .unwrap()
-            .status
-            .code(),
-        Some(0)
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            lab.safekit(1, &["state", "-m", "front", "-lq"])
+                .unwrap()
+                .status
+                .code()
+                == Some(0)
+        })
+        .is_some(),
+        "module never reached STOP"
     );
     assert_eq!(
         http_get(&client, addr, "/var/modules/front/ready.txt").0,

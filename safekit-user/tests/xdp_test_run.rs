@@ -253,7 +253,8 @@ fn cases() -> Vec<Case> {
     let arp_req = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], VIP));
     let mut arp_reply_out = Vec::new();
     arp_reply_out.extend_from_slice(&CLIENT_MAC);
-    arp_reply_out.extend_from_slice(&VMAC);
+    // Ethernet source: the node's own MAC, never the virtual one.
+    arp_reply_out.extend_from_slice(&IFMAC);
     arp_reply_out.extend_from_slice(&0x0806u16.to_be_bytes());
     arp_reply_out.extend_from_slice(&arp(2, VMAC, VIP, CLIENT_MAC, CLIENT));
     let arp_req_other = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], [10, 9, 0, 1]));

@@ -10,9 +10,15 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Shared, StartError, net::LanSocket};
+use super::{
+    Shared, StartError, checks,
+    farm::{self, Dataplane, FarmRt},
+    net::LanSocket,
+};
 use crate::{
     config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig},
+    farm::membership::{self, View},
+    script::ScriptEnv,
     control::{Request, Response},
     heartbeat::{self, Heartbeat, HeartbeatKey, Rejected, ReplayWindow},
     metrics::Metrics,
@@ -42,6 +48,33 @@ pub enum Event {
     },
     /// SIGTERM or SIGINT: stop everything and exit.
     Signal,
+    /// An effect run off the engine task finished.
+    Effect {
+        /// Module.
+        module: String,
+        /// What finished.
+        done: EffectDone,
+    },
+    /// A checker's result.
+    Check {
+        /// Module.
+        module: String,
+        /// Checker id within the module.
+        id: String,
+        /// What it checks (for the log).
+        what: String,
+        /// Outcome.
+        result: Result<(), String>,
+    },
+}
+
+/// Completion of an effect.
+#[derive(Debug)]
+pub enum EffectDone {
+    /// Farm data plane up (or why not).
+    FarmUp(Result<crate::sys::vip::Interface, String>),
+    /// Farm data plane down.
+    FarmDown(Result<(), String>),
 }
 
 /// What this node knows of one peer's instance of a module.
@@ -67,12 +100,22 @@ struct Module {
     timeout: Duration,
     next_pulse: Instant,
     counter: u64,
+    /// An effect is running (start or stop in progress).
+    busy: bool,
+    /// The operator wants it running.
+    wanted: bool,
+    /// Failing checkers: id -> reason.
+    failing: BTreeMap<String, String>,
+    checks: Vec<tokio::task::JoinHandle<()>>,
+    farm: Option<FarmRt>,
 }
 
 impl Module {
     fn colour(&self) -> Colour {
         match self.state {
             ModuleState::Stop => Colour::Red,
+            // Stuck on a failed checker: red; in transition: orange.
+            ModuleState::Wait if !self.failing.is_empty() && !self.busy => Colour::Red,
             ModuleState::Wait => Colour::Orange,
             ModuleState::Alone | ModuleState::Prim | ModuleState::Up | ModuleState::Second => {
                 Colour::Green
@@ -103,6 +146,10 @@ pub struct Engine {
     replay: HashMap<(String, String), ReplayWindow>,
     metrics: Arc<Metrics>,
     shutting_down: bool,
+    events: mpsc::Sender<Event>,
+    dataplane: Dataplane,
+    /// Effects still running at shutdown.
+    pending: usize,
 }
 
 impl Engine {
@@ -114,6 +161,7 @@ impl Engine {
         me: String,
         sockets: Vec<LanSocket>,
         metrics: Arc<Metrics>,
+        events: mpsc::Sender<Event>,
     ) -> Result<Self, StartError> {
         let epoch = bump_epoch(&paths)?;
         let now = Instant::now();
@@ -144,7 +192,6 @@ impl Engine {
             modules.insert(
                 name,
                 Module {
-                    cfg,
                     log,
                     state: ModuleState::Stop,
                     peers,
@@ -153,6 +200,12 @@ impl Engine {
                     timeout,
                     next_pulse: now,
                     counter: 0,
+                    busy: false,
+                    wanted: false,
+                    failing: BTreeMap::new(),
+                    checks: Vec::new(),
+                    farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
+                    cfg,
                 },
             );
         }
@@ -168,6 +221,9 @@ impl Engine {
             replay: HashMap::new(),
             metrics,
             shutting_down: false,
+            events,
+            dataplane: Dataplane::default(),
+            pending: 0,
         })
     }
 
@@ -185,7 +241,7 @@ impl Engine {
             let now = Instant::now();
             self.handle_timeout(now);
             *shared.status.write().await = self.status(now);
-            if self.shutting_down {
+            if self.shutting_down && self.pending == 0 {
                 tracing::info!("safekitd stopped");
                 let _ = std::fs::remove_file(self.paths.control_socket());
                 return;
@@ -225,6 +281,13 @@ impl Engine {
                 self.stop_all();
                 self.shutting_down = true;
             }
+            Event::Effect { module, done } => self.effect_done(&module, done),
+            Event::Check {
+                module,
+                id,
+                what,
+                result,
+            } => self.check_result(&module, id, &what, result),
         }
     }
 
@@ -274,10 +337,15 @@ impl Engine {
                 if peer.lost { " (back)" } else { "" }
             ));
         }
+        let changed = peer.lost || peer.state != Some(state) || peer.payload != hb.payload;
         peer.lost = false;
         peer.state = Some(state);
         peer.payload = hb.payload;
         peer.last_seen.insert(lan, now);
+        if changed {
+            let name = hb.module;
+            self.farm_refresh(&name);
+        }
         Ok(())
     }
 
@@ -286,30 +354,14 @@ impl Engine {
             Request::State => Response::State {
                 status: self.status(now),
             },
-            Request::Start { module } => self.with_module(&module, |m| {
-                if m.state != ModuleState::Stop {
-                    return Err(format!(
-                        "module {} is already started ({})",
-                        m.cfg.name, m.state
-                    ));
-                }
-                m.log.info("start requested");
-                match m.cfg.service.mode {
-                    ConfigMode::Farm => m.set_state(ModuleState::Up),
-                    ConfigMode::Mirror => {
-                        return Err("mirror modules are not runnable in this build yet".into());
-                    }
-                }
-                Ok(format!("module {} started", m.cfg.name))
-            }),
-            Request::Stop { module } => self.with_module(&module, |m| {
-                if m.state == ModuleState::Stop {
-                    return Err(format!("module {} is already stopped", m.cfg.name));
-                }
-                m.log.info("stop requested");
-                m.set_state(ModuleState::Stop);
-                Ok(format!("module {} stopped", m.cfg.name))
-            }),
+            Request::Start { module } => match self.start_module(&module) {
+                Ok(message) => Response::Ok { message },
+                Err(error) => Response::Error { error },
+            },
+            Request::Stop { module } => match self.stop_module(&module) {
+                Ok(message) => Response::Ok { message },
+                Err(error) => Response::Error { error },
+            },
             Request::Shutdown => {
                 self.stop_all();
                 self.shutting_down = true;
@@ -320,37 +372,265 @@ impl Engine {
         }
     }
 
-    fn with_module(
-        &mut self,
-        name: &str,
-        f: impl FnOnce(&mut Module) -> Result<String, String>,
-    ) -> Response {
+    fn module_mut(&mut self, name: &str) -> Result<&mut Module, String> {
+        let known: Vec<String> = self.modules.keys().cloned().collect();
+        self.modules.get_mut(name).ok_or_else(|| {
+            format!("no module {name:?} on this node (modules: {})", known.join(", "))
+        })
+    }
+
+    fn start_module(&mut self, name: &str) -> Result<String, String> {
+        let me = self.me.clone();
+        let root = self.paths.root().to_path_buf();
+        let module_dir = self.paths.module_dir(name);
+        let tx = self.events.clone();
+        let dataplane = self.dataplane.clone();
+        let m = self.module_mut(name)?;
+        if m.busy {
+            return Err(format!("module {name} is busy ({}), try again", m.state));
+        }
+        if m.state != ModuleState::Stop {
+            return Err(format!("module {name} is already started ({})", m.state));
+        }
+        m.log.info("start requested");
+        m.wanted = true;
+        match m.cfg.mode() {
+            ConfigMode::Farm => {
+                m.set_state(ModuleState::Wait);
+                m.busy = true;
+                m.failing.clear();
+                m.checks = checks::spawn_all(&m.cfg, &tx);
+                let job = farm_job(m, &me, &root, module_dir, dataplane);
+                let module = name.to_owned();
+                tokio::spawn(async move {
+                    let r = farm::up(job).await;
+                    let _ = tx
+                        .send(Event::Effect {
+                            module,
+                            done: EffectDone::FarmUp(r),
+                        })
+                        .await;
+                });
+                Ok(format!("module {name} starting"))
+            }
+            ConfigMode::Mirror => {
+                m.wanted = false;
+                Err("mirror modules are not runnable in this build yet".into())
+            }
+        }
+    }
+
+    fn stop_module(&mut self, name: &str) -> Result<String, String> {
+        let m = self.module_mut(name)?;
+        if m.state == ModuleState::Stop && !m.busy {
+            return Err(format!("module {name} is already stopped"));
+        }
+        m.log.info("stop requested");
+        m.wanted = false;
+        if m.busy {
+            // The running start completes, then effect_done stops it.
+            return Ok(format!("module {name} stopping after its start completes"));
+        }
+        self.begin_stop(name);
+        Ok(format!("module {name} stopping"))
+    }
+
+    /// Releases everything the module holds, in a safe order: buckets first
+    /// (synchronously, so no bucket stays owned once STOP is announced),
+    /// then the effects.
+    fn begin_stop(&mut self, name: &str) {
+        let me = self.me.clone();
+        let root = self.paths.root().to_path_buf();
+        let module_dir = self.paths.module_dir(name);
+        let tx = self.events.clone();
+        let dataplane = self.dataplane.clone();
         let Some(m) = self.modules.get_mut(name) else {
-            let known: Vec<&str> = self.modules.keys().map(String::as_str).collect();
-            return Response::Error {
-                error: format!(
-                    "no module {name:?} on this node (modules: {})",
-                    known.join(", ")
-                ),
-            };
+            return;
         };
-        match f(m) {
-            Ok(message) => Response::Ok { message },
-            Err(error) => Response::Error { error },
+        for h in m.checks.drain(..) {
+            h.abort();
+        }
+        m.failing.clear();
+        if let Some(f) = m.farm.as_mut() {
+            if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize]) {
+                m.log.error(&format!("releasing buckets: {e}"));
+            }
+            f.view.clear();
+            let iface = f.iface.take();
+            let job = farm_job(m, &me, &root, module_dir, dataplane);
+            m.busy = true;
+            m.set_state(ModuleState::Wait);
+            self.pending += 1;
+            let module = name.to_owned();
+            tokio::spawn(async move {
+                let r = farm::down(job, iface).await;
+                let _ = tx
+                    .send(Event::Effect {
+                        module,
+                        done: EffectDone::FarmDown(r),
+                    })
+                    .await;
+            });
+        } else {
+            m.set_state(ModuleState::Stop);
+        }
+    }
+
+    fn effect_done(&mut self, name: &str, done: EffectDone) {
+        let shutting_down = self.shutting_down;
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        m.busy = false;
+        match done {
+            EffectDone::FarmUp(Ok(iface)) => {
+                if let Some(f) = m.farm.as_mut() {
+                    f.iface = Some(iface);
+                }
+                if !m.wanted || shutting_down {
+                    self.begin_stop(name);
+                    return;
+                }
+                let state = if m.failing.is_empty() {
+                    ModuleState::Up
+                } else {
+                    ModuleState::Wait
+                };
+                m.set_state(state);
+                self.farm_refresh(name);
+            }
+            EffectDone::FarmUp(Err(e)) => {
+                m.log.error(&format!("start failed: {e}"));
+                m.wanted = false;
+                self.begin_stop(name);
+            }
+            EffectDone::FarmDown(r) => {
+                self.pending = self.pending.saturating_sub(1);
+                if let Err(e) = r {
+                    m.log.error(&format!("stop: {e}"));
+                }
+                m.set_state(ModuleState::Stop);
+                if m.wanted && !shutting_down {
+                    // A start arrived while stopping.
+                    m.wanted = false;
+                    let _ = self.start_module(name);
+                }
+            }
+        }
+    }
+
+    fn check_result(&mut self, name: &str, id: String, what: &str, result: Result<(), String>) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        if m.state == ModuleState::Stop && !m.busy {
+            return;
+        }
+        let before = m.failing.is_empty();
+        match result {
+            Ok(()) => {
+                if m.failing.remove(&id).is_some() {
+                    m.log.info(&format!("checker {what} is up again"));
+                }
+            }
+            Err(why) => {
+                if !m.failing.contains_key(&id) {
+                    m.log.error(&format!("checker {what} is down: {why}"));
+                }
+                m.failing.insert(id, why);
+            }
+        }
+        let after = m.failing.is_empty();
+        if before == after || m.busy {
+            return;
+        }
+        // Farm: a failed checker takes the node out of the farm until it
+        // recovers.
+        if m.farm.is_some() {
+            let state = if after {
+                ModuleState::Up
+            } else {
+                ModuleState::Wait
+            };
+            m.set_state(state);
+            self.farm_refresh(name);
+        }
+    }
+
+    /// Recomputes a farm module's view and bucket ownership after a change
+    /// of local state or of a peer's state or view.
+    fn farm_refresh(&mut self, name: &str) {
+        let me = self.me.clone();
+        let dataplane = self.dataplane.clone();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(f) = m.farm.as_mut() else {
+            return;
+        };
+        let up = |p: &Peer| !p.lost && p.state == Some(ModuleState::Up);
+        let mut view: View = m
+            .peers
+            .iter()
+            .filter(|(_, p)| up(p))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if m.state == ModuleState::Up {
+            view.insert(me.clone());
+        }
+        let peer_views: Vec<View> = m
+            .peers
+            .values()
+            .filter(|p| up(p))
+            .filter_map(|p| membership::decode_view(&p.payload))
+            .collect();
+        let owned = membership::owned(&me, &f.powers, &view, &peer_views);
+        if owned != f.owned {
+            let n = owned.iter().filter(|b| **b).count();
+            if let Err(e) = f.apply_owned(&dataplane, owned) {
+                m.log.error(&format!("updating bucket ownership: {e}"));
+            } else {
+                m.log.info(&format!("owns {n} of {} buckets", safekit_common::BUCKETS));
+            }
+        }
+        if view != f.view {
+            m.log.info(&format!(
+                "farm membership: {}",
+                view.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+            ));
+            f.view = view;
+            // Tell the peers at once, and re-announce the VIP.
+            m.next_pulse = Instant::now();
+            if let (Some(iface), Some(v)) = (f.iface.clone(), m.cfg.vip.as_ref()) {
+                tokio::spawn(farm::announce(
+                    iface,
+                    f.vips.clone(),
+                    f.vmac,
+                    v.garp_count,
+                    v.garp_interval,
+                    m.log.clone(),
+                ));
+            }
         }
     }
 
     fn stop_all(&mut self) {
-        for m in self.modules.values_mut() {
-            if m.state != ModuleState::Stop {
+        let names: Vec<String> = self.modules.keys().cloned().collect();
+        for name in names {
+            let Some(m) = self.modules.get_mut(&name) else {
+                continue;
+            };
+            m.wanted = false;
+            if m.state != ModuleState::Stop && !m.busy {
                 m.log.info("stopping: safekitd shutdown");
-                m.set_state(ModuleState::Stop);
+                self.begin_stop(&name);
             }
         }
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         // Peers silent on every LAN for the timeout are lost.
+        let mut refresh = Vec::new();
         for m in self.modules.values_mut() {
             let timeout = m.timeout;
             let mut lost = Vec::new();
@@ -364,11 +644,17 @@ impl Engine {
                     lost.push(name.clone());
                 }
             }
-            for name in lost {
+            for name in &lost {
                 m.log.error(&format!(
                     "peer {name} lost: no heartbeat on any LAN for {timeout:?}"
                 ));
             }
+            if !lost.is_empty() {
+                refresh.push(m.cfg.name.clone());
+            }
+        }
+        for name in refresh {
+            self.farm_refresh(&name);
         }
         // Heartbeats due.
         let names: Vec<String> = self.modules.keys().cloned().collect();
@@ -402,7 +688,11 @@ impl Engine {
                     state: m.state.code(),
                     epoch: self.epoch,
                     counter: m.counter,
-                    payload: Vec::new(),
+                    payload: m
+                        .farm
+                        .as_ref()
+                        .map(|f| membership::encode_view(&f.view))
+                        .unwrap_or_default(),
                 };
                 let bytes = match heartbeat::encode(&hb, &self.key) {
                     Ok(b) => b,
@@ -461,14 +751,95 @@ impl Engine {
                                 .collect(),
                         })
                         .collect(),
-                    details: vec![
-                        ("pulse".into(), format!("{:?}", m.pulse)),
-                        ("timeout".into(), format!("{:?}", m.timeout)),
-                        ("heartbeat counter".into(), m.counter.to_string()),
-                    ],
+                    details: module_details(m),
                 })
                 .collect(),
         }
+    }
+}
+
+fn module_details(m: &Module) -> Vec<(String, String)> {
+    let mut d = vec![
+        ("pulse".into(), format!("{:?}", m.pulse)),
+        ("timeout".into(), format!("{:?}", m.timeout)),
+        ("heartbeat counter".into(), m.counter.to_string()),
+    ];
+    for (id, why) in &m.failing {
+        d.push((format!("checker {id}"), format!("down: {why}")));
+    }
+    if let Some(f) = &m.farm {
+        d.push((
+            "membership".into(),
+            f.view.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
+        ));
+        let owned: Vec<u32> = f
+            .owned
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o)
+            .filter_map(|(b, _)| u32::try_from(b).ok())
+            .collect();
+        d.push((
+            "buckets".into(),
+            format!("{} owned: {}", owned.len(), ranges(&owned)),
+        ));
+        if let Some(i) = &f.iface {
+            d.push(("interface".into(), i.name.clone()));
+        }
+    }
+    d
+}
+
+/// "0-3,7,9-10" for a sorted list.
+fn ranges(v: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let start = v[i];
+        let mut end = start;
+        while i + 1 < v.len() && v[i + 1] == end + 1 {
+            i += 1;
+            end = v[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
+}
+
+fn farm_job(
+    m: &Module,
+    me: &str,
+    root: &std::path::Path,
+    module_dir: std::path::PathBuf,
+    dataplane: Dataplane,
+) -> farm::FarmJob {
+    let f = m.farm.as_ref();
+    farm::FarmJob {
+        module_dir,
+        interface: m.cfg.vip.as_ref().and_then(|v| v.interface.clone()),
+        vips: f.map(|f| f.vips.clone()).unwrap_or_default(),
+        vmac: f.map_or([0; 6], |f| f.vmac),
+        rules: f.map(|f| f.rules.clone()).unwrap_or_default(),
+        env: ScriptEnv {
+            root: root.to_path_buf(),
+            module: m.cfg.name.clone(),
+            node: me.to_owned(),
+            bin_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+        },
+        script_timeout: m.cfg.user.nice_stop_timeout,
+        log: m.log.clone(),
+        dataplane,
     }
 }
 

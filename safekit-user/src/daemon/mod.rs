@@ -11,7 +11,9 @@
 //! - the **HTTP server** (port 9010) answers `ready.txt` and `/metrics` from
 //!   the published snapshot without touching the engine.
 
+mod checks;
 pub mod engine;
+mod farm;
 mod http;
 mod net;
 
@@ -91,7 +93,14 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     let control = net::bind_control_socket(&paths)?;
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
-    let engine = engine::Engine::new(paths, config, me, sockets.clone(), metrics.clone())?;
+    let engine = engine::Engine::new(
+        paths,
+        config,
+        me,
+        sockets.clone(),
+        metrics.clone(),
+        tx.clone(),
+    )?;
     let shared = Arc::new(Shared {
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,

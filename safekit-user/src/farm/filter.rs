@@ -208,6 +208,12 @@ impl FarmFilter {
         Ok(slot)
     }
 
+    /// True when no VIP is declared any more.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
     fn slot_of(&self, vip: Ipv4Addr) -> Option<u32> {
         self.slots
             .iter()

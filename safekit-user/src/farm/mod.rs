@@ -2,3 +2,4 @@
 
 pub mod assign;
 pub mod filter;
+pub mod membership;

@@ -1,16 +1,19 @@
 //! Gratuitous ARP from user space (XDP cannot originate frames): an
 //! AF_PACKET socket bound to the interface sends an ARP request whose sender
-//! and target are the VIP, from the MAC that should receive its traffic (the
-//! node's own for a mirror VIP, the virtual MAC for a farm VIP).
+//! and target are the VIP, announcing the MAC that should receive its traffic
+//! (the node's own for a mirror VIP, the virtual MAC for a farm VIP). The
+//! Ethernet source is always the node's own MAC, so a farm's virtual MAC is
+//! never learnt by a bridge or switch.
 
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
-/// The gratuitous ARP frame: broadcast, `who-has VIP tell VIP` from `mac`.
+/// The gratuitous ARP frame: broadcast from `eth_src`, `who-has VIP tell
+/// VIP` at `mac`.
 #[must_use]
-pub fn garp_frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
+pub fn garp_frame(eth_src: [u8; 6], mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
     let mut f = [0u8; 42];
     f[0..6].copy_from_slice(&[0xff; 6]);
-    f[6..12].copy_from_slice(&mac);
+    f[6..12].copy_from_slice(&eth_src);
     f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     // htype Ethernet, ptype IPv4, hlen 6, plen 4, op request.
     f[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
@@ -64,9 +67,10 @@ mod tests {
     #[test]
     fn garp_announces_the_vip_from_the_mac() {
         let mac = [0x5a, 0xfe, 10, 0, 0, 200];
-        let f = garp_frame(mac, Ipv4Addr::new(10, 0, 0, 200));
+        let own = [2, 0, 0, 0, 0, 1];
+        let f = garp_frame(own, mac, Ipv4Addr::new(10, 0, 0, 200));
         assert_eq!(&f[0..6], &[0xff; 6]);
-        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[6..12], &own, "Ethernet source: the node's own MAC");
         assert_eq!(&f[22..28], &mac, "sender hardware address");
         assert_eq!(&f[28..32], &[10, 0, 0, 200], "sender protocol address");
         assert_eq!(&f[38..42], &[10, 0, 0, 200], "target protocol address");

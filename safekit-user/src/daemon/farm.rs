@@ -1,0 +1,241 @@
+//! Farm modules in the daemon: the effects (XDP filter, VIP, scripts,
+//! gratuitous ARP) that the engine runs off its task, and the per-module
+//! runtime state the engine keeps.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use safekit_common::{BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    config::{Filter, ModuleConfig, Proto},
+    farm::{
+        filter::{FarmFilter, FilterRule, default_mode},
+        membership::View,
+    },
+    modlog::ModuleLog,
+    script::{self, ScriptEnv},
+    sys::{arp, vip},
+};
+
+/// The XDP filters of this node, one per interface, shared by the farm
+/// modules (an interface has one XDP program).
+pub(super) type Dataplane = Arc<Mutex<BTreeMap<String, FarmFilter>>>;
+
+/// Runtime of one farm module on this node.
+#[derive(Debug)]
+pub(super) struct FarmRt {
+    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) vmac: [u8; 6],
+    pub(super) rules: Vec<FilterRule>,
+    pub(super) powers: BTreeMap<String, u32>,
+    /// Interface, once the module is up.
+    pub(super) iface: Option<vip::Interface>,
+    /// Members this node believes UP (advertised in heartbeats).
+    pub(super) view: View,
+    /// Buckets written to the filter.
+    pub(super) owned: Vec<bool>,
+}
+
+impl FarmRt {
+    pub(super) fn new(cfg: &ModuleConfig) -> Self {
+        let (vips, vmac, rules) = match &cfg.vip {
+            Some(v) => (
+                v.addrs
+                    .iter()
+                    .filter_map(|a| match a {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+                v.mac.unwrap_or([0x5a, 0xfe, 0, 0, 0, 0]),
+                v.rules
+                    .iter()
+                    .map(|r| FilterRule {
+                        proto: match r.proto {
+                            Proto::Tcp => PROTO_TCP,
+                            Proto::Udp => PROTO_UDP,
+                        },
+                        port: r.port,
+                        filter: match r.filter {
+                            Filter::ClientIp => FILTER_CLIENT_IP,
+                            Filter::ClientIpPort => FILTER_CLIENT_IP_PORT,
+                        },
+                    })
+                    .collect(),
+            ),
+            None => (Vec::new(), [0; 6], Vec::new()),
+        };
+        let powers = cfg.farm.as_ref().map(|f| f.power.clone()).unwrap_or_default();
+        Self {
+            vips,
+            vmac,
+            rules,
+            powers,
+            iface: None,
+            view: View::new(),
+            owned: vec![false; BUCKETS as usize],
+        }
+    }
+
+    /// Writes bucket ownership for every VIP of the module.
+    pub(super) fn apply_owned(&mut self, dataplane: &Dataplane, owned: Vec<bool>) -> Result<(), String> {
+        let Some(iface) = &self.iface else {
+            self.owned = owned;
+            return Ok(());
+        };
+        let mut dp = dataplane.lock().map_err(|_| "dataplane lock poisoned".to_owned())?;
+        if let Some(f) = dp.get_mut(&iface.name) {
+            for v in &self.vips {
+                f.set_owned(*v, &owned).map_err(|e| e.to_string())?;
+            }
+        }
+        self.owned = owned;
+        Ok(())
+    }
+}
+
+/// What the effects need to know.
+#[derive(Debug, Clone)]
+pub(super) struct FarmJob {
+    pub(super) module_dir: PathBuf,
+    pub(super) interface: Option<String>,
+    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) vmac: [u8; 6],
+    pub(super) rules: Vec<FilterRule>,
+    pub(super) env: ScriptEnv,
+    pub(super) script_timeout: Duration,
+    pub(super) log: ModuleLog,
+    pub(super) dataplane: Dataplane,
+}
+
+/// Brings the data plane up: interface of the VIP subnet, XDP filter
+/// attached there (shared), VIPs declared to it with no bucket owned, VIP
+/// addresses added so the stack accepts the traffic, then `start_both`.
+pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
+    let first = *job.vips.first().ok_or("no IPv4 VIP configured")?;
+    let handle = vip::connect().map_err(|e| e.to_string())?;
+    let iface = vip::find_interface(&handle, first, job.interface.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    {
+        let mut dp = job
+            .dataplane
+            .lock()
+            .map_err(|_| "dataplane lock poisoned".to_owned())?;
+        if !dp.contains_key(&iface.name) {
+            let mode = default_mode(&iface.name);
+            let mut f = FarmFilter::attach(&iface.name, mode).map_err(|e| e.to_string())?;
+            f.enable(iface.mac, 0).map_err(|e| e.to_string())?;
+            job.log
+                .info(&format!("XDP farm filter attached on {} ({mode:?} mode)", iface.name));
+            dp.insert(iface.name.clone(), f);
+        }
+        let f = dp
+            .get_mut(&iface.name)
+            .ok_or("filter vanished")?;
+        for v in &job.vips {
+            f.add_vip(*v, job.vmac, &job.rules).map_err(|e| e.to_string())?;
+        }
+    }
+    for v in &job.vips {
+        vip::add(&handle, &iface, *v).await.map_err(|e| e.to_string())?;
+        job.log.info(&format!("VIP {v} set on {}", iface.name));
+    }
+    script::run(
+        &job.module_dir,
+        "start_both",
+        &[],
+        "both",
+        &job.env,
+        job.script_timeout,
+        &job.log,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(iface)
+}
+
+/// Takes the data plane down: VIPs forgotten by the filter (detached when
+/// no VIP is left on the interface), `stop_both`, VIP addresses removed.
+pub(super) async fn down(job: FarmJob, iface: Option<vip::Interface>) -> Result<(), String> {
+    let mut errors = Vec::new();
+    if let Some(iface) = &iface {
+        if let Ok(mut dp) = job.dataplane.lock() {
+            let empty = match dp.get_mut(&iface.name) {
+                Some(f) => {
+                    for v in &job.vips {
+                        if let Err(e) = f.remove_vip(*v, &job.rules) {
+                            errors.push(e.to_string());
+                        }
+                    }
+                    f.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                dp.remove(&iface.name);
+                job.log.info(&format!("XDP farm filter detached from {}", iface.name));
+            }
+        }
+    }
+    if let Err(e) = script::run(
+        &job.module_dir,
+        "stop_both",
+        &[],
+        "both",
+        &job.env,
+        job.script_timeout,
+        &job.log,
+    )
+    .await
+    {
+        errors.push(e.to_string());
+    }
+    if let Some(iface) = &iface {
+        match vip::connect() {
+            Ok(handle) => {
+                for v in &job.vips {
+                    if let Err(e) = vip::remove(&handle, iface, *v).await {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Announces the VIPs at the virtual MAC: `count` gratuitous ARPs spaced by
+/// `interval`, sent from the interface's own MAC.
+pub(super) async fn announce(
+    iface: vip::Interface,
+    vips: Vec<Ipv4Addr>,
+    vmac: [u8; 6],
+    count: u32,
+    interval: Duration,
+    log: ModuleLog,
+) {
+    for i in 0..count.max(1) {
+        for v in &vips {
+            let frame = arp::garp_frame(iface.mac, vmac, *v);
+            if let Err(e) = arp::send_frame(iface.index, &frame) {
+                log.error(&format!("gratuitous ARP for {v} on {}: {e}", iface.name));
+                return;
+            }
+        }
+        if i + 1 < count {
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
