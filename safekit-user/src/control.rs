@@ -28,6 +28,17 @@ pub enum Request {
     },
     /// Stop every module and exit.
     Shutdown,
+    /// Which node of a farm serves a client.
+    FarmWhich {
+        /// Farm module.
+        module: String,
+        /// Client address.
+        client: std::net::IpAddr,
+        /// Client port (for `client_ip_port` rules).
+        port: Option<u16>,
+        /// Destination port selecting the rule (default: the first rule).
+        dport: Option<u16>,
+    },
 }
 
 /// The daemon's answer.
@@ -48,6 +59,15 @@ pub enum Response {
     State {
         /// The node.
         status: NodeStatus,
+    },
+    /// Answer to `FarmWhich`.
+    Which {
+        /// The client's bucket.
+        bucket: u32,
+        /// Its owner under this node's current membership view.
+        node: Option<String>,
+        /// The filter used (`client_ip` or `client_ip_port`).
+        filter: String,
     },
 }
 

@@ -166,6 +166,17 @@ pub struct ModuleStatus {
     pub peers: Vec<PeerStatus>,
     /// Details for `state -v` (key, value), in display order.
     pub details: Vec<(String, String)>,
+    /// Farm modules: membership and buckets.
+    pub farm: Option<FarmStatus>,
+}
+
+/// A farm module's membership as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FarmStatus {
+    /// Members this node believes UP.
+    pub view: Vec<String>,
+    /// Buckets this node accepts.
+    pub buckets: Vec<u32>,
 }
 
 /// The node and its modules, as `safekit state` shows them.

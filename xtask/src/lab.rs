@@ -149,6 +149,18 @@ pub fn cleanup(prefix: &str, dir: &Path) {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or("");
             if !name.is_empty() && name.starts_with(prefix) {
+                // Processes the lab's scripts started in the namespace (demo
+                // services) die with it.
+                if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                    for pid in String::from_utf8_lossy(&pids.stdout)
+                        .lines()
+                        .filter_map(|l| l.trim().parse::<i32>().ok())
+                    {
+                        // SAFETY: kill(2) of a process inside our own lab
+                        // namespace; no memory involved.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
                 ip_quiet(&["netns", "del", name]);
             }
         }

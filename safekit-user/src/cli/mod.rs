@@ -3,6 +3,7 @@
 //! socket found from `--root` / `SAFEKIT_ROOT`.
 
 mod config_check;
+mod farm;
 mod log;
 mod module_cmd;
 mod state;
@@ -45,6 +46,12 @@ pub enum Command {
     Printi(log::PrintArgs),
     /// Write an error line into a module's log (for scripts).
     Printe(log::PrintArgs),
+    /// Farm commands.
+    Farm {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: farm::FarmCommand,
+    },
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -85,6 +92,7 @@ pub fn main() -> i32 {
         Command::Config {
             command: ConfigCommand::Check,
         } => config_check::run(&paths),
+        Command::Farm { command } => farm::run(&paths, command),
     }
 }
 

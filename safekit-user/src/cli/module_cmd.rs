@@ -12,7 +12,7 @@ pub(super) fn simple(paths: &Paths, req: Request) -> i32 {
             eprintln!("safekit: {error}");
             1
         }
-        Ok(Response::State { .. }) => {
+        Ok(_) => {
             eprintln!("safekit: unexpected answer from safekitd");
             1
         }

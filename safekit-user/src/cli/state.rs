@@ -33,7 +33,7 @@ pub(super) fn run(paths: &Paths, args: &StateArgs) -> i32 {
             eprintln!("safekit: {error}");
             return 1;
         }
-        Ok(Response::Ok { .. }) => {
+        Ok(_) => {
             eprintln!("safekit: unexpected answer from safekitd");
             return 1;
         }

@@ -24,7 +24,7 @@ use crate::{
     metrics::Metrics,
     modlog::ModuleLog,
     paths::Paths,
-    status::{Colour, Mode, ModuleState, ModuleStatus, NodeStatus, PeerStatus},
+    status::{Colour, FarmStatus, Mode, ModuleState, ModuleStatus, NodeStatus, PeerStatus},
 };
 
 /// Inputs of the engine.
@@ -362,6 +362,15 @@ impl Engine {
                 Ok(message) => Response::Ok { message },
                 Err(error) => Response::Error { error },
             },
+            Request::FarmWhich {
+                module,
+                client,
+                port,
+                dport,
+            } => match self.farm_which(&module, client, port, dport) {
+                Ok(r) => r,
+                Err(error) => Response::Error { error },
+            },
             Request::Shutdown => {
                 self.stop_all();
                 self.shutting_down = true;
@@ -614,6 +623,49 @@ impl Engine {
         }
     }
 
+    fn farm_which(
+        &mut self,
+        name: &str,
+        client: std::net::IpAddr,
+        port: Option<u16>,
+        dport: Option<u16>,
+    ) -> Result<Response, String> {
+        let m = self.module_mut(name)?;
+        let f = m
+            .farm
+            .as_ref()
+            .ok_or_else(|| format!("module {name} is not a farm module"))?;
+        let std::net::IpAddr::V4(ip) = client else {
+            return Err("farm filters are IPv4 only".into());
+        };
+        let rule = match dport {
+            Some(d) => f
+                .rules
+                .iter()
+                .find(|r| r.port == d)
+                .or_else(|| f.rules.iter().find(|r| r.port == 0))
+                .ok_or_else(|| format!("module {name} has no rule for port {d}"))?,
+            None => f.rules.first().ok_or("module has no rule")?,
+        };
+        let (bucket, filter) = if rule.filter == safekit_common::FILTER_CLIENT_IP {
+            (safekit_common::bucket_client_ip(ip.octets(), 0), "client_ip")
+        } else {
+            let p = port.ok_or("this rule hashes the client port too: give IP:PORT")?;
+            (
+                safekit_common::bucket_client_ip_port(ip.octets(), p.to_be_bytes(), 0),
+                "client_ip_port",
+            )
+        };
+        let node = membership::assignment(&f.view, &f.powers)
+            .owner(bucket)
+            .map(str::to_owned);
+        Ok(Response::Which {
+            bucket,
+            node,
+            filter: filter.to_owned(),
+        })
+    }
+
     fn stop_all(&mut self) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
@@ -752,6 +804,16 @@ impl Engine {
                         })
                         .collect(),
                     details: module_details(m),
+                    farm: m.farm.as_ref().map(|f| FarmStatus {
+                        view: f.view.iter().cloned().collect(),
+                        buckets: f
+                            .owned
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, o)| **o)
+                            .filter_map(|(b, _)| u32::try_from(b).ok())
+                            .collect(),
+                    }),
                 })
                 .collect(),
         }

@@ -143,9 +143,15 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
             f.add_vip(*v, job.vmac, &job.rules).map_err(|e| e.to_string())?;
         }
     }
+    // The VIP goes on loopback (/32) so the stack accepts what the filter
+    // passes, while the LAN interface never answers ARP for it: only the XDP
+    // program does, with the virtual MAC (also after a crash of safekitd).
+    vip::arp_only_own_addresses(&iface.name)
+        .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", iface.name))?;
+    let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
     for v in &job.vips {
-        vip::add(&handle, &iface, *v).await.map_err(|e| e.to_string())?;
-        job.log.info(&format!("VIP {v} set on {}", iface.name));
+        vip::add(&handle, &lo, *v).await.map_err(|e| e.to_string())?;
+        job.log.info(&format!("VIP {v} set (lo), served through {}", iface.name));
     }
     script::run(
         &job.module_dir,
@@ -197,15 +203,18 @@ pub(super) async fn down(job: FarmJob, iface: Option<vip::Interface>) -> Result<
     {
         errors.push(e.to_string());
     }
-    if let Some(iface) = &iface {
+    if iface.is_some() {
         match vip::connect() {
-            Ok(handle) => {
-                for v in &job.vips {
-                    if let Err(e) = vip::remove(&handle, iface, *v).await {
-                        errors.push(e.to_string());
+            Ok(handle) => match vip::loopback(&handle).await {
+                Ok(lo) => {
+                    for v in &job.vips {
+                        if let Err(e) = vip::remove(&handle, &lo, *v).await {
+                            errors.push(e.to_string());
+                        }
                     }
                 }
-            }
+                Err(e) => errors.push(e.to_string()),
+            },
             Err(e) => errors.push(e.to_string()),
         }
     }

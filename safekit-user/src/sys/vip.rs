@@ -149,6 +149,36 @@ pub async fn find_interface(
     })
 }
 
+/// The loopback interface, as a place for farm VIPs (/32): the stack accepts
+/// their traffic while the LAN interface, with `arp_ignore = 1`, never
+/// answers ARP for them (the XDP program does, with the virtual MAC).
+pub async fn loopback(handle: &Handle) -> Result<Interface, VipError> {
+    let mut links = handle.link().get().match_name("lo".to_owned()).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(|source| VipError::Netlink { op: "link get", source })?
+        .ok_or_else(|| VipError::UnknownInterface("lo".into()))?;
+    let (name, mac) = link_name_mac(&link);
+    Ok(Interface {
+        index: link.header.index,
+        name,
+        mac,
+        addr: Ipv4Addr::LOCALHOST,
+        prefix: 32,
+    })
+}
+
+/// Makes `iface` answer ARP only for its own addresses (`arp_ignore = 1`)
+/// and never use another interface's address as ARP source
+/// (`arp_announce = 2`): the LVS direct-routing settings.
+pub fn arp_only_own_addresses(iface: &str) -> std::io::Result<()> {
+    for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{iface}/{key}"), value)?;
+    }
+    Ok(())
+}
+
 /// Adds `vip` on `iface` with the subnet's prefix (no error if present).
 pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
     match handle

@@ -117,3 +117,58 @@ pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The lab's demo service binary.
+pub fn demo_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_safekit-demo"))
+}
+
+/// `start_both`/`stop_both` (or `start_prim`/`stop_prim`) scripts running
+/// the demo service on `listen`, answering with the node name.
+pub fn demo_scripts(start: &str, stop: &str, listen: &str) -> Vec<(String, String)> {
+    let demo = demo_bin();
+    vec![
+        (
+            start.to_owned(),
+            format!(
+                "#!/bin/sh\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\n",
+                demo.display()
+            ),
+        ),
+        (
+            stop.to_owned(),
+            "#!/bin/sh\n[ -f \"$SAFE_ROOT/demo.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo.pid\"\nexit 0\n".to_owned(),
+        ),
+    ]
+}
+
+/// From inside `ns`: connects to `dst` from `src` (a chosen local address
+/// and port), reads the demo service's answer, returns its body.
+pub fn ask_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+    in_netns(ns, move || ask(src, dst))
+}
+
+/// Like [`ask_from`], in the current namespace.
+pub fn ask(src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    s.set_reuse_address(true).map_err(|e| e.to_string())?;
+    s.bind(&src.into()).map_err(|e| format!("bind {src}: {e}"))?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(2))
+        .map_err(|e| format!("connect {dst} from {src}: {e}"))?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("read from {dst}: {e}"))?;
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned())
+}
+
+/// Many requests from one namespace thread: (source port, answer).
+pub fn ask_many(ns: &str, src_ip: std::net::Ipv4Addr, ports: std::ops::Range<u16>, dst: SocketAddr) -> Vec<(u16, Result<String, String>)> {
+    in_netns(ns, move || {
+        ports
+            .map(|p| (p, ask(SocketAddr::from((src_ip, p)), dst)))
+            .collect()
+    })
+}

@@ -1,0 +1,224 @@
+//! Farm module end to end (issue: farm): 3 nodes and a client on a bridge,
+//! real XDP filters, a VIP answered by ARP from XDP with the virtual MAC, the
+//! demo service started by `start_both`.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use common::{Lab, LabModule, ask_many, demo_scripts, serial, status, wait_for};
+use safekit::control::{self, Request, Response};
+
+const SUBNET: u8 = 21;
+
+fn vip() -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, SUBNET, 200)
+}
+fn vip_ip_only() -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, SUBNET, 201)
+}
+
+fn modules() -> Vec<LabModule> {
+    vec![
+        LabModule {
+            name: "front".into(),
+            toml: format!(
+                r#"[service]
+mode = "farm"
+
+[farm]
+pulse = "100ms"
+
+[vip]
+addrs = ["{}"]
+[[vip.rule]]
+proto = "tcp"
+port = 80
+filter = "client_ip_port"
+
+[[check.tcp]]
+host = "127.0.0.1"
+port = 80
+interval = "200ms"
+timeout = "200ms"
+"#,
+                vip()
+            ),
+            scripts: demo_scripts("start_both", "stop_both", "0.0.0.0:80"),
+        },
+        // Same service, another VIP, balanced by client IP only.
+        LabModule {
+            name: "sticky".into(),
+            toml: format!(
+                r#"[service]
+mode = "farm"
+
+[farm]
+pulse = "100ms"
+
+[vip]
+addrs = ["{}"]
+[[vip.rule]]
+proto = "tcp"
+port = 80
+filter = "client_ip"
+"#,
+                vip_ip_only()
+            ),
+            scripts: vec![],
+        },
+    ]
+}
+
+fn buckets(lab: &Lab, node: usize, module: &str) -> (BTreeSet<String>, BTreeSet<u32>) {
+    let st = status(lab, node);
+    let f = st.module(module).and_then(|m| m.farm.clone()).unwrap_or_else(|| panic!("no farm status on node{node}"));
+    (f.view.into_iter().collect(), f.buckets.into_iter().collect())
+}
+
+/// Every listed node sees exactly `members`, and their buckets partition the 256.
+fn settled(lab: &Lab, nodes: &[usize], module: &str, members: &[&str]) -> Option<Vec<BTreeSet<u32>>> {
+    let want: BTreeSet<String> = members.iter().map(|s| (*s).to_owned()).collect();
+    let mut all = Vec::new();
+    for &n in nodes {
+        let (view, b) = buckets(lab, n, module);
+        if view != want {
+            return None;
+        }
+        all.push(b);
+    }
+    let total: usize = all.iter().map(BTreeSet::len).sum();
+    let union: BTreeSet<u32> = all.iter().flatten().copied().collect();
+    (total == 256 && union.len() == 256).then_some(all)
+}
+
+fn which(lab: &Lab, node: usize, module: &str, client: Ipv4Addr, port: Option<u16>) -> String {
+    let sock = lab.root(node).join("run/safekit/safekitd.sock");
+    let req = Request::FarmWhich { module: module.into(), client: client.into(), port, dport: Some(80) };
+    match control::call(&sock, &req, Duration::from_secs(5)).unwrap() {
+        Response::Which { node: Some(n), .. } => n,
+        other => panic!("which-node: {other:?}"),
+    }
+}
+
+fn start_farm(nodes: usize) -> Lab {
+    let mut lab = common::lab("skfm", SUBNET, nodes, modules());
+    for i in 1..=nodes {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=nodes {
+        for m in ["front", "sticky"] {
+            let out = lab.safekit(i, &["start", "-m", m]).unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    lab
+}
+
+#[test]
+fn farm_balances_fails_over_and_rebalances() {
+    let _serial = serial();
+    let mut lab = start_farm(3);
+    let spec = lab.spec().clone();
+    let client_ns = spec.client_ns();
+    let client = spec.client_addr();
+    let all = ["node1", "node2", "node3"];
+    let before = wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some())
+        .and_then(|_| settled(&lab, &[1, 2, 3], "front", &all))
+        .expect("the farm never settled with three members");
+    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "sticky", &all).is_some()).is_some());
+
+    // 600 connections from distinct source ports: each answered by exactly
+    // the node which-node predicts; shares 33 % ± 8 points.
+    let dst = SocketAddr::from((vip(), 80));
+    let answers = ask_many(&client_ns, client, 20000..20600, dst);
+    let mut shares: BTreeMap<String, usize> = BTreeMap::new();
+    for (port, answer) in &answers {
+        let got = answer.as_ref().unwrap_or_else(|e| panic!("connection from port {port}: {e}"));
+        let predicted = which(&lab, 1, "front", client, Some(*port));
+        assert_eq!(got, &predicted, "source port {port}");
+        *shares.entry(got.clone()).or_default() += 1;
+    }
+    eprintln!("shares over 600 connections: {shares:?}");
+    assert_eq!(shares.len(), 3);
+    for (node, n) in &shares {
+        let pct = *n as f64 * 100.0 / 600.0;
+        assert!((25.0..=41.0).contains(&pct), "{node} served {pct:.1} %");
+    }
+
+    // client_ip: one client IP always reaches the same node.
+    let sticky_dst = SocketAddr::from((vip_ip_only(), 80));
+    let sticky = ask_many(&client_ns, client, 21000..21040, sticky_dst);
+    let expected = which(&lab, 2, "sticky", client, None);
+    for (port, answer) in &sticky {
+        assert_eq!(answer.as_deref(), Ok(expected.as_str()), "client_ip rule, source port {port}");
+    }
+
+    // kill -9 of node3's safekitd: node1 and node2 take node3's buckets and
+    // only those; every new connection is served by them.
+    let (b1, b2) = (before[0].clone(), before[1].clone());
+    let killed = Instant::now();
+    lab.kill_daemon(3);
+    let after = wait_for(Duration::from_secs(5), || settled(&lab, &[1, 2], "front", &["node1", "node2"]).is_some())
+        .expect("node1 and node2 never took over node3's buckets");
+    eprintln!("node3's buckets taken over {:?} after the kill (pulse 100 ms, lost after 10)", killed.elapsed());
+    assert!(after <= Duration::from_millis(1500), "takeover took {after:?}");
+    let two = settled(&lab, &[1, 2], "front", &["node1", "node2"]).unwrap();
+    assert!(two[0].is_superset(&b1), "node1's own buckets moved");
+    assert!(two[1].is_superset(&b2), "node2's own buckets moved");
+    let answers = ask_many(&client_ns, client, 22000..22100, dst);
+    for (port, answer) in &answers {
+        let got = answer.as_ref().unwrap_or_else(|e| panic!("after node3 died, port {port}: {e}"));
+        assert!(got == "node1" || got == "node2", "port {port} served by {got}");
+    }
+
+    // node3 returns: exactly its old buckets go back to it.
+    lab.start_daemon(3).unwrap();
+    assert!(lab.safekit(3, &["start", "-m", "front"]).unwrap().status.success());
+    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some());
+    let back = settled(&lab, &[1, 2, 3], "front", &all).unwrap();
+    assert_eq!(back, before, "after node3 returned, ownership is not what it was");
+}
+
+#[test]
+fn a_failed_checker_takes_the_node_out_until_it_recovers() {
+    let _serial = serial();
+    let lab = start_farm(3);
+    let spec = lab.spec().clone();
+    let all = ["node1", "node2", "node3"];
+    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some());
+
+    // Stop node2's service behind safekit's back.
+    let pid = std::fs::read_to_string(lab.root(2).join("demo.pid")).unwrap();
+    // SAFETY: kill(2) of the demo service pid the node's script recorded.
+    unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
+    assert!(
+        wait_for(Duration::from_secs(5), || settled(&lab, &[1, 3], "front", &["node1", "node3"]).is_some()).is_some(),
+        "node2 did not leave the farm"
+    );
+    let st = status(&lab, 2);
+    assert_eq!(st.module("front").unwrap().state, safekit::status::ModuleState::Wait);
+    let dst = SocketAddr::from((vip(), 80));
+    for (port, answer) in ask_many(&spec.client_ns(), spec.client_addr(), 23000..23060, dst) {
+        let got = answer.unwrap_or_else(|e| panic!("port {port}: {e}"));
+        assert!(got == "node1" || got == "node3", "port {port} served by {got}");
+    }
+
+    // Restart the service: node2 comes back.
+    let script = lab.root(2).join("etc/safekit/modules/front/bin/start_both");
+    let out = lab
+        .exec(
+            &spec.node_ns(2),
+            &["env", "SAFE_NODE=node2", &format!("SAFE_ROOT={}", lab.root(2).display()), "sh", &script.display().to_string()],
+        )
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(5), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some(),
+        "node2 did not come back"
+    );
+}
