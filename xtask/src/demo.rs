@@ -20,7 +20,26 @@ fn lab_dir() -> PathBuf {
     PathBuf::from("/tmp/safekit-lab")
 }
 
-/// The demo modules: a farm module on every node.
+/// Scripts that start and stop the demo service (answers with the node name).
+fn demo_scripts(start: &str, stop: &str, listen: &str) -> Vec<(String, String)> {
+    let demo = bin_dir().join("safekit-demo");
+    vec![
+        (
+            start.to_owned(),
+            format!(
+                "#!/bin/sh\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\n",
+                demo.display()
+            ),
+        ),
+        (
+            stop.to_owned(),
+            "#!/bin/sh\n[ -f \"$SAFE_ROOT/demo.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo.pid\"\nexit 0\n".to_owned(),
+        ),
+    ]
+}
+
+/// The demo modules: a farm module on every node serving the demo HTTP
+/// service on a VIP, balanced per client IP and port.
 fn modules(spec: &LabSpec) -> Vec<LabModule> {
     vec![LabModule {
         name: "front".into(),
@@ -30,7 +49,6 @@ mode = "farm"
 
 [farm]
 pulse = "100ms"
-lans = ["default"]
 
 [vip]
 addrs = ["{}"]
@@ -38,10 +56,16 @@ addrs = ["{}"]
 proto = "tcp"
 port = 80
 filter = "client_ip_port"
+
+[[check.tcp]]
+host = "127.0.0.1"
+port = 80
+interval = "1s"
+timeout = "500ms"
 "#,
             spec.addr(200)
         ),
-        scripts: vec![],
+        scripts: demo_scripts("start_both", "stop_both", "0.0.0.0:80"),
     }]
 }
 
@@ -87,6 +111,7 @@ pub fn print_lab_help(nodes: usize) {
         "  {} --root /tmp/safekit-lab/node2 log -m front",
         bin.join("safekit").display()
     );
+    println!("  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.200/          # the farm VIP");
     println!("  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.1:9010/metrics");
     println!("Remove it: cargo xtask lab down");
 }
@@ -100,8 +125,31 @@ fn show(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
     ))
 }
 
-/// The guided tour: a 3-node lab, a farm module started everywhere, states,
-/// a node killed and seen lost by the others.
+/// `curl` from the client namespace with a chosen source port.
+fn curl(lab: &Lab, url: &str, local_port: u16) -> String {
+    let out = lab.exec(
+        &lab.spec().client_ns(),
+        &["curl", "-s", "--max-time", "2", "--local-port", &local_port.to_string(), url],
+    );
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        Ok(o) => format!("(no answer: curl exit {:?})", o.status.code()),
+        Err(e) => format!("(curl failed: {e})"),
+    }
+}
+
+/// Requests from 12 source ports; prints who answered each.
+fn show_farm(lab: &Lab, url: &str, base_port: u16) {
+    let mut line = String::new();
+    for p in 0..12 {
+        let who = curl(lab, url, base_port + p);
+        line.push_str(&format!(" {who}"));
+    }
+    println!("   answers:{line}");
+}
+
+/// The guided tour: a 3-node farm serving HTTP on a VIP; node3 killed and
+/// its share taken over; node3 back.
 pub fn run() -> Result<()> {
     let nodes = 3;
     println!("== bringing up a lab of {nodes} nodes (network namespaces on a bridge)");
@@ -109,23 +157,31 @@ pub fn run() -> Result<()> {
     for i in 1..=nodes {
         show(&lab, i, &["start", "-m", "front"])?;
     }
-    std::thread::sleep(Duration::from_millis(500));
-    println!("== every node runs the farm module and sees its peers:");
+    let vip = lab.spec().addr(200);
+    let url = format!("http://{vip}/");
+    wait_settled(&lab, nodes);
+    println!("== every node runs the farm module 'front' and sees its peers:");
     for i in 1..=nodes {
         print!("{}", show(&lab, i, &["state"])?);
     }
-    println!("== kill -9 of node3's safekitd; node1 notices within the farm timeout (10 pulses):");
+    println!("== the client asks http://{vip}/ from 12 source ports; the XDP filters spread them:");
+    show_farm(&lab, &url, 30000);
+    println!("== which node serves 10.77.{SUBNET}.250:30000? (safekit farm which-node)");
+    print!("{}", show(&lab, 1, &["farm", "which-node", "-m", "front", &format!("{}:30000", lab.spec().client_addr())])?);
+    println!("== kill -9 of node3's safekitd; node1 and node2 take its buckets after 10 missed pulses:");
     let t = Instant::now();
     lab.kill_daemon(3);
     loop {
         let s = show(&lab, 1, &["state", "-m", "front"])?;
         if s.contains("node3: lost") || t.elapsed() > Duration::from_secs(5) {
             print!("{s}");
-            println!("   (reported after {} ms)", t.elapsed().as_millis());
+            println!("   (node3 reported lost after {} ms)", t.elapsed().as_millis());
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(200));
+    show_farm(&lab, &url, 31000);
     println!("== node1 in detail (safekit state -v):");
     let body = Command::new("ip")
         .args(["netns", "exec", &lab.spec().node_ns(1)])
@@ -135,10 +191,26 @@ pub fn run() -> Result<()> {
         .args(["state", "-v"])
         .output()?;
     print!("{}", String::from_utf8_lossy(&body.stdout));
-    println!("== restarting node3's safekitd; the lab stays up for you to explore.");
+    println!("== node3's safekitd restarted and its module started: it gets its buckets back:");
     lab.start_daemon(3)?;
     show(&lab, 3, &["start", "-m", "front"])?;
+    wait_settled(&lab, nodes);
+    show_farm(&lab, &url, 32000);
     lab.persist();
     print_lab_help(nodes);
     Ok(())
+}
+
+/// Waits (up to 5 s) until node1 sees every node UP.
+fn wait_settled(lab: &Lab, nodes: usize) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if let Ok(s) = show(lab, 1, &["state", "-m", "front"]) {
+            if s.matches(": UP").count() == nodes - 1 && s.contains("UP (green)") {
+                std::thread::sleep(Duration::from_millis(300));
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
