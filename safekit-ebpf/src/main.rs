@@ -240,6 +240,21 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     Ok(xdp_action::XDP_PASS)
 }
 
+/// Benchmark baseline: passes every frame (`cargo xtask bench farm`
+/// compares the farm filter's accept path with it).
+#[xdp]
+fn safekit_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark traffic generator: run with `BPF_PROG_TEST_RUN` in live-frames
+/// mode on one end of a veth pair, it transmits every test frame, which the
+/// program under test receives on the other end.
+#[xdp]
+fn safekit_bench_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
