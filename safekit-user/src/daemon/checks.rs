@@ -1,46 +1,123 @@
 //! Checkers (SPEC §7) as tasks: each probes on its interval and reports
-//! every result to the engine, which decides what a failure means.
+//! every result to the engine, which decides what a failure means (a farm
+//! node leaves the farm; a mirror module restarts, stops or waits per the
+//! checker's `action`).
+//!
+//! Ids: `tcp<i>`, `ping<i>`, `intf<i>`, `ip<i>`, `errd<i>`, `custom.<name>`
+//! (set by `safekit set -r custom.<name> -v up|down`), `module<i>`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, os::unix::fs::MetadataExt as _, path::Path, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::engine::Event;
-use crate::config::ModuleConfig;
+use crate::config::{CheckAction, ModuleConfig, When};
 
-/// Starts the checkers of a module; the handles stop them when aborted.
-pub(super) fn spawn_all(cfg: &ModuleConfig, tx: &mpsc::Sender<Event>) -> Vec<JoinHandle<()>> {
+/// When a checker applies and what its failure does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CheckMeta {
+    pub(super) when: When,
+    pub(super) action: CheckAction,
+}
+
+/// `when`/`action` of checker `id` in `cfg`.
+pub(super) fn meta(cfg: &ModuleConfig, id: &str) -> Option<CheckMeta> {
+    let idx = |prefix: &str| id.strip_prefix(prefix).and_then(|n| n.parse::<usize>().ok());
+    if let Some(name) = id.strip_prefix("custom.") {
+        return cfg
+            .check_custom
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    if let Some(i) = idx("tcp") {
+        return cfg.check_tcp.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    if let Some(i) = idx("ping") {
+        return cfg.check_ping.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    if let Some(i) = idx("intf") {
+        return cfg.check_intf.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    if let Some(i) = idx("ip") {
+        return cfg.check_ip.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    if let Some(i) = idx("errd") {
+        return cfg.errd.get(i).map(|c| CheckMeta { when: c.class, action: c.action });
+    }
+    if let Some(i) = idx("module") {
+        return cfg.check_module.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+    }
+    None
+}
+
+/// Starts the probing checkers of a module whose `when` is in `active`;
+/// aborting the handles stops them.
+pub(super) fn spawn(cfg: &ModuleConfig, active: &[When], tx: &mpsc::Sender<Event>) -> Vec<JoinHandle<()>> {
+    let on = |w: &When| active.contains(w);
     let mut out = Vec::new();
-    for (i, c) in cfg.check_tcp.iter().enumerate() {
-        let what = format!("tcp {}:{}", c.host, c.port);
-        let (host, port, interval, timeout) = (c.host.clone(), c.port, c.interval, c.timeout);
-        out.push(spawn_loop(
-            cfg.name.clone(),
-            format!("tcp{i}"),
-            what,
-            interval,
-            tx.clone(),
-            move || {
-                let host = host.clone();
-                async move { tcp_probe(&host, port, timeout).await }
-            },
-        ));
+    let module = cfg.name.clone();
+    for (i, c) in cfg.check_tcp.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+        let (host, port, timeout) = (c.host.clone(), c.port, c.timeout);
+        out.push(spawn_loop(&module, format!("tcp{i}"), format!("tcp {}:{}", c.host, c.port), c.interval, tx, move || {
+            let host = host.clone();
+            async move { tcp_probe(&host, port, timeout).await }
+        }));
+    }
+    for (i, c) in cfg.check_ping.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+        let (host, timeout) = (c.host.clone(), c.timeout);
+        out.push(spawn_loop(&module, format!("ping{i}"), format!("ping {}", c.host), c.interval, tx, move || {
+            let host = host.clone();
+            async move { ping(&host, timeout).await }
+        }));
+    }
+    for (i, c) in cfg.check_intf.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+        let name = c.interface.clone();
+        out.push(spawn_loop(&module, format!("intf{i}"), format!("interface {}", c.interface), c.interval, tx, move || {
+            let name = name.clone();
+            async move { link_up(&name) }
+        }));
+    }
+    for (i, c) in cfg.check_ip.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+        let addr = c.addr;
+        out.push(spawn_loop(&module, format!("ip{i}"), format!("address {}", c.addr), c.interval, tx, move || async move {
+            // Binding succeeds only on a local address.
+            std::net::UdpSocket::bind(SocketAddr::new(addr, 0))
+                .map(|_| ())
+                .map_err(|e| format!("{addr} is not on this node: {e}"))
+        }));
+    }
+    for (i, c) in cfg.errd.iter().enumerate().filter(|(_, c)| on(&c.class)) {
+        let (name, atleast) = (c.name.clone(), c.atleast);
+        out.push(spawn_loop(&module, format!("errd{i}"), format!("process {}", c.name), cfg.errd_poll_interval, tx, move || {
+            let name = name.clone();
+            async move {
+                let n = count_processes(&name);
+                if n >= atleast {
+                    Ok(())
+                } else {
+                    Err(format!("{n} process(es) named {name}, at least {atleast} expected"))
+                }
+            }
+        }));
     }
     out
 }
 
 fn spawn_loop<F, Fut>(
-    module: String,
+    module: &str,
     id: String,
     what: String,
     interval: Duration,
-    tx: mpsc::Sender<Event>,
+    tx: &mpsc::Sender<Event>,
     probe: F,
 ) -> JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
+    let module = module.to_owned();
+    let tx = tx.clone();
     tokio::spawn(async move {
         loop {
             let result = probe().await;
@@ -68,5 +145,79 @@ async fn tcp_probe(host: &str, port: u16, timeout: Duration) -> Result<(), Strin
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
         Err(_) => Err(format!("connect {addr}: no answer within {timeout:?}")),
+    }
+}
+
+/// One ICMP echo through the system `ping` (iputils).
+pub(super) async fn ping(host: &str, timeout: Duration) -> Result<(), String> {
+    let secs = timeout.as_secs_f64().max(0.2);
+    let out = tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        tokio::process::Command::new("ping")
+            .args(["-n", "-q", "-c", "1", "-W", &format!("{secs:.1}"), host])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("ping {host}: no answer within {timeout:?}"))?
+    .map_err(|e| format!("running ping: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{host} does not answer ping"))
+    }
+}
+
+fn link_up(name: &str) -> Result<(), String> {
+    let state = std::fs::read_to_string(format!("/sys/class/net/{name}/operstate"))
+        .map_err(|e| format!("interface {name}: {e}"))?;
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap_or_default();
+    let admin_up = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 1 != 0);
+    match state.trim() {
+        "up" | "unknown" if admin_up => Ok(()),
+        s => Err(format!("interface {name} is {s}")),
+    }
+}
+
+/// Processes named `name` (as in /proc/PID/comm) in this node's network
+/// namespace: nodes sharing a machine (the lab) do not see each other's.
+pub(super) fn count_processes(name: &str) -> u32 {
+    let own_ns = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.filter_map(Result::ok) {
+        let p = e.path();
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let ns = std::fs::metadata(Path::new(&p).join("ns/net")).map(|m| m.ino()).ok();
+        if own_ns.is_none() || ns == own_ns {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_this_test_process() {
+        let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert!(count_processes(me.trim_end()) >= 1);
+        assert_eq!(count_processes("no-such-proc-x"), 0);
+    }
+
+    #[test]
+    fn loopback_is_up() {
+        assert!(link_up("lo").is_ok());
+        assert!(link_up("nosuchif0").is_err());
     }
 }

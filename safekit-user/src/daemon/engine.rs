@@ -16,7 +16,7 @@ use super::{
     net::LanSocket,
 };
 use crate::{
-    config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig},
+    config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig, When},
     farm::membership::{self, View},
     script::ScriptEnv,
     control::{Request, Response},
@@ -408,7 +408,7 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                m.checks = checks::spawn_all(&m.cfg, &tx);
+                m.checks = checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx);
                 let job = farm_job(m, &me, &root, module_dir, dataplane);
                 let module = name.to_owned();
                 tokio::spawn(async move {
