@@ -7,6 +7,7 @@ mod farm;
 mod log;
 mod module_cmd;
 mod state;
+mod wait;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -40,6 +41,12 @@ pub enum Command {
     Stop(ModuleArg),
     /// Stop every module and the daemon of this node.
     Shutdown,
+    /// Wait until the module runs (ALONE, PRIM, SECOND or UP).
+    Waitstart(wait::WaitArgs),
+    /// Wait until the module is stopped.
+    Waitstop(wait::WaitArgs),
+    /// Wait until the module is in one of the given states.
+    Waitstate(wait::WaitStateArgs),
     /// Print a module's log.
     Log(log::LogArgs),
     /// Write an information line into a module's log (for scripts).
@@ -86,6 +93,11 @@ pub fn main() -> i32 {
         Command::Start(m) => module_cmd::simple(&paths, Request::Start { module: m.module }),
         Command::Stop(m) => module_cmd::simple(&paths, Request::Stop { module: m.module }),
         Command::Shutdown => module_cmd::simple(&paths, Request::Shutdown),
+        Command::Waitstart(a) => wait::wait(&paths, &a.module, &wait::STARTED, a.timeout),
+        Command::Waitstop(a) => {
+            wait::wait(&paths, &a.module, &[crate::status::ModuleState::Stop], a.timeout)
+        }
+        Command::Waitstate(a) => wait::wait(&paths, &a.module, &a.states, a.timeout),
         Command::Log(args) => log::show(&paths, &args),
         Command::Printi(args) => log::print(&paths, &args, crate::modlog::Level::Info),
         Command::Printe(args) => log::print(&paths, &args, crate::modlog::Level::Error),
