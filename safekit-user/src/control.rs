@@ -28,6 +28,15 @@ pub enum Request {
     },
     /// Stop every module and exit.
     Shutdown,
+    /// Set a resource (`custom.<name>`) up or down: custom checkers.
+    SetResource {
+        /// Module.
+        module: String,
+        /// Resource name, e.g. `custom.db`.
+        resource: String,
+        /// Up (true) or down.
+        up: bool,
+    },
     /// Which node of a farm serves a client.
     FarmWhich {
         /// Farm module.

@@ -41,6 +41,9 @@ pub enum Command {
     Stop(ModuleArg),
     /// Stop every module and the daemon of this node.
     Shutdown,
+    /// Set a resource up or down (`-r custom.<name> -v up|down`), for custom
+    /// checker scripts.
+    Set(SetArgs),
     /// Wait until the module runs (ALONE, PRIM, SECOND or UP).
     Waitstart(wait::WaitArgs),
     /// Wait until the module is stopped.
@@ -75,6 +78,20 @@ pub enum ConfigCommand {
     Check,
 }
 
+/// `safekit set -m AM -r custom.NAME -v up|down`.
+#[derive(clap::Args, Debug)]
+pub struct SetArgs {
+    /// Module name.
+    #[arg(short = 'm', long = "module", env = "SAFEMODULE")]
+    pub module: String,
+    /// Resource, `custom.<name>`.
+    #[arg(short = 'r', long = "resource")]
+    pub resource: String,
+    /// `up` or `down`.
+    #[arg(short = 'v', long = "value", value_parser = ["up", "down"])]
+    pub value: String,
+}
+
 /// `-m AM` (or `SAFEMODULE`).
 #[derive(clap::Args, Debug)]
 pub struct ModuleArg {
@@ -93,6 +110,14 @@ pub fn main() -> i32 {
         Command::Start(m) => module_cmd::simple(&paths, Request::Start { module: m.module }),
         Command::Stop(m) => module_cmd::simple(&paths, Request::Stop { module: m.module }),
         Command::Shutdown => module_cmd::simple(&paths, Request::Shutdown),
+        Command::Set(a) => module_cmd::simple(
+            &paths,
+            Request::SetResource {
+                module: a.module,
+                resource: a.resource,
+                up: a.value == "up",
+            },
+        ),
         Command::Waitstart(a) => wait::wait(&paths, &a.module, &wait::STARTED, a.timeout),
         Command::Waitstop(a) => {
             wait::wait(&paths, &a.module, &[crate::status::ModuleState::Stop], a.timeout)

@@ -11,7 +11,10 @@ use std::{net::SocketAddr, os::unix::fs::MetadataExt as _, path::Path, time::Dur
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::engine::Event;
-use crate::config::{CheckAction, ModuleConfig, When};
+use crate::{
+    config::{CheckAction, ModuleConfig, When},
+    script::ScriptEnv,
+};
 
 /// When a checker applies and what its failure does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +54,25 @@ pub(super) fn meta(cfg: &ModuleConfig, id: &str) -> Option<CheckMeta> {
     None
 }
 
-/// Starts the probing checkers of a module whose `when` is in `active`;
-/// aborting the handles stops them.
-pub(super) fn spawn(cfg: &ModuleConfig, active: &[When], tx: &mpsc::Sender<Event>) -> Vec<JoinHandle<()>> {
+/// Starts the checkers of a module whose `when` is in `active`; aborting
+/// the handles stops them (custom checker scripts are killed).
+pub(super) fn spawn(
+    cfg: &ModuleConfig,
+    active: &[When],
+    tx: &mpsc::Sender<Event>,
+    env: &ScriptEnv,
+    module_dir: &Path,
+) -> Vec<JoinHandle<()>> {
     let on = |w: &When| active.contains(w);
     let mut out = Vec::new();
+    for c in cfg.check_custom.iter().filter(|c| on(&c.when)) {
+        let path = if c.exec.is_absolute() {
+            c.exec.clone()
+        } else {
+            module_dir.join("bin").join(&c.exec)
+        };
+        out.push(spawn_custom(cfg.name.clone(), c.name.clone(), path, c.args.clone(), env.clone(), tx.clone()));
+    }
     let module = cfg.name.clone();
     for (i, c) in cfg.check_tcp.iter().enumerate().filter(|(_, c)| on(&c.when)) {
         let (host, port, timeout) = (c.host.clone(), c.port, c.timeout);
@@ -102,6 +119,56 @@ pub(super) fn spawn(cfg: &ModuleConfig, active: &[When], tx: &mpsc::Sender<Event
         }));
     }
     out
+}
+
+/// A custom checker: its script runs for as long as the checker is active
+/// and reports with `safekit set -r custom.<name> -v up|down`. Refused (and
+/// reported down) when the script is not secure.
+fn spawn_custom(
+    module: String,
+    name: String,
+    path: std::path::PathBuf,
+    args: Vec<String>,
+    env: ScriptEnv,
+    tx: mpsc::Sender<Event>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let id = format!("custom.{name}");
+        let what = format!("custom {name}");
+        let report = |result: Result<(), String>| Event::Check {
+            module: module.clone(),
+            id: id.clone(),
+            what: what.clone(),
+            result,
+        };
+        if let Err(e) = crate::script::check_security(&path) {
+            let _ = tx.send(report(Err(e.to_string()))).await;
+            return;
+        }
+        let child = tokio::process::Command::new(&path)
+            .args(&args)
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("SAFE", &env.root)
+            .env("SAFE_ROOT", &env.root)
+            .env("SAFEKIT_ROOT", &env.root)
+            .env("SAFEMODULE", &env.module)
+            .env("SAFE_NODE", &env.node)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        match child {
+            // Held until this task is aborted, which kills it.
+            Ok(mut c) => {
+                let _ = c.wait().await;
+            }
+            Err(e) => {
+                let _ = tx.send(report(Err(format!("cannot run {}: {e}", path.display())))).await;
+            }
+        }
+    })
 }
 
 fn spawn_loop<F, Fut>(

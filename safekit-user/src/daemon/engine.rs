@@ -371,6 +371,35 @@ impl Engine {
                 Ok(r) => r,
                 Err(error) => Response::Error { error },
             },
+            Request::SetResource {
+                module,
+                resource,
+                up,
+            } => {
+                let known = self.modules.get(&module).map(|m| {
+                    resource
+                        .strip_prefix("custom.")
+                        .is_some_and(|n| m.cfg.check_custom.iter().any(|c| c.name == n))
+                });
+                match known {
+                    None => Response::Error {
+                        error: format!("no module {module:?} on this node"),
+                    },
+                    Some(false) => Response::Error {
+                        error: format!(
+                            "module {module} has no resource {resource:?} (custom.<name> of a [[check.custom]])"
+                        ),
+                    },
+                    Some(true) => {
+                        let what = resource.replace('.', " ");
+                        let result = if up { Ok(()) } else { Err("set down".to_owned()) };
+                        self.check_result(&module, resource.clone(), &what, result);
+                        Response::Ok {
+                            message: format!("{resource} of {module} set {}", if up { "up" } else { "down" }),
+                        }
+                    }
+                }
+            }
             Request::Shutdown => {
                 self.stop_all();
                 self.shutting_down = true;
@@ -408,8 +437,8 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                m.checks = checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx);
-                let job = farm_job(m, &me, &root, module_dir, dataplane);
+                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
+                m.checks = checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
                 let module = name.to_owned();
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
