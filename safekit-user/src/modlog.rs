@@ -68,7 +68,8 @@ pub fn append_line(path: &Path, level: Level, msg: &str) -> std::io::Result<()> 
     };
     let mut text = String::new();
     for l in msg.lines() {
-        text.push_str(&format!("{stamp} | {letter} | {l}\n"));
+        use std::fmt::Write as _;
+        let _ = writeln!(text, "{stamp} | {letter} | {l}");
     }
     if text.is_empty() {
         text = format!("{stamp} | {letter} |\n");

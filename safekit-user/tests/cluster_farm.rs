@@ -76,12 +76,23 @@ filter = "client_ip"
 
 fn buckets(lab: &Lab, node: usize, module: &str) -> (BTreeSet<String>, BTreeSet<u32>) {
     let st = status(lab, node);
-    let f = st.module(module).and_then(|m| m.farm.clone()).unwrap_or_else(|| panic!("no farm status on node{node}"));
-    (f.view.into_iter().collect(), f.buckets.into_iter().collect())
+    let f = st
+        .module(module)
+        .and_then(|m| m.farm.clone())
+        .unwrap_or_else(|| panic!("no farm status on node{node}"));
+    (
+        f.view.into_iter().collect(),
+        f.buckets.into_iter().collect(),
+    )
 }
 
 /// Every listed node sees exactly `members`, and their buckets partition the 256.
-fn settled(lab: &Lab, nodes: &[usize], module: &str, members: &[&str]) -> Option<Vec<BTreeSet<u32>>> {
+fn settled(
+    lab: &Lab,
+    nodes: &[usize],
+    module: &str,
+    members: &[&str],
+) -> Option<Vec<BTreeSet<u32>>> {
     let want: BTreeSet<String> = members.iter().map(|s| (*s).to_owned()).collect();
     let mut all = Vec::new();
     for &n in nodes {
@@ -98,7 +109,12 @@ fn settled(lab: &Lab, nodes: &[usize], module: &str, members: &[&str]) -> Option
 
 fn which(lab: &Lab, node: usize, module: &str, client: Ipv4Addr, port: Option<u16>) -> String {
     let sock = lab.root(node).join("run/safekit/safekitd.sock");
-    let req = Request::FarmWhich { module: module.into(), client: client.into(), port, dport: Some(80) };
+    let req = Request::FarmWhich {
+        module: module.into(),
+        client: client.into(),
+        port,
+        dport: Some(80),
+    };
     match control::call(&sock, &req, Duration::from_secs(5)).unwrap() {
         Response::Which { node: Some(n), .. } => n,
         other => panic!("which-node: {other:?}"),
@@ -113,7 +129,11 @@ fn start_farm(nodes: usize) -> Lab {
     for i in 1..=nodes {
         for m in ["front", "sticky"] {
             let out = lab.safekit(i, &["start", "-m", m]).unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     lab
@@ -127,10 +147,21 @@ fn farm_balances_fails_over_and_rebalances() {
     let client_ns = spec.client_ns();
     let client = spec.client_addr();
     let all = ["node1", "node2", "node3"];
-    let before = wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some())
-        .and_then(|_| settled(&lab, &[1, 2, 3], "front", &all))
-        .expect("the farm never settled with three members");
-    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "sticky", &all).is_some()).is_some());
+    let before = wait_for(Duration::from_secs(10), || {
+        settled(&lab, &[1, 2, 3], "front", &all).is_some()
+    })
+    .and_then(|_| settled(&lab, &[1, 2, 3], "front", &all))
+    .expect("the farm never settled with three members");
+    assert!(
+        wait_for(Duration::from_secs(10), || settled(
+            &lab,
+            &[1, 2, 3],
+            "sticky",
+            &all
+        )
+        .is_some())
+        .is_some()
+    );
 
     // 600 connections from distinct source ports: each answered by exactly
     // the node which-node predicts; shares 33 % ± 8 points.
@@ -138,7 +169,9 @@ fn farm_balances_fails_over_and_rebalances() {
     let answers = ask_many(&client_ns, client, 20000..20600, dst);
     let mut shares: BTreeMap<String, usize> = BTreeMap::new();
     for (port, answer) in &answers {
-        let got = answer.as_ref().unwrap_or_else(|e| panic!("connection from port {port}: {e}"));
+        let got = answer
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connection from port {port}: {e}"));
         let predicted = which(&lab, 1, "front", client, Some(*port));
         assert_eq!(got, &predicted, "source port {port}");
         *shares.entry(got.clone()).or_default() += 1;
@@ -146,7 +179,7 @@ fn farm_balances_fails_over_and_rebalances() {
     eprintln!("shares over 600 connections: {shares:?}");
     assert_eq!(shares.len(), 3);
     for (node, n) in &shares {
-        let pct = *n as f64 * 100.0 / 600.0;
+        let pct = f64::from(u32::try_from(*n).unwrap()) * 100.0 / 600.0;
         assert!((25.0..=41.0).contains(&pct), "{node} served {pct:.1} %");
     }
 
@@ -155,7 +188,11 @@ fn farm_balances_fails_over_and_rebalances() {
     let sticky = ask_many(&client_ns, client, 21000..21040, sticky_dst);
     let expected = which(&lab, 2, "sticky", client, None);
     for (port, answer) in &sticky {
-        assert_eq!(answer.as_deref(), Ok(expected.as_str()), "client_ip rule, source port {port}");
+        assert_eq!(
+            answer.as_deref(),
+            Ok(expected.as_str()),
+            "client_ip rule, source port {port}"
+        );
     }
 
     // kill -9 of node3's safekitd: node1 and node2 take node3's buckets and
@@ -163,25 +200,55 @@ fn farm_balances_fails_over_and_rebalances() {
     let (b1, b2) = (before[0].clone(), before[1].clone());
     let killed = Instant::now();
     lab.kill_daemon(3);
-    let after = wait_for(Duration::from_secs(5), || settled(&lab, &[1, 2], "front", &["node1", "node2"]).is_some())
-        .expect("node1 and node2 never took over node3's buckets");
-    eprintln!("node3's buckets taken over {:?} after the kill (pulse 100 ms, lost after 10)", killed.elapsed());
-    assert!(after <= Duration::from_millis(1500), "takeover took {after:?}");
+    let after = wait_for(Duration::from_secs(5), || {
+        settled(&lab, &[1, 2], "front", &["node1", "node2"]).is_some()
+    })
+    .expect("node1 and node2 never took over node3's buckets");
+    eprintln!(
+        "node3's buckets taken over {:?} after the kill (pulse 100 ms, lost after 10)",
+        killed.elapsed()
+    );
+    assert!(
+        after <= Duration::from_millis(1500),
+        "takeover took {after:?}"
+    );
     let two = settled(&lab, &[1, 2], "front", &["node1", "node2"]).unwrap();
     assert!(two[0].is_superset(&b1), "node1's own buckets moved");
     assert!(two[1].is_superset(&b2), "node2's own buckets moved");
     let answers = ask_many(&client_ns, client, 22000..22100, dst);
     for (port, answer) in &answers {
-        let got = answer.as_ref().unwrap_or_else(|e| panic!("after node3 died, port {port}: {e}"));
-        assert!(got == "node1" || got == "node2", "port {port} served by {got}");
+        let got = answer
+            .as_ref()
+            .unwrap_or_else(|e| panic!("after node3 died, port {port}: {e}"));
+        assert!(
+            got == "node1" || got == "node2",
+            "port {port} served by {got}"
+        );
     }
 
     // node3 returns: exactly its old buckets go back to it.
     lab.start_daemon(3).unwrap();
-    assert!(lab.safekit(3, &["start", "-m", "front"]).unwrap().status.success());
-    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some());
+    assert!(
+        lab.safekit(3, &["start", "-m", "front"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || settled(
+            &lab,
+            &[1, 2, 3],
+            "front",
+            &all
+        )
+        .is_some())
+        .is_some()
+    );
     let back = settled(&lab, &[1, 2, 3], "front", &all).unwrap();
-    assert_eq!(back, before, "after node3 returned, ownership is not what it was");
+    assert_eq!(
+        back, before,
+        "after node3 returned, ownership is not what it was"
+    );
 }
 
 #[test]
@@ -190,22 +257,44 @@ fn a_failed_checker_takes_the_node_out_until_it_recovers() {
     let lab = start_farm(3);
     let spec = lab.spec().clone();
     let all = ["node1", "node2", "node3"];
-    assert!(wait_for(Duration::from_secs(10), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some());
+    assert!(
+        wait_for(Duration::from_secs(10), || settled(
+            &lab,
+            &[1, 2, 3],
+            "front",
+            &all
+        )
+        .is_some())
+        .is_some()
+    );
 
     // Stop node2's service behind safekit's back.
     let pid = std::fs::read_to_string(lab.root(2).join("demo.pid")).unwrap();
     // SAFETY: kill(2) of the demo service pid the node's script recorded.
     unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
     assert!(
-        wait_for(Duration::from_secs(5), || settled(&lab, &[1, 3], "front", &["node1", "node3"]).is_some()).is_some(),
+        wait_for(Duration::from_secs(5), || settled(
+            &lab,
+            &[1, 3],
+            "front",
+            &["node1", "node3"]
+        )
+        .is_some())
+        .is_some(),
         "node2 did not leave the farm"
     );
     let st = status(&lab, 2);
-    assert_eq!(st.module("front").unwrap().state, safekit::status::ModuleState::Wait);
+    assert_eq!(
+        st.module("front").unwrap().state,
+        safekit::status::ModuleState::Wait
+    );
     let dst = SocketAddr::from((vip(), 80));
     for (port, answer) in ask_many(&spec.client_ns(), spec.client_addr(), 23000..23060, dst) {
         let got = answer.unwrap_or_else(|e| panic!("port {port}: {e}"));
-        assert!(got == "node1" || got == "node3", "port {port} served by {got}");
+        assert!(
+            got == "node1" || got == "node3",
+            "port {port} served by {got}"
+        );
     }
 
     // Restart the service: node2 comes back.
@@ -213,12 +302,25 @@ fn a_failed_checker_takes_the_node_out_until_it_recovers() {
     let out = lab
         .exec(
             &spec.node_ns(2),
-            &["env", "SAFE_NODE=node2", &format!("SAFE_ROOT={}", lab.root(2).display()), "sh", &script.display().to_string()],
+            &[
+                "env",
+                "SAFE_NODE=node2",
+                &format!("SAFE_ROOT={}", lab.root(2).display()),
+                "sh",
+                &script.display().to_string(),
+            ],
         )
         .unwrap();
     assert!(out.status.success());
     assert!(
-        wait_for(Duration::from_secs(5), || settled(&lab, &[1, 2, 3], "front", &all).is_some()).is_some(),
+        wait_for(Duration::from_secs(5), || settled(
+            &lab,
+            &[1, 2, 3],
+            "front",
+            &all
+        )
+        .is_some())
+        .is_some(),
         "node2 did not come back"
     );
 }

@@ -111,14 +111,14 @@ fn peers_see_module_states_and_detect_a_killed_daemon() {
 }
 
 /// Reads one UDP datagram from `from` to port 8888 as seen on the wire in
-/// the current namespace (AF_PACKET), returning its payload.
+/// the current namespace (`AF_PACKET`), returning its payload.
 fn capture_heartbeat(from: Ipv4Addr, timeout: Duration) -> Vec<u8> {
     // SAFETY: plain socket syscalls on a fd we own and close.
     unsafe {
         let fd = libc::socket(
             libc::AF_PACKET,
             libc::SOCK_DGRAM,
-            i32::from((libc::ETH_P_IP as u16).to_be()),
+            i32::from((u16::try_from(libc::ETH_P_IP).unwrap()).to_be()),
         );
         assert!(
             fd >= 0,
@@ -158,7 +158,7 @@ fn capture_heartbeat(from: Ipv4Addr, timeout: Duration) -> Vec<u8> {
 }
 
 /// Sends `payload` in a UDP datagram with a spoofed source address (raw
-/// socket, IP_HDRINCL), from the current namespace.
+/// socket, `IP_HDRINCL`), from the current namespace.
 fn send_spoofed(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
     let total = 28 + payload.len();
     let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
@@ -176,7 +176,7 @@ fn send_spoofed(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
+            sin_family: u16::try_from(libc::AF_INET).unwrap(),
             sin_port: 0,
             sin_addr: libc::in_addr {
                 s_addr: u32::from_ne_bytes(dst.octets()),
@@ -202,6 +202,10 @@ fn send_spoofed(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one attack scenario, read top to bottom"
+)]
 fn forged_altered_truncated_and_replayed_heartbeats_are_dropped_and_counted() {
     let _serial = serial();
     let mut lab = common::lab(

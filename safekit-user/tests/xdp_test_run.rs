@@ -1,7 +1,7 @@
 //! Runs the embedded XDP farm filter through `BPF_PROG_TEST_RUN`: proves the
 //! whole eBPF toolchain (nightly, bpf-linker, aya-build, embedding, loading,
 //! verifier) and checks verdicts and output frames on a table of packets.
-//! Needs root (CAP_BPF); the suite runs as root.
+//! Needs root (`CAP_BPF`); the suite runs as root.
 
 use aya::{
     maps::{Array, HashMap, PerCpuArray},
@@ -207,9 +207,14 @@ fn with_dst(mut f: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
 }
 
 fn owned(port: u16) -> bool {
-    bucket_client_ip_port(CLIENT, port.to_be_bytes(), 0) % 2 == 0
+    bucket_client_ip_port(CLIENT, port.to_be_bytes(), 0).is_multiple_of(2)
 }
 
+#[expect(clippy::too_many_lines, reason = "the packet table")]
+#[expect(
+    clippy::maybe_infinite_iter,
+    reason = "a port in each bucket class exists within 1024.."
+)]
 fn cases() -> Vec<Case> {
     use counter::*;
     let p_own = (1024u16..).find(|p| owned(*p)).unwrap();
@@ -226,7 +231,7 @@ fn cases() -> Vec<Case> {
         0x0800,
         &ipv4(PROTO_UDP, CLIENT, VIP, 0, &l4_ports(5353, 9999, 8)),
     );
-    let udp_ip_owned = bucket_client_ip(CLIENT, 0) % 2 == 0;
+    let udp_ip_owned = bucket_client_ip(CLIENT, 0).is_multiple_of(2);
     let icmp = frame(0x0800, &ipv4(1, CLIENT, VIP, 0, &[8, 0, 0, 0, 0, 1, 0, 1]));
     let not_vip = frame(
         0x0800,
@@ -467,6 +472,10 @@ fn packet_table() {
 }
 
 #[test]
+#[expect(
+    clippy::maybe_infinite_iter,
+    reason = "a port in each bucket class exists within 1024.."
+)]
 fn farm_filter_accepts_owned_buckets_drops_the_rest_and_ignores_other_traffic() {
     let mut f = Filter::new();
     f.own_even_buckets();
@@ -475,7 +484,7 @@ fn farm_filter_accepts_owned_buckets_drops_the_rest_and_ignores_other_traffic() 
     // as user space computes them.
     let client = [10, 9, 0, 250];
     let owned_port = (1024u16..)
-        .find(|p| bucket_client_ip_port(client, p.to_be_bytes(), 0) % 2 == 0)
+        .find(|p| bucket_client_ip_port(client, p.to_be_bytes(), 0).is_multiple_of(2))
         .unwrap();
     let foreign_port = (1024u16..)
         .find(|p| bucket_client_ip_port(client, p.to_be_bytes(), 0) % 2 == 1)

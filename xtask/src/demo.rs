@@ -111,7 +111,9 @@ pub fn print_lab_help(nodes: usize) {
         "  {} --root /tmp/safekit-lab/node2 log -m front",
         bin.join("safekit").display()
     );
-    println!("  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.200/          # the farm VIP");
+    println!(
+        "  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.200/          # the farm VIP"
+    );
     println!("  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.1:9010/metrics");
     println!("Remove it: cargo xtask lab down");
 }
@@ -129,7 +131,15 @@ fn show(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
 fn curl(lab: &Lab, url: &str, local_port: u16) -> String {
     let out = lab.exec(
         &lab.spec().client_ns(),
-        &["curl", "-s", "--max-time", "2", "--local-port", &local_port.to_string(), url],
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "--local-port",
+            &local_port.to_string(),
+            url,
+        ],
     );
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
@@ -143,7 +153,8 @@ fn show_farm(lab: &Lab, url: &str, base_port: u16) {
     let mut line = String::new();
     for p in 0..12 {
         let who = curl(lab, url, base_port + p);
-        line.push_str(&format!(" {who}"));
+        line.push(' ');
+        line.push_str(&who);
     }
     println!("   answers:{line}");
 }
@@ -167,15 +178,33 @@ pub fn run() -> Result<()> {
     println!("== the client asks http://{vip}/ from 12 source ports; the XDP filters spread them:");
     show_farm(&lab, &url, 30000);
     println!("== which node serves 10.77.{SUBNET}.250:30000? (safekit farm which-node)");
-    print!("{}", show(&lab, 1, &["farm", "which-node", "-m", "front", &format!("{}:30000", lab.spec().client_addr())])?);
-    println!("== kill -9 of node3's safekitd; node1 and node2 take its buckets after 10 missed pulses:");
+    print!(
+        "{}",
+        show(
+            &lab,
+            1,
+            &[
+                "farm",
+                "which-node",
+                "-m",
+                "front",
+                &format!("{}:30000", lab.spec().client_addr())
+            ]
+        )?
+    );
+    println!(
+        "== kill -9 of node3's safekitd; node1 and node2 take its buckets after 10 missed pulses:"
+    );
     let t = Instant::now();
     lab.kill_daemon(3);
     loop {
         let s = show(&lab, 1, &["state", "-m", "front"])?;
         if s.contains("node3: lost") || t.elapsed() > Duration::from_secs(5) {
             print!("{s}");
-            println!("   (node3 reported lost after {} ms)", t.elapsed().as_millis());
+            println!(
+                "   (node3 reported lost after {} ms)",
+                t.elapsed().as_millis()
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -205,11 +234,12 @@ pub fn run() -> Result<()> {
 fn wait_settled(lab: &Lab, nodes: usize) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        if let Ok(s) = show(lab, 1, &["state", "-m", "front"]) {
-            if s.matches(": UP").count() == nodes - 1 && s.contains("UP (green)") {
-                std::thread::sleep(Duration::from_millis(300));
-                return;
-            }
+        if let Ok(s) = show(lab, 1, &["state", "-m", "front"])
+            && s.matches(": UP").count() == nodes - 1
+            && s.contains("UP (green)")
+        {
+            std::thread::sleep(Duration::from_millis(300));
+            return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -171,8 +171,7 @@ pub fn cleanup(prefix: &str, dir: &Path) {
             let name = line
                 .split(':')
                 .nth(1)
-                .map(|s| s.trim().split('@').next().unwrap_or(""))
-                .unwrap_or("");
+                .map_or("", |s| s.trim().split('@').next().unwrap_or(""));
             if !name.is_empty() && name.starts_with(prefix) {
                 ip_quiet(&["link", "del", name]);
             }
@@ -359,6 +358,10 @@ impl Lab {
     }
 
     /// Runs a command in a namespace.
+    #[allow(
+        clippy::unused_self,
+        reason = "a lab operation: called on the lab for readability"
+    )]
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<Output> {
         Command::new("ip")
             .args(["netns", "exec", ns])

@@ -107,21 +107,24 @@ pub fn main() -> i32 {
     let paths = Paths::from_arg_or_env(cli.root.clone());
     match cli.command {
         Command::State(args) => state::run(&paths, &args),
-        Command::Start(m) => module_cmd::simple(&paths, Request::Start { module: m.module }),
-        Command::Stop(m) => module_cmd::simple(&paths, Request::Stop { module: m.module }),
-        Command::Shutdown => module_cmd::simple(&paths, Request::Shutdown),
+        Command::Start(m) => module_cmd::simple(&paths, &Request::Start { module: m.module }),
+        Command::Stop(m) => module_cmd::simple(&paths, &Request::Stop { module: m.module }),
+        Command::Shutdown => module_cmd::simple(&paths, &Request::Shutdown),
         Command::Set(a) => module_cmd::simple(
             &paths,
-            Request::SetResource {
+            &Request::SetResource {
                 module: a.module,
                 resource: a.resource,
                 up: a.value == "up",
             },
         ),
         Command::Waitstart(a) => wait::wait(&paths, &a.module, &wait::STARTED, a.timeout),
-        Command::Waitstop(a) => {
-            wait::wait(&paths, &a.module, &[crate::status::ModuleState::Stop], a.timeout)
-        }
+        Command::Waitstop(a) => wait::wait(
+            &paths,
+            &a.module,
+            &[crate::status::ModuleState::Stop],
+            a.timeout,
+        ),
         Command::Waitstate(a) => wait::wait(&paths, &a.module, &a.states, a.timeout),
         Command::Log(args) => log::show(&paths, &args),
         Command::Printi(args) => log::print(&paths, &args, crate::modlog::Level::Info),

@@ -2,8 +2,8 @@
 
 use crate::{control::Request, control::Response, paths::Paths};
 
-pub(super) fn simple(paths: &Paths, req: Request) -> i32 {
-    match super::call(paths, &req) {
+pub(super) fn simple(paths: &Paths, req: &Request) -> i32 {
+    match super::call(paths, req) {
         Ok(Response::Ok { message }) => {
             println!("{message}");
             0

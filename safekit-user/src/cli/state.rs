@@ -47,9 +47,10 @@ pub(super) fn run(paths: &Paths, args: &StateArgs) -> i32 {
         }
     };
     let modules: Vec<&ModuleStatus> = match &args.module {
-        Some(name) => match status.module(name) {
-            Some(m) => vec![m],
-            None => {
+        Some(name) => {
+            if let Some(m) = status.module(name) {
+                vec![m]
+            } else {
                 eprintln!(
                     "safekit: no module {name:?} on node {} (modules: {})",
                     status.node,
@@ -62,16 +63,15 @@ pub(super) fn run(paths: &Paths, args: &StateArgs) -> i32 {
                 );
                 return 1;
             }
-        },
+        }
         None => status.modules.iter().collect(),
     };
     if args.quiet {
-        return match (&args.module, modules.first()) {
-            (Some(_), Some(m)) => m.state.exit_code(),
-            _ => {
-                eprintln!("safekit: -q needs -m AM");
-                1
-            }
+        return if let (Some(_), Some(m)) = (&args.module, modules.first()) {
+            m.state.exit_code()
+        } else {
+            eprintln!("safekit: -q needs -m AM");
+            1
         };
     }
     print!(

@@ -25,31 +25,55 @@ pub(super) struct CheckMeta {
 
 /// `when`/`action` of checker `id` in `cfg`.
 pub(super) fn meta(cfg: &ModuleConfig, id: &str) -> Option<CheckMeta> {
-    let idx = |prefix: &str| id.strip_prefix(prefix).and_then(|n| n.parse::<usize>().ok());
+    let idx = |prefix: &str| {
+        id.strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+    };
     if let Some(name) = id.strip_prefix("custom.") {
         return cfg
             .check_custom
             .iter()
             .find(|c| c.name == name)
-            .map(|c| CheckMeta { when: c.when, action: c.action });
+            .map(|c| CheckMeta {
+                when: c.when,
+                action: c.action,
+            });
     }
     if let Some(i) = idx("tcp") {
-        return cfg.check_tcp.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+        return cfg.check_tcp.get(i).map(|c| CheckMeta {
+            when: c.when,
+            action: c.action,
+        });
     }
     if let Some(i) = idx("ping") {
-        return cfg.check_ping.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+        return cfg.check_ping.get(i).map(|c| CheckMeta {
+            when: c.when,
+            action: c.action,
+        });
     }
     if let Some(i) = idx("intf") {
-        return cfg.check_intf.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+        return cfg.check_intf.get(i).map(|c| CheckMeta {
+            when: c.when,
+            action: c.action,
+        });
     }
     if let Some(i) = idx("ip") {
-        return cfg.check_ip.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+        return cfg.check_ip.get(i).map(|c| CheckMeta {
+            when: c.when,
+            action: c.action,
+        });
     }
     if let Some(i) = idx("errd") {
-        return cfg.errd.get(i).map(|c| CheckMeta { when: c.class, action: c.action });
+        return cfg.errd.get(i).map(|c| CheckMeta {
+            when: c.class,
+            action: c.action,
+        });
     }
     if let Some(i) = idx("module") {
-        return cfg.check_module.get(i).map(|c| CheckMeta { when: c.when, action: c.action });
+        return cfg.check_module.get(i).map(|c| CheckMeta {
+            when: c.when,
+            action: c.action,
+        });
     }
     None
 }
@@ -71,52 +95,111 @@ pub(super) fn spawn(
         } else {
             module_dir.join("bin").join(&c.exec)
         };
-        out.push(spawn_custom(cfg.name.clone(), c.name.clone(), path, c.args.clone(), env.clone(), tx.clone()));
+        out.push(spawn_custom(
+            cfg.name.clone(),
+            c.name.clone(),
+            path,
+            c.args.clone(),
+            env.clone(),
+            tx.clone(),
+        ));
     }
     let module = cfg.name.clone();
-    for (i, c) in cfg.check_tcp.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+    for (i, c) in cfg
+        .check_tcp
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| on(&c.when))
+    {
         let (host, port, timeout) = (c.host.clone(), c.port, c.timeout);
-        out.push(spawn_loop(&module, format!("tcp{i}"), format!("tcp {}:{}", c.host, c.port), c.interval, tx, move || {
-            let host = host.clone();
-            async move { tcp_probe(&host, port, timeout).await }
-        }));
+        out.push(spawn_loop(
+            &module,
+            format!("tcp{i}"),
+            format!("tcp {}:{}", c.host, c.port),
+            c.interval,
+            tx,
+            move || {
+                let host = host.clone();
+                async move { tcp_probe(&host, port, timeout).await }
+            },
+        ));
     }
-    for (i, c) in cfg.check_ping.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+    for (i, c) in cfg
+        .check_ping
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| on(&c.when))
+    {
         let (host, timeout) = (c.host.clone(), c.timeout);
-        out.push(spawn_loop(&module, format!("ping{i}"), format!("ping {}", c.host), c.interval, tx, move || {
-            let host = host.clone();
-            async move { ping(&host, timeout).await }
-        }));
+        out.push(spawn_loop(
+            &module,
+            format!("ping{i}"),
+            format!("ping {}", c.host),
+            c.interval,
+            tx,
+            move || {
+                let host = host.clone();
+                async move { ping(&host, timeout).await }
+            },
+        ));
     }
-    for (i, c) in cfg.check_intf.iter().enumerate().filter(|(_, c)| on(&c.when)) {
+    for (i, c) in cfg
+        .check_intf
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| on(&c.when))
+    {
         let name = c.interface.clone();
-        out.push(spawn_loop(&module, format!("intf{i}"), format!("interface {}", c.interface), c.interval, tx, move || {
-            let name = name.clone();
-            async move { link_up(&name) }
-        }));
+        out.push(spawn_loop(
+            &module,
+            format!("intf{i}"),
+            format!("interface {}", c.interface),
+            c.interval,
+            tx,
+            move || {
+                let name = name.clone();
+                async move { link_up(&name) }
+            },
+        ));
     }
     for (i, c) in cfg.check_ip.iter().enumerate().filter(|(_, c)| on(&c.when)) {
         let addr = c.addr;
-        out.push(spawn_loop(&module, format!("ip{i}"), format!("address {}", c.addr), c.interval, tx, move || async move {
-            // Binding succeeds only on a local address.
-            std::net::UdpSocket::bind(SocketAddr::new(addr, 0))
-                .map(|_| ())
-                .map_err(|e| format!("{addr} is not on this node: {e}"))
-        }));
+        out.push(spawn_loop(
+            &module,
+            format!("ip{i}"),
+            format!("address {}", c.addr),
+            c.interval,
+            tx,
+            move || async move {
+                // Binding succeeds only on a local address.
+                std::net::UdpSocket::bind(SocketAddr::new(addr, 0))
+                    .map(|_| ())
+                    .map_err(|e| format!("{addr} is not on this node: {e}"))
+            },
+        ));
     }
     for (i, c) in cfg.errd.iter().enumerate().filter(|(_, c)| on(&c.class)) {
         let (name, atleast) = (c.name.clone(), c.atleast);
-        out.push(spawn_loop(&module, format!("errd{i}"), format!("process {}", c.name), cfg.errd_poll_interval, tx, move || {
-            let name = name.clone();
-            async move {
-                let n = count_processes(&name);
-                if n >= atleast {
-                    Ok(())
-                } else {
-                    Err(format!("{n} process(es) named {name}, at least {atleast} expected"))
+        out.push(spawn_loop(
+            &module,
+            format!("errd{i}"),
+            format!("process {}", c.name),
+            cfg.errd_poll_interval,
+            tx,
+            move || {
+                let name = name.clone();
+                async move {
+                    let n = count_processes(&name);
+                    if n >= atleast {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{n} process(es) named {name}, at least {atleast} expected"
+                        ))
+                    }
                 }
-            }
-        }));
+            },
+        ));
     }
     out
 }
@@ -148,7 +231,10 @@ fn spawn_custom(
         let child = tokio::process::Command::new(&path)
             .args(&args)
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("SAFE", &env.root)
             .env("SAFE_ROOT", &env.root)
             .env("SAFEKIT_ROOT", &env.root)
@@ -165,7 +251,9 @@ fn spawn_custom(
                 let _ = c.wait().await;
             }
             Err(e) => {
-                let _ = tx.send(report(Err(format!("cannot run {}: {e}", path.display())))).await;
+                let _ = tx
+                    .send(report(Err(format!("cannot run {}: {e}", path.display()))))
+                    .await;
             }
         }
     })
@@ -207,7 +295,9 @@ async fn tcp_probe(host: &str, port: u16, timeout: Duration) -> Result<(), Strin
         .await
         .map_err(|e| format!("resolving {host}: {e}"))?
         .collect();
-    let addr = addrs.first().ok_or_else(|| format!("{host} has no address"))?;
+    let addr = addrs
+        .first()
+        .ok_or_else(|| format!("{host} has no address"))?;
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
@@ -239,7 +329,8 @@ fn link_up(name: &str) -> Result<(), String> {
     let state = std::fs::read_to_string(format!("/sys/class/net/{name}/operstate"))
         .map_err(|e| format!("interface {name}: {e}"))?;
     let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap_or_default();
-    let admin_up = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 1 != 0);
+    let admin_up =
+        u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 1 != 0);
     match state.trim() {
         "up" | "unknown" if admin_up => Ok(()),
         s => Err(format!("interface {name} is {s}")),
@@ -256,14 +347,21 @@ pub(super) fn count_processes(name: &str) -> u32 {
     let mut n = 0;
     for e in dir.filter_map(Result::ok) {
         let p = e.path();
-        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
         let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
         if comm.trim_end() != name {
             continue;
         }
-        let ns = std::fs::metadata(Path::new(&p).join("ns/net")).map(|m| m.ino()).ok();
+        let ns = std::fs::metadata(Path::new(&p).join("ns/net"))
+            .map(|m| m.ino())
+            .ok();
         if own_ns.is_none() || ns == own_ns {
             n += 1;
         }

@@ -17,13 +17,13 @@ use super::{
 };
 use crate::{
     config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig, When},
-    farm::membership::{self, View},
-    script::ScriptEnv,
     control::{Request, Response},
+    farm::membership::{self, View},
     heartbeat::{self, Heartbeat, HeartbeatKey, Rejected, ReplayWindow},
     metrics::Metrics,
     modlog::ModuleLog,
     paths::Paths,
+    script::ScriptEnv,
     status::{Colour, FarmStatus, Mode, ModuleState, ModuleStatus, NodeStatus, PeerStatus},
 };
 
@@ -168,7 +168,7 @@ impl Engine {
         let key = HeartbeatKey::derive(&config.cluster.key);
         let mut modules = BTreeMap::new();
         for (name, cfg) in config.modules {
-            if !cfg.service.nodes.iter().any(|n| *n == me) {
+            if !cfg.service.nodes.contains(&me) {
                 tracing::info!(module = %name, "not configured on this node");
                 continue;
             }
@@ -392,10 +392,17 @@ impl Engine {
                     },
                     Some(true) => {
                         let what = resource.replace('.', " ");
-                        let result = if up { Ok(()) } else { Err("set down".to_owned()) };
+                        let result = if up {
+                            Ok(())
+                        } else {
+                            Err("set down".to_owned())
+                        };
                         self.check_result(&module, resource.clone(), &what, result);
                         Response::Ok {
-                            message: format!("{resource} of {module} set {}", if up { "up" } else { "down" }),
+                            message: format!(
+                                "{resource} of {module} set {}",
+                                if up { "up" } else { "down" }
+                            ),
                         }
                     }
                 }
@@ -413,7 +420,10 @@ impl Engine {
     fn module_mut(&mut self, name: &str) -> Result<&mut Module, String> {
         let known: Vec<String> = self.modules.keys().cloned().collect();
         self.modules.get_mut(name).ok_or_else(|| {
-            format!("no module {name:?} on this node (modules: {})", known.join(", "))
+            format!(
+                "no module {name:?} on this node (modules: {})",
+                known.join(", ")
+            )
         })
     }
 
@@ -438,7 +448,8 @@ impl Engine {
                 m.busy = true;
                 m.failing.clear();
                 let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
-                m.checks = checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
+                m.checks =
+                    checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
                 let module = name.to_owned();
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
@@ -490,7 +501,8 @@ impl Engine {
         }
         m.failing.clear();
         if let Some(f) = m.farm.as_mut() {
-            if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize]) {
+            if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize])
+            {
                 m.log.error(&format!("releasing buckets: {e}"));
             }
             f.view.clear();
@@ -628,13 +640,17 @@ impl Engine {
             if let Err(e) = f.apply_owned(&dataplane, owned) {
                 m.log.error(&format!("updating bucket ownership: {e}"));
             } else {
-                m.log.info(&format!("owns {n} of {} buckets", safekit_common::BUCKETS));
+                m.log
+                    .info(&format!("owns {n} of {} buckets", safekit_common::BUCKETS));
             }
         }
         if view != f.view {
             m.log.info(&format!(
                 "farm membership: {}",
-                view.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+                view.iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
             f.view = view;
             // Tell the peers at once, and re-announce the VIP.
@@ -677,7 +693,10 @@ impl Engine {
             None => f.rules.first().ok_or("module has no rule")?,
         };
         let (bucket, filter) = if rule.filter == safekit_common::FILTER_CLIENT_IP {
-            (safekit_common::bucket_client_ip(ip.octets(), 0), "client_ip")
+            (
+                safekit_common::bucket_client_ip(ip.octets(), 0),
+                "client_ip",
+            )
         } else {
             let p = port.ok_or("this rule hashes the client port too: give IP:PORT")?;
             (
@@ -861,7 +880,11 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
     if let Some(f) = &m.farm {
         d.push((
             "membership".into(),
-            f.view.iter().map(String::as_str).collect::<Vec<_>>().join(", "),
+            f.view
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
         ));
         let owned: Vec<u32> = f
             .owned

@@ -71,7 +71,11 @@ impl FarmRt {
             ),
             None => (Vec::new(), [0; 6], Vec::new()),
         };
-        let powers = cfg.farm.as_ref().map(|f| f.power.clone()).unwrap_or_default();
+        let powers = cfg
+            .farm
+            .as_ref()
+            .map(|f| f.power.clone())
+            .unwrap_or_default();
         Self {
             vips,
             vmac,
@@ -84,12 +88,18 @@ impl FarmRt {
     }
 
     /// Writes bucket ownership for every VIP of the module.
-    pub(super) fn apply_owned(&mut self, dataplane: &Dataplane, owned: Vec<bool>) -> Result<(), String> {
+    pub(super) fn apply_owned(
+        &mut self,
+        dataplane: &Dataplane,
+        owned: Vec<bool>,
+    ) -> Result<(), String> {
         let Some(iface) = &self.iface else {
             self.owned = owned;
             return Ok(());
         };
-        let mut dp = dataplane.lock().map_err(|_| "dataplane lock poisoned".to_owned())?;
+        let mut dp = dataplane
+            .lock()
+            .map_err(|_| "dataplane lock poisoned".to_owned())?;
         if let Some(f) = dp.get_mut(&iface.name) {
             for v in &self.vips {
                 f.set_owned(*v, &owned).map_err(|e| e.to_string())?;
@@ -132,15 +142,16 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
             let mode = default_mode(&iface.name);
             let mut f = FarmFilter::attach(&iface.name, mode).map_err(|e| e.to_string())?;
             f.enable(iface.mac, 0).map_err(|e| e.to_string())?;
-            job.log
-                .info(&format!("XDP farm filter attached on {} ({mode:?} mode)", iface.name));
+            job.log.info(&format!(
+                "XDP farm filter attached on {} ({mode:?} mode)",
+                iface.name
+            ));
             dp.insert(iface.name.clone(), f);
         }
-        let f = dp
-            .get_mut(&iface.name)
-            .ok_or("filter vanished")?;
+        let f = dp.get_mut(&iface.name).ok_or("filter vanished")?;
         for v in &job.vips {
-            f.add_vip(*v, job.vmac, &job.rules).map_err(|e| e.to_string())?;
+            f.add_vip(*v, job.vmac, &job.rules)
+                .map_err(|e| e.to_string())?;
         }
     }
     // The VIP goes on loopback (/32) so the stack accepts what the filter
@@ -150,8 +161,11 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
         .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", iface.name))?;
     let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
     for v in &job.vips {
-        vip::add(&handle, &lo, *v).await.map_err(|e| e.to_string())?;
-        job.log.info(&format!("VIP {v} set (lo), served through {}", iface.name));
+        vip::add(&handle, &lo, *v)
+            .await
+            .map_err(|e| e.to_string())?;
+        job.log
+            .info(&format!("VIP {v} set (lo), served through {}", iface.name));
     }
     script::run(
         &job.module_dir,
@@ -171,23 +185,24 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
 /// no VIP is left on the interface), `stop_both`, VIP addresses removed.
 pub(super) async fn down(job: FarmJob, iface: Option<vip::Interface>) -> Result<(), String> {
     let mut errors = Vec::new();
-    if let Some(iface) = &iface {
-        if let Ok(mut dp) = job.dataplane.lock() {
-            let empty = match dp.get_mut(&iface.name) {
-                Some(f) => {
-                    for v in &job.vips {
-                        if let Err(e) = f.remove_vip(*v, &job.rules) {
-                            errors.push(e.to_string());
-                        }
+    if let Some(iface) = &iface
+        && let Ok(mut dp) = job.dataplane.lock()
+    {
+        let empty = match dp.get_mut(&iface.name) {
+            Some(f) => {
+                for v in &job.vips {
+                    if let Err(e) = f.remove_vip(*v, &job.rules) {
+                        errors.push(e.to_string());
                     }
-                    f.is_empty()
                 }
-                None => false,
-            };
-            if empty {
-                dp.remove(&iface.name);
-                job.log.info(&format!("XDP farm filter detached from {}", iface.name));
+                f.is_empty()
             }
+            None => false,
+        };
+        if empty {
+            dp.remove(&iface.name);
+            job.log
+                .info(&format!("XDP farm filter detached from {}", iface.name));
         }
     }
     if let Err(e) = script::run(

@@ -115,13 +115,13 @@ mod tests {
         let n3 = owned("node3", &p, &new, &[old.clone(), old.clone()]);
         assert_eq!(count(&n3), 0);
         // node1 still owns its old share meanwhile: no bucket has two owners.
-        let n1 = owned("node1", &p, &old, &[old.clone()]);
-        let n2 = owned("node2", &p, &old, &[old.clone()]);
+        let n1 = owned("node1", &p, &old, std::slice::from_ref(&old));
+        let n2 = owned("node2", &p, &old, std::slice::from_ref(&old));
         assert_eq!(count(&n1) + count(&n2), BUCKETS as usize);
         // node1 sees node3 first: it releases, node3 still waits for node2.
         let n1 = owned("node1", &p, &new, &[old.clone(), new.clone()]);
         let n3 = owned("node3", &p, &new, &[new.clone(), old.clone()]);
-        let n2 = owned("node2", &p, &old, &[new.clone()]);
+        let n2 = owned("node2", &p, &old, std::slice::from_ref(&new));
         for b in 0..BUCKETS as usize {
             assert!(
                 u8::from(n1[b]) + u8::from(n2[b]) + u8::from(n3[b]) <= 1,

@@ -1,4 +1,4 @@
-//! Replay protection: a sliding window per (sender node, module), as IPsec's
+//! Replay protection: a sliding window per (sender node, module), as `IPsec`'s
 //! anti-replay window (RFC 4303 §3.4.3), keyed by the sender's epoch.
 
 /// Width of the window: counters up to this far behind the highest seen are

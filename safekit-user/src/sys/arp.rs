@@ -1,5 +1,5 @@
 //! Gratuitous ARP from user space (XDP cannot originate frames): an
-//! AF_PACKET socket bound to the interface sends an ARP request whose sender
+//! `AF_PACKET` socket bound to the interface sends an ARP request whose sender
 //! and target are the VIP, announcing the MAC that should receive its traffic
 //! (the node's own for a mirror VIP, the virtual MAC for a farm VIP). The
 //! Ethernet source is always the node's own MAC, so a farm's virtual MAC is
@@ -24,7 +24,7 @@ pub fn garp_frame(eth_src: [u8; 6], mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
     f
 }
 
-/// Sends `frame` on interface `ifindex` through a raw AF_PACKET socket.
+/// Sends `frame` on interface `ifindex` through a raw `AF_PACKET` socket.
 pub fn send_frame(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
     let proto = u16::try_from(libc::ETH_P_ARP).unwrap_or(0x0806).to_be();
     // SAFETY: socket(2) returns a new fd or -1; no memory is passed.

@@ -157,7 +157,10 @@ pub async fn loopback(handle: &Handle) -> Result<Interface, VipError> {
     let link = links
         .try_next()
         .await
-        .map_err(|source| VipError::Netlink { op: "link get", source })?
+        .map_err(|source| VipError::Netlink {
+            op: "link get",
+            source,
+        })?
         .ok_or_else(|| VipError::UnknownInterface("lo".into()))?;
     let (name, mac) = link_name_mac(&link);
     Ok(Interface {

@@ -153,19 +153,32 @@ pub fn ask(src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
     s.set_reuse_address(true).map_err(|e| e.to_string())?;
-    s.bind(&src.into()).map_err(|e| format!("bind {src}: {e}"))?;
+    s.bind(&src.into())
+        .map_err(|e| format!("bind {src}: {e}"))?;
     s.connect_timeout(&dst.into(), Duration::from_secs(2))
         .map_err(|e| format!("connect {dst} from {src}: {e}"))?;
     let mut s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
     let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| format!("read from {dst}: {e}"))?;
-    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned())
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read from {dst}: {e}"))?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_owned())
 }
 
 /// Many requests from one namespace thread: (source port, answer).
-pub fn ask_many(ns: &str, src_ip: std::net::Ipv4Addr, ports: std::ops::Range<u16>, dst: SocketAddr) -> Vec<(u16, Result<String, String>)> {
+pub fn ask_many(
+    ns: &str,
+    src_ip: std::net::Ipv4Addr,
+    ports: std::ops::Range<u16>,
+    dst: SocketAddr,
+) -> Vec<(u16, Result<String, String>)> {
     in_netns(ns, move || {
         ports
             .map(|p| (p, ask(SocketAddr::from((src_ip, p)), dst)))
