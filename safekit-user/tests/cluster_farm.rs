@@ -183,6 +183,23 @@ fn farm_balances_fails_over_and_rebalances() {
         assert!((25.0..=41.0).contains(&pct), "{node} served {pct:.1} %");
     }
 
+    // Every node's XDP filter accepted its share and dropped the others'.
+    for n in 1..=3 {
+        let body = common::http_get(
+            &client_ns,
+            SocketAddr::from((spec.node_addr(n), 9010)),
+            "/metrics",
+        )
+        .1;
+        for verdict in ["accept", "drop_not_owner", "arp_reply"] {
+            let key = format!(
+                "safekit_xdp_packets_total{{node=\"node{n}\",interface=\"eth0\",verdict=\"{verdict}\"}}"
+            );
+            let v = common::metric(&body, &key).unwrap_or(0.0);
+            assert!(v > 0.0, "node{n}: {key} = {v}\n{body}");
+        }
+    }
+
     // client_ip: one client IP always reaches the same node.
     let sticky_dst = SocketAddr::from((vip_ip_only(), 80));
     let sticky = ask_many(&client_ns, client, 21000..21040, sticky_dst);

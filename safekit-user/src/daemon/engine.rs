@@ -162,6 +162,7 @@ impl Engine {
         sockets: Vec<LanSocket>,
         metrics: Arc<Metrics>,
         events: mpsc::Sender<Event>,
+        dataplane: Dataplane,
     ) -> Result<Self, StartError> {
         let epoch = bump_epoch(&paths)?;
         let now = Instant::now();
@@ -222,7 +223,7 @@ impl Engine {
             metrics,
             shutting_down: false,
             events,
-            dataplane: Dataplane::default(),
+            dataplane,
             pending: 0,
         })
     }

@@ -25,7 +25,7 @@ use crate::{
 
 /// The XDP filters of this node, one per interface, shared by the farm
 /// modules (an interface has one XDP program).
-pub(super) type Dataplane = Arc<Mutex<BTreeMap<String, FarmFilter>>>;
+pub(crate) type Dataplane = Arc<Mutex<BTreeMap<String, FarmFilter>>>;
 
 /// Runtime of one farm module on this node.
 #[derive(Debug)]

@@ -35,8 +35,52 @@ async fn ready(State(shared): State<Arc<Shared>>, Path(module): Path<String>) ->
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let status = shared.status.read().await;
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(&status),
-    )
+    let mut body = shared.metrics.render(&status);
+    body.push_str(&farm_metrics(&shared, &status));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Buckets owned per farm module, and the XDP filters' verdict counters.
+fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
+    use safekit_common::counter;
+    use std::fmt::Write as _;
+    let node = &status.node;
+    let mut out = String::from(
+        "# HELP safekit_farm_buckets_owned Buckets of the farm VIP this node accepts.\n# TYPE safekit_farm_buckets_owned gauge\n",
+    );
+    for m in &status.modules {
+        if let Some(f) = &m.farm {
+            let _ = writeln!(
+                out,
+                "safekit_farm_buckets_owned{{node=\"{node}\",module=\"{}\"}} {}",
+                m.name,
+                f.buckets.len()
+            );
+        }
+    }
+    out.push_str(
+        "# HELP safekit_xdp_packets_total Frames seen by the XDP farm filter, by verdict.\n# TYPE safekit_xdp_packets_total counter\n",
+    );
+    let names = [
+        (counter::PASS_OTHER, "pass_other"),
+        (counter::ACCEPT, "accept"),
+        (counter::DROP_NOT_OWNER, "drop_not_owner"),
+        (counter::DROP_MALFORMED, "drop_malformed"),
+        (counter::PASS_NO_RULE, "pass_no_rule"),
+        (counter::ARP_REPLY, "arp_reply"),
+        (counter::DROP_FRAGMENT, "drop_fragment"),
+    ];
+    if let Ok(dp) = shared.dataplane.lock() {
+        for (iface, f) in dp.iter() {
+            let Ok(c) = f.counters() else { continue };
+            for (i, name) in names {
+                let v = c.get(i as usize).copied().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "safekit_xdp_packets_total{{node=\"{node}\",interface=\"{iface}\",verdict=\"{name}\"}} {v}"
+                );
+            }
+        }
+    }
+    out
 }

@@ -30,6 +30,9 @@ pub struct Shared {
     pub status: RwLock<NodeStatus>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The XDP filters (their per-CPU verdict counters are read at scrape
+    /// time).
+    pub(crate) dataplane: farm::Dataplane,
 }
 
 /// Errors that stop the daemon from starting.
@@ -93,6 +96,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     let control = net::bind_control_socket(&paths)?;
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
+    let dataplane = farm::Dataplane::default();
     let engine = engine::Engine::new(
         paths,
         config,
@@ -100,10 +104,12 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         sockets.clone(),
         metrics.clone(),
         tx.clone(),
+        dataplane.clone(),
     )?;
     let shared = Arc::new(Shared {
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,
+        dataplane,
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
