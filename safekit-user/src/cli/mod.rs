@@ -6,6 +6,7 @@ mod config_check;
 mod farm;
 mod log;
 mod module_cmd;
+mod snapshot;
 mod state;
 mod wait;
 
@@ -62,6 +63,8 @@ pub enum Command {
         #[command(subcommand)]
         command: farm::FarmCommand,
     },
+    /// Write a support bundle (config without key, logs, state, status).
+    Snapshot(snapshot::SnapshotArgs),
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -133,6 +136,7 @@ pub fn main() -> i32 {
             command: ConfigCommand::Check,
         } => config_check::run(&paths),
         Command::Farm { command } => farm::run(&paths, command),
+        Command::Snapshot(a) => snapshot::run(&paths, &a),
     }
 }
 
