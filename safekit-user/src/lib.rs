@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod mirror;
 pub mod modlog;
+pub mod nft;
 pub mod paths;
 pub mod script;
 pub mod status;

@@ -4,6 +4,7 @@
 
 mod config_check;
 mod farm;
+mod firewall;
 mod log;
 mod module_cmd;
 mod snapshot;
@@ -65,6 +66,12 @@ pub enum Command {
     },
     /// Write a support bundle (config without key, logs, state, status).
     Snapshot(snapshot::SnapshotArgs),
+    /// Open the cluster's ports to its nodes in nftables, or close them.
+    Firewall {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: firewall::FirewallCommand,
+    },
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -137,6 +144,7 @@ pub fn main() -> i32 {
         } => config_check::run(&paths),
         Command::Farm { command } => farm::run(&paths, command),
         Command::Snapshot(a) => snapshot::run(&paths, &a),
+        Command::Firewall { command } => firewall::run(&paths, &command),
     }
 }
 
