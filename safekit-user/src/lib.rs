@@ -21,6 +21,7 @@ pub mod mirror;
 pub mod modlog;
 pub mod nft;
 pub mod paths;
+pub mod rfs;
 pub mod script;
 pub mod status;
 pub mod sys;

@@ -1,0 +1,475 @@
+//! Applies replicated operations to a directory (the secondary's copy).
+//!
+//! Everything goes through a directory fd of the root and `*at` calls; paths
+//! are resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | ...)`,
+//! final components are never followed. [`RelPath`] already refused `..`,
+//! absolute paths and NUL bytes when the message was decoded; a symlink
+//! planted in the copy (say `d -> /etc`) makes the operation fail with
+//! `ELOOP` instead of escaping.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    io,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags};
+use thiserror::Error;
+
+use super::{
+    proto::{NodeKind, Op, RelPath, Timestamp, rename},
+    sys,
+};
+
+/// Files kept open between writes.
+const OPEN_FILES: usize = 64;
+
+/// An operation that could not be applied.
+#[derive(Debug, Error)]
+#[error("{op} {path}: {source}")]
+pub struct ApplyError {
+    /// The operation's name.
+    pub op: &'static str,
+    /// Its path.
+    pub path: RelPath,
+    /// The system error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl ApplyError {
+    /// The errno, 0 if none.
+    #[must_use]
+    pub fn errno(&self) -> i32 {
+        self.source.raw_os_error().unwrap_or(0)
+    }
+}
+
+/// Applies operations below one root directory.
+#[derive(Debug)]
+pub struct Applier {
+    root: OwnedFd,
+    /// Open files for writes, by path; dropped on any rename or removal.
+    files: HashMap<RelPath, OwnedFd>,
+}
+
+/// A parent directory and a final component.
+struct Entry<'a> {
+    dir: OwnedFd,
+    name: &'a OsStr,
+}
+
+impl Applier {
+    /// Opens the root directory `dir`.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let root = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(sys::io)?;
+        Ok(Self {
+            root,
+            files: HashMap::new(),
+        })
+    }
+
+    /// The root directory fd.
+    #[must_use]
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Applies one operation. With `sync`, an [`Op::Fsync`] reaches the disk
+    /// before this returns.
+    pub fn apply(&mut self, op: &Op, sync: bool) -> Result<(), ApplyError> {
+        self.apply_inner(op, sync).map_err(|source| ApplyError {
+            op: op.name(),
+            path: op.path().clone(),
+            source,
+        })
+    }
+
+    fn entry<'p>(&self, path: &'p RelPath) -> io::Result<Entry<'p>> {
+        let (parent, name) = path
+            .split()
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Entry {
+            dir: sys::open_dir(self.root.as_fd(), parent)?,
+            name: OsStr::from_bytes(name),
+        })
+    }
+
+    /// The entry for `path`, the root being `(root, ".")`.
+    fn target<'p>(&self, path: &'p RelPath) -> io::Result<Entry<'p>> {
+        if path.is_root() {
+            Ok(Entry {
+                dir: sys::open_dir(self.root.as_fd(), b"")?,
+                name: OsStr::new("."),
+            })
+        } else {
+            self.entry(path)
+        }
+    }
+
+    fn file(&mut self, path: &RelPath) -> io::Result<BorrowedFd<'_>> {
+        if !self.files.contains_key(path) {
+            if self.files.len() >= OPEN_FILES {
+                self.files.clear();
+            }
+            let fd = sys::open_beneath(
+                self.root.as_fd(),
+                path.as_bytes(),
+                OFlags::WRONLY | OFlags::NONBLOCK,
+            )?;
+            self.files.insert(path.clone(), fd);
+        }
+        self.files
+            .get(path)
+            .map(AsFd::as_fd)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+    }
+
+    fn apply_inner(&mut self, op: &Op, sync: bool) -> io::Result<()> {
+        match op {
+            Op::Write {
+                path,
+                offset,
+                data,
+                mtime,
+            } => {
+                let fd = self.file(path)?;
+                sys::write_all_at(fd, data, *offset)?;
+                sys::set_fd_mtime(fd, *mtime)
+            }
+            Op::Truncate { path, size, mtime } => {
+                let fd = self.file(path)?;
+                rustix::fs::ftruncate(fd, *size).map_err(sys::io)?;
+                sys::set_fd_mtime(fd, *mtime)
+            }
+            Op::Mknod {
+                path,
+                kind,
+                mode,
+                rdev,
+                uid,
+                gid,
+                mtime,
+                dir_mtime,
+            } => {
+                let e = self.entry(path)?;
+                let ft = match kind {
+                    NodeKind::File => FileType::RegularFile,
+                    NodeKind::Fifo => FileType::Fifo,
+                    NodeKind::Socket => FileType::Socket,
+                    NodeKind::CharDev => FileType::CharacterDevice,
+                    NodeKind::BlockDev => FileType::BlockDevice,
+                };
+                rustix::fs::mknodat(&e.dir, e.name, ft, Mode::from_raw_mode(*mode), *rdev)
+                    .map_err(sys::io)?;
+                created(&e, *mode, *uid, *gid, *mtime, *dir_mtime)
+            }
+            Op::Mkdir {
+                path,
+                mode,
+                uid,
+                gid,
+                mtime,
+                dir_mtime,
+            } => {
+                let e = self.entry(path)?;
+                rustix::fs::mkdirat(&e.dir, e.name, Mode::from_raw_mode(*mode)).map_err(sys::io)?;
+                created(&e, *mode, *uid, *gid, *mtime, *dir_mtime)
+            }
+            Op::Unlink { path, dir_mtime } | Op::Rmdir { path, dir_mtime } => {
+                self.files.clear();
+                let e = self.entry(path)?;
+                let flags = if matches!(op, Op::Rmdir { .. }) {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                rustix::fs::unlinkat(&e.dir, e.name, flags).map_err(sys::io)?;
+                sys::set_fd_mtime(e.dir.as_fd(), *dir_mtime)
+            }
+            Op::Rename {
+                from,
+                to,
+                flags,
+                from_dir_mtime,
+                to_dir_mtime,
+            } => {
+                self.files.clear();
+                let a = self.entry(from)?;
+                let b = self.entry(to)?;
+                let mut f = RenameFlags::empty();
+                if flags & rename::NOREPLACE != 0 {
+                    f |= RenameFlags::NOREPLACE;
+                }
+                if flags & rename::EXCHANGE != 0 {
+                    f |= RenameFlags::EXCHANGE;
+                }
+                rustix::fs::renameat_with(&a.dir, a.name, &b.dir, b.name, f).map_err(sys::io)?;
+                sys::set_fd_mtime(a.dir.as_fd(), *from_dir_mtime)?;
+                sys::set_fd_mtime(b.dir.as_fd(), *to_dir_mtime)
+            }
+            Op::Symlink {
+                path,
+                target,
+                uid,
+                gid,
+                mtime,
+                dir_mtime,
+            } => {
+                let e = self.entry(path)?;
+                rustix::fs::symlinkat(OsStr::from_bytes(target), &e.dir, e.name)
+                    .map_err(sys::io)?;
+                sys::chown_at(e.dir.as_fd(), e.name, Some(*uid), Some(*gid))?;
+                sys::set_times_at(e.dir.as_fd(), e.name, Some(*mtime), Some(*mtime))?;
+                sys::set_fd_mtime(e.dir.as_fd(), *dir_mtime)
+            }
+            Op::Link {
+                existing,
+                path,
+                dir_mtime,
+            } => {
+                let a = self.entry(existing)?;
+                let b = self.entry(path)?;
+                rustix::fs::linkat(&a.dir, a.name, &b.dir, b.name, AtFlags::empty())
+                    .map_err(sys::io)?;
+                sys::set_fd_mtime(b.dir.as_fd(), *dir_mtime)
+            }
+            Op::SetAttr {
+                path,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            } => {
+                let e = self.target(path)?;
+                if uid.is_some() || gid.is_some() {
+                    sys::chown_at(e.dir.as_fd(), e.name, *uid, *gid)?;
+                }
+                if let Some(m) = mode {
+                    sys::chmod_at(e.dir.as_fd(), e.name, *m)?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    sys::set_times_at(e.dir.as_fd(), e.name, *atime, *mtime)?;
+                }
+                Ok(())
+            }
+            Op::SetXattr { path, name, value } => {
+                let e = self.target(path)?;
+                rustix::fs::lsetxattr(
+                    sys::proc_entry(e.dir.as_fd(), e.name),
+                    OsStr::from_bytes(name),
+                    value,
+                    XattrFlags::empty(),
+                )
+                .map_err(sys::io)
+            }
+            Op::RemoveXattr { path, name } => {
+                let e = self.target(path)?;
+                rustix::fs::lremovexattr(
+                    sys::proc_entry(e.dir.as_fd(), e.name),
+                    OsStr::from_bytes(name),
+                )
+                .map_err(sys::io)
+            }
+            Op::Fsync { path, data_only } => {
+                if !sync {
+                    return Ok(());
+                }
+                if path.is_root() {
+                    return rustix::fs::syncfs(&self.root).map_err(sys::io);
+                }
+                let fd = sys::open_beneath(
+                    self.root.as_fd(),
+                    path.as_bytes(),
+                    OFlags::RDONLY | OFlags::NONBLOCK,
+                )?;
+                if *data_only {
+                    rustix::fs::fdatasync(&fd).map_err(sys::io)?;
+                } else {
+                    rustix::fs::fsync(&fd).map_err(sys::io)?;
+                }
+                // The entry itself: a new file's name is durable once its
+                // directory is synced.
+                let e = self.entry(path)?;
+                rustix::fs::fsync(&e.dir).map_err(sys::io)
+            }
+        }
+    }
+}
+
+/// Ownership, mode and times of a node just created, then its parent's mtime.
+fn created(
+    e: &Entry<'_>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Timestamp,
+    dir_mtime: Timestamp,
+) -> io::Result<()> {
+    sys::chown_at(e.dir.as_fd(), e.name, Some(uid), Some(gid))?;
+    // After chown (which may clear set-id bits), and whatever our umask.
+    sys::chmod_at(e.dir.as_fd(), e.name, mode)?;
+    sys::set_times_at(e.dir.as_fd(), e.name, Some(mtime), Some(mtime))?;
+    sys::set_fd_mtime(e.dir.as_fd(), dir_mtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("path")
+    }
+
+    fn t(sec: i64) -> Timestamp {
+        Timestamp { sec, nsec: 5 }
+    }
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("rfs-apply-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    #[test]
+    fn applies_a_tree_with_metadata() {
+        let d = tmp("tree");
+        let mut a = Applier::open(&d).expect("open");
+        let ops = [
+            Op::Mkdir {
+                path: p("d"),
+                mode: 0o750,
+                uid: 12,
+                gid: 34,
+                mtime: t(100),
+                dir_mtime: t(101),
+            },
+            Op::Mknod {
+                path: p("d/f"),
+                kind: NodeKind::File,
+                mode: 0o640,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+                mtime: t(102),
+                dir_mtime: t(103),
+            },
+            Op::Write {
+                path: p("d/f"),
+                offset: 10,
+                data: b"hello".to_vec(),
+                mtime: t(104),
+            },
+            Op::Symlink {
+                path: p("l"),
+                target: b"d/f".to_vec(),
+                uid: 5,
+                gid: 6,
+                mtime: t(105),
+                dir_mtime: t(106),
+            },
+            Op::Rename {
+                from: p("d/f"),
+                to: p("g"),
+                flags: 0,
+                from_dir_mtime: t(107),
+                to_dir_mtime: t(108),
+            },
+            Op::SetXattr {
+                path: p("g"),
+                name: b"user.k".to_vec(),
+                value: b"v".to_vec(),
+            },
+        ];
+        for op in &ops {
+            a.apply(op, true).expect("apply");
+        }
+        let g = std::fs::symlink_metadata(d.join("g")).expect("g");
+        assert_eq!(g.len(), 15);
+        assert_eq!(g.mode() & 0o7777, 0o640);
+        assert_eq!((g.mtime(), g.mtime_nsec()), (104, 5));
+        let dd = std::fs::symlink_metadata(d.join("d")).expect("d");
+        assert_eq!((dd.uid(), dd.gid(), dd.mode() & 0o7777), (12, 34, 0o750));
+        assert_eq!(dd.mtime(), 107);
+        let l = std::fs::symlink_metadata(d.join("l")).expect("l");
+        assert_eq!((l.uid(), l.gid(), l.mtime()), (5, 6, 105));
+        assert_eq!(
+            std::fs::read_link(d.join("l")).expect("link"),
+            Path::new("d/f")
+        );
+        assert_eq!(std::fs::metadata(&d).expect("root").mtime(), 108);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn symlinks_in_the_copy_are_never_traversed() {
+        let d = tmp("escape");
+        let outside = tmp("outside");
+        std::os::unix::fs::symlink(&outside, d.join("evil")).expect("symlink");
+        std::fs::write(outside.join("victim"), b"keep").expect("victim");
+        std::os::unix::fs::symlink(outside.join("victim"), d.join("v")).expect("symlink");
+        let mut a = Applier::open(&d).expect("open");
+        let attempts = [
+            Op::Mknod {
+                path: p("evil/new"),
+                kind: NodeKind::File,
+                mode: 0o644,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+                mtime: t(1),
+                dir_mtime: t(1),
+            },
+            Op::Write {
+                path: p("evil/victim"),
+                offset: 0,
+                data: b"pwned".to_vec(),
+                mtime: t(1),
+            },
+            Op::Write {
+                path: p("v"),
+                offset: 0,
+                data: b"pwned".to_vec(),
+                mtime: t(1),
+            },
+            Op::Unlink {
+                path: p("evil/victim"),
+                dir_mtime: t(1),
+            },
+            Op::SetAttr {
+                path: p("v"),
+                mode: Some(0o777),
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
+        ];
+        for op in &attempts {
+            let _ = a.apply(op, true);
+        }
+        assert_eq!(
+            std::fs::read(outside.join("victim")).expect("read"),
+            b"keep"
+        );
+        assert!(!outside.join("new").exists());
+        let m = std::fs::metadata(outside.join("victim")).expect("stat");
+        assert_ne!(m.mode() & 0o777, 0o777);
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&outside);
+    }
+}

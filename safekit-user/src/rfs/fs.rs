@@ -1,0 +1,1456 @@
+//! The FUSE filesystem mounted over a replicated directory on the primary.
+//!
+//! Before mounting, the real directory is opened (`O_DIRECTORY`); every
+//! request is then served with `*at` calls below that fd (the mount hides the
+//! path). Inode numbers are the real ones (the root's swapped with 1); a table
+//! maps each inode the kernel knows to its names (parent inode, name), which
+//! gives the relative path each replicated operation carries. An open file
+//! that was unlinked has no name: writes to it stay local (nothing on the
+//! secondary can reach it either).
+//!
+//! Ordering: one lock covers "apply locally, then submit to the replicator",
+//! so the sequence numbers are the order in which the local directory
+//! changed. Replies that must wait for the secondary (every mutation, see
+//! below) are handed to the replicator and sent from its receiver thread when
+//! the acknowledgement arrives, so no FUSE thread blocks on the network.
+//!
+//! Durability choice: write-back caching is off (the kernel sends every
+//! `write(2)` through, and mmap writes on `msync`/writeback). So every write
+//! and every metadata change is replied to only once the secondary
+//! acknowledged it (SPEC §5: "every write when write-back caching is off");
+//! fsync/fdatasync and `O_SYNC`/`O_DSYNC` writes are also synced to the local
+//! disk first and send a barrier that, with `async = "none"`, the secondary
+//! syncs before acknowledging. When the secondary is lost (send timeout), the
+//! replicator journals and releases the waiting replies.
+//!
+//! Reads never wait: they are served from the kernel page cache or by
+//! `pread`, or — read-only opens with passthrough on — by the kernel directly
+//! from the real file (FUSE passthrough: no request reaches the daemon).
+
+use std::{
+    collections::HashMap,
+    ffi::{OsStr, OsString},
+    io,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType as FuseType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags as RxRename, Stat, XattrFlags};
+
+use super::{
+    journal::Change,
+    proto::{NodeKind, Op, RelPath, Timestamp, rename},
+    replicator::{Completion, Replicator, Ticket},
+    sys,
+};
+
+/// Attribute and entry cache lifetime given to the kernel. Every change goes
+/// through this mount, so the kernel's caches stay right; short anyway.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends in one request.
+pub(crate) const MAX_WRITE: u32 = 1 << 20;
+
+/// The inode table: names of the inodes the kernel holds.
+#[derive(Debug, Default)]
+struct Tree {
+    nodes: HashMap<u64, Node>,
+    by_name: HashMap<(u64, OsString), u64>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    names: Vec<(u64, OsString)>,
+    nlookup: u64,
+}
+
+impl Tree {
+    /// The relative path of `ino` (its first known name), `None` if it has
+    /// none (unlinked, or forgotten).
+    fn path(&self, ino: u64) -> Option<RelPath> {
+        let mut parts: Vec<&OsStr> = Vec::new();
+        let mut cur = ino;
+        for _ in 0..4096 {
+            if cur == INodeNo::ROOT.0 {
+                let mut p = RelPath::root();
+                for part in parts.iter().rev() {
+                    p = p.join(part.as_bytes()).ok()?;
+                }
+                return Some(p);
+            }
+            let (parent, name) = self.nodes.get(&cur)?.names.first()?;
+            parts.push(name);
+            cur = *parent;
+        }
+        None
+    }
+
+    /// Records that the kernel now knows `ino` as `parent/name`.
+    fn learn(&mut self, ino: u64, parent: u64, name: &OsStr) {
+        let key = (parent, name.to_os_string());
+        if let Some(old) = self.by_name.insert(key.clone(), ino)
+            && old != ino
+            && let Some(n) = self.nodes.get_mut(&old)
+        {
+            n.names.retain(|k| *k != key);
+        }
+        let node = self.nodes.entry(ino).or_default();
+        node.nlookup += 1;
+        if !node.names.contains(&key) {
+            node.names.push(key);
+        }
+    }
+
+    fn unlearn(&mut self, parent: u64, name: &OsStr) {
+        let key = (parent, name.to_os_string());
+        if let Some(ino) = self.by_name.remove(&key)
+            && let Some(n) = self.nodes.get_mut(&ino)
+        {
+            n.names.retain(|k| *k != key);
+        }
+    }
+
+    fn rename(&mut self, from: (u64, &OsStr), to: (u64, &OsStr), exchange: bool) {
+        let kf = (from.0, from.1.to_os_string());
+        let kt = (to.0, to.1.to_os_string());
+        let a = self.by_name.remove(&kf);
+        let b = self.by_name.remove(&kt);
+        if let Some(b) = b
+            && let Some(n) = self.nodes.get_mut(&b)
+        {
+            n.names.retain(|k| *k != kt);
+            if exchange {
+                n.names.insert(0, kf.clone());
+                self.by_name.insert(kf.clone(), b);
+            }
+        }
+        if let Some(a) = a
+            && let Some(n) = self.nodes.get_mut(&a)
+        {
+            n.names.retain(|k| *k != kf);
+            n.names.insert(0, kt.clone());
+            self.by_name.insert(kt, a);
+        }
+    }
+
+    fn forget(&mut self, ino: u64, n: u64) {
+        if ino == INodeNo::ROOT.0 {
+            return;
+        }
+        let gone = match self.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.nlookup = node.nlookup.saturating_sub(n);
+                node.nlookup == 0
+            }
+            None => false,
+        };
+        if gone && let Some(node) = self.nodes.remove(&ino) {
+            for k in node.names {
+                if self.by_name.get(&k) == Some(&ino) {
+                    self.by_name.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    ino: u64,
+    fd: Arc<OwnedFd>,
+    /// Opened with `O_SYNC`/`O_DSYNC`: every write is a barrier.
+    sync: bool,
+    /// How the kernel does I/O on it.
+    io: Io,
+    /// Kept alive while the kernel uses it for passthrough.
+    _backing: Option<BackingId>,
+}
+
+/// How the kernel does I/O on an open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Io {
+    /// Through the page cache, reads and writes reaching the daemon.
+    Cached,
+    /// Reads straight from the real file (read-only opens).
+    Passthrough,
+}
+
+#[derive(Debug)]
+struct OpenDir {
+    entries: Vec<(u64, FuseType, OsString)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tree: Tree,
+    files: HashMap<u64, OpenFile>,
+    dirs: HashMap<u64, OpenDir>,
+    next_fh: u64,
+}
+
+/// The filesystem served over one replicated directory.
+pub(crate) struct ReplicatedFs {
+    root: OwnedFd,
+    root_ino: u64,
+    state: Mutex<State>,
+    repl: Arc<Replicator>,
+    passthrough: bool,
+}
+
+impl std::fmt::Debug for ReplicatedFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedFs")
+            .field("root_ino", &self.root_ino)
+            .field("passthrough", &self.passthrough)
+            .finish_non_exhaustive()
+    }
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn to_system_time(t: Timestamp) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec.unsigned_abs(), t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn from_system_time(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timestamp { sec, nsec }
+        }
+    }
+}
+
+fn fuse_type(ft: FileType) -> FuseType {
+    match ft {
+        FileType::Directory => FuseType::Directory,
+        FileType::Symlink => FuseType::Symlink,
+        FileType::Fifo => FuseType::NamedPipe,
+        FileType::Socket => FuseType::Socket,
+        FileType::CharacterDevice => FuseType::CharDevice,
+        FileType::BlockDevice => FuseType::BlockDevice,
+        _ => FuseType::RegularFile,
+    }
+}
+
+/// Open flags passed to the real file: the access mode and status flags;
+/// `O_APPEND` is dropped because the kernel already gives the append offset
+/// (and `pwrite` on an `O_APPEND` fd would ignore it), creation flags and
+/// `O_DIRECT` too (the daemon's buffers are not aligned).
+fn real_open_flags(flags: i32) -> OFlags {
+    let keep = libc::O_ACCMODE | libc::O_NOATIME;
+    #[expect(clippy::cast_sign_loss, reason = "flag bits")]
+    OFlags::from_bits_retain((flags & keep) as u32)
+}
+
+fn is_sync(flags: i32) -> bool {
+    flags & (libc::O_SYNC | libc::O_DSYNC) != 0
+}
+
+/// A parent directory fd and a name inside it.
+struct Entry {
+    dir: OwnedFd,
+    name: OsString,
+}
+
+impl ReplicatedFs {
+    pub(crate) fn new(root: OwnedFd, repl: Arc<Replicator>, passthrough: bool) -> io::Result<Self> {
+        let st = sys::fstat(&root)?;
+        Ok(Self {
+            root,
+            root_ino: st.st_ino,
+            state: Mutex::new(State {
+                next_fh: 1,
+                ..State::default()
+            }),
+            repl,
+            passthrough,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Real inode number → FUSE inode number (the root and 1 swapped).
+    fn fuse_ino(&self, real: u64) -> u64 {
+        if real == self.root_ino {
+            INodeNo::ROOT.0
+        } else if real == INodeNo::ROOT.0 {
+            self.root_ino
+        } else {
+            real
+        }
+    }
+
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "stat fields in range"
+    )]
+    #[allow(
+        clippy::unnecessary_cast,
+        clippy::useless_conversion,
+        reason = "types differ by arch"
+    )]
+    fn attr(&self, st: &Stat) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(self.fuse_ino(st.st_ino as u64)),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: to_system_time(sys::atime(st)),
+            mtime: to_system_time(sys::mtime(st)),
+            ctime: to_system_time(sys::ctime(st)),
+            crtime: UNIX_EPOCH,
+            kind: fuse_type(sys::file_type(st)),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    fn path(&self, st: &State, ino: INodeNo) -> Result<RelPath, Errno> {
+        st.tree.path(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, OwnedFd), Errno> {
+        let p = self.path(st, ino)?;
+        let fd = sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?;
+        Ok((p, fd))
+    }
+
+    /// The parent fd and name of `path` (the root: itself and `"."`).
+    fn entry(&self, path: &RelPath) -> Result<Entry, Errno> {
+        let (parent, name) = match path.split() {
+            Ok((parent, name)) => (parent, OsStr::from_bytes(name)),
+            Err(_) => (&[][..], OsStr::new(".")),
+        };
+        Ok(Entry {
+            dir: sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?,
+            name: name.to_os_string(),
+        })
+    }
+
+    fn child(parent: &RelPath, name: &OsStr) -> Result<RelPath, Errno> {
+        parent
+            .join(name.as_bytes())
+            .map_err(|_| Errno::from_i32(libc::ENAMETOOLONG))
+    }
+
+    /// An fd on the file of an open handle, or of any open handle of `ino`.
+    fn open_fd(st: &State, ino: INodeNo, fh: Option<FileHandle>) -> Option<Arc<OwnedFd>> {
+        fh.and_then(|fh| st.files.get(&fh.0))
+            .or_else(|| st.files.values().find(|f| f.ino == ino.0))
+            .map(|f| Arc::clone(&f.fd))
+    }
+
+    fn stat_ino(&self, st: &State, ino: INodeNo, fh: Option<FileHandle>) -> Result<Stat, Errno> {
+        if let Some(p) = st.tree.path(ino.0) {
+            let r = if p.is_root() {
+                sys::fstat(self.root())
+            } else {
+                let e = self.entry(&p)?;
+                sys::stat_at(e.dir.as_fd(), &e.name)
+            };
+            return r.map_err(|e| errno(&e));
+        }
+        let fd = Self::open_fd(st, ino, fh).ok_or(Errno::ENOENT)?;
+        sys::fstat(fd.as_fd()).map_err(|e| errno(&e))
+    }
+
+    /// Owner and mode of a node just created by the daemon (running as root)
+    /// on behalf of `req`: the caller's uid, its gid or the directory's when
+    /// the directory is setgid, the requested mode whatever our own umask.
+    fn own_new(&self, req: &Request, e: &Entry, mode: u32, is_dir: bool) -> Result<Stat, Errno> {
+        let dst = sys::fstat(e.dir.as_fd()).map_err(|e| errno(&e))?;
+        let gid = if dst.st_mode & libc::S_ISGID != 0 {
+            dst.st_gid
+        } else {
+            req.gid()
+        };
+        sys::chown_at(e.dir.as_fd(), &e.name, Some(req.uid()), Some(gid)).map_err(|e| errno(&e))?;
+        let st = sys::stat_at(e.dir.as_fd(), &e.name).map_err(|e| errno(&e))?;
+        let mut want = mode & 0o7777;
+        if is_dir {
+            want |= st.st_mode & libc::S_ISGID;
+        }
+        if sys::perm(&st) != want && sys::file_type(&st) != FileType::Symlink {
+            sys::chmod_at(e.dir.as_fd(), &e.name, want).map_err(|e| errno(&e))?;
+            return sys::stat_at(e.dir.as_fd(), &e.name).map_err(|e| errno(&e));
+        }
+        Ok(st)
+    }
+
+    fn dir_mtime(e: &Entry) -> Result<Timestamp, Errno> {
+        Ok(sys::mtime(
+            &sys::fstat(e.dir.as_fd()).map_err(|e| errno(&e))?,
+        ))
+    }
+
+    fn submit(&self, op: &Op, changes: &[(RelPath, Change)]) -> Ticket {
+        self.repl.submit(op, changes.to_vec())
+    }
+
+    fn then(&self, ticket: Ticket, f: impl FnOnce(Result<(), i32>) + Send + 'static) {
+        let done: Completion = Box::new(f);
+        self.repl.when_durable(ticket, done);
+    }
+
+    /// Common path of mknod/mkdir/symlink: replies with the new entry once
+    /// the creation is durable.
+    fn reply_created_entry(&self, ticket: Ticket, attr: FileAttr, reply: ReplyEntry) {
+        self.then(ticket, move |r| match r {
+            Ok(()) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        });
+    }
+
+    fn reply_empty(&self, ticket: Ticket, reply: ReplyEmpty) {
+        self.then(ticket, move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        });
+    }
+
+    fn do_setattr(
+        &self,
+        req_times: (Option<TimeOrNow>, Option<TimeOrNow>),
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        fh: Option<FileHandle>,
+    ) -> Result<(FileAttr, Ticket), Errno> {
+        let st = self.lock();
+        let path = st.tree.path(ino.0);
+        let held = Self::open_fd(&st, ino, fh);
+        let mut ticket = None;
+        if let Some(size) = size {
+            let fd = match (&held, &path) {
+                (Some(fd), _) => Arc::clone(fd),
+                (None, Some(p)) => Arc::new(
+                    sys::open_beneath(self.root(), p.as_bytes(), OFlags::WRONLY)
+                        .map_err(|e| errno(&e))?,
+                ),
+                (None, None) => return Err(Errno::ENOENT),
+            };
+            // A read-only handle cannot truncate; reopen by path then.
+            if let Err(e) = rustix::fs::ftruncate(fd.as_fd(), size) {
+                let p = path.as_ref().ok_or(Errno::from_i32(e.raw_os_error()))?;
+                let fd = sys::open_beneath(self.root(), p.as_bytes(), OFlags::WRONLY)
+                    .map_err(|e| errno(&e))?;
+                rustix::fs::ftruncate(&fd, size).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            }
+            if let Some(p) = &path {
+                let stat = self.stat_ino(&st, ino, fh)?;
+                ticket = Some(self.submit(
+                    &Op::Truncate {
+                        path: p.clone(),
+                        size,
+                        mtime: sys::mtime(&stat),
+                    },
+                    &[(p.clone(), Change::Meta)],
+                ));
+            }
+        }
+        let now = from_system_time(SystemTime::now());
+        let resolve = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::Now => now,
+                TimeOrNow::SpecificTime(t) => from_system_time(t),
+            })
+        };
+        let (atime, mtime) = (resolve(req_times.0), resolve(req_times.1));
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+            match &path {
+                Some(p) => {
+                    let e = self.entry(p)?;
+                    if uid.is_some() || gid.is_some() {
+                        sys::chown_at(e.dir.as_fd(), &e.name, uid, gid).map_err(|e| errno(&e))?;
+                    }
+                    if let Some(m) = mode {
+                        sys::chmod_at(e.dir.as_fd(), &e.name, m & 0o7777).map_err(|e| errno(&e))?;
+                    }
+                    if atime.is_some() || mtime.is_some() {
+                        sys::set_times_at(e.dir.as_fd(), &e.name, atime, mtime)
+                            .map_err(|e| errno(&e))?;
+                    }
+                }
+                None => {
+                    // Unlinked but open: change it locally, nothing to send.
+                    let fd = held.as_ref().ok_or(Errno::ENOENT)?;
+                    if uid.is_some() || gid.is_some() {
+                        rustix::fs::fchown(
+                            fd.as_fd(),
+                            uid.map(rustix::fs::Uid::from_raw),
+                            gid.map(rustix::fs::Gid::from_raw),
+                        )
+                        .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                    }
+                    if let Some(m) = mode {
+                        rustix::fs::fchmod(fd.as_fd(), Mode::from_raw_mode(m & 0o7777))
+                            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                    }
+                }
+            }
+            if let Some(p) = &path {
+                let stat = self.stat_ino(&st, ino, fh)?;
+                let owner_or_mode = mode.is_some() || uid.is_some() || gid.is_some();
+                ticket = Some(self.submit(
+                    &Op::SetAttr {
+                        path: p.clone(),
+                        // The final mode: chown may have cleared set-id bits.
+                        mode: owner_or_mode.then(|| sys::perm(&stat)),
+                        uid,
+                        gid,
+                        atime,
+                        mtime,
+                    },
+                    &[(p.clone(), Change::Meta)],
+                ));
+            }
+        }
+        let stat = self.stat_ino(&st, ino, fh)?;
+        drop(st);
+        Ok((self.attr(&stat), ticket.unwrap_or(Ticket::DONE)))
+    }
+
+    fn read_dir(&self, ino: INodeNo) -> Result<OpenDir, Errno> {
+        let st = self.lock();
+        let (path, fd) = self.dir_of(&st, ino)?;
+        let parent_ino = st
+            .tree
+            .nodes
+            .get(&ino.0)
+            .and_then(|n| n.names.first())
+            .map_or(INodeNo::ROOT.0, |k| k.0);
+        let _ = path;
+        drop(st);
+        let mut dir = rustix::fs::Dir::new(fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+        let mut entries = Vec::new();
+        while let Some(ent) = dir.read() {
+            let ent = ent.map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let name = OsStr::from_bytes(ent.file_name().to_bytes()).to_os_string();
+            let fino = match name.as_bytes() {
+                b"." => ino.0,
+                b".." => parent_ino,
+                _ => self.fuse_ino(ent.ino()),
+            };
+            entries.push((fino, fuse_type(ent.file_type()), name));
+        }
+        Ok(OpenDir { entries })
+    }
+}
+
+impl Filesystem for ReplicatedFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if config.set_max_write(MAX_WRITE).is_err() {
+            tracing::debug!("kernel refused max_write of 1 MiB; using its maximum");
+        }
+        if self.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("FUSE passthrough unavailable; reads go through the daemon");
+                self.passthrough = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (_, dir) = self.dir_of(&st, parent)?;
+            sys::stat_at(dir.as_fd(), name).map_err(|e| errno(&e))
+        })();
+        match r {
+            Ok(stat) => {
+                let attr = self.attr(&stat);
+                st.tree.learn(attr.ino.0, parent.0, name);
+                drop(st);
+                reply.entry(&TTL, &attr, Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.lock().tree.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let st = self.lock();
+        match self.stat_ino(&st, ino, fh) {
+            Ok(stat) => {
+                drop(st);
+                reply.attr(&TTL, &self.attr(&stat));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr((atime, mtime), ino, mode, uid, gid, size, fh) {
+            Ok((attr, ticket)) => self.then(ticket, move |r| match r {
+                Ok(()) => reply.attr(&TTL, &attr),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let st = self.lock();
+        let r = self.path(&st, ino).and_then(|p| {
+            drop(st);
+            let e = self.entry(&p)?;
+            rustix::fs::readlinkat(e.dir.as_fd(), &e.name, Vec::new())
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match r {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (ppath, dir) = self.dir_of(&st, parent)?;
+            let path = Self::child(&ppath, name)?;
+            let (ft, kind) = match mode & libc::S_IFMT {
+                libc::S_IFREG | 0 => (FileType::RegularFile, NodeKind::File),
+                libc::S_IFIFO => (FileType::Fifo, NodeKind::Fifo),
+                libc::S_IFSOCK => (FileType::Socket, NodeKind::Socket),
+                libc::S_IFCHR => (FileType::CharacterDevice, NodeKind::CharDev),
+                libc::S_IFBLK => (FileType::BlockDevice, NodeKind::BlockDev),
+                _ => return Err(Errno::EINVAL),
+            };
+            rustix::fs::mknodat(
+                &dir,
+                name,
+                ft,
+                Mode::from_raw_mode(mode & 0o7777),
+                u64::from(rdev),
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let e = Entry {
+                dir,
+                name: name.to_os_string(),
+            };
+            let stat = self.own_new(req, &e, mode, false)?;
+            let op = Op::Mknod {
+                path: path.clone(),
+                kind,
+                mode: sys::perm(&stat),
+                rdev: u64::from(rdev),
+                uid: stat.st_uid,
+                gid: stat.st_gid,
+                mtime: sys::mtime(&stat),
+                dir_mtime: Self::dir_mtime(&e)?,
+            };
+            let attr = self.attr(&stat);
+            st.tree.learn(attr.ino.0, parent.0, name);
+            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+        })();
+        drop(st);
+        match r {
+            Ok((attr, t)) => self.reply_created_entry(t, attr, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (ppath, dir) = self.dir_of(&st, parent)?;
+            let path = Self::child(&ppath, name)?;
+            rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o7777))
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let e = Entry {
+                dir,
+                name: name.to_os_string(),
+            };
+            let stat = self.own_new(req, &e, mode, true)?;
+            let op = Op::Mkdir {
+                path: path.clone(),
+                mode: sys::perm(&stat),
+                uid: stat.st_uid,
+                gid: stat.st_gid,
+                mtime: sys::mtime(&stat),
+                dir_mtime: Self::dir_mtime(&e)?,
+            };
+            let attr = self.attr(&stat);
+            st.tree.learn(attr.ino.0, parent.0, name);
+            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+        })();
+        drop(st);
+        match r {
+            Ok((attr, t)) => self.reply_created_entry(t, attr, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (ppath, dir) = self.dir_of(&st, parent)?;
+            let path = Self::child(&ppath, link_name)?;
+            rustix::fs::symlinkat(target, &dir, link_name)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let e = Entry {
+                dir,
+                name: link_name.to_os_string(),
+            };
+            let stat = self.own_new(req, &e, 0o777, false)?;
+            let op = Op::Symlink {
+                path: path.clone(),
+                target: target.as_os_str().as_bytes().to_vec(),
+                uid: stat.st_uid,
+                gid: stat.st_gid,
+                mtime: sys::mtime(&stat),
+                dir_mtime: Self::dir_mtime(&e)?,
+            };
+            let attr = self.attr(&stat);
+            st.tree.learn(attr.ino.0, parent.0, link_name);
+            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+        })();
+        drop(st);
+        match r {
+            Ok((attr, t)) => self.reply_created_entry(t, attr, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (pa, da) = self.dir_of(&st, parent)?;
+            let (pb, db) = self.dir_of(&st, newparent)?;
+            let from = Self::child(&pa, name)?;
+            let to = Self::child(&pb, newname)?;
+            let mut rx = RxRename::empty();
+            let mut wire = 0;
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                rx |= RxRename::NOREPLACE;
+                wire |= rename::NOREPLACE;
+            }
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                rx |= RxRename::EXCHANGE;
+                wire |= rename::EXCHANGE;
+            }
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(Errno::EINVAL);
+            }
+            rustix::fs::renameat_with(&da, name, &db, newname, rx)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            st.tree.rename(
+                (parent.0, name),
+                (newparent.0, newname),
+                flags.contains(RenameFlags::RENAME_EXCHANGE),
+            );
+            let op = Op::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                flags: wire,
+                from_dir_mtime: sys::mtime(&sys::fstat(&da).map_err(|e| errno(&e))?),
+                to_dir_mtime: sys::mtime(&sys::fstat(&db).map_err(|e| errno(&e))?),
+            };
+            Ok(self.submit(&op, &[(from, Change::Tree), (to, Change::Tree)]))
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let existing = self.path(&st, ino)?;
+            let src = self.entry(&existing)?;
+            let (pb, db) = self.dir_of(&st, newparent)?;
+            let path = Self::child(&pb, newname)?;
+            rustix::fs::linkat(&src.dir, &src.name, &db, newname, AtFlags::empty())
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let stat = sys::stat_at(db.as_fd(), newname).map_err(|e| errno(&e))?;
+            let op = Op::Link {
+                existing,
+                path: path.clone(),
+                dir_mtime: sys::mtime(&sys::fstat(&db).map_err(|e| errno(&e))?),
+            };
+            let attr = self.attr(&stat);
+            st.tree.learn(attr.ino.0, newparent.0, newname);
+            Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
+        })();
+        drop(st);
+        match r {
+            Ok((attr, t)) => self.reply_created_entry(t, attr, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mut st = self.lock();
+        let r = (|| {
+            let p = self.path(&st, ino)?;
+            let fd = sys::open_beneath(self.root(), p.as_bytes(), real_open_flags(flags.0))
+                .map_err(|e| errno(&e))?;
+            Ok(fd)
+        })();
+        let fd = match r {
+            Ok(fd) => fd,
+            Err(e) => {
+                drop(st);
+                return reply.error(e);
+            }
+        };
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        // The kernel requires every open of an inode that has a passthrough
+        // open to be passthrough too (else the open fails with EIO): a
+        // read-only open is passthrough only when no other open exists, and
+        // a writer opening later fails (see `PrimaryParams::passthrough_reads`).
+        let cached = st
+            .files
+            .values()
+            .any(|f| f.ino == ino.0 && f.io == Io::Cached);
+        let backing = if self.passthrough && read_only && !cached {
+            reply.open_backing(&fd).ok()
+        } else {
+            None
+        };
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        let io = if backing.is_some() {
+            Io::Passthrough
+        } else {
+            Io::Cached
+        };
+        let f = OpenFile {
+            ino: ino.0,
+            fd: Arc::new(fd),
+            sync: is_sync(flags.0),
+            io,
+            _backing: backing,
+        };
+        match (&f._backing, io) {
+            // The reply borrows the id; the handle keeps it alive until
+            // release. (FOPEN_KEEP_CACHE with passthrough makes reads fail.)
+            (Some(b), _) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), b),
+            (None, _) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+        st.files.insert(fh, f);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fd = self.lock().files.get(&fh.0).map(|f| Arc::clone(&f.fd));
+        let Some(fd) = fd else {
+            return reply.error(Errno::from_i32(libc::EBADF));
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match rustix::io::pread(fd.as_fd(), &mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let st = self.lock();
+        let r = (|| {
+            let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
+            let fd = Arc::clone(&f.fd);
+            let sync = f.sync || is_sync(flags.0);
+            sys::write_all_at(fd.as_fd(), data, offset).map_err(|e| errno(&e))?;
+            if sync {
+                rustix::fs::fdatasync(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            }
+            let Some(path) = st.tree.path(ino.0) else {
+                return Ok(Ticket::DONE);
+            };
+            let stat = sys::fstat(fd.as_fd()).map_err(|e| errno(&e))?;
+            let end = offset + data.len() as u64;
+            let mut t = self.submit(
+                &Op::Write {
+                    path: path.clone(),
+                    offset,
+                    data: data.to_vec(),
+                    mtime: sys::mtime(&stat),
+                },
+                &[(path.clone(), Change::Range { start: offset, end })],
+            );
+            if sync {
+                t = self.submit(
+                    &Op::Fsync {
+                        path,
+                        data_only: flags.0 & libc::O_SYNC != libc::O_SYNC,
+                    },
+                    &[],
+                );
+            }
+            Ok(t)
+        })();
+        drop(st);
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        match r {
+            Ok(t) => self.then(t, move |r| match r {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let f = self.lock().files.remove(&fh.0);
+        drop(f);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let st = self.lock();
+        let r = (|| {
+            let fd = Self::open_fd(&st, ino, Some(fh)).ok_or(Errno::from_i32(libc::EBADF))?;
+            let res = if datasync {
+                rustix::fs::fdatasync(fd.as_fd())
+            } else {
+                rustix::fs::fsync(fd.as_fd())
+            };
+            res.map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            Ok(match st.tree.path(ino.0) {
+                Some(path) => self.submit(
+                    &Op::Fsync {
+                        path,
+                        data_only: datasync,
+                    },
+                    &[],
+                ),
+                None => Ticket::DONE,
+            })
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.read_dir(ino) {
+            Ok(d) => {
+                let mut st = self.lock();
+                let fh = st.next_fh;
+                st.next_fh += 1;
+                st.dirs.insert(fh, d);
+                drop(st);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let st = self.lock();
+        let Some(d) = st.dirs.get(&fh.0) else {
+            drop(st);
+            return reply.error(Errno::from_i32(libc::EBADF));
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in d.entries.iter().enumerate().skip(start) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        drop(st);
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.lock().dirs.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let st = self.lock();
+        let r = (|| {
+            let (path, fd) = self.dir_of(&st, ino)?;
+            rustix::fs::fsync(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            Ok(self.submit(
+                &Op::Fsync {
+                    path,
+                    data_only: datasync,
+                },
+                &[],
+            ))
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::fstatvfs(self.root()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                u32::try_from(s.f_bsize).unwrap_or(4096),
+                u32::try_from(s.f_namemax).unwrap_or(255),
+                u32::try_from(s.f_frsize).unwrap_or(4096),
+            ),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let st = self.lock();
+        let r = (|| {
+            let path = self.path(&st, ino)?;
+            let e = self.entry(&path)?;
+            #[expect(clippy::cast_sign_loss, reason = "flag bits")]
+            let f = XattrFlags::from_bits_retain(flags as u32);
+            rustix::fs::lsetxattr(sys::proc_entry(e.dir.as_fd(), &e.name), name, value, f)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            Ok(self.submit(
+                &Op::SetXattr {
+                    path: path.clone(),
+                    name: name.as_bytes().to_vec(),
+                    value: value.to_vec(),
+                },
+                &[(path, Change::Meta)],
+            ))
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let st = self.lock();
+        let r = self.path(&st, ino).and_then(|p| {
+            drop(st);
+            let e = self.entry(&p)?;
+            sys::get_xattr(&sys::proc_entry(e.dir.as_fd(), &e.name), name).map_err(|e| errno(&e))
+        });
+        reply_xattr(r, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let st = self.lock();
+        let r = self.path(&st, ino).and_then(|p| {
+            drop(st);
+            let e = self.entry(&p)?;
+            sys::list_xattrs(&sys::proc_entry(e.dir.as_fd(), &e.name)).map_err(|e| errno(&e))
+        });
+        reply_xattr(r, size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let st = self.lock();
+        let r = (|| {
+            let path = self.path(&st, ino)?;
+            let e = self.entry(&path)?;
+            rustix::fs::lremovexattr(sys::proc_entry(e.dir.as_fd(), &e.name), name)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            Ok(self.submit(
+                &Op::RemoveXattr {
+                    path: path.clone(),
+                    name: name.as_bytes().to_vec(),
+                },
+                &[(path, Change::Meta)],
+            ))
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks; never called in practice.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (ppath, dir) = self.dir_of(&st, parent)?;
+            let path = Self::child(&ppath, name)?;
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                real_open_flags(flags)
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC,
+                Mode::from_raw_mode(mode & 0o7777),
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let e = Entry {
+                dir,
+                name: name.to_os_string(),
+            };
+            let stat = self.own_new(req, &e, mode, false)?;
+            let op = Op::Mknod {
+                path: path.clone(),
+                kind: NodeKind::File,
+                mode: sys::perm(&stat),
+                rdev: 0,
+                uid: stat.st_uid,
+                gid: stat.st_gid,
+                mtime: sys::mtime(&stat),
+                dir_mtime: Self::dir_mtime(&e)?,
+            };
+            let attr = self.attr(&stat);
+            st.tree.learn(attr.ino.0, parent.0, name);
+            let fh = st.next_fh;
+            st.next_fh += 1;
+            st.files.insert(
+                fh,
+                OpenFile {
+                    ino: attr.ino.0,
+                    fd: Arc::new(fd),
+                    sync: is_sync(flags),
+                    io: Io::Cached,
+                    _backing: None,
+                },
+            );
+            Ok((attr, fh, self.submit(&op, &[(path, Change::Meta)])))
+        })();
+        drop(st);
+        match r {
+            Ok((attr, fh, t)) => self.then(t, move |r| match r {
+                Ok(()) => reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // Not replicated yet: refuse, so posix_fallocate falls back to writes.
+        reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+    }
+}
+
+impl ReplicatedFs {
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let mut st = self.lock();
+        let r = (|| {
+            let (ppath, pfd) = self.dir_of(&st, parent)?;
+            let path = Self::child(&ppath, name)?;
+            let flags = if dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            rustix::fs::unlinkat(&pfd, name, flags)
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            st.tree.unlearn(parent.0, name);
+            let dir_mtime = sys::mtime(&sys::fstat(&pfd).map_err(|e| errno(&e))?);
+            let op = if dir {
+                Op::Rmdir {
+                    path: path.clone(),
+                    dir_mtime,
+                }
+            } else {
+                Op::Unlink {
+                    path: path.clone(),
+                    dir_mtime,
+                }
+            };
+            Ok(self.submit(&op, &[(path, Change::Meta)]))
+        })();
+        drop(st);
+        match r {
+            Ok(t) => self.reply_empty(t, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn reply_xattr(r: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(v) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
+        Ok(v) if v.len() <= size as usize => reply.data(&v),
+        Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+        Err(e) => reply.error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_tracks_names_through_renames_and_unlinks() {
+        let mut t = Tree::default();
+        t.learn(10, 1, OsStr::new("d"));
+        t.learn(11, 10, OsStr::new("f"));
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("d/f".into()));
+        t.rename((1, OsStr::new("d")), (1, OsStr::new("e")), false);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("e/f".into()));
+        // Hard link, then the first name goes: the other one remains.
+        t.learn(11, 1, OsStr::new("h"));
+        t.unlearn(10, OsStr::new("f"));
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("h".into()));
+        t.unlearn(1, OsStr::new("h"));
+        assert_eq!(t.path(11), None);
+        // Rename over an existing entry: the target loses its name.
+        t.learn(12, 1, OsStr::new("a"));
+        t.learn(13, 1, OsStr::new("b"));
+        t.rename((1, OsStr::new("a")), (1, OsStr::new("b")), false);
+        assert_eq!(t.path(12).map(|p| p.to_string()), Some("b".into()));
+        assert_eq!(t.path(13), None);
+        // Exchange swaps.
+        t.learn(14, 1, OsStr::new("c"));
+        t.rename((1, OsStr::new("b")), (1, OsStr::new("c")), true);
+        assert_eq!(t.path(12).map(|p| p.to_string()), Some("c".into()));
+        assert_eq!(t.path(14).map(|p| p.to_string()), Some("b".into()));
+        t.forget(14, 1);
+        assert!(t.path(14).is_none() && !t.by_name.values().any(|&i| i == 14));
+        assert_eq!(t.path(1).map(|p| p.to_string()), Some(".".into()));
+    }
+
+    #[test]
+    fn times_convert_both_ways() {
+        for t in [
+            Timestamp { sec: 0, nsec: 0 },
+            Timestamp {
+                sec: 1_700_000_000,
+                nsec: 123,
+            },
+            Timestamp { sec: -2, nsec: 500 },
+        ] {
+            assert_eq!(from_system_time(to_system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn open_flags_drop_append_and_creation() {
+        let f = real_open_flags(
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_TRUNC | libc::O_DIRECT,
+        );
+        assert_eq!(f, OFlags::WRONLY);
+    }
+}

@@ -1,0 +1,592 @@
+//! What changed while the secondary was away: a crash-safe, append-only
+//! record of changed paths and byte ranges, so a reintegration sends only
+//! those.
+//!
+//! The pure part is [`RangeSet`] and [`DirtySet`] (merging, coverage); the
+//! file part is [`Journal`]:
+//!
+//! - A record is appended only when it adds information (a range already
+//!   covered costs nothing), with ranges widened to [`CHUNK`] boundaries so a
+//!   sequential writer appends once per MiB, not once per write.
+//! - The caller calls [`Journal::sync`] (fdatasync) before telling the
+//!   application its operation is done: an acknowledged change is always in
+//!   the journal on disk.
+//! - Each record carries a checksum; on open, a torn or corrupt tail (a crash
+//!   mid-append, never acknowledged) is cut off.
+//! - When the file holds many more records than the merged set, it is
+//!   compacted: the merged set is written to a temporary file, synced, and
+//!   renamed over the journal.
+//!
+//! File format: the 8-byte magic `SKRFSJ1\n`, then records `u32` LE length,
+//! `u32` LE checksum (first 4 bytes of BLAKE3 of the payload), payload (kind
+//! byte, path as varint-length bytes, start and end as varints).
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+use super::proto::{self, RelPath};
+
+/// Granularity of recorded ranges.
+pub const CHUNK: u64 = 1 << 20;
+const MAGIC: &[u8; 8] = b"SKRFSJ1\n";
+const KIND_RANGE: u8 = 1;
+const KIND_META: u8 = 2;
+const KIND_TREE: u8 = 3;
+
+/// A journal failure.
+#[derive(Debug, Error)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The journal file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a journal of this format.
+    #[error("{0} is not an rfs journal (bad magic)")]
+    Magic(PathBuf),
+}
+
+/// What changed at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Bytes `[start, end)` of a file.
+    Range {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// The entry itself: created, removed, size, mode, owner, times, xattrs.
+    Meta,
+    /// The entry and everything below it (renamed directories, unknown
+    /// divergence).
+    Tree,
+}
+
+/// Disjoint, non-adjacent half-open ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    /// Adds `[start, end)`, merging with overlapping or adjacent ranges.
+    pub fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        // The range starting at or before `start` may touch it.
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        let absorbed: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in absorbed {
+            if let Some(e) = self.0.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
+
+    /// Whether `[start, end)` is entirely inside the set.
+    #[must_use]
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        start >= end
+            || self
+                .0
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= end)
+    }
+
+    /// The ranges in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Whether no range is recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of ranges.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Everything recorded about one path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathChanges {
+    /// Changed byte ranges.
+    pub ranges: RangeSet,
+    /// The entry itself changed.
+    pub meta: bool,
+    /// The whole subtree changed.
+    pub tree: bool,
+}
+
+/// The merged changes by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtySet {
+    paths: BTreeMap<RelPath, PathChanges>,
+}
+
+impl DirtySet {
+    /// Whether `change` at `path` is already implied by the set (an ancestor
+    /// or the path itself marked `Tree`, the entry marked, the range covered).
+    #[must_use]
+    pub fn covers(&self, path: &RelPath, change: Change) -> bool {
+        let mut anc = path.clone();
+        loop {
+            if self.paths.get(&anc).is_some_and(|c| c.tree) {
+                return true;
+            }
+            match anc.split() {
+                Ok((parent, _)) => anc = RelPath::new(parent.to_vec()).unwrap_or_default(),
+                Err(_) => break,
+            }
+        }
+        let Some(c) = self.paths.get(path) else {
+            return false;
+        };
+        match change {
+            Change::Tree => false,
+            Change::Meta => c.meta,
+            Change::Range { start, end } => c.ranges.covers(start, end),
+        }
+    }
+
+    /// Merges `change` at `path`; returns whether it added information.
+    pub fn record(&mut self, path: &RelPath, change: Change) -> bool {
+        if self.covers(path, change) {
+            return false;
+        }
+        let c = self.paths.entry(path.clone()).or_default();
+        match change {
+            Change::Range { start, end } => c.ranges.insert(start, end),
+            Change::Meta => c.meta = true,
+            Change::Tree => {
+                c.tree = true;
+                c.ranges = RangeSet::default();
+                // Descendants are now implied.
+                let below: Vec<RelPath> = self
+                    .paths
+                    .keys()
+                    .filter(|p| *p != path && p.starts_with(path))
+                    .cloned()
+                    .collect();
+                for p in below {
+                    self.paths.remove(&p);
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether nothing is recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Number of paths recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// Paths and their changes, in path order (parents before children).
+    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &PathChanges)> {
+        self.paths.iter()
+    }
+
+    /// The records that rebuild this set.
+    fn records(&self) -> impl Iterator<Item = (&RelPath, Change)> {
+        self.paths.iter().flat_map(|(p, c)| {
+            let tree = c.tree.then_some((p, Change::Tree));
+            let meta = (c.meta && !c.tree).then_some((p, Change::Meta));
+            let ranges = c
+                .ranges
+                .iter()
+                .map(move |(start, end)| (p, Change::Range { start, end }));
+            tree.into_iter().chain(meta).chain(ranges)
+        })
+    }
+}
+
+/// Widens a range to [`CHUNK`] boundaries.
+#[must_use]
+pub fn widen(start: u64, end: u64) -> (u64, u64) {
+    let s = start - start % CHUNK;
+    let e = end.div_ceil(CHUNK).saturating_mul(CHUNK);
+    (s, e.max(s))
+}
+
+fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
+    let mut payload = Vec::with_capacity(path.as_bytes().len() + 24);
+    match change {
+        Change::Range { start, end } => {
+            payload.push(KIND_RANGE);
+            proto::put_bytes(&mut payload, path.as_bytes());
+            proto::put_u64(&mut payload, start);
+            proto::put_u64(&mut payload, end);
+        }
+        Change::Meta => {
+            payload.push(KIND_META);
+            proto::put_bytes(&mut payload, path.as_bytes());
+        }
+        Change::Tree => {
+            payload.push(KIND_TREE);
+            proto::put_bytes(&mut payload, path.as_bytes());
+        }
+    }
+    // Records are a few bytes plus a path of at most 4 KiB.
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&blake3::hash(&payload).as_bytes()[..4]);
+    out.extend_from_slice(&payload);
+}
+
+/// Parses records from `buf`; returns them and the length of the valid prefix.
+fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(hdr) = buf.get(pos..pos + 8) {
+        let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
+        let Some(payload) = buf.get(pos + 8..pos + 8 + len) else {
+            break;
+        };
+        if blake3::hash(payload).as_bytes()[..4] != hdr[4..8] {
+            break;
+        }
+        let mut r = proto::Reader::new(payload);
+        let parsed = (|| {
+            let kind = r.u8("kind").ok()?;
+            let path = r.path("path").ok()?;
+            let change = match kind {
+                KIND_RANGE => Change::Range {
+                    start: r.u64("start").ok()?,
+                    end: r.u64("end").ok()?,
+                },
+                KIND_META => Change::Meta,
+                KIND_TREE => Change::Tree,
+                _ => return None,
+            };
+            (r.remaining() == 0).then_some((path, change))
+        })();
+        let Some(rec) = parsed else { break };
+        out.push(rec);
+        pos += 8 + len;
+    }
+    (out, pos)
+}
+
+/// The journal file of one replicated directory.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    set: DirtySet,
+    records: usize,
+    unsynced: bool,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path`, replaying what it holds and
+    /// cutting off a torn tail.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let err = |op| {
+            let path = path.to_path_buf();
+            move |source| JournalError::Io { op, path, source }
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(err("open"))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(err("read"))?;
+        let mut set = DirtySet::default();
+        let mut records = 0;
+        if buf.len() < MAGIC.len() {
+            file.set_len(0).map_err(err("truncate"))?;
+            file.seek(SeekFrom::Start(0)).map_err(err("seek"))?;
+            file.write_all(MAGIC).map_err(err("write"))?;
+            file.sync_all().map_err(err("fsync"))?;
+            sync_parent(path).map_err(err("fsync directory of"))?;
+        } else {
+            if &buf[..MAGIC.len()] != MAGIC {
+                return Err(JournalError::Magic(path.to_path_buf()));
+            }
+            let (recs, valid) = decode_records(&buf[MAGIC.len()..]);
+            for (p, c) in &recs {
+                set.record(p, *c);
+            }
+            records = recs.len();
+            let end = (MAGIC.len() + valid) as u64;
+            if end < buf.len() as u64 {
+                file.set_len(end).map_err(err("truncate torn tail of"))?;
+                file.sync_data().map_err(err("fsync"))?;
+            }
+            file.seek(SeekFrom::Start(end)).map_err(err("seek"))?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            set,
+            records,
+            unsynced: false,
+        })
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> JournalError + use<> {
+        let path = self.path.clone();
+        move |source| JournalError::Io { op, path, source }
+    }
+
+    /// The merged changes recorded.
+    #[must_use]
+    pub fn dirty(&self) -> &DirtySet {
+        &self.set
+    }
+
+    /// Records a change (appended, not yet synced) if it adds information.
+    pub fn record(&mut self, path: &RelPath, change: Change) -> Result<(), JournalError> {
+        let change = match change {
+            Change::Range { start, end } => {
+                let (start, end) = widen(start, end);
+                Change::Range { start, end }
+            }
+            c => c,
+        };
+        if !self.set.record(path, change) {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        encode_record(&mut buf, path, change);
+        self.file.write_all(&buf).map_err(self.io("append to"))?;
+        self.records += 1;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every recorded change durable (fdatasync), compacting first when
+    /// the file has grown well past the merged set.
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        if self.records > 1024 && self.records > 4 * self.set.records().count() {
+            return self.compact();
+        }
+        self.file.sync_data().map_err(self.io("fsync"))?;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Rewrites the journal as the merged set (crash-safe: temp file, fsync,
+    /// rename, fsync of the directory).
+    pub fn compact(&mut self) -> Result<(), JournalError> {
+        let mut buf = MAGIC.to_vec();
+        let mut n = 0;
+        for (p, c) in self.set.records() {
+            encode_record(&mut buf, p, c);
+            n += 1;
+        }
+        self.replace(&buf)?;
+        self.records = n;
+        Ok(())
+    }
+
+    /// Forgets everything (after a completed resynchronisation).
+    pub fn clear(&mut self) -> Result<(), JournalError> {
+        self.replace(MAGIC)?;
+        self.set = DirtySet::default();
+        self.records = 0;
+        Ok(())
+    }
+
+    fn replace(&mut self, content: &[u8]) -> Result<(), JournalError> {
+        let tmp = self.path.with_extension("compact");
+        let mut f = File::create(&tmp).map_err(self.io("create temporary for"))?;
+        f.write_all(content)
+            .map_err(self.io("write temporary for"))?;
+        f.sync_all().map_err(self.io("fsync temporary for"))?;
+        std::fs::rename(&tmp, &self.path).map_err(self.io("rename over"))?;
+        sync_parent(&self.path).map_err(self.io("fsync directory of"))?;
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(self.io("reopen"))?;
+        f.seek(SeekFrom::End(0)).map_err(self.io("seek"))?;
+        self.file = f;
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("path")
+    }
+
+    #[test]
+    fn ranges_merge_and_cover() {
+        let mut r = RangeSet::default();
+        r.insert(10, 20);
+        r.insert(30, 40);
+        assert_eq!(r.len(), 2);
+        assert!(r.covers(12, 18) && r.covers(30, 40) && !r.covers(15, 35));
+        r.insert(20, 30); // adjacent on both sides
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(10, 40)]);
+        r.insert(5, 12);
+        r.insert(39, 50);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(5, 50)]);
+        r.insert(100, 100); // empty: ignored
+        r.insert(60, 70);
+        r.insert(0, 200); // swallows everything
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 200)]);
+        assert!(r.covers(7, 7));
+    }
+
+    #[test]
+    fn ranges_match_a_bitmap_model() {
+        // Deterministic pseudo-random inserts compared with a byte map.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200 {
+            let mut r = RangeSet::default();
+            let mut model = [false; 256];
+            for _ in 0..12 {
+                let a = next() % 256;
+                let b = (a + next() % 40).min(256);
+                r.insert(a, b);
+                for i in a..b {
+                    model[i as usize] = true;
+                }
+            }
+            let mut rebuilt = [false; 256];
+            let mut last_end = None;
+            for (s, e) in r.iter() {
+                assert!(s < e);
+                if let Some(le) = last_end {
+                    assert!(s > le, "ranges must be disjoint and non-adjacent");
+                }
+                last_end = Some(e);
+                for i in s..e {
+                    rebuilt[i as usize] = true;
+                }
+            }
+            assert_eq!(model, rebuilt);
+        }
+    }
+
+    #[test]
+    fn dirty_set_merges_and_tree_implies_descendants() {
+        let mut d = DirtySet::default();
+        assert!(d.record(&p("a/f"), Change::Range { start: 0, end: 10 }));
+        assert!(!d.record(&p("a/f"), Change::Range { start: 2, end: 8 }));
+        assert!(d.record(&p("a/f"), Change::Meta));
+        assert!(d.record(&p("ab"), Change::Meta));
+        assert!(d.record(&p("a"), Change::Tree));
+        assert!(d.covers(&p("a/f/g"), Change::Meta));
+        assert!(!d.record(&p("a/x"), Change::Range { start: 0, end: 1 }));
+        // "ab" is not below "a".
+        assert_eq!(
+            d.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>(),
+            ["a", "ab"]
+        );
+        assert!(d.record(&RelPath::root(), Change::Tree));
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn widening_rounds_to_chunks() {
+        assert_eq!(widen(0, 1), (0, CHUNK));
+        assert_eq!(widen(CHUNK + 1, 2 * CHUNK + 1), (CHUNK, 3 * CHUNK));
+        assert_eq!(widen(CHUNK, 2 * CHUNK), (CHUNK, 2 * CHUNK));
+    }
+
+    #[test]
+    fn journal_survives_reopen_torn_tail_and_compaction() {
+        let dir = std::env::temp_dir().join(format!("rfs-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("j");
+        {
+            let mut j = Journal::open(&path).expect("open");
+            for i in 0..3000u64 {
+                j.record(
+                    &p("big"),
+                    Change::Range {
+                        start: i * CHUNK * 2,
+                        end: i * CHUNK * 2 + 1,
+                    },
+                )
+                .expect("record");
+            }
+            j.record(&p("gone"), Change::Meta).expect("record");
+            j.record(&p("d"), Change::Tree).expect("record");
+            j.sync().expect("sync");
+        }
+        // A torn record at the end: never acknowledged, cut off on open.
+        let mut raw = std::fs::read(&path).expect("read");
+        let before = raw.len();
+        raw.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]);
+        std::fs::write(&path, &raw).expect("write");
+        let mut j = Journal::open(&path).expect("reopen");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), before as u64);
+        assert_eq!(j.dirty().len(), 3);
+        assert!(
+            j.dirty()
+                .covers(&p("big"), Change::Range { start: 0, end: 1 })
+        );
+        assert!(j.dirty().covers(&p("d/x"), Change::Meta));
+        let set = j.dirty().clone();
+        j.compact().expect("compact");
+        drop(j);
+        let mut j = Journal::open(&path).expect("reopen");
+        assert_eq!(j.dirty(), &set);
+        j.clear().expect("clear");
+        drop(j);
+        assert!(Journal::open(&path).expect("reopen").dirty().is_empty());
+        std::fs::write(&path, b"garbage!garbage").expect("write");
+        assert!(matches!(Journal::open(&path), Err(JournalError::Magic(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

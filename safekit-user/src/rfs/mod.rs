@@ -1,0 +1,391 @@
+//! Replication of a mirror module's directories (`[[rfs.dir]]`), SPEC §5.
+//!
+//! # Data path
+//!
+//! On the primary, [`Primary::start`] opens the real directory, mounts a FUSE
+//! filesystem ([`fs`]) over it and serves every request with `*at` calls on
+//! that directory fd. Each change applied locally is submitted, in the order it
+//! was applied, to the [`replicator`], which numbers it, encodes it
+//! ([`proto`]) and sends it over the [`channel`] (Noise `NNpsk0` keyed by the
+//! cluster key, TCP 5600) to the secondary. The FUSE reply waits for the
+//! secondary's acknowledgement (write-back caching is off: every write and
+//! metadata change is synchronous, see [`fs`]).
+//!
+//! On the secondary, [`secondary::serve`] accepts one connection per
+//! directory, and an [`apply::Applier`] applies the operations in order under
+//! the local copy, acknowledging on receipt (`async = "second"`) or once
+//! written (`async = "none"`).
+//!
+//! If the secondary does not acknowledge within `send_timeout`, or the
+//! connection breaks, the primary goes ALONE ([`RfsEvent::SecondaryLost`]),
+//! releases the waiting replies and from then on records each change in the
+//! [`journal`] (fsynced before the application's reply), so a reintegration
+//! needs to send only what changed.
+//!
+//! # Not yet
+//!
+//! The reintegration itself (sending the journalled paths and ranges to a
+//! returning secondary) is the next milestone: [`Primary::connect`] refuses
+//! while the journal holds changes. `fallocate` is refused (`EOPNOTSUPP`, so
+//! `posix_fallocate` falls back to writes); hard links created while ALONE are
+//! resynchronised as copies.
+
+pub mod apply;
+pub mod channel;
+pub mod fs;
+pub mod journal;
+pub mod proto;
+pub mod replicator;
+pub mod secondary;
+mod sys;
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustix::fs::{Mode, OFlags};
+use thiserror::Error;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+pub use channel::{ChannelError, ChannelKey};
+pub use journal::{DirtySet, JournalError};
+pub use replicator::{Counters, LinkState};
+pub use secondary::{SecondaryConfig, SecondaryEvent, serve};
+
+use replicator::Replicator;
+
+/// A replication failure, with the directory or peer it concerns.
+#[derive(Debug, Error)]
+pub enum RfsError {
+    /// The cluster key is unusable.
+    #[error("cluster key")]
+    Key(#[source] ChannelError),
+    /// The channel to the secondary failed.
+    #[error("replication of {dir} to {peer}")]
+    Channel {
+        /// Directory name.
+        dir: String,
+        /// The secondary.
+        peer: SocketAddr,
+        /// What failed.
+        #[source]
+        source: ChannelError,
+    },
+    /// The secondary refused the directory.
+    #[error("secondary {peer} refused {dir}: {reason}")]
+    Refused {
+        /// Directory name.
+        dir: String,
+        /// The secondary.
+        peer: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// The journal could not be opened.
+    #[error("journal of {dir}")]
+    Journal {
+        /// Directory name.
+        dir: String,
+        /// What failed.
+        #[source]
+        source: JournalError,
+    },
+    /// The replicated directory could not be opened.
+    #[error("open replicated directory {path}")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The FUSE mount failed.
+    #[error("mount FUSE over {path}")]
+    Mount {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The FUSE session ended with an error on unmount.
+    #[error("unmount FUSE from {path}")]
+    Unmount {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The listener failed.
+    #[error("accept replication connections")]
+    Accept(#[source] io::Error),
+    /// A thread could not be started.
+    #[error("start a replication thread")]
+    Thread(#[source] io::Error),
+    /// The journal holds changes the secondary lacks: a reintegration must
+    /// send them before live replication can resume.
+    #[error("{dir}: the secondary must be resynchronised first ({paths} changed paths)")]
+    ResyncNeeded {
+        /// Directory name.
+        dir: String,
+        /// Paths recorded.
+        paths: usize,
+    },
+}
+
+/// What happens to a replicated directory on the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RfsEvent {
+    /// Operations now reach the secondary (PRIM).
+    Connected {
+        /// Directory name.
+        dir: String,
+        /// The secondary.
+        peer: SocketAddr,
+    },
+    /// The secondary is lost (send timeout, broken or refused connection):
+    /// the directory goes on ALONE, journalling.
+    SecondaryLost {
+        /// Directory name.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// The secondary could not apply an operation: its copy diverges.
+    SecondaryFailed {
+        /// Directory name.
+        dir: String,
+        /// The operation.
+        seq: proto::Seq,
+        /// Its errno.
+        errno: i32,
+        /// What failed.
+        detail: String,
+    },
+    /// The journal could not be written: acknowledged changes might be
+    /// missing from a later reintegration (a full one is needed).
+    JournalFailed {
+        /// Directory name.
+        dir: String,
+        /// The error.
+        error: String,
+    },
+}
+
+/// How a primary replicates one directory.
+#[derive(Debug, Clone)]
+pub struct PrimaryParams {
+    /// The directory's name on the wire: its configured path, the same on
+    /// both nodes.
+    pub name: String,
+    /// A write not acknowledged within this makes the primary go ALONE
+    /// (`rfs.send_timeout`).
+    pub send_timeout: Duration,
+    /// Bound on connecting and the handshake.
+    pub connect_timeout: Duration,
+    /// Journal file (outside the replicated directory); `None`: no journal
+    /// (a full resynchronisation after any absence).
+    pub journal: Option<PathBuf>,
+    /// Serve read-only opens by FUSE passthrough (the kernel reads the real
+    /// file directly, no request reaches the daemon). Off by default: the
+    /// kernel (6.18) requires every open of an inode that has a passthrough
+    /// open to be passthrough too, and a passthrough writer would bypass
+    /// replication, so a file opened for writing while a passthrough reader
+    /// holds it fails with EIO. Only for directories whose files are written
+    /// by replacement (write a new file, rename over).
+    pub passthrough_reads: bool,
+    /// FUSE request threads.
+    pub threads: usize,
+}
+
+impl PrimaryParams {
+    /// Defaults for directory `name`: 10 s send timeout, 5 s connect, no
+    /// journal, no passthrough, 2 threads.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            send_timeout: crate::config::DEFAULT_SEND_TIMEOUT,
+            connect_timeout: Duration::from_secs(5),
+            journal: None,
+            passthrough_reads: false,
+            threads: 2,
+        }
+    }
+}
+
+/// A replicated directory served on the primary. Dropping it unmounts.
+#[derive(Debug)]
+pub struct Primary {
+    dir: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    repl: Arc<Replicator>,
+    key: ChannelKey,
+    connect_timeout: Duration,
+}
+
+impl Primary {
+    /// Mounts the replicating filesystem over `dir` and, with a peer,
+    /// connects to the secondary (on failure the directory starts ALONE and
+    /// the failure is the first event). Blocking (a few milliseconds): from
+    /// async code, call it through `spawn_blocking`.
+    ///
+    /// A dead FUSE mount left over `dir` by a crashed daemon ("Transport
+    /// endpoint is not connected") is detached first.
+    pub fn start(
+        dir: &Path,
+        peer: Option<SocketAddr>,
+        key: &[u8],
+        params: PrimaryParams,
+    ) -> Result<(Self, UnboundedReceiver<RfsEvent>), RfsError> {
+        let key = ChannelKey::from_cluster_key(key).map_err(RfsError::Key)?;
+        let (events_tx, events) = unbounded_channel();
+        recover_dead_mount(dir);
+        let root: OwnedFd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| RfsError::Open {
+            path: dir.to_path_buf(),
+            source: sys::io(e),
+        })?;
+        let repl = Replicator::new(
+            params.name.clone(),
+            params.send_timeout,
+            params.journal.clone(),
+            events_tx.clone(),
+        )?;
+        let fs = fs::ReplicatedFs::new(root, Arc::clone(&repl), params.passthrough_reads).map_err(
+            |source| RfsError::Open {
+                path: dir.to_path_buf(),
+                source,
+            },
+        )?;
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName("safekit-rfs".into()),
+            fuser::MountOption::Subtype("safekit".into()),
+            fuser::MountOption::DefaultPermissions,
+        ];
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(params.threads.max(1));
+        config.clone_fd = params.threads > 1;
+        let session = fuser::spawn_mount(fs, dir, &config).map_err(|source| RfsError::Mount {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let primary = Self {
+            dir: dir.to_path_buf(),
+            session: Some(session),
+            repl,
+            key,
+            connect_timeout: params.connect_timeout,
+        };
+        if let Some(peer) = peer
+            && let Err(e) = primary.connect(peer)
+        {
+            let _ = events_tx.send(RfsEvent::SecondaryLost {
+                dir: params.name,
+                reason: error_chain(&e),
+            });
+        }
+        Ok((primary, events))
+    }
+
+    /// Connects (again) to a secondary; refused while the journal holds
+    /// changes the secondary lacks.
+    pub fn connect(&self, peer: SocketAddr) -> Result<(), RfsError> {
+        if self.repl.journal_dirty() {
+            return Err(RfsError::ResyncNeeded {
+                dir: self.repl.name().to_string(),
+                paths: self.repl.dirty().len(),
+            });
+        }
+        self.repl.connect(peer, &self.key, self.connect_timeout)
+    }
+
+    /// PRIM (connected) or ALONE.
+    #[must_use]
+    pub fn state(&self) -> LinkState {
+        self.repl.state()
+    }
+
+    /// Replication counters.
+    #[must_use]
+    pub fn counters(&self) -> &Counters {
+        &self.repl.counters
+    }
+
+    /// What changed while ALONE (from the journal).
+    #[must_use]
+    pub fn dirty(&self) -> DirtySet {
+        self.repl.dirty()
+    }
+
+    /// The directory served.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops replicating and unmounts.
+    pub fn stop(mut self) -> Result<(), RfsError> {
+        self.unmount()
+    }
+
+    fn unmount(&mut self) -> Result<(), RfsError> {
+        self.repl.disconnect();
+        match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(|source| RfsError::Unmount {
+                path: self.dir.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::warn!(error = %error_chain(&e), "unmount failed; detaching lazily");
+            let _ = sys::lazy_unmount(&self.dir);
+        }
+    }
+}
+
+/// Detaches dead FUSE mounts stacked over `dir` (ENOTCONN on stat).
+fn recover_dead_mount(dir: &Path) {
+    for _ in 0..8 {
+        match std::fs::metadata(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                tracing::warn!(dir = %dir.display(), "dead FUSE mount over the directory; detaching it");
+                if let Err(e) = sys::lazy_unmount(dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "lazy unmount failed");
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

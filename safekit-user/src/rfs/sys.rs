@@ -1,0 +1,266 @@
+//! Thin system-call helpers shared by the FUSE server and the secondary's
+//! applier: every path is resolved from a directory fd with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! RESOLVE_NO_XDEV`), so nothing outside the replicated directory is ever
+//! reached, even if the tree holds hostile symlinks.
+
+use std::{
+    ffi::OsStr,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps, UTIME_OMIT,
+};
+
+use super::proto::Timestamp;
+
+/// How every path below a replicated root is resolved.
+pub(crate) const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// rustix's errno as `io::Error`.
+pub(crate) fn io(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// `"."` for the root, the path otherwise.
+fn dot(rel: &[u8]) -> &OsStr {
+    if rel.is_empty() {
+        OsStr::new(".")
+    } else {
+        OsStr::from_bytes(rel)
+    }
+}
+
+/// Opens a directory below `root` (read-only, usable as a dirfd and with
+/// `futimens`).
+pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        root,
+        dot(rel),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        RESOLVE,
+    )
+    .map_err(io)
+}
+
+/// Opens a file below `root` with `flags` (symlinks refused).
+pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        root,
+        dot(rel),
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        RESOLVE,
+    )
+    .map_err(io)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io)
+}
+
+/// `fstat(fd)`.
+pub(crate) fn fstat(fd: impl AsFd) -> io::Result<Stat> {
+    rustix::fs::fstat(fd).map_err(io)
+}
+
+/// A stat's mtime.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::useless_conversion,
+    clippy::unnecessary_cast,
+    reason = "stat field types differ between architectures; values are in range"
+)]
+pub(crate) fn mtime(st: &Stat) -> Timestamp {
+    Timestamp {
+        sec: st.st_mtime as i64,
+        nsec: st.st_mtime_nsec as u32,
+    }
+}
+
+/// A stat's atime.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::useless_conversion,
+    clippy::unnecessary_cast,
+    reason = "stat field types differ between architectures; values are in range"
+)]
+pub(crate) fn atime(st: &Stat) -> Timestamp {
+    Timestamp {
+        sec: st.st_atime as i64,
+        nsec: st.st_atime_nsec as u32,
+    }
+}
+
+/// A stat's ctime.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::useless_conversion,
+    clippy::unnecessary_cast,
+    reason = "stat field types differ between architectures; values are in range"
+)]
+pub(crate) fn ctime(st: &Stat) -> Timestamp {
+    Timestamp {
+        sec: st.st_ctime as i64,
+        nsec: st.st_ctime_nsec as u32,
+    }
+}
+
+/// The stat's permission bits.
+pub(crate) fn perm(st: &Stat) -> u32 {
+    st.st_mode & 0o7777
+}
+
+/// The stat's file type.
+pub(crate) fn file_type(st: &Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+fn timespec(t: Option<Timestamp>) -> Timespec {
+    match t {
+        Some(t) => Timespec {
+            tv_sec: t.sec,
+            tv_nsec: i64::from(t.nsec),
+        },
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+    }
+}
+
+/// Sets times of `dir/name` without following a symlink (`None`: unchanged).
+pub(crate) fn set_times_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: Option<Timestamp>,
+    mtime: Option<Timestamp>,
+) -> io::Result<()> {
+    let ts = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::utimensat(dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW).map_err(io)
+}
+
+/// Sets the mtime of an open file or directory.
+pub(crate) fn set_fd_mtime(fd: BorrowedFd<'_>, mtime: Timestamp) -> io::Result<()> {
+    let ts = Timestamps {
+        last_access: timespec(None),
+        last_modification: timespec(Some(mtime)),
+    };
+    rustix::fs::futimens(fd, &ts).map_err(io)
+}
+
+/// `/proc/self/fd/N`: the inode an fd refers to, as a path.
+pub(crate) fn proc_fd(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// `/proc/self/fd/N/name`: for the `l*xattr` calls, which then act on `name`
+/// itself (never on a symlink's target) inside the directory `dir`.
+pub(crate) fn proc_entry(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    let mut p = proc_fd(dir);
+    p.push(name);
+    p
+}
+
+/// chmod `dir/name` without following it if it is a symlink (symlinks have
+/// no mode of their own on Linux: nothing to do then).
+pub(crate) fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    if file_type(&fstat(&fd)?) == FileType::Symlink {
+        return Ok(());
+    }
+    rustix::fs::chmod(proc_fd(fd.as_fd()), Mode::from_raw_mode(mode)).map_err(io)
+}
+
+/// chown `dir/name` without following a symlink.
+pub(crate) fn chown_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io)
+}
+
+/// Writes all of `data` at `offset`.
+pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(fd, data, offset) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Lazily detaches whatever is mounted on `path` (`umount2(MNT_DETACH)`).
+pub(crate) fn lazy_unmount(path: &Path) -> io::Result<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(io)
+}
+
+/// Reads an xattr list (`\0`-separated) of the object at `path` (not followed).
+pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<u8>> {
+    loop {
+        let n = rustix::fs::llistxattr_query(path).map_err(io)?;
+        let mut buf = vec![0u8; n];
+        match rustix::fs::llistxattr(path, &mut buf[..]) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+}
+
+/// Reads one xattr of the object at `path` (not followed).
+pub(crate) fn get_xattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+    loop {
+        let n = rustix::fs::lgetxattr_query(path, name).map_err(io)?;
+        let mut buf = vec![0u8; n];
+        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+}

@@ -1,0 +1,739 @@
+//! POSIX behaviour through the replicating FUSE mount (root, FUSE).
+//!
+//! Each test mounts a primary over dir A replicating over loopback TCP to a
+//! secondary applying into dir B, runs one behaviour through the mount and on
+//! a plain reference directory R, and asserts:
+//! - the mount behaves like R (every return value and errno, then content,
+//!   sizes, modes, owners, symlink targets, xattrs);
+//! - A and B end equal, times included (content checksum, mode, uid/gid,
+//!   mtime, xattrs, symlink targets).
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use safekit::{
+    config::AsyncMode,
+    rfs::{LinkState, Primary, PrimaryParams, RfsEvent, SecondaryConfig, serve},
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const KEY: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
+
+/// A primary over `a` replicating into `b`, and a reference directory `r`.
+struct Pair {
+    base: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    r: PathBuf,
+    primary: Option<Primary>,
+    events: UnboundedReceiver<RfsEvent>,
+    rt: tokio::runtime::Runtime,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Pair {
+    fn new(tag: &str, mode: AsyncMode) -> Self {
+        let base = std::env::temp_dir().join(format!(
+            "rfs-posix-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&base);
+        let (a, b, r) = (base.join("a"), base.join("b"), base.join("r"));
+        for d in [&a, &b, &r] {
+            fs::create_dir_all(d).expect("mkdir");
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        rt.spawn(serve(
+            listener,
+            SecondaryConfig {
+                dirs: vec![("/data".into(), b.clone())],
+                key: KEY.to_vec(),
+                async_mode: mode,
+                handshake_timeout: Duration::from_secs(5),
+            },
+            None,
+        ));
+        let mut params = PrimaryParams::new("/data");
+        params.send_timeout = Duration::from_secs(10);
+        params.journal = Some(base.join("journal"));
+        params.passthrough_reads = std::env::var_os("RFS_PASSTHROUGH").is_some();
+        let (primary, mut events) =
+            Primary::start(&a, Some(addr), &KEY, params).expect("start primary");
+        match events.try_recv() {
+            Ok(RfsEvent::Connected { .. }) => {}
+            other => panic!("expected Connected, got {other:?}"),
+        }
+        assert_eq!(primary.state(), LinkState::Connected);
+        // Same root times on both sides before anything happens.
+        let m = fs::metadata(&a).expect("stat a");
+        set_times(&b, m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec());
+        Self {
+            base,
+            a,
+            b,
+            r,
+            primary: Some(primary),
+            events,
+            rt,
+        }
+    }
+
+    /// Runs `f` on the reference and through the mount; asserts the same
+    /// results, the same tree (times aside), and A == B (times included).
+    fn check(&mut self, f: impl Fn(&Path) -> Vec<String>) {
+        self.run(f);
+        self.compare();
+    }
+
+    /// Runs `f` on the reference and through the mount; asserts the same
+    /// results.
+    fn run(&mut self, f: impl Fn(&Path) -> Vec<String>) {
+        let want = f(&self.r);
+        let got = f(&self.a);
+        assert_eq!(got, want, "mount differs from a plain directory");
+    }
+
+    /// Asserts the same tree (times aside) through the mount and in the
+    /// reference, and A == B (times included).
+    fn compare(&mut self) {
+        assert_eq!(
+            snapshot(&self.a, false),
+            snapshot(&self.r, false),
+            "tree through the mount differs from the plain directory"
+        );
+        self.assert_replicated();
+    }
+
+    fn assert_replicated(&mut self) {
+        let a = snapshot(&self.a, true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = snapshot(&self.b, true);
+            if a == b {
+                break;
+            }
+            if Instant::now() > deadline {
+                assert_eq!(b, a, "secondary copy differs from the primary");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            self.primary.as_ref().map(Primary::state),
+            Some(LinkState::Connected),
+            "events: {:?}",
+            self.events.try_recv()
+        );
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if let Some(p) = self.primary.take() {
+            let _ = p.stop();
+        }
+        // Last resort if unmount failed.
+        let _ = rustix::mount::unmount(&self.a, rustix::mount::UnmountFlags::DETACH);
+        let _ = fs::remove_dir_all(&self.base);
+        let _ = &self.rt;
+    }
+}
+
+fn set_times(p: &Path, asec: i64, ansec: i64, msec: i64, mnsec: i64) {
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: asec,
+            tv_nsec: ansec,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: msec,
+            tv_nsec: mnsec,
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &ts,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("utimensat");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Meta {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: Option<(i64, i64)>,
+    content: Option<String>,
+    link: Option<PathBuf>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut buf = vec![0u8; 65536];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut buf[..]) else {
+        return out;
+    };
+    let names: Vec<Vec<u8>> = buf[..n]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    for name in names {
+        if name.starts_with(b"security.") {
+            continue;
+        }
+        let mut v = vec![0u8; 65536];
+        if let Ok(m) = rustix::fs::lgetxattr(p, OsStr::from_bytes(&name), &mut v[..]) {
+            v.truncate(m);
+            out.insert(name, v);
+        }
+    }
+    out
+}
+
+/// Every entry under `root`: metadata, a content checksum, xattrs.
+fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let m = fs::symlink_metadata(&p).expect("lstat");
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_file() {
+            "file"
+        } else {
+            "other"
+        };
+        let mtime = times.then_some((m.mtime(), m.mtime_nsec()));
+        let content = ft.is_file().then(|| {
+            let data = fs::read(&p).expect("read");
+            blake3::hash(&data).to_hex().to_string()
+        });
+        let link = ft
+            .is_symlink()
+            .then(|| fs::read_link(&p).expect("readlink"));
+        out.insert(
+            rel.clone(),
+            Meta {
+                kind,
+                mode: if ft.is_symlink() {
+                    0
+                } else {
+                    m.mode() & 0o7777
+                },
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if ft.is_dir() { 0 } else { m.len() },
+                mtime,
+                content,
+                link,
+                xattrs: xattrs(&p),
+            },
+        );
+        if ft.is_dir() {
+            for e in fs::read_dir(&p).expect("readdir") {
+                stack.push(rel.join(e.expect("entry").file_name()));
+            }
+        }
+    }
+    out
+}
+
+fn res<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(e) => format!("err {:?}", e.raw_os_error()),
+    }
+}
+
+fn rres<T: std::fmt::Debug>(r: rustix::io::Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(e) => format!("err {}", e.raw_os_error()),
+    }
+}
+
+#[test]
+fn create_and_write_at_offsets() {
+    let mut p = Pair::new("write", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(d.join("f"))
+            .expect("create");
+        log.push(res(f.write_at(b"hello", 0)));
+        log.push(res(f.write_at(b"world", 100)));
+        log.push(res(f.write_at(b"XY", 3)));
+        log.push(res(f.write_at(&vec![7u8; 300_000], 50)));
+        let mut s = Vec::new();
+        let mut g = File::open(d.join("f")).expect("open");
+        log.push(res(g.read_to_end(&mut s)));
+        log.push(blake3::hash(&s).to_hex().to_string());
+        log.push(res(fs::metadata(d.join("f")).map(|m| m.len())));
+        log.push(res(OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(d.join("f"))
+            .map(|_| ())));
+        log
+    });
+}
+
+#[test]
+fn sparse_files_and_truncate_up_and_down() {
+    let mut p = Pair::new("sparse", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let f = File::create(d.join("sparse")).expect("create");
+        log.push(res(f.write_at(b"x", 10 << 20)));
+        log.push(res(f.metadata().map(|m| m.len())));
+        let g = File::create(d.join("t")).expect("create");
+        log.push(res(g.write_at(&[1u8; 5000], 0)));
+        log.push(res(g.set_len(100)));
+        log.push(res(g.set_len(70_000)));
+        log.push(res(g.write_at(b"end", 69_997)));
+        log.push(res(g.set_len(10)));
+        log.push(res(fs::read(d.join("t"))));
+        // truncate by path, and O_TRUNC.
+        log.push(res(OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(d.join("sparse"))
+            .map(|_| ())));
+        log.push(res(fs::metadata(d.join("sparse")).map(|m| m.len())));
+        log
+    });
+}
+
+#[test]
+fn o_append() {
+    let mut p = Pair::new("append", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("log"), b"start\n").expect("write");
+        let mut a = OpenOptions::new()
+            .append(true)
+            .open(d.join("log"))
+            .expect("open");
+        let mut b = OpenOptions::new()
+            .append(true)
+            .open(d.join("log"))
+            .expect("open");
+        for i in 0..20 {
+            let w = if i % 2 == 0 { &mut a } else { &mut b };
+            log.push(res(w.write(format!("line {i}\n").as_bytes())));
+        }
+        // An explicit seek does not defeat O_APPEND.
+        log.push(res(a.seek(SeekFrom::Start(0))));
+        log.push(res(a.write(b"tail\n")));
+        log.push(res(fs::read_to_string(d.join("log"))));
+        log
+    });
+}
+
+#[test]
+fn rename_over_existing_noreplace_and_exchange() {
+    let mut p = Pair::new("rename", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("x"), b"x").expect("write");
+        fs::write(d.join("y"), b"yy").expect("write");
+        fs::create_dir(d.join("dir")).expect("mkdir");
+        fs::write(d.join("dir/in"), b"in").expect("write");
+        log.push(res(fs::rename(d.join("x"), d.join("y"))));
+        log.push(res(fs::read(d.join("y"))));
+        log.push(res(fs::metadata(d.join("x")).map(|_| ())));
+        fs::write(d.join("z"), b"zzz").expect("write");
+        let dir = File::open(d).expect("open dir");
+        log.push(rres(rustix::fs::renameat_with(
+            &dir,
+            "z",
+            &dir,
+            "y",
+            rustix::fs::RenameFlags::NOREPLACE,
+        )));
+        log.push(rres(rustix::fs::renameat_with(
+            &dir,
+            "z",
+            &dir,
+            "y",
+            rustix::fs::RenameFlags::EXCHANGE,
+        )));
+        log.push(res(fs::read(d.join("y"))));
+        log.push(res(fs::read(d.join("z"))));
+        // Directories move with their content; a write after the move lands
+        // at the new path.
+        log.push(res(fs::rename(d.join("dir"), d.join("moved"))));
+        log.push(res(fs::write(d.join("moved/in"), b"after move")));
+        log.push(res(fs::rename(d.join("moved/in"), d.join("top"))));
+        log
+    });
+}
+
+#[test]
+fn mkdir_rmdir_and_hard_links() {
+    let mut p = Pair::new("dirs", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        log.push(res(fs::create_dir(d.join("d"))));
+        log.push(res(fs::create_dir(d.join("d"))));
+        log.push(res(fs::create_dir_all(d.join("d/e/f"))));
+        log.push(res(fs::write(d.join("d/e/f/file"), b"1")));
+        log.push(res(fs::remove_dir(d.join("d/e"))));
+        log.push(res(fs::hard_link(d.join("d/e/f/file"), d.join("link"))));
+        log.push(res(fs::metadata(d.join("link")).map(|m| m.nlink())));
+        log.push(res(fs::remove_file(d.join("d/e/f/file"))));
+        log.push(res(fs::write(d.join("link"), b"via the other name")));
+        log.push(res(fs::remove_dir(d.join("d/e/f"))));
+        log.push(res(fs::remove_dir(d.join("d/e"))));
+        log.push(res(fs::remove_dir(d.join("nope"))));
+        log.push(res(fs::create_dir(d.join("keep"))));
+        log
+    });
+}
+
+#[test]
+fn unlink_of_an_open_file() {
+    let mut p = Pair::new("unlink", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(d.join("tmp"))
+            .expect("create");
+        log.push(res(f.write(b"before")));
+        log.push(res(fs::remove_file(d.join("tmp"))));
+        log.push(res(f.write(b" after")));
+        log.push(res(f.metadata().map(|m| (m.nlink(), m.len()))));
+        let mut s = String::new();
+        log.push(res(f.seek(SeekFrom::Start(0))));
+        log.push(res(f.read_to_string(&mut s)));
+        log.push(s);
+        // A new file of the same name is a different file.
+        log.push(res(fs::write(d.join("tmp"), b"new")));
+        log.push(res(f.write(b" more")));
+        drop(f);
+        log.push(res(fs::read(d.join("tmp"))));
+        log
+    });
+}
+
+#[test]
+fn symlinks() {
+    let mut p = Pair::new("symlink", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("target"), b"t").expect("write");
+        log.push(res(std::os::unix::fs::symlink("target", d.join("l"))));
+        log.push(res(std::os::unix::fs::symlink(
+            "../../outside/x",
+            d.join("dangling"),
+        )));
+        log.push(res(std::os::unix::fs::symlink("target", d.join("l"))));
+        log.push(res(fs::read_link(d.join("l"))));
+        log.push(res(fs::read(d.join("l"))));
+        log.push(res(fs::write(d.join("l"), b"through the link")));
+        log.push(res(fs::read(d.join("target"))));
+        log.push(res(fs::read(d.join("dangling"))));
+        log.push(res(fs::rename(d.join("l"), d.join("l2"))));
+        log
+    });
+}
+
+#[test]
+fn chmod_chown_and_utimes() {
+    let mut p = Pair::new("attrs", AsyncMode::None);
+    p.run(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("f"), b"data").expect("write");
+        fs::create_dir(d.join("dir")).expect("mkdir");
+        log.push(res(fs::set_permissions(
+            d.join("f"),
+            fs::Permissions::from_mode(0o640),
+        )));
+        log.push(res(std::os::unix::fs::chown(
+            d.join("f"),
+            Some(1234),
+            Some(5678),
+        )));
+        log.push(res(fs::set_permissions(
+            d.join("f"),
+            fs::Permissions::from_mode(0o6755),
+        )));
+        log.push(res(std::os::unix::fs::chown(d.join("f"), Some(4321), None)));
+        log.push(res(fs::metadata(d.join("f")).map(|m| m.mode() & 0o7777)));
+        log.push(res(fs::set_permissions(
+            d.join("dir"),
+            fs::Permissions::from_mode(0o2770),
+        )));
+        log.push(res(std::os::unix::fs::chown(
+            d.join("dir"),
+            Some(7),
+            Some(8),
+        )));
+        log.push(res(fs::write(d.join("dir/child"), b"c")));
+        log.push(res(fs::metadata(d.join("dir/child")).map(|m| m.gid())));
+        std::os::unix::fs::symlink("f", d.join("l")).expect("symlink");
+        log.push(res(std::os::unix::fs::lchown(
+            d.join("l"),
+            Some(99),
+            Some(98),
+        )));
+        set_times(&d.join("f"), 1_000_000, 5, 2_000_000, 6);
+        set_times(&d.join("dir"), 3_000_000, 7, 4_000_000, 8);
+        set_times(&d.join("l"), 5_000_000, 0, 6_000_000, 0);
+        let m = fs::symlink_metadata(d.join("f")).expect("stat");
+        log.push(format!(
+            "{} {} {} {}",
+            m.atime(),
+            m.atime_nsec(),
+            m.mtime(),
+            m.mtime_nsec()
+        ));
+        log
+    });
+    // Explicit times are equal on both nodes, atime included (before any read).
+    for name in ["f", "dir", "l"] {
+        let a = fs::symlink_metadata(p.a.join(name)).expect("a");
+        let b = fs::symlink_metadata(p.b.join(name)).expect("b");
+        assert_eq!(
+            (a.atime(), a.atime_nsec(), a.mtime(), a.mtime_nsec()),
+            (b.atime(), b.atime_nsec(), b.mtime(), b.mtime_nsec()),
+            "{name}"
+        );
+    }
+    p.compare();
+}
+
+#[test]
+fn xattrs_set_replace_remove() {
+    let mut p = Pair::new("xattr", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("f"), b"x").expect("write");
+        fs::create_dir(d.join("dir")).expect("mkdir");
+        let f = d.join("f");
+        let flags = rustix::fs::XattrFlags::empty();
+        log.push(rres(rustix::fs::setxattr(&f, "user.a", b"1", flags)));
+        log.push(rres(rustix::fs::setxattr(
+            &f,
+            "user.b",
+            &[9u8; 4000],
+            flags,
+        )));
+        log.push(rres(rustix::fs::setxattr(
+            &f,
+            "user.a",
+            b"22",
+            rustix::fs::XattrFlags::CREATE,
+        )));
+        log.push(rres(rustix::fs::setxattr(
+            &f,
+            "user.a",
+            b"333",
+            rustix::fs::XattrFlags::REPLACE,
+        )));
+        log.push(rres(rustix::fs::setxattr(
+            &f,
+            "user.c",
+            b"",
+            rustix::fs::XattrFlags::REPLACE,
+        )));
+        log.push(rres(rustix::fs::removexattr(&f, "user.b")));
+        log.push(rres(rustix::fs::removexattr(&f, "user.b")));
+        log.push(rres(rustix::fs::setxattr(
+            d.join("dir"),
+            "user.d",
+            b"dir",
+            flags,
+        )));
+        let mut small = [0u8; 2];
+        log.push(rres(rustix::fs::getxattr(&f, "user.a", &mut small[..])));
+        log.push(format!("{:?}", xattrs(&f)));
+        log
+    });
+}
+
+#[test]
+fn mmap_write_and_msync() {
+    let mut p = Pair::new("mmap", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let f = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(d.join("mapped"))
+            .expect("create");
+        f.set_len(65536).expect("set_len");
+        let len = 65536;
+        // SAFETY: a fresh shared mapping of a file we own, unmapped below;
+        // no other reference to the region exists.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        // SAFETY: `ptr` maps `len` writable bytes (checked above).
+        let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
+        for (i, b) in region.iter_mut().enumerate().step_by(97) {
+            *b = (i % 251) as u8;
+        }
+        region[4096..4096 + 11].copy_from_slice(b"mapped data");
+        // SAFETY: same mapping, still valid.
+        log.push(format!("msync {}", unsafe {
+            libc::msync(ptr, len, libc::MS_SYNC)
+        }));
+        // SAFETY: unmapping the region created above; `region` is not used after.
+        log.push(format!("munmap {}", unsafe { libc::munmap(ptr, len) }));
+        log.push(res(f.sync_all()));
+        drop(f);
+        let data = fs::read(d.join("mapped")).expect("read");
+        log.push(blake3::hash(&data).to_hex().to_string());
+        log
+    });
+}
+
+#[test]
+fn two_concurrent_writers() {
+    let mut p = Pair::new("concurrent", AsyncMode::None);
+    p.check(|d| {
+        let path = d.join("shared");
+        File::create(&path).expect("create");
+        std::thread::scope(|s| {
+            for w in 0..2u8 {
+                let path = path.clone();
+                s.spawn(move || {
+                    let f = OpenOptions::new().write(true).open(&path).expect("open");
+                    for i in 0..200u64 {
+                        // Disjoint 4 KiB blocks, interleaved.
+                        let off = (i * 2 + u64::from(w)) * 4096;
+                        f.write_all_at(&[w + 1; 4096], off).expect("write");
+                    }
+                    f.sync_data().expect("fsync");
+                });
+            }
+        });
+        let data = fs::read(&path).expect("read");
+        vec![
+            data.len().to_string(),
+            blake3::hash(&data).to_hex().to_string(),
+        ]
+    });
+    // Overlapping writers: whatever order wins locally wins on the secondary.
+    let path = p.a.join("overlap");
+    File::create(&path).expect("create");
+    std::thread::scope(|s| {
+        for w in 0..2u8 {
+            let path = path.clone();
+            s.spawn(move || {
+                let f = OpenOptions::new().write(true).open(&path).expect("open");
+                for i in 0..300u64 {
+                    f.write_all_at(&[w + 1; 3000], (i % 7) * 1000)
+                        .expect("write");
+                }
+            });
+        }
+    });
+    p.assert_replicated();
+}
+
+#[test]
+fn fifo_and_fsync_in_second_mode() {
+    // async = "second": acknowledged on receipt; the copy converges.
+    let mut p = Pair::new("second", AsyncMode::Second);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let fifo = d.join("fifo");
+        log.push(rres(rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )));
+        let mut f = File::create(d.join("synced")).expect("create");
+        for i in 0..50 {
+            log.push(res(f.write(format!("record {i}\n").as_bytes())));
+            log.push(res(f.sync_data()));
+        }
+        let g = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DSYNC)
+            .open(d.join("synced"))
+            .expect("open O_DSYNC");
+        log.push(res(g.write_at(b"DSYNC", 0)));
+        log
+    });
+}
+
+#[test]
+fn reader_open_while_a_writer_opens() {
+    // A writer opening a file a reader holds must work, and the reader must
+    // see its writes (with passthrough reads on, the kernel refuses this).
+    let mut p = Pair::new("readers", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        fs::write(d.join("f"), b"0123456789").expect("write");
+        let mut r = File::open(d.join("f")).expect("open ro");
+        let mut s = String::new();
+        log.push(res(r.read_to_string(&mut s)));
+        let w = OpenOptions::new().write(true).open(d.join("f"));
+        log.push(format!(
+            "{:?}",
+            w.as_ref().map(|_| ()).map_err(std::io::Error::raw_os_error)
+        ));
+        if let Ok(w) = w {
+            log.push(res(w.write_at(b"abc", 2)));
+        }
+        let mut s = String::new();
+        log.push(res(r.seek(SeekFrom::Start(0))));
+        log.push(res(r.read_to_string(&mut s)));
+        log.push(s);
+        log
+    });
+}
