@@ -1,0 +1,239 @@
+//! A stalled or absent secondary never hangs the application; changes made
+//! ALONE are journalled; a dead FUSE mount left by a crashed daemon is
+//! recovered (root, FUSE).
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write,
+    net::{SocketAddr, TcpListener},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use safekit::rfs::{
+    ChannelKey, LinkState, Primary, PrimaryParams, RfsError, RfsEvent,
+    channel::accept,
+    journal::{Change, Journal},
+    proto::{Message, RelPath},
+};
+
+const KEY: [u8; 32] = [9; 32];
+
+struct Dirs(PathBuf);
+
+impl Dirs {
+    fn new(tag: &str) -> Self {
+        let base = std::env::temp_dir().join(format!("rfs-recovery-{tag}-{}", std::process::id()));
+        let _ = rustix::mount::unmount(base.join("a"), rustix::mount::UnmountFlags::DETACH);
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("a")).expect("mkdir");
+        Self(base)
+    }
+    fn a(&self) -> PathBuf {
+        self.0.join("a")
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for _ in 0..4 {
+            let _ = rustix::mount::unmount(self.a(), rustix::mount::UnmountFlags::DETACH);
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A secondary that completes the handshake and the hello, then never reads
+/// again (a stalled process). Stops when `stop` is set.
+fn stalled_secondary(stop: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        let key = ChannelKey::from_cluster_key(&KEY).expect("key");
+        let Ok((mut tx, mut rx)) = accept(s, &key, Duration::from_secs(5)) else {
+            return;
+        };
+        if !matches!(rx.recv(), Ok(Message::Hello { .. })) {
+            return;
+        }
+        let _ = tx.send(&Message::Welcome);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        drop((tx, rx));
+    });
+    addr
+}
+
+fn params(journal: &Path, send_timeout: Duration) -> PrimaryParams {
+    let mut p = PrimaryParams::new("/data");
+    p.send_timeout = send_timeout;
+    p.journal = Some(journal.to_path_buf());
+    p
+}
+
+#[test]
+fn a_stalled_secondary_does_not_hang_the_writer() {
+    let d = Dirs::new("stalled");
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = stalled_secondary(Arc::clone(&stop));
+    let timeout = Duration::from_secs(1);
+    let journal = d.0.join("journal");
+    let (primary, mut events) =
+        Primary::start(&d.a(), Some(addr), &KEY, params(&journal, timeout)).expect("start");
+    assert!(matches!(events.try_recv(), Ok(RfsEvent::Connected { .. })));
+    assert_eq!(primary.state(), LinkState::Connected);
+
+    // 48 MiB in 1 MiB writes: far more than the socket buffers hold, so the
+    // sender blocks on the stalled peer; the writer must be released.
+    let start = Instant::now();
+    let mut f = fs::File::create(d.a().join("big")).expect("create");
+    let chunk = vec![0xabu8; 1 << 20];
+    for _ in 0..48 {
+        f.write_all(&chunk).expect("write");
+    }
+    f.sync_all().expect("fsync");
+    drop(f);
+    let took = start.elapsed();
+    assert!(
+        took < timeout + Duration::from_secs(8),
+        "writer held {took:?} with a {timeout:?} send timeout"
+    );
+    assert_eq!(primary.state(), LinkState::Alone);
+    match events.try_recv() {
+        Ok(RfsEvent::SecondaryLost { reason, .. }) => {
+            assert!(
+                reason.contains("send timeout") || reason.contains("send failed"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected SecondaryLost, got {other:?}"),
+    }
+    assert_eq!(
+        fs::metadata(d.a().join("big")).expect("stat").len(),
+        48 << 20
+    );
+
+    // ALONE: writes go on, each journalled; the journal covers them all.
+    let g = OpenOptions::new()
+        .write(true)
+        .open(d.a().join("big"))
+        .expect("open");
+    g.write_at(b"alone", 100 << 20).expect("write");
+    drop(g);
+    fs::write(d.a().join("new"), b"n").expect("write");
+    let big = RelPath::new("big").expect("path");
+    let dirty = primary.dirty();
+    assert!(
+        dirty.covers(
+            &big,
+            Change::Range {
+                start: 0,
+                end: 48 << 20
+            }
+        ),
+        "{dirty:?}"
+    );
+    assert!(dirty.covers(
+        &big,
+        Change::Range {
+            start: 100 << 20,
+            end: (100 << 20) + 5
+        }
+    ));
+    assert!(dirty.covers(&RelPath::new("new").expect("path"), Change::Meta));
+    // Live replication cannot resume before a resync.
+    assert!(matches!(
+        primary.connect(addr),
+        Err(RfsError::ResyncNeeded { .. })
+    ));
+    primary.stop().expect("stop");
+    stop.store(true, Ordering::Relaxed);
+    // Persisted: a restarted daemon still knows.
+    let j = Journal::open(&journal).expect("reopen journal");
+    assert_eq!(j.dirty(), &dirty);
+}
+
+#[test]
+fn an_absent_secondary_starts_alone() {
+    let d = Dirs::new("absent");
+    // A port nobody listens on.
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let start = Instant::now();
+    let (primary, mut events) = Primary::start(
+        &d.a(),
+        Some(addr),
+        &KEY,
+        params(&d.0.join("journal"), Duration::from_secs(1)),
+    )
+    .expect("start");
+    assert!(start.elapsed() < Duration::from_secs(6));
+    assert_eq!(primary.state(), LinkState::Alone);
+    assert!(matches!(
+        events.try_recv(),
+        Ok(RfsEvent::SecondaryLost { .. })
+    ));
+    fs::write(d.a().join("f"), b"served anyway").expect("write");
+    assert_eq!(fs::read(d.a().join("f")).expect("read"), b"served anyway");
+    drop(primary);
+    // Unmounted on drop: the real directory holds the file.
+    assert_eq!(fs::read(d.a().join("f")).expect("read"), b"served anyway");
+}
+
+#[test]
+fn a_dead_fuse_mount_is_recovered() {
+    let d = Dirs::new("dead");
+    fs::write(d.a().join("existing"), b"under the mount").expect("write");
+    // What a crashed daemon leaves: a FUSE mount whose /dev/fuse is closed.
+    let fuse = match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: /dev/fuse unavailable ({e})");
+            return;
+        }
+    };
+    let data = std::ffi::CString::new(format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0",
+        std::os::fd::AsRawFd::as_raw_fd(&fuse)
+    ))
+    .expect("no NUL");
+    rustix::mount::mount(
+        "dead",
+        d.a(),
+        "fuse.dead",
+        rustix::mount::MountFlags::empty(),
+        Some(data.as_c_str()),
+    )
+    .expect("mount a FUSE to kill");
+    drop(fuse);
+    let e = fs::metadata(d.a()).expect_err("dead mount");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+
+    let (primary, _events) = Primary::start(
+        &d.a(),
+        None,
+        &KEY,
+        params(&d.0.join("journal"), Duration::from_secs(1)),
+    )
+    .expect("start over a dead mount");
+    assert_eq!(
+        fs::read(d.a().join("existing")).expect("read through the new mount"),
+        b"under the mount"
+    );
+    drop(primary);
+}
