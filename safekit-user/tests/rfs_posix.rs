@@ -87,7 +87,7 @@ impl Pair {
         assert_eq!(primary.state(), LinkState::Connected);
         // Same root times on both sides before anything happens.
         let m = fs::metadata(&a).expect("stat a");
-        set_times(&b, m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec());
+        set_times(&b, (m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec()));
         Self {
             base,
             a,
@@ -159,15 +159,15 @@ impl Drop for Pair {
     }
 }
 
-fn set_times(p: &Path, asec: i64, ansec: i64, msec: i64, mnsec: i64) {
+fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     let ts = rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec {
-            tv_sec: asec,
-            tv_nsec: ansec,
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
         },
         last_modification: rustix::fs::Timespec {
-            tv_sec: msec,
-            tv_nsec: mnsec,
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
         },
     };
     rustix::fs::utimensat(
@@ -407,9 +407,10 @@ fn rename_over_existing_noreplace_and_exchange() {
 fn mkdir_rmdir_and_hard_links() {
     let mut p = Pair::new("dirs", AsyncMode::None);
     p.check(|d| {
-        let mut log = Vec::new();
-        log.push(res(fs::create_dir(d.join("d"))));
-        log.push(res(fs::create_dir(d.join("d"))));
+        let mut log = vec![
+            res(fs::create_dir(d.join("d"))),
+            res(fs::create_dir(d.join("d"))),
+        ];
         log.push(res(fs::create_dir_all(d.join("d/e/f"))));
         log.push(res(fs::write(d.join("d/e/f/file"), b"1")));
         log.push(res(fs::remove_dir(d.join("d/e"))));
@@ -515,9 +516,9 @@ fn chmod_chown_and_utimes() {
             Some(99),
             Some(98),
         )));
-        set_times(&d.join("f"), 1_000_000, 5, 2_000_000, 6);
-        set_times(&d.join("dir"), 3_000_000, 7, 4_000_000, 8);
-        set_times(&d.join("l"), 5_000_000, 0, 6_000_000, 0);
+        set_times(&d.join("f"), (1_000_000, 5), (2_000_000, 6));
+        set_times(&d.join("dir"), (3_000_000, 7), (4_000_000, 8));
+        set_times(&d.join("l"), (5_000_000, 0), (6_000_000, 0));
         let m = fs::symlink_metadata(d.join("f")).expect("stat");
         log.push(format!(
             "{} {} {} {}",
@@ -621,7 +622,7 @@ fn mmap_write_and_msync() {
         // SAFETY: `ptr` maps `len` writable bytes (checked above).
         let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
         for (i, b) in region.iter_mut().enumerate().step_by(97) {
-            *b = (i % 251) as u8;
+            *b = u8::try_from(i % 251).unwrap_or(0);
         }
         region[4096..4096 + 11].copy_from_slice(b"mapped data");
         // SAFETY: same mapping, still valid.

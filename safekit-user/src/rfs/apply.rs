@@ -135,6 +135,7 @@ impl Applier {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
     }
 
+    #[expect(clippy::too_many_lines, reason = "one arm per operation")]
     fn apply_inner(&mut self, op: &Op, sync: bool) -> io::Result<()> {
         match op {
             Op::Write {

@@ -13,7 +13,7 @@
 //! Why Noise with a PSK rather than TLS 1.3 (rustls): the cluster's only
 //! credential is a shared secret. rustls has no external-PSK mode, so TLS
 //! would need certificates derived from the key, a pinning verifier and a C or
-//! assembly crypto backend; NNpsk0 is the exact shape "both ends know a
+//! assembly crypto backend; `NNpsk0` is the exact shape "both ends know a
 //! secret", is formally analysed, gives mutual authentication and forward
 //! secrecy (ephemeral DH), and builds from pure Rust crates. The guarantees are
 //! those SPEC §9 asks of TLS 1.3:
@@ -135,6 +135,7 @@ fn params() -> NoiseParams {
     NOISE.parse().expect("valid Noise protocol name")
 }
 
+#[expect(clippy::needless_pass_by_value, reason = "used as a map_err adapter")]
 fn handshake_err(e: snow::Error) -> ChannelError {
     ChannelError::Handshake(e.to_string())
 }
@@ -456,10 +457,13 @@ impl ChannelReceiver {
                     return Ok(());
                 }
             }
-            let mut buf = [0u8; 64 * 1024];
-            match self.stream.read(&mut buf) {
+            let have = self.raw.len();
+            self.raw.resize(have + 64 * 1024, 0);
+            let got = self.stream.read(&mut self.raw[have..]);
+            self.raw.truncate(have + *got.as_ref().unwrap_or(&0));
+            match got {
                 Ok(0) => return Err(ChannelError::Closed),
-                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+                Ok(_) => {}
                 Err(e) => {
                     return Err(match e.kind() {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -486,13 +490,9 @@ mod tests {
 
     use super::*;
 
-    fn pair(
-        client_key: &[u8],
-        server_key: &[u8],
-    ) -> (
-        Result<(ChannelSender, ChannelReceiver), ChannelError>,
-        Result<(ChannelSender, ChannelReceiver), ChannelError>,
-    ) {
+    type End = Result<(ChannelSender, ChannelReceiver), ChannelError>;
+
+    fn pair(client_key: &[u8], server_key: &[u8]) -> (End, End) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let sk = ChannelKey::from_cluster_key(server_key).expect("key");
@@ -524,7 +524,9 @@ mod tests {
             op: proto::Op::Write {
                 path: proto::RelPath::new("f").expect("path"),
                 offset: 0,
-                data: (0..(1 << 20) + 3).map(|i| (i % 251) as u8).collect(),
+                data: (0..(1u32 << 20) + 3)
+                    .map(|i| u8::try_from(i % 251).unwrap_or(0))
+                    .collect(),
                 mtime: proto::Timestamp::default(),
             },
         };

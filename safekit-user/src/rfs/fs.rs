@@ -173,7 +173,7 @@ struct OpenFile {
     /// How the kernel does I/O on it.
     io: Io,
     /// Kept alive while the kernel uses it for passthrough.
-    _backing: Option<BackingId>,
+    backing_id: Option<BackingId>,
 }
 
 /// How the kernel does I/O on an open file.
@@ -274,6 +274,17 @@ fn is_sync(flags: i32) -> bool {
     flags & (libc::O_SYNC | libc::O_DSYNC) != 0
 }
 
+/// What a setattr request changes.
+#[derive(Debug, Clone, Copy)]
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 /// A parent directory fd and a name inside it.
 struct Entry {
     dir: OwnedFd,
@@ -346,12 +357,12 @@ impl ReplicatedFs {
         self.root.as_fd()
     }
 
-    fn path(&self, st: &State, ino: INodeNo) -> Result<RelPath, Errno> {
+    fn path(st: &State, ino: INodeNo) -> Result<RelPath, Errno> {
         st.tree.path(ino.0).ok_or(Errno::ENOENT)
     }
 
     fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, OwnedFd), Errno> {
-        let p = self.path(st, ino)?;
+        let p = Self::path(st, ino)?;
         let fd = sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?;
         Ok((p, fd))
     }
@@ -398,7 +409,7 @@ impl ReplicatedFs {
     /// Owner and mode of a node just created by the daemon (running as root)
     /// on behalf of `req`: the caller's uid, its gid or the directory's when
     /// the directory is setgid, the requested mode whatever our own umask.
-    fn own_new(&self, req: &Request, e: &Entry, mode: u32, is_dir: bool) -> Result<Stat, Errno> {
+    fn own_new(req: &Request, e: &Entry, mode: u32, is_dir: bool) -> Result<Stat, Errno> {
         let dst = sys::fstat(e.dir.as_fd()).map_err(|e| errno(&e))?;
         let gid = if dst.st_mode & libc::S_ISGID != 0 {
             dst.st_gid
@@ -451,14 +462,18 @@ impl ReplicatedFs {
 
     fn do_setattr(
         &self,
-        req_times: (Option<TimeOrNow>, Option<TimeOrNow>),
         ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
         fh: Option<FileHandle>,
+        set: AttrChange,
     ) -> Result<(FileAttr, Ticket), Errno> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: access,
+            mtime: modify,
+        } = set;
         let st = self.lock();
         let path = st.tree.path(ino.0);
         let held = Self::open_fd(&st, ino, fh);
@@ -498,37 +513,37 @@ impl ReplicatedFs {
                 TimeOrNow::SpecificTime(t) => from_system_time(t),
             })
         };
-        let (atime, mtime) = (resolve(req_times.0), resolve(req_times.1));
+        let (atime, mtime) = (resolve(access), resolve(modify));
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-            match &path {
-                Some(p) => {
-                    let e = self.entry(p)?;
-                    if uid.is_some() || gid.is_some() {
-                        sys::chown_at(e.dir.as_fd(), &e.name, uid, gid).map_err(|e| errno(&e))?;
-                    }
-                    if let Some(m) = mode {
-                        sys::chmod_at(e.dir.as_fd(), &e.name, m & 0o7777).map_err(|e| errno(&e))?;
-                    }
-                    if atime.is_some() || mtime.is_some() {
-                        sys::set_times_at(e.dir.as_fd(), &e.name, atime, mtime)
-                            .map_err(|e| errno(&e))?;
-                    }
+            if let Some(p) = &path {
+                let e = self.entry(p)?;
+                if uid.is_some() || gid.is_some() {
+                    sys::chown_at(e.dir.as_fd(), &e.name, uid, gid).map_err(|e| errno(&e))?;
                 }
-                None => {
-                    // Unlinked but open: change it locally, nothing to send.
-                    let fd = held.as_ref().ok_or(Errno::ENOENT)?;
-                    if uid.is_some() || gid.is_some() {
-                        rustix::fs::fchown(
-                            fd.as_fd(),
-                            uid.map(rustix::fs::Uid::from_raw),
-                            gid.map(rustix::fs::Gid::from_raw),
-                        )
+                if let Some(m) = mode {
+                    sys::chmod_at(e.dir.as_fd(), &e.name, m & 0o7777).map_err(|e| errno(&e))?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    sys::set_times_at(e.dir.as_fd(), &e.name, atime, mtime)
+                        .map_err(|e| errno(&e))?;
+                }
+            } else {
+                // Unlinked but open: change it locally, nothing to send.
+                let fd = held.as_ref().ok_or(Errno::ENOENT)?;
+                if uid.is_some() || gid.is_some() {
+                    rustix::fs::fchown(
+                        fd.as_fd(),
+                        uid.map(rustix::fs::Uid::from_raw),
+                        gid.map(rustix::fs::Gid::from_raw),
+                    )
+                    .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                }
+                if let Some(m) = mode {
+                    rustix::fs::fchmod(fd.as_fd(), Mode::from_raw_mode(m & 0o7777))
                         .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-                    }
-                    if let Some(m) = mode {
-                        rustix::fs::fchmod(fd.as_fd(), Mode::from_raw_mode(m & 0o7777))
-                            .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-                    }
+                }
+                if let Some(m) = mtime {
+                    sys::set_fd_mtime(fd.as_fd(), m).map_err(|e| errno(&e))?;
                 }
             }
             if let Some(p) = &path {
@@ -646,7 +661,15 @@ impl Filesystem for ReplicatedFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr((atime, mtime), ino, mode, uid, gid, size, fh) {
+        let set = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        match self.do_setattr(ino, fh, set) {
             Ok((attr, ticket)) => self.then(ticket, move |r| match r {
                 Ok(()) => reply.attr(&TTL, &attr),
                 Err(e) => reply.error(Errno::from_i32(e)),
@@ -657,7 +680,7 @@ impl Filesystem for ReplicatedFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.lock();
-        let r = self.path(&st, ino).and_then(|p| {
+        let r = Self::path(&st, ino).and_then(|p| {
             drop(st);
             let e = self.entry(&p)?;
             rustix::fs::readlinkat(e.dir.as_fd(), &e.name, Vec::new())
@@ -703,7 +726,7 @@ impl Filesystem for ReplicatedFs {
                 dir,
                 name: name.to_os_string(),
             };
-            let stat = self.own_new(req, &e, mode, false)?;
+            let stat = Self::own_new(req, &e, mode, false)?;
             let op = Op::Mknod {
                 path: path.clone(),
                 kind,
@@ -744,7 +767,7 @@ impl Filesystem for ReplicatedFs {
                 dir,
                 name: name.to_os_string(),
             };
-            let stat = self.own_new(req, &e, mode, true)?;
+            let stat = Self::own_new(req, &e, mode, true)?;
             let op = Op::Mkdir {
                 path: path.clone(),
                 mode: sys::perm(&stat),
@@ -790,7 +813,7 @@ impl Filesystem for ReplicatedFs {
                 dir,
                 name: link_name.to_os_string(),
             };
-            let stat = self.own_new(req, &e, 0o777, false)?;
+            let stat = Self::own_new(req, &e, 0o777, false)?;
             let op = Op::Symlink {
                 path: path.clone(),
                 target: target.as_os_str().as_bytes().to_vec(),
@@ -872,7 +895,7 @@ impl Filesystem for ReplicatedFs {
     ) {
         let mut st = self.lock();
         let r = (|| {
-            let existing = self.path(&st, ino)?;
+            let existing = Self::path(&st, ino)?;
             let src = self.entry(&existing)?;
             let (pb, db) = self.dir_of(&st, newparent)?;
             let path = Self::child(&pb, newname)?;
@@ -898,7 +921,7 @@ impl Filesystem for ReplicatedFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mut st = self.lock();
         let r = (|| {
-            let p = self.path(&st, ino)?;
+            let p = Self::path(&st, ino)?;
             let fd = sys::open_beneath(self.root(), p.as_bytes(), real_open_flags(flags.0))
                 .map_err(|e| errno(&e))?;
             Ok(fd)
@@ -936,9 +959,9 @@ impl Filesystem for ReplicatedFs {
             fd: Arc::new(fd),
             sync: is_sync(flags.0),
             io,
-            _backing: backing,
+            backing_id: backing,
         };
-        match (&f._backing, io) {
+        match (&f.backing_id, io) {
             // The reply borrows the id; the handle keeps it alive until
             // release. (FOPEN_KEEP_CACHE with passthrough makes reads fail.)
             (Some(b), _) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), b),
@@ -1197,7 +1220,7 @@ impl Filesystem for ReplicatedFs {
     ) {
         let st = self.lock();
         let r = (|| {
-            let path = self.path(&st, ino)?;
+            let path = Self::path(&st, ino)?;
             let e = self.entry(&path)?;
             #[expect(clippy::cast_sign_loss, reason = "flag bits")]
             let f = XattrFlags::from_bits_retain(flags as u32);
@@ -1221,7 +1244,7 @@ impl Filesystem for ReplicatedFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = self.path(&st, ino).and_then(|p| {
+        let r = Self::path(&st, ino).and_then(|p| {
             drop(st);
             let e = self.entry(&p)?;
             sys::get_xattr(&sys::proc_entry(e.dir.as_fd(), &e.name), name).map_err(|e| errno(&e))
@@ -1231,7 +1254,7 @@ impl Filesystem for ReplicatedFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = self.path(&st, ino).and_then(|p| {
+        let r = Self::path(&st, ino).and_then(|p| {
             drop(st);
             let e = self.entry(&p)?;
             sys::list_xattrs(&sys::proc_entry(e.dir.as_fd(), &e.name)).map_err(|e| errno(&e))
@@ -1242,7 +1265,7 @@ impl Filesystem for ReplicatedFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let st = self.lock();
         let r = (|| {
-            let path = self.path(&st, ino)?;
+            let path = Self::path(&st, ino)?;
             let e = self.entry(&path)?;
             rustix::fs::lremovexattr(sys::proc_entry(e.dir.as_fd(), &e.name), name)
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
@@ -1295,7 +1318,7 @@ impl Filesystem for ReplicatedFs {
                 dir,
                 name: name.to_os_string(),
             };
-            let stat = self.own_new(req, &e, mode, false)?;
+            let stat = Self::own_new(req, &e, mode, false)?;
             let op = Op::Mknod {
                 path: path.clone(),
                 kind: NodeKind::File,
@@ -1317,7 +1340,7 @@ impl Filesystem for ReplicatedFs {
                     fd: Arc::new(fd),
                     sync: is_sync(flags),
                     io: Io::Cached,
-                    _backing: None,
+                    backing_id: None,
                 },
             );
             Ok((attr, fh, self.submit(&op, &[(path, Change::Meta)])))

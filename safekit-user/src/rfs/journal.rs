@@ -497,7 +497,7 @@ mod tests {
                 let b = (a + next() % 40).min(256);
                 r.insert(a, b);
                 for i in a..b {
-                    model[i as usize] = true;
+                    model[usize::try_from(i).expect("small")] = true;
                 }
             }
             let mut rebuilt = [false; 256];
@@ -509,7 +509,7 @@ mod tests {
                 }
                 last_end = Some(e);
                 for i in s..e {
-                    rebuilt[i as usize] = true;
+                    rebuilt[usize::try_from(i).expect("small")] = true;
                 }
             }
             assert_eq!(model, rebuilt);

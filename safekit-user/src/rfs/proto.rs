@@ -547,6 +547,7 @@ fn kind_tag(k: NodeKind) -> u8 {
 }
 
 /// Appends the encoding of `op`.
+#[expect(clippy::too_many_lines, reason = "one arm per operation")]
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Write {
@@ -857,6 +858,7 @@ impl<'a> Reader<'a> {
     }
 }
 
+#[expect(clippy::too_many_lines, reason = "one arm per operation")]
 fn decode_op_from(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
     let tag = r.u8("op")?;
     Ok(match tag {

@@ -67,6 +67,9 @@ pub struct Counters {
     pub journalled: AtomicU64,
 }
 
+/// A sent operation: sequence, when, what to journal if it is lost.
+type Inflight = (Seq, Instant, Vec<(RelPath, Change)>);
+
 struct Shared {
     state: LinkState,
     /// Connection generation; threads of an older one exit.
@@ -75,7 +78,7 @@ struct Shared {
     acked: Seq,
     outbox: Vec<Vec<u8>>,
     /// Sent, not yet acknowledged: sequence, when, what to journal if lost.
-    inflight: VecDeque<(Seq, Instant, Vec<(RelPath, Change)>)>,
+    inflight: VecDeque<Inflight>,
     waiters: BTreeMap<Seq, Vec<Completion>>,
     journal: Option<Journal>,
     journal_failed: bool,
@@ -367,11 +370,11 @@ impl Replicator {
             };
             for m in &batch {
                 tx.queue_encoded(m);
-                if tx.pending() >= 1 << 20 {
-                    if let Err(e) = tx.flush() {
-                        self.lose(epoch, &format!("send failed: {e}"));
-                        return;
-                    }
+                if tx.pending() >= 1 << 20
+                    && let Err(e) = tx.flush()
+                {
+                    self.lose(epoch, &format!("send failed: {e}"));
+                    return;
                 }
             }
             if let Err(e) = tx.flush() {

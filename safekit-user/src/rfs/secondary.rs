@@ -150,6 +150,10 @@ pub async fn serve(
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the connection's life in order: handshake, hello, takeover, loop"
+)]
 fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     let (mut tx, mut rx) = match channel::accept(stream, &ctx.key, ctx.handshake_timeout) {
         Ok(c) => c,
