@@ -1,5 +1,7 @@
 //! `cargo xtask <task>`: setup, run, test, lab, bench.
 
+mod bench;
+
 use std::process::Command;
 
 use anyhow::Result;
@@ -31,6 +33,11 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Benchmarks: figures and ratios measured side by side in one run.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
     },
 }
 
@@ -74,6 +81,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Bench { what } => bench::bench(&what),
     }
 }
 

@@ -1,0 +1,32 @@
+//! `cargo xtask bench <what>`: benchmarks that print figures and ratios
+//! measured side by side in one run (TESTING.md: targets belong here, not
+//! in timed tests). They run as root in network namespaces of their own.
+
+use anyhow::Result;
+use clap::Subcommand;
+use xtask::{run, setup};
+
+/// What to measure.
+#[derive(Subcommand)]
+pub(crate) enum Bench {
+    /// Packets per second through the farm filter (XDP accept and drop
+    /// paths) against a no-op XDP program and the nftables backend, same
+    /// generated traffic into a veth pair; prints the ratios to the targets.
+    Farm,
+}
+
+pub(crate) fn bench(what: &Bench) -> Result<()> {
+    setup::setup()?;
+    match what {
+        // An example of safekit-user, not a dependency of xtask: xtask must
+        // build before the eBPF toolchain exists.
+        Bench::Farm => run(super::cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "safekit-user",
+            "--example",
+            "bench_farm",
+        ])),
+    }
+}
