@@ -175,6 +175,10 @@ fn lab(tag: &str) -> Netns {
         ns.exec(&["sysctl", "-qw", &format!("{k}={v}")])
             .unwrap_or_else(|e| panic!("sysctl {k}: {e}"));
     }
+    // As the daemon does: the VIPs on loopback are not answered by the
+    // kernel on the LAN interface.
+    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.nbA.arp_ignore=1"])
+        .unwrap_or_else(|e| panic!("sysctl arp_ignore: {e}"));
     ns.ip(&["link", "set", "nbA", "address", "02:00:00:00:4e:01"]);
     ns.ip(&["link", "set", "nbB", "address", "02:00:00:00:4e:cc"]);
     ns.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", "nbA"]);
@@ -563,6 +567,71 @@ impl Injector {
         }
     }
 
+    /// Also receives the ARP frames seen on the interface.
+    fn arp(interface: &str) -> Self {
+        let i = Self::new(interface);
+        let proto = libc::c_int::from(0x0806u16.to_be());
+        // SAFETY: plain socket creation; the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(raw >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        addr.sll_protocol = 0x0806u16.to_be();
+        addr.sll_ifindex = i.ifindex;
+        let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap();
+        // SAFETY: a valid address and its size.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 300_000,
+        };
+        let tv_len = u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap();
+        // SAFETY: SO_RCVTIMEO with a valid timeval and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                tv_len,
+            )
+        };
+        assert_eq!(rc, 0);
+        Self { fd, ..i }
+    }
+
+    /// Incoming frames until a receive times out.
+    fn incoming(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: all-zero is a valid sockaddr_ll.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap();
+            // SAFETY: buffer and address valid for their sizes.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &raw mut len,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else {
+                return out;
+            };
+            if from.sll_pkttype != libc::PACKET_OUTGOING {
+                out.push(buf[..n].to_vec());
+            }
+        }
+    }
+
     fn send(&self, frame: &[u8]) {
         // SAFETY: all-zero is a valid sockaddr_ll.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -850,4 +919,64 @@ https = 19453
     assert_eq!(rules, 8, "4 ports x 2 families:\n{first}");
     assert!(gone.is_err(), "table still there after remove: {gone:?}");
     removed_twice.expect("removing an absent table is fine");
+}
+
+#[test]
+fn arp_requests_for_a_vip_get_its_virtual_mac_from_user_space() {
+    let ns = lab("a");
+    ns.enter(move || {
+        let mut nft = NftFilter::attach("nbA", AttachMode::Generic).expect("attach");
+        nft.enable(IFMAC, SEED).expect("enable");
+        nft.add_vip(VIP1, VMAC1, &rules1()).expect("add VIP1");
+        let client_side = Injector::arp("nbB");
+        let request = |tpa: Ipv4Addr| {
+            let mut a = vec![0, 1, 0x08, 0x00, 6, 4, 0, 1];
+            a.extend_from_slice(&CLIENT_MAC);
+            a.extend_from_slice(&client(0).octets());
+            a.extend_from_slice(&[0; 6]);
+            a.extend_from_slice(&tpa.octets());
+            eth([0xff; 6], 0x0806, &a)
+        };
+        client_side.send(&request(VIP1));
+        let replies: Vec<Vec<u8>> = client_side
+            .incoming()
+            .into_iter()
+            .filter(|f| f.len() >= 42 && f[20..22] == [0, 2])
+            .collect();
+        assert_eq!(
+            replies.len(),
+            1,
+            "one reply, from the responder: {replies:02x?}"
+        );
+        let r = &replies[0];
+        assert_eq!(r[0..6], CLIENT_MAC, "to the requester");
+        assert_eq!(r[6..12], IFMAC, "from the interface's own MAC");
+        assert_eq!(r[22..28], VMAC1, "the VIP is at the virtual MAC");
+        assert_eq!(r[28..32], VIP1.octets());
+        assert_eq!(r[32..38], CLIENT_MAC);
+        assert_eq!(r[38..42], client(0).octets());
+        // Another address of the node: the kernel answers, not the responder.
+        client_side.send(&request(NODE_ADDR));
+        let replies: Vec<Vec<u8>> = client_side
+            .incoming()
+            .into_iter()
+            .filter(|f| f.len() >= 42 && f[20..22] == [0, 2])
+            .collect();
+        assert_eq!(replies.len(), 1, "{replies:02x?}");
+        assert_eq!(replies[0][22..28], IFMAC);
+        // A removed VIP is not answered any more.
+        nft.remove_vip(VIP1, &rules1()).expect("remove VIP1");
+        client_side.send(&request(VIP1));
+        assert!(
+            client_side
+                .incoming()
+                .iter()
+                .all(|f| f.len() < 42 || f[20..22] != [0, 2]),
+            "no reply for a removed VIP"
+        );
+        assert_eq!(
+            nft.counters().expect("counters")[counter::ARP_REPLY as usize],
+            1
+        );
+    });
 }

@@ -15,6 +15,7 @@ use safekit_common::{BUCKETS, FILTER_CLIENT_IP, MAX_VIPS, PROTO_TCP, PROTO_UDP, 
 
 use super::{
     NftError,
+    arp_responder::ArpResponder,
     expr::{self, Base, Cmp, Expr, MetaKey, R0, R1, Verdict},
     netlink::{Netlink, Obj, Tx, cstring},
 };
@@ -30,8 +31,8 @@ const ETH_P_IP_BE: [u8; 2] = [0x08, 0x00];
 /// `PACKET_HOST`: the frame is for this host.
 const PACKET_HOST: u8 = 0;
 
-/// Named counters, by `safekit_common::counter` index (no ARP counter:
-/// nftables does not answer ARP).
+/// Named counters, by `safekit_common::counter` index (ARP replies come
+/// from the user-space responder).
 const COUNTERS: [(u32, &CStr); 6] = [
     (counter::PASS_OTHER, c"pass_other"),
     (counter::ACCEPT, c"accepted"),
@@ -85,7 +86,10 @@ struct Enabled {
 pub struct NftFilter {
     nl: Mutex<Netlink>,
     interface: String,
+    ifindex: u32,
     table: CString,
+    /// Answers ARP for the VIPs once enabled.
+    arp: Option<ArpResponder>,
     enabled: Option<Enabled>,
     slots: Vec<Option<Vip>>,
 }
@@ -344,7 +348,8 @@ impl NftFilter {
         let _ = mode;
         let dev = cstring(interface);
         // SAFETY: `dev` is NUL-terminated; the call only reads it.
-        if interface.is_empty() || unsafe { libc::if_nametoindex(dev.as_ptr()) } == 0 {
+        let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+        if interface.is_empty() || ifindex == 0 {
             return Err(NftError::NoInterface(interface.to_owned()));
         }
         let mut nl = Netlink::open()?;
@@ -381,7 +386,9 @@ impl NftFilter {
         Ok(Self {
             nl: Mutex::new(nl),
             interface: interface.to_owned(),
+            ifindex,
             table: table_name,
+            arp: None,
             enabled: None,
             slots: vec![None; MAX_VIPS as usize],
         })
@@ -406,7 +413,8 @@ impl NftFilter {
     }
 
     /// Turns filtering on (interface MAC, hash seed): every VIP's rules are
-    /// written with them, then the dispatch to the VIPs.
+    /// written with them, then the dispatch to the VIPs; ARP requests for
+    /// the VIPs are answered from then on.
     pub fn enable(&mut self, ifmac: [u8; 6], seed: u32) -> Result<(), NftError> {
         let on = Enabled { ifmac, seed };
         let table = self.table();
@@ -419,7 +427,25 @@ impl NftFilter {
         base_rules(&mut tx, &table, &self.slots, true);
         self.apply("enabling the farm filter", tx)?;
         self.enabled = Some(on);
+        if self.arp.as_ref().is_none_or(|a| a.ifmac() != ifmac) {
+            self.arp = None;
+            let arp =
+                ArpResponder::start(&self.interface, self.ifindex, ifmac).map_err(|source| {
+                    NftError::Arp {
+                        interface: self.interface.clone(),
+                        source,
+                    }
+                })?;
+            self.arp = Some(arp);
+        }
+        self.sync_arp();
         Ok(())
+    }
+
+    fn sync_arp(&self) {
+        if let Some(arp) = &self.arp {
+            arp.set_vips(&self.vips());
+        }
     }
 
     /// Declares a VIP, its virtual MAC and its rules; returns its slot (no
@@ -473,6 +499,7 @@ impl NftFilter {
         }
         self.apply("declaring a VIP", tx)?;
         self.slots = slots;
+        self.sync_arp();
         Ok(u32::try_from(slot).unwrap_or(u32::MAX))
     }
 
@@ -509,6 +536,7 @@ impl NftFilter {
         tx.add(&set, MsgType::Del, format!("set of owned buckets of {vip}"));
         self.apply("removing a VIP", tx)?;
         self.slots = slots;
+        self.sync_arp();
         Ok(())
     }
 
@@ -560,16 +588,20 @@ impl NftFilter {
         Ok(())
     }
 
-    /// Verdict counters, indexed by `safekit_common::counter` (the ARP
-    /// counter stays 0: nftables does not answer ARP).
+    /// Verdict counters, indexed by `safekit_common::counter` (`ARP_REPLY`:
+    /// the replies of the user-space ARP responder).
     pub fn counters(&self) -> Result<Vec<u64>, NftError> {
         let by_name = self
             .nl
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .counters(ProtoFamily::NetDev, &self.table)?;
+        let arp = self.arp.as_ref().map_or(0, ArpResponder::replies);
         Ok((0..counter::COUNT)
             .map(|i| {
+                if i == counter::ARP_REPLY {
+                    return arp;
+                }
                 COUNTERS
                     .iter()
                     .find(|(idx, _)| *idx == i)

@@ -65,9 +65,12 @@
 //! ## What differs from XDP
 //!
 //! - ARP: nftables cannot answer ARP for the VIP (a netdev rule cannot
-//!   transmit a reply), so with this backend the daemon answers ARP
-//!   requests for the VIP from user space (an `AF_PACKET` responder), with
-//!   the virtual MAC, as the XDP program does in the kernel.
+//!   transmit a reply), so with this backend ARP requests for the VIPs are
+//!   answered from user space: once enabled, [`NftFilter`] runs a thread
+//!   with an `AF_PACKET` socket on the interface that replies with the
+//!   virtual MAC from the interface's MAC, as the XDP program does in the
+//!   kernel (its replies are the `ARP_REPLY` counter). Slower to answer
+//!   than XDP, and only while the daemon runs.
 //! - Frames with two VLAN tags: the stack removes the outer tag before the
 //!   ingress hook, leaving the inner one, so `meta protocol ip` does not
 //!   match and the frame is passed untouched (XDP parses up to two tags).
@@ -83,6 +86,7 @@
 //! released (one transaction) before the buckets it gains are taken (a
 //! second one), as [`crate::farm::filter::FarmFilter::set_owned`] does.
 
+mod arp_responder;
 mod expr;
 mod farm;
 pub mod firewall;
@@ -136,6 +140,15 @@ pub enum NftError {
     /// The interface does not exist (in this network namespace).
     #[error("nftables farm filter: no interface {0:?}")]
     NoInterface(String),
+    /// The ARP responder could not start.
+    #[error("ARP responder on {interface}: {source}")]
+    Arp {
+        /// Interface.
+        interface: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A call the filter cannot honour (no free slot, unknown VIP).
     #[error("nftables farm filter on {interface}: {what}")]
     Filter {
