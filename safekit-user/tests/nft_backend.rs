@@ -25,7 +25,7 @@ use aya::{
 use safekit::{
     config, ebpf,
     farm::filter::{AttachMode, FilterRule},
-    nft::{NftFilter, firewall},
+    nft::{Backend, FarmDataplane, NftFilter, firewall},
 };
 use safekit_common::{
     BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, FilterConfig, PROTO_TCP, PROTO_UDP, RuleKey,
@@ -978,5 +978,26 @@ fn arp_requests_for_a_vip_get_its_virtual_mac_from_user_space() {
             nft.counters().expect("counters")[counter::ARP_REPLY as usize],
             1
         );
+    });
+}
+
+#[test]
+fn the_dataplane_falls_back_to_nftables_where_xdp_cannot_attach() {
+    let ns = lab("b");
+    ns.enter(move || {
+        // Loopback has no native XDP: the fallback takes nftables.
+        let mut lo = FarmDataplane::attach(Backend::XdpOrNftables, "lo", AttachMode::Native)
+            .expect("attach with fallback");
+        assert_eq!(lo.kind(), "nftables");
+        lo.enable([0; 6], SEED).expect("enable");
+        lo.add_vip(VIP1, VMAC1, &rules1()).expect("add VIP1");
+        assert!(!lo.is_empty());
+        assert!(FarmDataplane::attach(Backend::Xdp, "lo", AttachMode::Native).is_err());
+        let veth = FarmDataplane::attach(Backend::XdpOrNftables, "nbA", AttachMode::Native)
+            .expect("attach XDP");
+        assert_eq!(veth.kind(), "XDP");
+        let nft = FarmDataplane::attach(Backend::Nftables, "nbB", AttachMode::Native)
+            .expect("attach nftables");
+        assert_eq!(nft.kind(), "nftables");
     });
 }

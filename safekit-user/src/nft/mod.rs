@@ -12,7 +12,9 @@
 //! [`NftFilter`] has the API of the XDP filter
 //! ([`crate::farm::filter::FarmFilter`]) and takes the same decisions, so the
 //! daemon can use either: XDP where it can attach, nftables where it cannot
-//! (or to compare them, `cargo xtask bench farm`). Its rules live in a
+//! (or to compare them, `cargo xtask bench farm`). [`FarmDataplane`] holds
+//! either, chosen by a [`Backend`] (XDP, nftables, or XDP falling back to
+//! nftables). Its rules live in a
 //! `netdev` table `safekit_farm_<interface>` on the interface's `ingress`
 //! hook (priority -500), the earliest place netfilter sees a frame (after
 //! XDP and tc):
@@ -87,11 +89,13 @@
 //! second one), as [`crate::farm::filter::FarmFilter::set_owned`] does.
 
 mod arp_responder;
+pub mod dataplane;
 mod expr;
 mod farm;
 pub mod firewall;
 mod netlink;
 
+pub use dataplane::{Backend, FarmDataplane};
 pub use farm::NftFilter;
 
 /// Errors of the nftables backend and firewall.
