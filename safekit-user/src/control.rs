@@ -12,7 +12,7 @@ use crate::status::NodeStatus;
 
 /// A command for the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
+#[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     /// Status of every module.
     State,
@@ -28,6 +28,13 @@ pub enum Request {
     },
     /// Stop every module and exit.
     Shutdown,
+    /// A mirror module command.
+    Mirror {
+        /// Module.
+        module: String,
+        /// What to do.
+        cmd: MirrorCmd,
+    },
     /// Set a resource (`custom.<name>`) up or down: custom checkers.
     SetResource {
         /// Module.
@@ -48,6 +55,26 @@ pub enum Request {
         /// Destination port selecting the rule (default: the first rule).
         dport: Option<u16>,
     },
+}
+
+/// Mirror commands (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorCmd {
+    /// Force primary (refused if the peer is primary).
+    Prim,
+    /// Force secondary (refused if the peer is not primary).
+    Second,
+    /// Primary even when data may be inconsistent.
+    PrimForce,
+    /// Exchange roles (run on the primary).
+    Swap,
+    /// Restart the application on this node, same role.
+    Restart,
+    /// Stop the module here, then start it again (it may fail over).
+    StopStart,
+    /// Stop at once, with `stop_prim force`.
+    ForceStop,
 }
 
 /// The daemon's answer.

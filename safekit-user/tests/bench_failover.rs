@@ -47,7 +47,12 @@ fn bench_failover() {
     let mut lab = common::lab("skbf", SUBNET, 2, vec![module]);
     for n in [1, 2] {
         lab.start_daemon(n).unwrap();
-        assert!(lab.safekit(n, &["start", "-m", "web"]).unwrap().status.success());
+        assert!(
+            lab.safekit(n, &["start", "-m", "web"])
+                .unwrap()
+                .status
+                .success()
+        );
     }
     let client_ns = lab.spec().client_ns();
     let client = lab.spec().client_addr();
@@ -72,7 +77,11 @@ fn bench_failover() {
                 let mut port = base;
                 while !stop2.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(15) {
                     let t = start.elapsed();
-                    let r = ask(SocketAddr::from((client, port)), SocketAddr::from((vip, PORT))).ok();
+                    let r = ask(
+                        SocketAddr::from((client, port)),
+                        SocketAddr::from((vip, PORT)),
+                    )
+                    .ok();
                     seen.push((t, r));
                     port = if port >= base + 999 { base } else { port + 1 };
                     std::thread::sleep(Duration::from_millis(10));
@@ -90,31 +99,62 @@ fn bench_failover() {
         let old = format!("node{primary}");
         let new = format!("node{secondary}");
         assert!(
-            wait_for(Duration::from_secs(10), || state(&lab, secondary) == Some(ModuleState::Alone)).is_some(),
+            wait_for(Duration::from_secs(10), || state(&lab, secondary)
+                == Some(ModuleState::Alone))
+            .is_some(),
             "run {run}: node{secondary} never ALONE"
         );
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
         let seen = prober.join().unwrap();
-        let last_old = seen.iter().filter(|(_, r)| r.as_deref() == Some(old.as_str())).map(|(t, _)| *t).max();
-        let first_new = seen.iter().filter(|(_, r)| r.as_deref() == Some(new.as_str())).map(|(t, _)| *t).min();
+        let last_old = seen
+            .iter()
+            .filter(|(_, r)| r.as_deref() == Some(old.as_str()))
+            .map(|(t, _)| *t)
+            .max();
+        let first_new = seen
+            .iter()
+            .filter(|(_, r)| r.as_deref() == Some(new.as_str()))
+            .map(|(t, _)| *t)
+            .min();
         match (last_old, first_new) {
             (Some(a), Some(b)) if b > a => outages.push(b - a),
             other => panic!("run {run}: no clean switch observed: {other:?}"),
         }
-        eprintln!("run {run}: {old} -> {new}: outage {:?}", outages.last().unwrap());
+        eprintln!(
+            "run {run}: {old} -> {new}: outage {:?}",
+            outages.last().unwrap()
+        );
         // The victim comes back as SECOND.
         lab.start_daemon(primary).unwrap();
-        assert!(lab.safekit(primary, &["start", "-m", "web"]).unwrap().status.success());
+        assert!(
+            lab.safekit(primary, &["start", "-m", "web"])
+                .unwrap()
+                .status
+                .success()
+        );
         primary = secondary;
     }
     outages.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (min, med, max) = (ms(outages[0]), ms(outages[outages.len() / 2]), ms(outages[outages.len() - 1]));
+    let (min, med, max) = (
+        ms(outages[0]),
+        ms(outages[outages.len() / 2]),
+        ms(outages[outages.len() - 1]),
+    );
     let t = f64::from(u32::try_from(TIMEOUT_MS).unwrap());
     println!();
-    println!("failover outage seen by a client probing every 10 ms ({RUNS} runs, pulse 100 ms, timeout {TIMEOUT_MS} ms)");
+    println!(
+        "failover outage seen by a client probing every 10 ms ({RUNS} runs, pulse 100 ms, timeout {TIMEOUT_MS} ms)"
+    );
     println!("  min {min:7.1} ms   median {med:7.1} ms   max {max:7.1} ms");
-    println!("  median / timeout = {:.2}   (target: median <= timeout + 200 ms = {} ms: {})", med / t, TIMEOUT_MS + 200, if med <= t + 200.0 { "met" } else { "NOT met" });
-    println!("  for scale: keepalived's default takeover ~3500 ms, Pacemaker's token timeout alone 3000 ms");
+    println!(
+        "  median / timeout = {:.2}   (target: median <= timeout + 200 ms = {} ms: {})",
+        med / t,
+        TIMEOUT_MS + 200,
+        if med <= t + 200.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  for scale: keepalived's default takeover ~3500 ms, Pacemaker's token timeout alone 3000 ms"
+    );
 }

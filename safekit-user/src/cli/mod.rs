@@ -16,7 +16,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    control::{self, Request, Response},
+    control::{self, MirrorCmd, Request, Response},
     paths::Paths,
 };
 
@@ -43,6 +43,20 @@ pub enum Command {
     Stop(ModuleArg),
     /// Stop every module and the daemon of this node.
     Shutdown,
+    /// Force this node primary (mirror; refused if the peer is primary).
+    Prim(MirrorArgs),
+    /// Force this node secondary (mirror; refused if the peer is not primary).
+    Second(MirrorArgs),
+    /// Primary even when data may be inconsistent (mirror).
+    Primforce(ModuleArg),
+    /// Exchange roles: run on the primary (mirror).
+    Swap(MirrorArgs),
+    /// Restart the application on this node, same role.
+    Restart(ModuleArg),
+    /// Stop the module on this node and start it again (may fail over).
+    Stopstart(ModuleArg),
+    /// Stop at once (`stop_prim force`).
+    Forcestop(ModuleArg),
     /// Set a resource up or down (`-r custom.<name> -v up|down`), for custom
     /// checker scripts.
     Set(SetArgs),
@@ -102,6 +116,18 @@ pub struct SetArgs {
     pub value: String,
 }
 
+/// `-m AM` and an optional sync mode word (`fullsync`, `nosync`).
+#[derive(clap::Args, Debug)]
+pub struct MirrorArgs {
+    /// Module name.
+    #[arg(short = 'm', long = "module", env = "SAFEMODULE")]
+    pub module: String,
+    /// `fullsync` (copy everything) or `nosync` (skip the resync): accepted
+    /// for modules with replicated directories.
+    #[arg(value_parser = ["fullsync", "nosync"])]
+    pub sync: Option<String>,
+}
+
 /// `-m AM` (or `SAFEMODULE`).
 #[derive(clap::Args, Debug)]
 pub struct ModuleArg {
@@ -120,6 +146,13 @@ pub fn main() -> i32 {
         Command::Start(m) => module_cmd::simple(&paths, &Request::Start { module: m.module }),
         Command::Stop(m) => module_cmd::simple(&paths, &Request::Stop { module: m.module }),
         Command::Shutdown => module_cmd::simple(&paths, &Request::Shutdown),
+        Command::Prim(a) => mirror_cmd(&paths, a.module, MirrorCmd::Prim),
+        Command::Second(a) => mirror_cmd(&paths, a.module, MirrorCmd::Second),
+        Command::Primforce(a) => mirror_cmd(&paths, a.module, MirrorCmd::PrimForce),
+        Command::Swap(a) => mirror_cmd(&paths, a.module, MirrorCmd::Swap),
+        Command::Restart(a) => mirror_cmd(&paths, a.module, MirrorCmd::Restart),
+        Command::Stopstart(a) => mirror_cmd(&paths, a.module, MirrorCmd::StopStart),
+        Command::Forcestop(a) => mirror_cmd(&paths, a.module, MirrorCmd::ForceStop),
         Command::Set(a) => module_cmd::simple(
             &paths,
             &Request::SetResource {
@@ -146,6 +179,10 @@ pub fn main() -> i32 {
         Command::Snapshot(a) => snapshot::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),
     }
+}
+
+fn mirror_cmd(paths: &Paths, module: String, cmd: MirrorCmd) -> i32 {
+    module_cmd::simple(paths, &Request::Mirror { module, cmd })
 }
 
 /// Default time to wait for the daemon's answer.

@@ -10,6 +10,11 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "engine_mirror.rs"]
+mod mirror_glue;
+
+use mirror_glue::MirrorRt;
+
 use super::{
     Shared, StartError, checks,
     farm::{self, Dataplane, FarmRt},
@@ -18,6 +23,7 @@ use super::{
 use crate::{
     config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig, When},
     control::{Request, Response},
+    daemon::mirror_core::Cmd,
     farm::membership::{self, View},
     heartbeat::{self, Heartbeat, HeartbeatKey, Rejected, ReplayWindow},
     metrics::Metrics,
@@ -75,6 +81,12 @@ pub enum EffectDone {
     FarmUp(Result<crate::sys::vip::Interface, String>),
     /// Farm data plane down.
     FarmDown(Result<(), String>),
+    /// Mirror: primary up (VIP, ARP, start_prim) or why not.
+    PrimaryUp(Result<super::mirror::PrimaryUp, String>),
+    /// Mirror: primary down.
+    PrimaryDown(Result<(), String>),
+    /// Mirror: a split-brain witness answered (or none did).
+    Witness(bool),
 }
 
 /// What this node knows of one peer's instance of a module.
@@ -108,10 +120,16 @@ struct Module {
     failing: BTreeMap<String, String>,
     checks: Vec<tokio::task::JoinHandle<()>>,
     farm: Option<FarmRt>,
+    mirror: Option<MirrorRt>,
+    /// `stopstart`: start again once stopped.
+    restart_after_stop: bool,
 }
 
 impl Module {
     fn colour(&self) -> Colour {
+        if let Some(rt) = &self.mirror {
+            return rt.colour();
+        }
         match self.state {
             ModuleState::Stop => Colour::Red,
             // Stuck on a failed checker: red; in transition: orange.
@@ -193,7 +211,7 @@ impl Engine {
             modules.insert(
                 name,
                 Module {
-                    log,
+                    log: log.clone(),
                     state: ModuleState::Stop,
                     peers,
                     lans,
@@ -206,6 +224,9 @@ impl Engine {
                     failing: BTreeMap::new(),
                     checks: Vec::new(),
                     farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
+                    mirror: (cfg.mode() == ConfigMode::Mirror)
+                        .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
+                    restart_after_stop: false,
                     cfg,
                 },
             );
@@ -255,6 +276,9 @@ impl Engine {
         let mut next = now + Duration::from_secs(1);
         for m in self.modules.values() {
             next = next.min(m.next_pulse);
+            if let Some(t) = m.mirror.as_ref().and_then(|rt| rt.core.poll_timeout()) {
+                next = next.min(t);
+            }
             for p in m.peers.values() {
                 if let Some(last) = p.last_seen.values().max()
                     && !p.lost
@@ -343,8 +367,11 @@ impl Engine {
         peer.state = Some(state);
         peer.payload = hb.payload;
         peer.last_seen.insert(lan, now);
-        if changed {
-            let name = hb.module;
+        let name = hb.module;
+        if self.modules.get(&name).is_some_and(|m| m.mirror.is_some()) {
+            let payload = self.modules[&name].peers[&hb.node].payload.clone();
+            self.mirror_peer(&name, now, state, &payload);
+        } else if changed {
             self.farm_refresh(&name);
         }
         Ok(())
@@ -372,6 +399,30 @@ impl Engine {
                 Ok(r) => r,
                 Err(error) => Response::Error { error },
             },
+            Request::Mirror { module, cmd } => {
+                use crate::control::MirrorCmd as M;
+                let r = match cmd {
+                    M::Prim => self.mirror_command(&module, Cmd::Prim),
+                    M::Second => self.mirror_command(&module, Cmd::Second),
+                    M::PrimForce => self.mirror_command(&module, Cmd::PrimForce),
+                    M::Swap => self.mirror_command(&module, Cmd::Swap),
+                    M::Restart => self.mirror_command(&module, Cmd::Restart),
+                    M::StopStart | M::ForceStop => {
+                        let r = self.mirror_command(&module, Cmd::Stop);
+                        if r.is_ok()
+                            && cmd == M::StopStart
+                            && let Some(m) = self.modules.get_mut(&module)
+                        {
+                            m.restart_after_stop = true;
+                        }
+                        r
+                    }
+                };
+                match r {
+                    Ok(message) => Response::Ok { message },
+                    Err(error) => Response::Error { error },
+                }
+            }
             Request::SetResource {
                 module,
                 resource,
@@ -464,14 +515,19 @@ impl Engine {
                 Ok(format!("module {name} starting"))
             }
             ConfigMode::Mirror => {
-                m.wanted = false;
-                Err("mirror modules are not runnable in this build yet".into())
+                m.busy = false;
+                self.mirror_command(name, Cmd::Start)
             }
         }
     }
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
+        if m.mirror.is_some() {
+            m.wanted = false;
+            m.restart_after_stop = false;
+            return self.mirror_command(name, Cmd::Stop);
+        }
         if m.state == ModuleState::Stop && !m.busy {
             return Err(format!("module {name} is already stopped"));
         }
@@ -528,6 +584,13 @@ impl Engine {
     }
 
     fn effect_done(&mut self, name: &str, done: EffectDone) {
+        if matches!(
+            done,
+            EffectDone::PrimaryUp(_) | EffectDone::PrimaryDown(_) | EffectDone::Witness(_)
+        ) {
+            self.mirror_effect(name, done);
+            return;
+        }
         let shutting_down = self.shutting_down;
         let Some(m) = self.modules.get_mut(name) else {
             return;
@@ -555,6 +618,7 @@ impl Engine {
                 m.wanted = false;
                 self.begin_stop(name);
             }
+            EffectDone::PrimaryUp(_) | EffectDone::PrimaryDown(_) | EffectDone::Witness(_) => {}
             EffectDone::FarmDown(r) => {
                 self.pending = self.pending.saturating_sub(1);
                 if let Err(e) = r {
@@ -578,6 +642,8 @@ impl Engine {
             return;
         }
         let before = m.failing.is_empty();
+        let failed_now = result.is_err();
+        let check_id = id.clone();
         match result {
             Ok(()) => {
                 if m.failing.remove(&id).is_some() {
@@ -592,6 +658,12 @@ impl Engine {
             }
         }
         let after = m.failing.is_empty();
+        if m.mirror.is_some() {
+            if failed_now {
+                self.mirror_check(name, &check_id, true);
+            }
+            return;
+        }
         if before == after || m.busy {
             return;
         }
@@ -722,6 +794,13 @@ impl Engine {
                 continue;
             };
             m.wanted = false;
+            if m.mirror.is_some() {
+                if m.state != ModuleState::Stop {
+                    m.log.info("stopping: safekitd shutdown");
+                    let _ = self.mirror_command(&name, Cmd::Stop);
+                }
+                continue;
+            }
             if m.state != ModuleState::Stop && !m.busy {
                 m.log.info("stopping: safekitd shutdown");
                 self.begin_stop(&name);
@@ -730,6 +809,7 @@ impl Engine {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
+        self.mirror_timeouts(now);
         // Peers silent on every LAN for the timeout are lost.
         let mut refresh = Vec::new();
         for m in self.modules.values_mut() {
@@ -789,11 +869,11 @@ impl Engine {
                     state: m.state.code(),
                     epoch: self.epoch,
                     counter: m.counter,
-                    payload: m
-                        .farm
-                        .as_ref()
-                        .map(|f| membership::encode_view(&f.view))
-                        .unwrap_or_default(),
+                    payload: match (&m.farm, &m.mirror) {
+                        (Some(f), _) => membership::encode_view(&f.view),
+                        (_, Some(rt)) => rt.payload(),
+                        _ => Vec::new(),
+                    },
                 };
                 let bytes = match heartbeat::encode(&hb, &self.key) {
                     Ok(b) => b,

@@ -15,6 +15,8 @@ mod checks;
 pub mod engine;
 mod farm;
 mod http;
+mod mirror;
+pub(crate) mod mirror_core;
 mod net;
 
 use std::{net::SocketAddr, sync::Arc};

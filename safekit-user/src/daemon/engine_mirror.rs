@@ -1,0 +1,464 @@
+//! The engine's side of mirror modules: feeds the pure core
+//! ([`super::super::mirror_core::MirrorCore`]) with commands, the peer's
+//! views, effect completions, checker results and time, and executes its
+//! actions in order — persist first (synchronously, fsynced), then the
+//! effects, which run off the engine task and come back as events.
+
+use std::time::Instant;
+
+use super::{EffectDone, Engine, Event, Module};
+use crate::{
+    config::{CheckAction, DefaultPrim, ModuleConfig, SplitBrainKeep, When},
+    daemon::{
+        checks,
+        mirror::{self as fx, MirrorJob, PrimaryUp},
+        mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
+    },
+    modlog::ModuleLog,
+    paths::Paths,
+    script::ScriptEnv,
+    status::{Colour, ModuleState},
+};
+
+/// Runtime of a mirror module on this node.
+#[derive(Debug)]
+pub(super) struct MirrorRt {
+    pub(super) core: MirrorCore,
+    pub(super) primary: Option<PrimaryUp>,
+    /// Checker-triggered restarts inside the current `loop_interval`.
+    pub(super) loops: Vec<Instant>,
+}
+
+pub(super) fn to_state(s: MState) -> ModuleState {
+    match s {
+        MState::Stop => ModuleState::Stop,
+        MState::Wait => ModuleState::Wait,
+        MState::Alone => ModuleState::Alone,
+        MState::Prim => ModuleState::Prim,
+        MState::Second => ModuleState::Second,
+    }
+}
+
+fn from_state(s: ModuleState) -> MState {
+    match s {
+        ModuleState::Stop | ModuleState::Up => MState::Stop,
+        ModuleState::Wait => MState::Wait,
+        ModuleState::Alone => MState::Alone,
+        ModuleState::Prim => MState::Prim,
+        ModuleState::Second => MState::Second,
+    }
+}
+
+impl MirrorRt {
+    pub(super) fn new(cfg: &ModuleConfig, me: &str, paths: &Paths, log: &ModuleLog) -> Self {
+        let peer = cfg
+            .service
+            .nodes
+            .iter()
+            .find(|n| *n != me)
+            .cloned()
+            .unwrap_or_default();
+        let params = Params {
+            me: me.to_owned(),
+            peer,
+            timeout: cfg.heart.timeout,
+            failover: cfg.service.failover,
+            prefer: match &cfg.service.defaultprim {
+                DefaultPrim::Alone => Prefer::None,
+                DefaultPrim::Node(n) => Prefer::Node(n.clone()),
+                DefaultPrim::LastPrim => Prefer::LastPrim,
+            },
+            keep: match &cfg.service.splitbrain_keep {
+                SplitBrainKeep::FormerPrim => Keep::FormerPrim,
+                SplitBrainKeep::Node(n) => Keep::Node(n.clone()),
+            },
+            witness: cfg
+                .splitbrain
+                .as_ref()
+                .is_some_and(|s| !s.witness.is_empty()),
+        };
+        Self {
+            core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
+            primary: None,
+            loops: Vec::new(),
+        }
+    }
+
+    pub(super) fn colour(&self) -> Colour {
+        match self.core.state() {
+            MState::Stop => Colour::Red,
+            MState::Wait if self.core.in_transition() => Colour::Orange,
+            MState::Wait => Colour::Red,
+            MState::Alone | MState::Prim | MState::Second => Colour::Green,
+        }
+    }
+
+    /// Heartbeat payload.
+    pub(super) fn payload(&self) -> Vec<u8> {
+        self.core.view().encode()
+    }
+}
+
+fn persisted_file(paths: &Paths, module: &str) -> std::path::PathBuf {
+    paths.module_state_dir(module).join("mirror.json")
+}
+
+/// The persisted record (absent: a node that never ran the module).
+fn load_persisted(paths: &Paths, module: &str, log: &ModuleLog) -> Persisted {
+    let f = persisted_file(paths, module);
+    match std::fs::read_to_string(&f) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            log.error(&format!(
+                "{} unreadable ({e}): data treated as stale",
+                f.display()
+            ));
+            Persisted {
+                uptodate: false,
+                ..Persisted::default()
+            }
+        }),
+        Err(_) => Persisted::default(),
+    }
+}
+
+/// Writes the record durably (write, fsync, rename, fsync the directory).
+fn store_persisted(paths: &Paths, module: &str, data: &Persisted) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = paths.module_state_dir(module);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join("mirror.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(
+        serde_json::to_string_pretty(data)
+            .map_err(std::io::Error::other)?
+            .as_bytes(),
+    )?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, persisted_file(paths, module))?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+impl Engine {
+    fn mirror_job(&self, m: &Module) -> MirrorJob {
+        let vip = m.cfg.vip.as_ref();
+        MirrorJob {
+            module_dir: self.paths.module_dir(&m.cfg.name),
+            interface: vip.and_then(|v| v.interface.clone()),
+            vips: vip.map(|v| MirrorJob::ipv4(&v.addrs)).unwrap_or_default(),
+            garp_count: vip.map_or(3, |v| v.garp_count),
+            garp_interval: vip.map_or(std::time::Duration::from_millis(100), |v| v.garp_interval),
+            reroute: vip
+                .filter(|v| v.arp_reroute)
+                .map(|v| (v.arp_interval, v.arp_elapse)),
+            tcp_reset: vip.is_some_and(|v| v.tcp_reset),
+            env: ScriptEnv {
+                root: self.paths.root().to_path_buf(),
+                module: m.cfg.name.clone(),
+                node: self.me.clone(),
+                bin_dir: std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+            },
+            nice_timeout: m.cfg.user.nice_stop_timeout,
+            force_timeout: m.cfg.user.force_stop_timeout,
+            log: m.log.clone(),
+        }
+    }
+
+    /// A command for a mirror module.
+    pub(super) fn mirror_command(&mut self, name: &str, cmd: Cmd) -> Result<String, String> {
+        let tx = self.events.clone();
+        let m = self.module_mut(name)?;
+        let rt = m
+            .mirror
+            .as_mut()
+            .ok_or_else(|| format!("module {name} is not a mirror module"))?;
+        let was_stopped = rt.core.state() == MState::Stop;
+        rt.core
+            .handle_command(Instant::now(), cmd)
+            .map_err(|e| format!("{name}: {e}"))?;
+        m.log.info(&format!("command {cmd:?}"));
+        if was_stopped {
+            m.wanted = true;
+            let job = self.mirror_job(self.modules.get(name).ok_or("module vanished")?);
+            tokio::spawn(async move {
+                if let Err(e) = fx::prestart(job.clone()).await {
+                    job.log.error(&e);
+                }
+            });
+            if let Some(env) = self.modules.get(name).map(|m| self.mirror_env(m)) {
+                let dir = self.paths.module_dir(name);
+                if let Some(m) = self.modules.get_mut(name) {
+                    m.checks = checks::spawn(
+                        &m.cfg,
+                        &[When::Pre, When::Prim, When::Second, When::Both],
+                        &tx,
+                        &env,
+                        &dir,
+                    );
+                }
+            }
+        }
+        self.mirror_drain(name);
+        Ok(format!("{name}: {cmd:?} accepted"))
+    }
+
+    fn mirror_env(&self, m: &Module) -> ScriptEnv {
+        self.mirror_job(m).env
+    }
+
+    /// Executes the core's pending actions, in the order it emits them, and
+    /// publishes the resulting state.
+    pub(super) fn mirror_drain(&mut self, name: &str) {
+        loop {
+            let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut()) else {
+                return;
+            };
+            let Some(action) = rt.core.poll_action() else {
+                break;
+            };
+            self.mirror_action(name, action);
+        }
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(rt) = m.mirror.as_ref() else { return };
+        let st = to_state(rt.core.state());
+        let stopped = st == ModuleState::Stop && !m.busy;
+        m.set_state(st);
+        if stopped && m.restart_after_stop {
+            m.restart_after_stop = false;
+            m.log.info("stopstart: starting again");
+            if let Some(rt) = m.mirror.as_mut()
+                && rt.core.handle_command(Instant::now(), Cmd::Start).is_ok()
+            {
+                self.mirror_drain(name);
+                return;
+            }
+        }
+        if stopped && !m.checks.is_empty() {
+            for h in m.checks.drain(..) {
+                h.abort();
+            }
+            m.failing.clear();
+            let job = self.mirror_job(self.modules.get(name).expect("module exists"));
+            tokio::spawn(async move {
+                if let Err(e) = fx::poststop(job.clone()).await {
+                    job.log.error(&e);
+                }
+            });
+        }
+    }
+
+    fn mirror_action(&mut self, name: &str, action: Act) {
+        let Some(m) = self.modules.get(name) else {
+            return;
+        };
+        let job = self.mirror_job(m);
+        let tx = self.events.clone();
+        let module = name.to_owned();
+        match action {
+            Act::Persist(data) => {
+                if let Err(e) = store_persisted(&self.paths, name, &data) {
+                    m.log.error(&format!("persisting the data generation: {e}"));
+                }
+            }
+            Act::Log(text) => m.log.info(&text),
+            Act::Quarantine => m
+                .log
+                .info("quarantine: no replicated directory in this module, nothing to keep aside"),
+            Act::StartPrimary => {
+                self.pending += 1;
+                if let Some(m) = self.modules.get_mut(name) {
+                    m.busy = true;
+                }
+                tokio::spawn(async move {
+                    let r = fx::primary_up(job).await;
+                    let _ = tx
+                        .send(Event::Effect {
+                            module,
+                            done: EffectDone::PrimaryUp(r),
+                        })
+                        .await;
+                });
+            }
+            Act::StopPrimary => {
+                let up = self
+                    .modules
+                    .get_mut(name)
+                    .and_then(|m| {
+                        m.busy = true;
+                        m.mirror.as_mut()
+                    })
+                    .and_then(|rt| rt.primary.take());
+                self.pending += 1;
+                tokio::spawn(async move {
+                    let r = fx::primary_down(job, up).await;
+                    let _ = tx
+                        .send(Event::Effect {
+                            module,
+                            done: EffectDone::PrimaryDown(r),
+                        })
+                        .await;
+                });
+            }
+            Act::CheckWitness => {
+                let (witness, timeout) = m
+                    .cfg
+                    .splitbrain
+                    .as_ref()
+                    .map(|s| (s.witness.clone(), s.timeout))
+                    .unwrap_or_default();
+                tokio::spawn(async move {
+                    let mut ok = false;
+                    for w in &witness {
+                        if checks::ping(&w.to_string(), timeout).await.is_ok() {
+                            ok = true;
+                            break;
+                        }
+                    }
+                    let _ = tx
+                        .send(Event::Effect {
+                            module,
+                            done: EffectDone::Witness(ok),
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// A mirror effect completed.
+    pub(super) fn mirror_effect(&mut self, name: &str, done: EffectDone) {
+        let now = Instant::now();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(rt) = m.mirror.as_mut() else { return };
+        match done {
+            EffectDone::PrimaryUp(r) => {
+                self.pending = self.pending.saturating_sub(1);
+                m.busy = false;
+                let ok = match r {
+                    Ok(up) => {
+                        rt.primary = Some(up);
+                        true
+                    }
+                    Err(e) => {
+                        m.log.error(&format!("becoming primary: {e}"));
+                        false
+                    }
+                };
+                rt.core.app_started(ok);
+            }
+            EffectDone::PrimaryDown(r) => {
+                self.pending = self.pending.saturating_sub(1);
+                m.busy = false;
+                if let Err(e) = r {
+                    m.log.error(&format!("stopping the primary: {e}"));
+                }
+                rt.core.app_stopped(now);
+            }
+            EffectDone::Witness(ok) => rt.core.witness(now, ok),
+            EffectDone::FarmUp(_) | EffectDone::FarmDown(_) => {}
+        }
+        self.mirror_drain(name);
+    }
+
+    /// A peer heartbeat for a mirror module.
+    pub(super) fn mirror_peer(
+        &mut self,
+        name: &str,
+        now: Instant,
+        state: ModuleState,
+        payload: &[u8],
+    ) {
+        let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut()) else {
+            return;
+        };
+        if let Some(v) = View::decode(from_state(state), payload) {
+            rt.core.handle_peer(now, v);
+        }
+        self.mirror_drain(name);
+    }
+
+    /// Timers of mirror modules.
+    pub(super) fn mirror_timeouts(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .modules
+            .iter()
+            .filter(|(_, m)| {
+                m.mirror
+                    .as_ref()
+                    .and_then(|rt| rt.core.poll_timeout())
+                    .is_some_and(|t| t <= now)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if let Some(rt) = self.modules.get_mut(&name).and_then(|m| m.mirror.as_mut()) {
+                rt.core.handle_timeout(now);
+            }
+            self.mirror_drain(&name);
+        }
+    }
+
+    /// A checker of a mirror module failed or recovered.
+    pub(super) fn mirror_check(&mut self, name: &str, id: &str, failed: bool) {
+        let now = Instant::now();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let Some(meta) = checks::meta(&m.cfg, id) else {
+            return;
+        };
+        let Some(rt) = m.mirror.as_mut() else { return };
+        let st = rt.core.state();
+        let applies = match meta.when {
+            When::Prim => matches!(st, MState::Prim | MState::Alone),
+            When::Second => st == MState::Second,
+            When::Both => st != MState::Stop,
+            When::Pre => st == MState::Wait,
+        };
+        if !applies || !failed || m.busy {
+            return;
+        }
+        let action = meta.action;
+        let cmd = match action {
+            CheckAction::NoAction | CheckAction::Wait => return,
+            CheckAction::Stop => Cmd::Stop,
+            CheckAction::Restart | CheckAction::StopStart => {
+                let window = m.cfg.service.loop_interval;
+                rt.loops.retain(|t| now.duration_since(*t) < window);
+                if rt.loops.len() >= m.cfg.service.maxloop as usize {
+                    m.log.error(&format!(
+                        "checker {id}: {} restarts within {:?} (maxloop): stopping the module here",
+                        rt.loops.len(),
+                        window
+                    ));
+                    rt.loops.clear();
+                    Cmd::Stop
+                } else {
+                    rt.loops.push(now);
+                    if action == CheckAction::Restart && matches!(st, MState::Prim | MState::Alone)
+                    {
+                        Cmd::Restart
+                    } else {
+                        Cmd::Stop
+                    }
+                }
+            }
+        };
+        m.log.info(&format!("checker {id} failed: {cmd:?}"));
+        let restart_module = action == CheckAction::StopStart && cmd == Cmd::Stop;
+        if rt.core.handle_command(now, cmd).is_ok() {
+            self.mirror_drain(name);
+        }
+        if restart_module {
+            // stopstart: the module starts again once stopped.
+            if let Some(m) = self.modules.get_mut(name) {
+                m.restart_after_stop = true;
+            }
+        }
+    }
+}

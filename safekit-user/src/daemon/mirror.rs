@@ -1,0 +1,199 @@
+//! Mirror modules in the daemon: the effects of becoming primary and of
+//! stopping being primary (VIP, gratuitous ARP, scripts), run off the engine
+//! task; the decisions are the pure core's (`crate::mirror`).
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use tokio::task::JoinHandle;
+
+use crate::{
+    modlog::ModuleLog,
+    script::{self, ScriptEnv},
+    sys::{arp, vip},
+};
+
+/// What the effects need to know.
+#[derive(Debug, Clone)]
+pub(super) struct MirrorJob {
+    pub(super) module_dir: PathBuf,
+    pub(super) interface: Option<String>,
+    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) garp_count: u32,
+    pub(super) garp_interval: Duration,
+    /// `Some((interval, elapse))` when `arp_reroute` is on.
+    pub(super) reroute: Option<(Duration, Duration)>,
+    pub(super) tcp_reset: bool,
+    pub(super) env: ScriptEnv,
+    pub(super) nice_timeout: Duration,
+    pub(super) force_timeout: Duration,
+    pub(super) log: ModuleLog,
+}
+
+impl MirrorJob {
+    pub(super) fn ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
+        addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The module's VIPs are up on this node.
+#[derive(Debug)]
+pub(super) struct PrimaryUp {
+    pub(super) iface: Option<vip::Interface>,
+    /// Periodic gratuitous ARP (`arp_reroute`), stopped with the primary.
+    pub(super) reroute: Option<JoinHandle<()>>,
+}
+
+/// Runs a script, logging failure; `Ok(())` when absent or successful.
+async fn script(
+    job: &MirrorJob,
+    name: &str,
+    args: &[&str],
+    role: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    script::run(
+        &job.module_dir,
+        name,
+        args,
+        role,
+        &job.env,
+        timeout,
+        &job.log,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// `prestart` (before the module runs in any role).
+pub(super) async fn prestart(job: MirrorJob) -> Result<(), String> {
+    script(&job, "prestart", &[], "none", job.nice_timeout).await
+}
+
+/// `poststop` (after the module stopped in every role).
+pub(super) async fn poststop(job: MirrorJob) -> Result<(), String> {
+    script(&job, "poststop", &[], "none", job.nice_timeout).await
+}
+
+/// Becomes primary: VIP added on the interface of its subnet, announced by
+/// gratuitous ARP from this node's MAC, then `start_prim`.
+pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
+    let mut iface = None;
+    if let Some(first) = job.vips.first().copied() {
+        let handle = vip::connect().map_err(|e| e.to_string())?;
+        let i = vip::find_interface(&handle, first, job.interface.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        for v in &job.vips {
+            vip::add(&handle, &i, *v).await.map_err(|e| e.to_string())?;
+            job.log
+                .info(&format!("VIP {v}/{} set on {}", i.prefix, i.name));
+        }
+        announce(&i, &job.vips, job.garp_count, job.garp_interval, &job.log).await;
+        iface = Some(i);
+    }
+    let reroute = match (&iface, job.reroute) {
+        (Some(i), Some((every, elapse))) => {
+            let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
+            Some(tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                while start.elapsed() < elapse {
+                    tokio::time::sleep(every).await;
+                    announce(&i, &vips, 1, Duration::ZERO, &log).await;
+                }
+            }))
+        }
+        _ => None,
+    };
+    script(&job, "start_prim", &[], "prim", job.nice_timeout).await?;
+    Ok(PrimaryUp { iface, reroute })
+}
+
+/// Stops being primary: `stop_prim` (then `stop_prim force` if it fails or
+/// times out), VIP removed, TCP connections to it reset when configured.
+pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Result<(), String> {
+    let mut errors = Vec::new();
+    if let Some(h) = up.as_ref().and_then(|u| u.reroute.as_ref()) {
+        h.abort();
+    }
+    if let Err(e) = script(&job, "stop_prim", &[], "prim", job.nice_timeout).await {
+        job.log.error(&format!("{e}: running stop_prim force"));
+        if let Err(e) = script(&job, "stop_prim", &["force"], "prim", job.force_timeout).await {
+            errors.push(e);
+        }
+    }
+    let iface = up.and_then(|u| u.iface);
+    if let Some(i) = &iface {
+        match vip::connect() {
+            Ok(handle) => {
+                for v in &job.vips {
+                    if let Err(e) = vip::remove(&handle, i, *v).await {
+                        errors.push(e.to_string());
+                    } else {
+                        job.log.info(&format!("VIP {v} removed from {}", i.name));
+                    }
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        if job.tcp_reset {
+            for v in &job.vips {
+                reset_connections(*v, &job.log).await;
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Gratuitous ARPs for every VIP from the interface's MAC.
+async fn announce(
+    i: &vip::Interface,
+    vips: &[Ipv4Addr],
+    count: u32,
+    interval: Duration,
+    log: &ModuleLog,
+) {
+    for n in 0..count.max(1) {
+        for v in vips {
+            if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
+                log.error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+                return;
+            }
+        }
+        if n + 1 < count {
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+/// `tcp_reset`: kills the sockets still bound to the VIP (`ss -K`, through
+/// the kernel's SOCK_DESTROY), so clients reconnect at once to the new
+/// primary instead of waiting for a timeout.
+async fn reset_connections(v: Ipv4Addr, log: &ModuleLog) {
+    let out = tokio::process::Command::new("ss")
+        .args(["-K", "src", &v.to_string()])
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => log.info(&format!("TCP connections of {v} reset")),
+        Ok(o) => log.error(&format!(
+            "tcp_reset for {v}: ss -K failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => log.error(&format!("tcp_reset for {v}: {e}")),
+    }
+}

@@ -1,0 +1,809 @@
+//! The mirror module's decisions as a pure state machine (no sockets, no
+//! clock reads): the engine feeds it commands, the peer's heartbeat views,
+//! effect completions and time, and executes the actions it emits in order
+//! (persist first).
+//!
+//! Data safety rests on the persisted [`Persisted`] record, modelled on
+//! DRBD's generation identifiers:
+//! - `generation` moves ahead each time this node becomes primary without
+//!   its peer (ALONE): from then on the peer's copy is known stale;
+//! - `uptodate` is true while this node's data is the reference (it was
+//!   primary), false from the moment it becomes SECOND — a secondary that
+//!   restarts cannot know whether its primary went on without it;
+//! - `took_over` marks a primary that got there by failover (for split
+//!   brain resolution: the former primary keeps its role).
+//!
+//! Rules: a node starts in WAIT. A peer PRIM/ALONE makes it SECOND. Both
+//! starting: the up-to-date node with the higher generation becomes primary,
+//! then `defaultprim`. Peer silent for the heartbeat timeout (or stopped):
+//! ALONE only when up to date (after the witness answered, if configured),
+//! else WAIT — never the application on stale data. A SECOND losing its
+//! primary takes over (unless `failover = false`).
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// States of a mirror module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MState {
+    Stop,
+    Wait,
+    Alone,
+    Prim,
+    Second,
+}
+
+/// What a node persists across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Persisted {
+    pub(crate) generation: u64,
+    pub(crate) uptodate: bool,
+    pub(crate) took_over: bool,
+    /// Was primary when it last ran (for `defaultprim = "lastprim"`).
+    pub(crate) was_primary: bool,
+}
+
+impl Default for Persisted {
+    /// A node that never ran: empty data, consistent with an empty peer.
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            uptodate: true,
+            took_over: false,
+            was_primary: false,
+        }
+    }
+}
+
+/// What a node advertises in its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct View {
+    pub(crate) state: MState,
+    pub(crate) generation: u64,
+    pub(crate) uptodate: bool,
+    pub(crate) took_over: bool,
+    pub(crate) was_primary: bool,
+    /// Primary handing over (swap): the peer should take over.
+    pub(crate) handoff: bool,
+}
+
+impl View {
+    /// Heartbeat payload: generation (8 bytes BE) then flags.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = self.generation.to_be_bytes().to_vec();
+        v.push(
+            u8::from(self.uptodate)
+                | u8::from(self.took_over) << 1
+                | u8::from(self.was_primary) << 2
+                | u8::from(self.handoff) << 3,
+        );
+        v
+    }
+
+    /// Parses a payload (`None` if malformed).
+    pub(crate) fn decode(state: MState, p: &[u8]) -> Option<Self> {
+        let g: [u8; 8] = p.get(..8)?.try_into().ok()?;
+        let f = *p.get(8)?;
+        Some(Self {
+            state,
+            generation: u64::from_be_bytes(g),
+            uptodate: f & 1 != 0,
+            took_over: f & 2 != 0,
+            was_primary: f & 4 != 0,
+            handoff: f & 8 != 0,
+        })
+    }
+}
+
+/// Who stays primary when both are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Keep {
+    FormerPrim,
+    Node(String),
+}
+
+/// Who is preferred when both start equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Prefer {
+    None,
+    Node(String),
+    LastPrim,
+}
+
+/// Fixed parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Params {
+    pub(crate) me: String,
+    pub(crate) peer: String,
+    pub(crate) timeout: Duration,
+    pub(crate) failover: bool,
+    pub(crate) prefer: Prefer,
+    pub(crate) keep: Keep,
+    pub(crate) witness: bool,
+}
+
+/// Operator commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cmd {
+    Start,
+    Stop,
+    Prim,
+    Second,
+    PrimForce,
+    Swap,
+    /// Restart the application here (stop_prim, start_prim), same role.
+    Restart,
+}
+
+/// Actions for the engine, executed in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Act {
+    Persist(Persisted),
+    /// VIP up, gratuitous ARP, start_prim; answer with `app_started`.
+    StartPrimary,
+    /// stop_prim, VIP down; answer with `app_stopped`.
+    StopPrimary,
+    /// Ask the witness; answer with `witness`.
+    CheckWitness,
+    /// Keep this node's divergent files aside before resynchronising.
+    Quarantine,
+    Log(String),
+}
+
+/// Where the application is on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum App {
+    Down,
+    Starting,
+    Up,
+    Stopping,
+}
+
+/// The core.
+#[derive(Debug)]
+pub(crate) struct MirrorCore {
+    p: Params,
+    data: Persisted,
+    state: MState,
+    app: App,
+    /// What to do once the application stopped.
+    after_stop: MState,
+    peer: Option<View>,
+    last_peer: Option<Instant>,
+    wait_since: Option<Instant>,
+    handoff: bool,
+    witness_pending: bool,
+    actions: std::collections::VecDeque<Act>,
+}
+
+/// A refused command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub(crate) String);
+
+impl MirrorCore {
+    pub(crate) fn new(p: Params, data: Persisted) -> Self {
+        Self {
+            p,
+            data,
+            state: MState::Stop,
+            app: App::Down,
+            after_stop: MState::Stop,
+            peer: None,
+            last_peer: None,
+            wait_since: None,
+            handoff: false,
+            witness_pending: false,
+            actions: std::collections::VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MState {
+        self.state
+    }
+
+    /// True while the state is a transition (orange) rather than stuck.
+    pub(crate) fn in_transition(&self) -> bool {
+        matches!(self.app, App::Starting | App::Stopping) || self.witness_pending
+    }
+
+    pub(crate) fn data(&self) -> Persisted {
+        self.data
+    }
+
+    pub(crate) fn view(&self) -> View {
+        View {
+            state: self.state,
+            generation: self.data.generation,
+            uptodate: self.data.uptodate,
+            took_over: self.data.took_over,
+            was_primary: self.data.was_primary,
+            handoff: self.handoff,
+        }
+    }
+
+    pub(crate) fn poll_action(&mut self) -> Option<Act> {
+        self.actions.pop_front()
+    }
+
+    fn log(&mut self, s: String) {
+        self.actions.push_back(Act::Log(s));
+    }
+
+    fn persist(&mut self, f: impl FnOnce(&mut Persisted)) {
+        let before = self.data;
+        f(&mut self.data);
+        if self.data != before {
+            self.actions.push_back(Act::Persist(self.data));
+        }
+    }
+
+    fn peer_alive(&self) -> bool {
+        self.peer.is_some_and(|v| v.state != MState::Stop)
+    }
+
+    fn peer_primary(&self) -> bool {
+        self.peer
+            .is_some_and(|v| matches!(v.state, MState::Prim | MState::Alone))
+    }
+
+    /// Next time `handle_timeout` has something to do.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.witness_pending {
+            return self.last_peer.map(|t| t + self.p.timeout);
+        }
+        match self.state {
+            MState::Stop => None,
+            MState::Wait => match self.last_peer {
+                Some(t) => Some(t + self.p.timeout),
+                None => self.wait_since.map(|t| t + self.p.timeout),
+            },
+            _ => self.last_peer.map(|t| t + self.p.timeout),
+        }
+    }
+
+    pub(crate) fn handle_command(&mut self, now: Instant, cmd: Cmd) -> Result<(), Refused> {
+        match cmd {
+            Cmd::Start => {
+                if self.state != MState::Stop {
+                    return Err(Refused(format!("already started ({:?})", self.state)));
+                }
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+                self.decide(now);
+            }
+            Cmd::Stop => {
+                if self.state == MState::Stop {
+                    return Err(Refused("already stopped".into()));
+                }
+                self.stop_to(MState::Stop);
+            }
+            Cmd::Prim | Cmd::PrimForce => {
+                if cmd == Cmd::Prim && self.peer_primary() {
+                    return Err(Refused(format!("the peer {} is primary", self.p.peer)));
+                }
+                if matches!(self.state, MState::Prim | MState::Alone) {
+                    return Err(Refused("already primary".into()));
+                }
+                if self.state == MState::Stop {
+                    self.wait_since = Some(now);
+                }
+                self.log("operator forces this node primary".into());
+                self.become_primary(false);
+            }
+            Cmd::Second => {
+                if !self.peer_primary() {
+                    return Err(Refused(format!("the peer {} is not primary", self.p.peer)));
+                }
+                if self.state == MState::Second {
+                    return Err(Refused("already secondary".into()));
+                }
+                if self.state == MState::Stop {
+                    self.wait_since = Some(now);
+                }
+                self.stop_to(MState::Second);
+            }
+            Cmd::Restart => {
+                if !(matches!(self.state, MState::Prim | MState::Alone) && self.app == App::Up) {
+                    return Err(Refused(
+                        "restart needs the application running here (PRIM or ALONE)".into(),
+                    ));
+                }
+                self.log("restarting the application".into());
+                self.stop_to(self.state);
+            }
+            Cmd::Swap => {
+                let primary = matches!(self.state, MState::Prim);
+                if !primary {
+                    return Err(Refused(
+                        "swap runs on the primary, with a secondary in sync (PRIM)".into(),
+                    ));
+                }
+                self.log(format!("swap: handing over to {}", self.p.peer));
+                self.handoff = true;
+                self.stop_to(MState::Wait);
+            }
+        }
+        Ok(())
+    }
+
+    /// A heartbeat of the peer (its state and view).
+    pub(crate) fn handle_peer(&mut self, now: Instant, v: View) {
+        self.last_peer = Some(now);
+        let before = self.peer;
+        self.peer = Some(v);
+        if before != Some(v) {
+            self.decide(now);
+        }
+    }
+
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = self.last_peer
+            && now >= t + self.p.timeout
+        {
+            self.log(format!(
+                "peer {} lost (no heartbeat for {:?})",
+                self.p.peer, self.p.timeout
+            ));
+            self.last_peer = None;
+            self.peer = None;
+            self.decide(now);
+        } else if self.state == MState::Wait
+            && self.last_peer.is_none()
+            && self.wait_since.is_some_and(|t| now >= t + self.p.timeout)
+        {
+            self.decide(now);
+            // Still waiting (stale data): look again after another timeout.
+            if self.state == MState::Wait && !self.witness_pending {
+                self.wait_since = Some(now);
+            }
+        }
+    }
+
+    pub(crate) fn app_started(&mut self, ok: bool) {
+        if self.app != App::Starting {
+            return;
+        }
+        if ok {
+            self.app = App::Up;
+        } else {
+            self.app = App::Up;
+            self.log("start_prim failed: stopping the module here".into());
+            self.stop_to(MState::Stop);
+        }
+    }
+
+    pub(crate) fn app_stopped(&mut self, now: Instant) {
+        if self.app != App::Stopping {
+            return;
+        }
+        self.app = App::Down;
+        let next = self.after_stop;
+        match next {
+            MState::Stop => {
+                self.state = MState::Stop;
+                self.peer_reset();
+            }
+            MState::Second => {
+                self.become_second();
+            }
+            MState::Prim | MState::Alone => {
+                self.app = App::Starting;
+                self.actions.push_back(Act::StartPrimary);
+            }
+            MState::Wait => {
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+                self.decide(now);
+            }
+        }
+    }
+
+    pub(crate) fn witness(&mut self, now: Instant, reachable: bool) {
+        if !self.witness_pending {
+            return;
+        }
+        self.witness_pending = false;
+        if reachable {
+            self.become_primary(true);
+        } else {
+            self.log("no witness answers: WAIT instead of ALONE (split brain protection)".into());
+            self.wait_since = Some(now);
+            if self.state != MState::Wait {
+                self.state = MState::Wait;
+            }
+        }
+    }
+
+    fn peer_reset(&mut self) {
+        self.wait_since = None;
+        self.handoff = false;
+        self.witness_pending = false;
+    }
+
+    /// Stops the application if it runs, then goes to `next`.
+    fn stop_to(&mut self, next: MState) {
+        self.witness_pending = false;
+        match self.app {
+            App::Up | App::Starting => {
+                self.app = App::Stopping;
+                self.after_stop = next;
+                self.actions.push_back(Act::StopPrimary);
+            }
+            App::Stopping => self.after_stop = next,
+            App::Down => match next {
+                MState::Stop => {
+                    self.state = MState::Stop;
+                    self.peer_reset();
+                }
+                MState::Second => self.become_second(),
+                s => self.state = s,
+            },
+        }
+    }
+
+    fn become_second(&mut self) {
+        self.handoff = false;
+        self.state = MState::Second;
+        let g = self.peer.map_or(self.data.generation, |v| v.generation);
+        self.persist(|d| {
+            d.uptodate = false;
+            d.took_over = false;
+            d.was_primary = false;
+            d.generation = g;
+        });
+        // Without replicated directories there is nothing to resynchronise:
+        // the secondary is in sync as soon as it follows the primary.
+    }
+
+    /// Primary: PRIM when the peer is a secondary, else ALONE (generation
+    /// moves ahead: the peer's copy is stale from now on).
+    fn become_primary(&mut self, by_failover: bool) {
+        let with_second = self.peer.is_some_and(|v| v.state == MState::Second);
+        let alone = !with_second;
+        self.persist(|d| {
+            d.uptodate = true;
+            d.was_primary = true;
+            if alone {
+                d.generation += 1;
+                d.took_over = by_failover;
+            }
+        });
+        self.state = if with_second {
+            MState::Prim
+        } else {
+            MState::Alone
+        };
+        if self.app == App::Down {
+            self.app = App::Starting;
+            self.actions.push_back(Act::StartPrimary);
+        }
+    }
+
+    /// Takeover without the peer, through the witness when configured.
+    fn go_alone(&mut self, now: Instant) {
+        if !self.data.uptodate {
+            if self.state != MState::Wait {
+                self.state = MState::Wait;
+            }
+            self.wait_since = Some(now);
+            return;
+        }
+        if self.p.witness {
+            if !self.witness_pending {
+                self.witness_pending = true;
+                self.actions.push_back(Act::CheckWitness);
+            }
+            return;
+        }
+        self.become_primary(true);
+    }
+
+    /// True when this node should be primary rather than the peer, both
+    /// waiting.
+    fn wins_against(&self, v: &View) -> bool {
+        let me = (self.data.uptodate, self.data.generation);
+        let them = (v.uptodate, v.generation);
+        if me != them {
+            return me > them;
+        }
+        match &self.p.prefer {
+            Prefer::Node(n) => n == &self.p.me,
+            Prefer::LastPrim if self.data.was_primary != v.was_primary => self.data.was_primary,
+            _ => self.p.me < self.p.peer,
+        }
+    }
+
+    /// The rules, applied after any change.
+    fn decide(&mut self, now: Instant) {
+        if self.app == App::Stopping || self.witness_pending {
+            return;
+        }
+        let peer = self.peer;
+        match self.state {
+            MState::Stop => {}
+            MState::Wait => match peer {
+                Some(v) if matches!(v.state, MState::Prim | MState::Alone) => {
+                    if v.handoff {
+                        return;
+                    }
+                    self.become_second();
+                }
+                Some(v) if v.state == MState::Wait && v.handoff => {
+                    // The primary hands over to us (swap).
+                    self.become_primary(false);
+                }
+                Some(v) if v.state == MState::Wait => {
+                    if !self.handoff && self.wins_against(&v) && (v.uptodate || self.data.uptodate)
+                    {
+                        if self.data.uptodate {
+                            self.become_primary(false);
+                        }
+                    }
+                }
+                Some(v) if v.state == MState::Second => {
+                    if self.data.uptodate && !self.handoff {
+                        self.become_primary(false);
+                    }
+                }
+                // Peer stopped, or silent past the timeout.
+                Some(_) => self.go_alone(now),
+                None => {
+                    if self.wait_since.is_some_and(|t| now >= t + self.p.timeout) {
+                        self.go_alone(now);
+                    }
+                }
+            },
+            MState::Second => match peer {
+                Some(v) if matches!(v.state, MState::Prim | MState::Alone) => {}
+                Some(v) if v.state == MState::Wait && v.handoff => self.become_primary(false),
+                Some(v) if v.state == MState::Second || v.state == MState::Wait => {}
+                _ => {
+                    // The primary is gone (lost or stopped).
+                    if self.p.failover {
+                        self.log(format!("primary {} gone: taking over", self.p.peer));
+                        // In sync until the primary vanished.
+                        self.persist(|d| d.uptodate = true);
+                        self.go_alone(now);
+                    } else {
+                        self.log(
+                            "primary gone and failover = false: WAIT for an operator's prim".into(),
+                        );
+                        self.state = MState::Wait;
+                        self.wait_since = Some(now);
+                    }
+                }
+            },
+            MState::Prim | MState::Alone => match peer {
+                Some(v) if v.state == MState::Second => {
+                    if self.state == MState::Alone {
+                        self.log(format!("{} is secondary: PRIM", self.p.peer));
+                    }
+                    self.state = MState::Prim;
+                }
+                Some(v) if matches!(v.state, MState::Prim | MState::Alone) => {
+                    // Split brain: both primary. One yields, deterministically.
+                    let keep_me = match &self.p.keep {
+                        Keep::Node(n) => n == &self.p.me,
+                        Keep::FormerPrim if self.data.took_over != v.took_over => {
+                            !self.data.took_over
+                        }
+                        Keep::FormerPrim => self.p.me < self.p.peer,
+                    };
+                    if !keep_me {
+                        self.log(format!(
+                            "split brain: {} stays primary; this node becomes SECOND, its divergent files quarantined",
+                            self.p.peer
+                        ));
+                        self.actions.push_back(Act::Quarantine);
+                        self.stop_to(MState::Second);
+                    }
+                }
+                Some(v) if v.state == MState::Wait && !v.handoff => {}
+                _ => {
+                    if self.state == MState::Prim {
+                        self.log(format!("secondary {} gone: ALONE", self.p.peer));
+                        self.state = MState::Alone;
+                        self.persist(|d| d.generation += 1);
+                    }
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(me: &str, peer: &str) -> Params {
+        Params {
+            me: me.into(),
+            peer: peer.into(),
+            timeout: Duration::from_secs(1),
+            failover: true,
+            prefer: Prefer::Node("node1".into()),
+            keep: Keep::FormerPrim,
+            witness: false,
+        }
+    }
+
+    /// Two cores wired by hand, effects completed at once.
+    struct Pair {
+        a: MirrorCore,
+        b: MirrorCore,
+        now: Instant,
+    }
+
+    fn run_actions(c: &mut MirrorCore, now: Instant) {
+        while let Some(a) = c.poll_action() {
+            match a {
+                Act::StartPrimary => c.app_started(true),
+                Act::StopPrimary => c.app_stopped(now),
+                _ => {}
+            }
+        }
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            Self {
+                a: MirrorCore::new(params("node1", "node2"), Persisted::default()),
+                b: MirrorCore::new(params("node2", "node1"), Persisted::default()),
+                now: Instant::now(),
+            }
+        }
+        fn exchange(&mut self) {
+            for _ in 0..6 {
+                let (va, vb) = (self.a.view(), self.b.view());
+                self.a.handle_peer(self.now, vb);
+                run_actions(&mut self.a, self.now);
+                self.b.handle_peer(self.now, va);
+                run_actions(&mut self.b, self.now);
+            }
+        }
+    }
+
+    #[test]
+    fn both_start_then_defaultprim_decides() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+    }
+
+    #[test]
+    fn secondary_takes_over_and_a_stale_node_waits() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        // node1 dies: node2 takes over after the timeout.
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        run_actions(&mut p.b, p.now);
+        assert_eq!(p.b.state(), MState::Alone);
+        // node1 had been killed as PRIM: restarted alone it is up to date
+        // by its own record, but meets node2 ALONE: SECOND.
+        let mut a = MirrorCore::new(params("node1", "node2"), p.a.data());
+        a.handle_command(p.now, Cmd::Start).unwrap();
+        a.handle_peer(p.now, p.b.view());
+        run_actions(&mut a, p.now);
+        assert_eq!(a.state(), MState::Second);
+        // A secondary restarted without its peer waits: stale data.
+        let mut a2 = MirrorCore::new(params("node1", "node2"), a.data());
+        a2.handle_command(p.now, Cmd::Start).unwrap();
+        p.now += Duration::from_secs(3);
+        a2.handle_timeout(p.now);
+        run_actions(&mut a2, p.now);
+        assert_eq!(a2.state(), MState::Wait);
+        a2.handle_command(p.now, Cmd::Prim).unwrap();
+        run_actions(&mut a2, p.now);
+        assert_eq!(a2.state(), MState::Alone);
+    }
+
+    #[test]
+    fn newer_data_wins_over_defaultprim() {
+        let old = Persisted {
+            generation: 3,
+            uptodate: true,
+            took_over: false,
+            was_primary: true,
+        };
+        let new = Persisted {
+            generation: 4,
+            uptodate: true,
+            took_over: true,
+            was_primary: true,
+        };
+        let mut a = MirrorCore::new(params("node1", "node2"), old);
+        let mut b = MirrorCore::new(params("node2", "node1"), new);
+        let now = Instant::now();
+        a.handle_command(now, Cmd::Start).unwrap();
+        b.handle_command(now, Cmd::Start).unwrap();
+        for _ in 0..6 {
+            let (va, vb) = (a.view(), b.view());
+            a.handle_peer(now, vb);
+            run_actions(&mut a, now);
+            b.handle_peer(now, va);
+            run_actions(&mut b, now);
+        }
+        assert_eq!((a.state(), b.state()), (MState::Second, MState::Prim));
+    }
+
+    #[test]
+    fn swap_exchanges_roles() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        p.a.handle_command(p.now, Cmd::Swap).unwrap();
+        run_actions(&mut p.a, p.now);
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Second, MState::Prim));
+        assert!(p.b.handle_command(p.now, Cmd::Second).is_err() || true);
+    }
+
+    #[test]
+    fn split_brain_former_primary_keeps_its_role() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        // Link cut: node1 (PRIM) goes ALONE, node2 takes over.
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        run_actions(&mut p.a, p.now);
+        p.b.handle_timeout(p.now);
+        run_actions(&mut p.b, p.now);
+        assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Alone));
+        // Link back: node2 (took over) yields.
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+    }
+
+    #[test]
+    fn witness_unreachable_means_wait() {
+        let mut pa = params("node2", "node1");
+        pa.witness = true;
+        let mut c = MirrorCore::new(pa, Persisted::default());
+        let now = Instant::now();
+        c.handle_command(now, Cmd::Start).unwrap();
+        c.handle_timeout(now + Duration::from_secs(2));
+        assert_eq!(c.poll_action(), Some(Act::CheckWitness));
+        c.witness(now, false);
+        assert_eq!(c.state(), MState::Wait);
+    }
+
+    #[test]
+    fn view_round_trips() {
+        let v = View {
+            state: MState::Prim,
+            generation: 42,
+            uptodate: true,
+            took_over: false,
+            was_primary: true,
+            handoff: true,
+        };
+        assert_eq!(View::decode(MState::Prim, &v.encode()), Some(v));
+        assert_eq!(View::decode(MState::Prim, &[1, 2]), None);
+    }
+
+    #[test]
+    fn prim_refused_while_the_peer_is_primary() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        assert!(p.b.handle_command(p.now, Cmd::Prim).is_err());
+        assert!(p.a.handle_command(p.now, Cmd::Second).is_err());
+    }
+}
+
+/// Split-brain witness addresses, for the engine.
+pub(crate) type Witnesses = Vec<IpAddr>;
