@@ -24,9 +24,9 @@ pub enum Backend {
 /// Errors of either backend.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    /// From the XDP filter.
+    /// From the XDP filter (boxed: aya's errors are large).
     #[error(transparent)]
-    Xdp(#[from] FilterError),
+    Xdp(Box<FilterError>),
     /// From the nftables filter.
     #[error(transparent)]
     Nft(#[from] NftError),
@@ -34,10 +34,16 @@ pub enum DataplaneError {
     #[error("{xdp}; and the nftables fallback failed too: {nft}")]
     Both {
         /// Why XDP failed.
-        xdp: FilterError,
+        xdp: Box<FilterError>,
         /// Why nftables failed.
         nft: NftError,
     },
+}
+
+impl From<FilterError> for DataplaneError {
+    fn from(e: FilterError) -> Self {
+        Self::Xdp(Box::new(e))
+    }
 }
 
 /// The farm filter of one interface, whichever backend.
@@ -75,7 +81,10 @@ impl FarmDataplane {
                         tracing::warn!(interface, "{xdp}: using the nftables farm filter");
                         Ok(Self::Nft(Box::new(f)))
                     }
-                    Err(nft) => Err(DataplaneError::Both { xdp, nft }),
+                    Err(nft) => Err(DataplaneError::Both {
+                        xdp: Box::new(xdp),
+                        nft,
+                    }),
                 },
             },
         }
