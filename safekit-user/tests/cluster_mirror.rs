@@ -291,3 +291,130 @@ fn the_stale_node_waits_and_prim_forces_it() {
         .is_some()
     );
 }
+
+/// Both node states at once; true when both run the application.
+fn both_primary(lab: &Lab) -> bool {
+    let p = |s: Option<ModuleState>| matches!(s, Some(ModuleState::Prim | ModuleState::Alone));
+    p(state(lab, 1)) && p(state(lab, 2))
+}
+
+#[test]
+fn split_brain_with_a_witness_reachable_only_from_node2() {
+    let _serial = serial();
+    let subnet = 33;
+    let witness = Ipv4Addr::new(10, 77, subnet, 250); // the client namespace
+    let extra = format!("\n[check.splitbrain]\nwitness = [\"{witness}\"]\ntimeout = \"500ms\"\n");
+    let mut lab = common::lab("skmr3", subnet, 2, vec![module(subnet, &extra)]);
+    start_both(&mut lab);
+    assert!(wait_states(
+        &lab,
+        &[(1, ModuleState::Prim), (2, ModuleState::Second)],
+        Duration::from_secs(10)
+    ));
+    let spec = lab.spec().clone();
+    let (n1, n2) = (spec.node_addr(1).to_string(), spec.node_addr(2).to_string());
+    // Cut the inter-node link both ways; node1 also loses the witness.
+    for (ns, dst) in [
+        (spec.node_ns(1), n2.as_str()),
+        (spec.node_ns(1), &witness.to_string()),
+        (spec.node_ns(2), n1.as_str()),
+    ] {
+        let out = lab
+            .exec(
+                &ns,
+                &["ip", "route", "add", "blackhole", &format!("{dst}/32")],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Watch for 6 s: never both primary; then node2 ALONE, node1 WAIT.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        assert!(
+            !both_primary(&lab),
+            "both nodes primary at {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(state(&lab, 2), Some(ModuleState::Alone));
+    assert_eq!(state(&lab, 1), Some(ModuleState::Wait));
+    assert!(
+        !lab.root(1).join("demo.pid").exists(),
+        "node1 still runs the application"
+    );
+}
+
+#[test]
+fn errd_restarts_the_application_then_past_maxloop_stops_and_fails_over() {
+    let _serial = serial();
+    let subnet = 34;
+    let extra = "\n[errd]\npoll_interval = \"200ms\"\n[[errd.proc]]\nname = \"safekit-demo\"\natleast = 1\naction = \"restart\"\nclass = \"prim\"\n";
+    let mut m = module(subnet, extra);
+    m.toml = m.toml.replace(
+        "defaultprim = \"node1\"",
+        "defaultprim = \"node1\"\nmaxloop = 2",
+    );
+    let mut lab = common::lab("skmr4", subnet, 2, vec![m]);
+    start_both(&mut lab);
+    assert!(wait_states(
+        &lab,
+        &[(1, ModuleState::Prim), (2, ModuleState::Second)],
+        Duration::from_secs(10)
+    ));
+    let pid = |lab: &Lab| {
+        std::fs::read_to_string(lab.root(1).join("demo.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+    };
+    for round in 1..=2 {
+        let old = wait_for(Duration::from_secs(5), || pid(&lab).is_some())
+            .and_then(|_| pid(&lab))
+            .expect("demo pid");
+        // SAFETY: kill(2) of the demo service started by node1's script.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+        assert!(
+            wait_for(Duration::from_secs(5), || pid(&lab)
+                .is_some_and(|p| p != old))
+            .is_some(),
+            "round {round}: not restarted"
+        );
+        assert!(
+            wait_for(Duration::from_secs(5), || answer(
+                &lab,
+                subnet,
+                40020 + round
+            )
+            .as_deref()
+                == Ok("node1"))
+            .is_some()
+        );
+        assert_eq!(state(&lab, 1), Some(ModuleState::Prim));
+    }
+    // Third failure: past maxloop, the module stops on node1 and node2 takes over.
+    let old = wait_for(Duration::from_secs(5), || pid(&lab).is_some())
+        .and_then(|_| pid(&lab))
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    assert!(
+        wait_states(
+            &lab,
+            &[(1, ModuleState::Stop), (2, ModuleState::Alone)],
+            Duration::from_secs(10)
+        ),
+        "after maxloop: {:?} {:?}",
+        state(&lab, 1),
+        state(&lab, 2)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || answer(&lab, subnet, 40030)
+            .as_deref()
+            == Ok("node2"))
+        .is_some()
+    );
+}

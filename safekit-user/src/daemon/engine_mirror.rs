@@ -4,7 +4,7 @@
 //! actions in order — persist first (synchronously, fsynced), then the
 //! effects, which run off the engine task and come back as events.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{EffectDone, Engine, Event, Module};
 use crate::{
@@ -76,6 +76,10 @@ impl MirrorRt {
                 .splitbrain
                 .as_ref()
                 .is_some_and(|s| !s.witness.is_empty()),
+            witness_grace: cfg
+                .splitbrain
+                .as_ref()
+                .map_or(Duration::ZERO, |s| s.timeout + Duration::from_millis(500)),
         };
         Self {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),

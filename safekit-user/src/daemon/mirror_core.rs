@@ -124,6 +124,10 @@ pub(crate) struct Params {
     pub(crate) prefer: Prefer,
     pub(crate) keep: Keep,
     pub(crate) witness: bool,
+    /// After the witness answered, a secondary waits this long before it
+    /// takes over, so that a primary cut from the witness has stopped its
+    /// application first (its own witness check times out within it).
+    pub(crate) witness_grace: Duration,
 }
 
 /// Operator commands.
@@ -177,6 +181,8 @@ pub(crate) struct MirrorCore {
     wait_since: Option<Instant>,
     handoff: bool,
     witness_pending: bool,
+    /// Takeover confirmed by the witness, effective at this time.
+    takeover_at: Option<Instant>,
     actions: std::collections::VecDeque<Act>,
 }
 
@@ -198,6 +204,7 @@ impl MirrorCore {
             wait_since: None,
             handoff: false,
             witness_pending: false,
+            takeover_at: None,
             actions: std::collections::VecDeque::new(),
         }
     }
@@ -253,6 +260,9 @@ impl MirrorCore {
 
     /// Next time `handle_timeout` has something to do.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(t) = self.takeover_at {
+            return Some(t);
+        }
         if self.witness_pending {
             return self.last_peer.map(|t| t + self.p.timeout);
         }
@@ -342,6 +352,17 @@ impl MirrorCore {
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = self.takeover_at
+            && now >= t
+        {
+            self.takeover_at = None;
+            if self.peer_primary() {
+                self.log("takeover cancelled: the peer is primary".into());
+            } else {
+                self.become_primary(true);
+            }
+            return;
+        }
         if let Some(t) = self.last_peer
             && now >= t + self.p.timeout
         {
@@ -408,18 +429,33 @@ impl MirrorCore {
             return;
         }
         self.witness_pending = false;
-        if reachable {
-            self.become_primary(true);
-        } else {
-            self.log("no witness answers: WAIT instead of ALONE (split brain protection)".into());
-            self.wait_since = Some(now);
-            if self.state != MState::Wait {
+        let primary = matches!(self.state, MState::Prim | MState::Alone);
+        match (reachable, primary) {
+            // A primary that still reaches the witness goes on ALONE.
+            (true, true) => {}
+            (true, false) => {
+                self.log(format!(
+                    "witness reachable: taking over in {:?}",
+                    self.p.witness_grace
+                ));
+                self.takeover_at = Some(now + self.p.witness_grace);
+            }
+            (false, true) => {
+                self.log("peer and witness unreachable: stopping the application, WAIT (split brain protection)".into());
+                self.stop_to(MState::Wait);
+            }
+            (false, false) => {
+                self.log(
+                    "no witness answers: WAIT instead of ALONE (split brain protection)".into(),
+                );
+                self.wait_since = Some(now);
                 self.state = MState::Wait;
             }
         }
     }
 
     fn peer_reset(&mut self) {
+        self.takeover_at = None;
         self.wait_since = None;
         self.handoff = false;
         self.witness_pending = false;
@@ -609,6 +645,11 @@ impl MirrorCore {
                         self.log(format!("secondary {} gone: ALONE", self.p.peer));
                         self.state = MState::Alone;
                         self.persist(|d| d.generation += 1);
+                        if self.p.witness && peer.is_none() && !self.witness_pending {
+                            // Lost, not stopped: are we the side cut off?
+                            self.witness_pending = true;
+                            self.actions.push_back(Act::CheckWitness);
+                        }
                     }
                 }
             },
@@ -629,6 +670,7 @@ mod tests {
             prefer: Prefer::Node("node1".into()),
             keep: Keep::FormerPrim,
             witness: false,
+            witness_grace: Duration::from_millis(500),
         }
     }
 
@@ -778,6 +820,31 @@ mod tests {
         assert_eq!(c.poll_action(), Some(Act::CheckWitness));
         c.witness(now, false);
         assert_eq!(c.state(), MState::Wait);
+    }
+
+    #[test]
+    fn cut_from_peer_and_witness_the_primary_stops_the_other_takes_over_after_the_grace() {
+        let mut p = Pair::new();
+        p.a.p.witness = true;
+        p.b.p.witness = true;
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        // Both ask the witness; only node2 reaches it.
+        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::CheckWitness));
+        assert!(std::iter::from_fn(|| p.b.poll_action()).any(|a| a == Act::CheckWitness));
+        p.b.witness(p.now, true);
+        assert_eq!(p.b.state(), MState::Second, "waits for the grace period");
+        p.a.witness(p.now, false);
+        run_actions(&mut p.a, p.now);
+        assert_eq!(p.a.state(), MState::Wait);
+        p.now += Duration::from_secs(1);
+        p.b.handle_timeout(p.now);
+        run_actions(&mut p.b, p.now);
+        assert_eq!(p.b.state(), MState::Alone);
     }
 
     #[test]
