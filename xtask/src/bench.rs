@@ -13,6 +13,28 @@ pub(crate) enum Bench {
     /// paths) against a no-op XDP program and the nftables backend, same
     /// generated traffic into a veth pair; prints the ratios to the targets.
     Farm,
+    /// Client-observed outage of a mirror failover (VIP probed every 10 ms)
+    /// over 10 runs, pulse 100 ms / timeout 500 ms: min/median/max and the
+    /// ratio to the timeout.
+    Failover,
+    /// Throughput through the replicated FUSE mount vs the plain directory.
+    Replication,
+}
+
+/// Runs an `#[ignore]`d benchmark test of safekit-user in release mode.
+fn ignored_test(name: &str) -> Result<()> {
+    run(super::cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "safekit-user",
+        "--test",
+        name,
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]))
 }
 
 pub(crate) fn bench(what: &Bench) -> Result<()> {
@@ -28,5 +50,7 @@ pub(crate) fn bench(what: &Bench) -> Result<()> {
             "--example",
             "bench_farm",
         ])),
+        Bench::Failover => ignored_test("bench_failover"),
+        Bench::Replication => ignored_test("rfs_bench"),
     }
 }
