@@ -14,10 +14,9 @@
 //! daemon can use either: XDP where it can attach, nftables where it cannot
 //! (or to compare them, `cargo xtask bench farm`). [`FarmDataplane`] holds
 //! either, chosen by a [`Backend`] (XDP, nftables, or XDP falling back to
-//! nftables). Its rules live in a
-//! `netdev` table `safekit_farm_<interface>` on the interface's `ingress`
-//! hook (priority -500), the earliest place netfilter sees a frame (after
-//! XDP and tc):
+//! nftables). Its rules live in a `netdev` table `safekit_farm_<interface>`
+//! on the interface's `ingress` hook (priority -500), the earliest place
+//! netfilter sees a frame (after XDP and tc):
 //!
 //! ```text
 //! table netdev safekit_farm_eth0 {
@@ -30,7 +29,7 @@
 //!     ip protocol != { tcp, udp }                     counter name pass_no_rule accept
 //!     ip frag-off & 0x1fff != 0                       counter name drop_fragment drop
 //!     ip protocol tcp th dport 80  jhash ip saddr . th sport mod 256 seed S @owned0
-//!         counter name accept meta pkttype set host ether daddr set <ifmac> accept
+//!         counter name accepted meta pkttype set host ether daddr set <ifmac> accept
 //!     ip protocol tcp th dport 80                     counter name drop_not_owner drop
 //!     (ports readable, no rule)                       counter name pass_no_rule accept
 //!     counter name drop_malformed drop               # ports cut off
@@ -76,13 +75,17 @@
 //! - Frames with two VLAN tags: the stack removes the outer tag before the
 //!   ingress hook, leaving the inner one, so `meta protocol ip` does not
 //!   match and the frame is passed untouched (XDP parses up to two tags).
-//!   One tag is fine.
+//!   One tag is fine (checked by the test).
 //! - IPv4 packets whose total length disagrees with the frame (which the
 //!   IP stack discards anyway) count as malformed here (the ports of such a
 //!   packet are not readable by nftables), where XDP reads the ports from
 //!   the frame bytes.
 //! - Cost: the frame is already an skb when nftables sees it; see
 //!   `cargo xtask bench farm`.
+//! - Lifetime: the XDP program is a BPF link that detaches when the daemon
+//!   exits; the nftables table stays with the last ownership until the
+//!   filter is dropped or the next [`NftFilter::attach`] on the interface
+//!   replaces it.
 //!
 //! Ownership changes are transactions too: buckets this node loses are
 //! released (one transaction) before the buckets it gains are taken (a
