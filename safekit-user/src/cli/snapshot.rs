@@ -75,10 +75,10 @@ fn make(paths: &Paths, args: &SnapshotArgs) -> Result<PathBuf, String> {
     copy(paths.log_dir(), "log")?;
     copy(paths.state_dir(), "state")?;
     // Never ship the cluster key.
-    if let Ok(cfg) = crate::config::load(&paths.etc()) {
-        if let Ok(rel) = cfg.cluster.key_file.strip_prefix(paths.etc()) {
-            let _ = std::fs::remove_file(staging.join("etc").join(rel));
-        }
+    if let Ok(cfg) = crate::config::load(&paths.etc())
+        && let Ok(rel) = cfg.cluster.key_file.strip_prefix(paths.etc())
+    {
+        let _ = std::fs::remove_file(staging.join("etc").join(rel));
     }
     let _ = std::fs::remove_file(staging.join("etc/cluster.key"));
     let st = std::process::Command::new("tar")

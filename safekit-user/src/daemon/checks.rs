@@ -78,6 +78,7 @@ pub(super) fn meta(cfg: &ModuleConfig, id: &str) -> Option<CheckMeta> {
     None
 }
 
+#[expect(clippy::too_many_lines, reason = "one block per checker kind")]
 /// Starts the checkers of a module whose `when` is in `active`; aborting
 /// the handles stops them (custom checker scripts are killed).
 pub(super) fn spawn(

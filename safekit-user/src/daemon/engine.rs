@@ -81,7 +81,7 @@ pub enum EffectDone {
     FarmUp(Result<crate::sys::vip::Interface, String>),
     /// Farm data plane down.
     FarmDown(Result<(), String>),
-    /// Mirror: primary up (VIP, ARP, start_prim) or why not.
+    /// Mirror: primary up (VIP, ARP, `start_prim`) or why not.
     PrimaryUp(Result<super::mirror::PrimaryUp, String>),
     /// Mirror: primary down.
     PrimaryDown(Result<(), String>),

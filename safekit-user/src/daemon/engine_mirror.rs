@@ -90,9 +90,8 @@ impl MirrorRt {
 
     pub(super) fn colour(&self) -> Colour {
         match self.core.state() {
-            MState::Stop => Colour::Red,
             MState::Wait if self.core.in_transition() => Colour::Orange,
-            MState::Wait => Colour::Red,
+            MState::Stop | MState::Wait => Colour::Red,
             MState::Alone | MState::Prim | MState::Second => Colour::Green,
         }
     }

@@ -47,7 +47,7 @@ impl MirrorJob {
 
 /// The module's VIPs are up on this node.
 #[derive(Debug)]
-pub(super) struct PrimaryUp {
+pub struct PrimaryUp {
     pub(super) iface: Option<vip::Interface>,
     /// Periodic gratuitous ARP (`arp_reroute`), stopped with the primary.
     pub(super) reroute: Option<JoinHandle<()>>,
@@ -181,7 +181,7 @@ async fn announce(
 }
 
 /// `tcp_reset`: kills the sockets still bound to the VIP (`ss -K`, through
-/// the kernel's SOCK_DESTROY), so clients reconnect at once to the new
+/// the kernel's `SOCK_DESTROY`), so clients reconnect at once to the new
 /// primary instead of waiting for a timeout.
 async fn reset_connections(v: Ipv4Addr, log: &ModuleLog) {
     let out = tokio::process::Command::new("ss")

@@ -20,10 +20,7 @@
 //! else WAIT — never the application on stale data. A SECOND losing its
 //! primary takes over (unless `failover = false`).
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +58,10 @@ impl Default for Persisted {
 
 /// What a node advertises in its heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent flags, sent as one byte"
+)]
 pub(crate) struct View {
     pub(crate) state: MState,
     pub(crate) generation: u64,
@@ -139,7 +140,7 @@ pub(crate) enum Cmd {
     Second,
     PrimForce,
     Swap,
-    /// Restart the application here (stop_prim, start_prim), same role.
+    /// Restart the application here (`stop_prim`, `start_prim`), same role.
     Restart,
 }
 
@@ -147,9 +148,9 @@ pub(crate) enum Cmd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Act {
     Persist(Persisted),
-    /// VIP up, gratuitous ARP, start_prim; answer with `app_started`.
+    /// VIP up, gratuitous ARP, `start_prim`; answer with `app_started`.
     StartPrimary,
-    /// stop_prim, VIP down; answer with `app_stopped`.
+    /// `stop_prim`, VIP down; answer with `app_stopped`.
     StopPrimary,
     /// Ask the witness; answer with `witness`.
     CheckWitness,
@@ -218,6 +219,7 @@ impl MirrorCore {
         matches!(self.app, App::Starting | App::Stopping) || self.witness_pending
     }
 
+    #[cfg(test)]
     pub(crate) fn data(&self) -> Persisted {
         self.data
     }
@@ -247,10 +249,6 @@ impl MirrorCore {
         if self.data != before {
             self.actions.push_back(Act::Persist(self.data));
         }
-    }
-
-    fn peer_alive(&self) -> bool {
-        self.peer.is_some_and(|v| v.state != MState::Stop)
     }
 
     fn peer_primary(&self) -> bool {
@@ -574,11 +572,11 @@ impl MirrorCore {
                     self.become_primary(false);
                 }
                 Some(v) if v.state == MState::Wait => {
-                    if !self.handoff && self.wins_against(&v) && (v.uptodate || self.data.uptodate)
-                    {
-                        if self.data.uptodate {
-                            self.become_primary(false);
-                        }
+                    // Both waiting: the node with the newer data, if up to
+                    // date, becomes primary. Neither up to date: WAIT for
+                    // an operator's prim.
+                    if !self.handoff && self.data.uptodate && self.wins_against(&v) {
+                        self.become_primary(false);
                     }
                 }
                 Some(v) if v.state == MState::Second => {
@@ -871,6 +869,3 @@ mod tests {
         assert!(p.a.handle_command(p.now, Cmd::Second).is_err());
     }
 }
-
-/// Split-brain witness addresses, for the engine.
-pub(crate) type Witnesses = Vec<IpAddr>;

@@ -15,7 +15,7 @@ mod checks;
 pub mod engine;
 mod farm;
 mod http;
-mod mirror;
+pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
 
