@@ -123,6 +123,8 @@ struct Module {
     mirror: Option<MirrorRt>,
     /// `stopstart`: start again once stopped.
     restart_after_stop: bool,
+    /// Next evaluation of the `[[check.module]]` checkers.
+    next_module_check: Instant,
 }
 
 impl Module {
@@ -227,6 +229,7 @@ impl Engine {
                     mirror: (cfg.mode() == ConfigMode::Mirror)
                         .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
                     restart_after_stop: false,
+                    next_module_check: now,
                     cfg,
                 },
             );
@@ -276,6 +279,9 @@ impl Engine {
         let mut next = now + Duration::from_secs(1);
         for m in self.modules.values() {
             next = next.min(m.next_pulse);
+            if !m.cfg.check_module.is_empty() && m.state != ModuleState::Stop {
+                next = next.min(m.next_module_check);
+            }
             if let Some(t) = m.mirror.as_ref().and_then(|rt| rt.core.poll_timeout()) {
                 next = next.min(t);
             }
@@ -787,6 +793,56 @@ impl Engine {
         })
     }
 
+    /// `[[check.module]]`: another module (here or on a node) must be in
+    /// one of the accepted states. Evaluated from what this node knows:
+    /// its own modules, and its peers' states from heartbeats.
+    fn module_checks(&mut self, now: Instant) {
+        let mut results = Vec::new();
+        for (name, m) in &self.modules {
+            if m.cfg.check_module.is_empty()
+                || now < m.next_module_check
+                || (m.state == ModuleState::Stop && !m.busy)
+            {
+                continue;
+            }
+            for (i, c) in m.cfg.check_module.iter().enumerate() {
+                let node = c.node.clone().unwrap_or_else(|| self.me.clone());
+                let seen = if node == self.me {
+                    self.modules.get(&c.name).map(|o| o.state)
+                } else {
+                    self.modules
+                        .get(&c.name)
+                        .and_then(|o| o.peers.get(&node))
+                        .and_then(|p| p.state)
+                };
+                let result = match seen {
+                    Some(st) if c.states.contains(&st) => Ok(()),
+                    Some(st) => Err(format!("{} on {node} is {st}", c.name)),
+                    None => Err(format!("state of {} on {node} unknown", c.name)),
+                };
+                results.push((
+                    name.clone(),
+                    format!("module{i}"),
+                    format!("module {} on {node}", c.name),
+                    result,
+                ));
+            }
+        }
+        for (name, id, what, result) in results {
+            if let Some(m) = self.modules.get_mut(&name) {
+                let every = m
+                    .cfg
+                    .check_module
+                    .iter()
+                    .map(|c| c.interval)
+                    .min()
+                    .unwrap_or(Duration::from_secs(10));
+                m.next_module_check = now + every;
+            }
+            self.check_result(&name, id, &what, result);
+        }
+    }
+
     fn stop_all(&mut self) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
@@ -810,6 +866,7 @@ impl Engine {
 
     fn handle_timeout(&mut self, now: Instant) {
         self.mirror_timeouts(now);
+        self.module_checks(now);
         // Peers silent on every LAN for the timeout are lost.
         let mut refresh = Vec::new();
         for m in self.modules.values_mut() {
