@@ -184,6 +184,10 @@ pub(crate) struct MirrorCore {
     witness_pending: bool,
     /// Takeover confirmed by the witness, effective at this time.
     takeover_at: Option<Instant>,
+    /// When this incarnation was started: a peer SECOND seen within a
+    /// timeout of it may still be the secondary of our previous incarnation,
+    /// about to take over.
+    started_at: Option<Instant>,
     actions: std::collections::VecDeque<Act>,
 }
 
@@ -206,6 +210,7 @@ impl MirrorCore {
             handoff: false,
             witness_pending: false,
             takeover_at: None,
+            started_at: None,
             actions: std::collections::VecDeque::new(),
         }
     }
@@ -266,10 +271,20 @@ impl MirrorCore {
         }
         match self.state {
             MState::Stop => None,
-            MState::Wait => match self.last_peer {
-                Some(t) => Some(t + self.p.timeout),
-                None => self.wait_since.map(|t| t + self.p.timeout),
-            },
+            MState::Wait => {
+                let peer = match self.last_peer {
+                    Some(t) => Some(t + self.p.timeout),
+                    None => self.wait_since.map(|t| t + self.p.timeout),
+                };
+                let settle = self
+                    .started_at
+                    .map(|t| t + self.p.timeout)
+                    .filter(|_| self.peer.is_some_and(|v| v.state == MState::Second));
+                match (peer, settle) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             _ => self.last_peer.map(|t| t + self.p.timeout),
         }
     }
@@ -282,6 +297,10 @@ impl MirrorCore {
                 }
                 self.state = MState::Wait;
                 self.wait_since = Some(now);
+                self.started_at = Some(now);
+                // Decide on fresh heartbeats only.
+                self.peer = None;
+                self.last_peer = None;
                 self.decide(now);
             }
             Cmd::Stop => {
@@ -359,6 +378,14 @@ impl MirrorCore {
             } else {
                 self.become_primary(true);
             }
+            return;
+        }
+        if self.state == MState::Wait
+            && self.peer.is_some_and(|v| v.state == MState::Second)
+            && self.started_at.is_some_and(|t| now >= t + self.p.timeout)
+            && self.last_peer.is_some_and(|t| now < t + self.p.timeout)
+        {
+            self.decide(now);
             return;
         }
         if let Some(t) = self.last_peer
@@ -497,6 +524,8 @@ impl MirrorCore {
     /// Primary: PRIM when the peer is a secondary, else ALONE (generation
     /// moves ahead: the peer's copy is stale from now on).
     fn become_primary(&mut self, by_failover: bool) {
+        // A hand-over that did not happen (the peer vanished) is over.
+        self.handoff = false;
         let with_second = self.peer.is_some_and(|v| v.state == MState::Second);
         let alone = !with_second;
         self.persist(|d| {
@@ -567,9 +596,14 @@ impl MirrorCore {
                     }
                     self.become_second();
                 }
-                Some(v) if v.state == MState::Wait && v.handoff => {
-                    // The primary hands over to us (swap).
-                    self.become_primary(false);
+                // A hand-over is for the secondary in sync, not for a node
+                // that is waiting (e.g. restarted): ignore it.
+                Some(v) if v.state == MState::Wait && v.handoff => {}
+                // Our own hand-over found no secondary to take it: resume
+                // the normal rules.
+                Some(v) if v.state == MState::Wait && self.handoff => {
+                    self.handoff = false;
+                    self.decide(now);
                 }
                 Some(v) if v.state == MState::Wait => {
                     // Both waiting: the node with the newer data, if up to
@@ -580,7 +614,11 @@ impl MirrorCore {
                     }
                 }
                 Some(v) if v.state == MState::Second => {
-                    if self.data.uptodate && !self.handoff {
+                    // Within a timeout of our start, that SECOND may be the
+                    // secondary of our previous incarnation, taking over
+                    // right now: let it either take over or see us first.
+                    let settled = self.started_at.is_none_or(|t| now >= t + self.p.timeout);
+                    if self.data.uptodate && !self.handoff && settled {
                         self.become_primary(false);
                     }
                 }
@@ -867,5 +905,328 @@ mod tests {
         p.exchange();
         assert!(p.b.handle_command(p.now, Cmd::Prim).is_err());
         assert!(p.a.handle_command(p.now, Cmd::Second).is_err());
+    }
+}
+
+/// Deterministic simulation: two nodes exchanging views through a lossy,
+/// delaying, partitionable network, with crashes, restarts and operator
+/// commands, in virtual time; invariants checked after every step.
+#[cfg(test)]
+mod sim {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    const PULSE: u64 = 100;
+    const TIMEOUT: u64 = 1000;
+
+    /// SplitMix64.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    struct Node {
+        core: Option<MirrorCore>,
+        disk: Persisted,
+        /// Pending effect completions: (due ms, is start).
+        effects: VecDeque<(u64, bool)>,
+        next_pulse: u64,
+    }
+
+    fn params(me: &str, peer: &str) -> Params {
+        Params {
+            me: me.into(),
+            peer: peer.into(),
+            timeout: Duration::from_millis(TIMEOUT),
+            failover: true,
+            prefer: Prefer::Node("n1".into()),
+            keep: Keep::FormerPrim,
+            witness: false,
+            witness_grace: Duration::ZERO,
+        }
+    }
+
+    fn primary(n: &Node) -> bool {
+        n.core
+            .as_ref()
+            .is_some_and(|c| matches!(c.state(), MState::Prim | MState::Alone))
+    }
+
+    /// Runs one seed; returns the trace on an invariant failure.
+    fn run(seed: u64) -> Result<(), String> {
+        let mut rng = Rng(seed);
+        let base = Instant::now();
+        let at = |ms: u64| base + Duration::from_millis(ms);
+        let names = ["n1", "n2"];
+        let mut nodes: Vec<Node> = (0..2)
+            .map(|_| Node {
+                core: None,
+                disk: Persisted::default(),
+                effects: VecDeque::new(),
+                next_pulse: 0,
+            })
+            .collect();
+        // In flight: (arrival ms, to, view).
+        let mut wire: Vec<(u64, usize, View)> = Vec::new();
+        let mut partitioned = false;
+        let mut loss = 0;
+        let mut healthy_since = 0u64;
+        let mut trace = Vec::new();
+        for i in 0..2 {
+            let mut c = MirrorCore::new(params(names[i], names[1 - i]), nodes[i].disk);
+            let _ = c.handle_command(at(0), Cmd::Start);
+            nodes[i].core = Some(c);
+        }
+        let end = 60_000;
+        let mut t = 0;
+        while t < end {
+            t += 10;
+            let now = at(t);
+            // Random faults and commands, rarely.
+            if rng.chance(1) {
+                match rng.below(8) {
+                    0 => {
+                        partitioned = !partitioned;
+                        trace.push(format!("{t}: partition {partitioned}"));
+                    }
+                    1 => {
+                        loss = [0, 5, 20][usize::try_from(rng.below(3)).unwrap_or(0)];
+                        trace.push(format!("{t}: loss {loss}%"));
+                    }
+                    2 | 3 => {
+                        let i = usize::try_from(rng.below(2)).unwrap_or(0);
+                        if nodes[i].core.take().is_some() {
+                            nodes[i].effects.clear();
+                            trace.push(format!("{t}: crash {}", names[i]));
+                        } else {
+                            let mut c =
+                                MirrorCore::new(params(names[i], names[1 - i]), nodes[i].disk);
+                            let _ = c.handle_command(now, Cmd::Start);
+                            nodes[i].core = Some(c);
+                            trace.push(format!(
+                                "{t}: restart {} with {:?}",
+                                names[i], nodes[i].disk
+                            ));
+                        }
+                    }
+                    4 => {
+                        let i = usize::try_from(rng.below(2)).unwrap_or(0);
+                        if let Some(c) = nodes[i].core.as_mut() {
+                            let r = c.handle_command(now, Cmd::Swap);
+                            trace.push(format!("{t}: swap on {}: {r:?}", names[i]));
+                        }
+                    }
+                    5 => {
+                        let i = usize::try_from(rng.below(2)).unwrap_or(0);
+                        if let Some(c) = nodes[i].core.as_mut() {
+                            let r = if c.state() == MState::Stop {
+                                c.handle_command(now, Cmd::Start)
+                            } else {
+                                c.handle_command(now, Cmd::Stop)
+                            };
+                            trace.push(format!("{t}: stop/start on {}: {r:?}", names[i]));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if partitioned || loss > 20 {
+                healthy_since = t;
+            }
+            // Deliver.
+            let mut arrived = Vec::new();
+            wire.retain(|(due, to, v)| {
+                if *due <= t {
+                    arrived.push((*to, *v));
+                    false
+                } else {
+                    true
+                }
+            });
+            for (to, v) in arrived {
+                if let Some(c) = nodes[to].core.as_mut() {
+                    c.handle_peer(now, v);
+                }
+            }
+            for i in 0..2 {
+                let n = &mut nodes[i];
+                let Some(c) = n.core.as_mut() else { continue };
+                if c.poll_timeout().is_some_and(|d| d <= now) {
+                    c.handle_timeout(now);
+                }
+                while n.effects.front().is_some_and(|(due, _)| *due <= t) {
+                    let (_, start) = n.effects.pop_front().unwrap_or((0, true));
+                    if start {
+                        c.app_started(true);
+                    } else {
+                        c.app_stopped(now);
+                    }
+                }
+                while let Some(a) = c.poll_action() {
+                    match a {
+                        Act::Persist(d) => n.disk = d,
+                        Act::StartPrimary => n.effects.push_back((t + 10 + rng.below(200), true)),
+                        Act::StopPrimary => n.effects.push_back((t + 10 + rng.below(200), false)),
+                        Act::CheckWitness | Act::Quarantine | Act::Log(_) => {}
+                    }
+                }
+                if t >= n.next_pulse {
+                    n.next_pulse = t + PULSE;
+                    if !partitioned && !rng.chance(loss) {
+                        wire.push((t + 1 + rng.below(40), 1 - i, c.view()));
+                    }
+                }
+            }
+            // Invariants.
+            let both_running = nodes
+                .iter()
+                .all(|n| n.core.as_ref().is_some_and(|c| c.state() != MState::Stop));
+            if both_running
+                && t > healthy_since + 3 * TIMEOUT
+                && primary(&nodes[0])
+                && primary(&nodes[1])
+            {
+                return Err(format!(
+                    "two primaries at {t} on a healthy link\n{}",
+                    trace.join("\n")
+                ));
+            }
+            for i in 0..2 {
+                // A node that knows its data is not the reference never
+                // becomes primary by itself while its peer is down.
+                let peer_down = nodes[1 - i].core.is_none();
+                if peer_down && primary(&nodes[i]) && !nodes[i].disk.uptodate {
+                    return Err(format!(
+                        "{} primary on data not up to date at {t}\n{}",
+                        names[i],
+                        trace.join("\n")
+                    ));
+                }
+            }
+        }
+        // Heal: both running and started, healthy link for a while: exactly
+        // one primary and one secondary, nobody stuck in a transition.
+        for i in 0..2 {
+            if nodes[i].core.is_none() {
+                let mut c = MirrorCore::new(params(names[i], names[1 - i]), nodes[i].disk);
+                let _ = c.handle_command(at(t), Cmd::Start);
+                nodes[i].core = Some(c);
+            } else if let Some(c) = nodes[i].core.as_mut()
+                && c.state() == MState::Stop
+            {
+                let _ = c.handle_command(at(t), Cmd::Start);
+            }
+        }
+        let stop = t + 10 * TIMEOUT;
+        while t < stop {
+            t += 10;
+            let now = at(t);
+            let mut arrived = Vec::new();
+            wire.retain(|(due, to, v)| {
+                if *due <= t {
+                    arrived.push((*to, *v));
+                    false
+                } else {
+                    true
+                }
+            });
+            for (to, v) in arrived {
+                if let Some(c) = nodes[to].core.as_mut() {
+                    c.handle_peer(now, v);
+                }
+            }
+            for i in 0..2 {
+                let n = &mut nodes[i];
+                let Some(c) = n.core.as_mut() else { continue };
+                // An operator's stop still completing when the heal began:
+                // start the module again.
+                if c.state() == MState::Stop && t < stop - 5 * TIMEOUT {
+                    let _ = c.handle_command(now, Cmd::Start);
+                }
+                if c.poll_timeout().is_some_and(|d| d <= now) {
+                    c.handle_timeout(now);
+                }
+                while n.effects.front().is_some_and(|(due, _)| *due <= t) {
+                    let (_, start) = n.effects.pop_front().unwrap_or((0, true));
+                    if start {
+                        c.app_started(true);
+                    } else {
+                        c.app_stopped(now);
+                    }
+                }
+                while let Some(a) = c.poll_action() {
+                    match a {
+                        Act::Persist(d) => n.disk = d,
+                        Act::StartPrimary => n.effects.push_back((t + 50, true)),
+                        Act::StopPrimary => n.effects.push_back((t + 50, false)),
+                        _ => {}
+                    }
+                }
+                if t >= n.next_pulse {
+                    n.next_pulse = t + PULSE;
+                    wire.push((t + 5, 1 - i, c.view()));
+                }
+            }
+        }
+        let states: Vec<MState> = nodes
+            .iter()
+            .map(|n| n.core.as_ref().map_or(MState::Stop, MirrorCore::state))
+            .collect();
+        let prim = states
+            .iter()
+            .filter(|s| matches!(s, MState::Prim | MState::Alone))
+            .count();
+        let stuck = nodes
+            .iter()
+            .any(|n| n.core.as_ref().is_some_and(MirrorCore::in_transition));
+        let both_stale = !nodes[0].disk.uptodate && !nodes[1].disk.uptodate;
+        if both_stale {
+            // Legitimately waiting for an operator (e.g. both crashed as
+            // secondaries of each other's failovers).
+            return if states.iter().all(|s| *s == MState::Wait) {
+                Ok(())
+            } else {
+                Err(format!("both stale but {states:?}\n{}", trace.join("\n")))
+            };
+        }
+        if prim != 1
+            || stuck
+            || !states.contains(&MState::Second)
+            || !states.iter().any(|s| matches!(s, MState::Prim))
+        {
+            let dbg: Vec<String> = nodes.iter().map(|n| format!("{:?}", n.core)).collect();
+            return Err(format!(
+                "after heal: {states:?} (stuck: {stuck})\n{}\n{}",
+                dbg.join("\n"),
+                trace.join("\n")
+            ));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn thousands_of_seeds_keep_the_invariants() {
+        let seeds = std::env::var("SAFEKIT_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1500u64);
+        for seed in 0..seeds {
+            if let Err(e) = run(seed) {
+                panic!("seed {seed}: {e}");
+            }
+        }
     }
 }
