@@ -70,6 +70,9 @@ pub(crate) struct View {
     pub(crate) was_primary: bool,
     /// Primary handing over (swap): the peer should take over.
     pub(crate) handoff: bool,
+    /// The sender currently hears its peer: it will not take over by
+    /// timeout, so the peer may decide to be primary.
+    pub(crate) hears_peer: bool,
 }
 
 impl View {
@@ -80,7 +83,8 @@ impl View {
             u8::from(self.uptodate)
                 | u8::from(self.took_over) << 1
                 | u8::from(self.was_primary) << 2
-                | u8::from(self.handoff) << 3,
+                | u8::from(self.handoff) << 3
+                | u8::from(self.hears_peer) << 4,
         );
         v
     }
@@ -96,6 +100,7 @@ impl View {
             took_over: f & 2 != 0,
             was_primary: f & 4 != 0,
             handoff: f & 8 != 0,
+            hears_peer: f & 16 != 0,
         })
     }
 }
@@ -237,6 +242,7 @@ impl MirrorCore {
             took_over: self.data.took_over,
             was_primary: self.data.was_primary,
             handoff: self.handoff,
+            hears_peer: self.peer.is_some(),
         }
     }
 
@@ -609,7 +615,10 @@ impl MirrorCore {
                     // Both waiting: the node with the newer data, if up to
                     // date, becomes primary. Neither up to date: WAIT for
                     // an operator's prim.
-                    if !self.handoff && self.data.uptodate && self.wins_against(&v) {
+                    // Only once the peer hears us: else it may be about to
+                    // time out and go ALONE itself.
+                    if !self.handoff && self.data.uptodate && v.hears_peer && self.wins_against(&v)
+                    {
                         self.become_primary(false);
                     }
                 }
@@ -618,7 +627,7 @@ impl MirrorCore {
                     // secondary of our previous incarnation, taking over
                     // right now: let it either take over or see us first.
                     let settled = self.started_at.is_none_or(|t| now >= t + self.p.timeout);
-                    if self.data.uptodate && !self.handoff && settled {
+                    if self.data.uptodate && !self.handoff && settled && v.hears_peer {
                         self.become_primary(false);
                     }
                 }
@@ -892,6 +901,7 @@ mod tests {
             took_over: false,
             was_primary: true,
             handoff: true,
+            hears_peer: true,
         };
         assert_eq!(View::decode(MState::Prim, &v.encode()), Some(v));
         assert_eq!(View::decode(MState::Prim, &[1, 2]), None);
