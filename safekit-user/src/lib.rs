@@ -17,7 +17,6 @@ pub mod ebpf;
 pub mod farm;
 pub mod heartbeat;
 pub mod metrics;
-pub mod mirror;
 pub mod modlog;
 pub mod nft;
 pub mod paths;

@@ -1,1 +1,0 @@
-//! Mirror module (SPEC §5).
