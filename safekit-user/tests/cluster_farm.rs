@@ -22,7 +22,8 @@ fn vip_ip_only() -> Ipv4Addr {
     Ipv4Addr::new(10, 77, SUBNET, 201)
 }
 
-fn modules() -> Vec<LabModule> {
+/// The modules, with extra `[farm]` keys (e.g. the filter backend).
+fn modules_with(farm_extra: &str) -> Vec<LabModule> {
     vec![
         LabModule {
             name: "front".into(),
@@ -32,6 +33,7 @@ mode = "farm"
 
 [farm]
 pulse = "100ms"
+{farm_extra}
 
 [vip]
 addrs = ["{}"]
@@ -59,6 +61,7 @@ mode = "farm"
 
 [farm]
 pulse = "100ms"
+{farm_extra}
 
 [vip]
 addrs = ["{}"]
@@ -122,7 +125,11 @@ fn which(lab: &Lab, node: usize, module: &str, client: Ipv4Addr, port: Option<u1
 }
 
 fn start_farm(nodes: usize) -> Lab {
-    let mut lab = common::lab("skfm", SUBNET, nodes, modules());
+    start_farm_with(nodes, "")
+}
+
+fn start_farm_with(nodes: usize, farm_extra: &str) -> Lab {
+    let mut lab = common::lab("skfm", SUBNET, nodes, modules_with(farm_extra));
     for i in 1..=nodes {
         lab.start_daemon(i).unwrap();
     }
@@ -340,4 +347,37 @@ fn a_failed_checker_takes_the_node_out_until_it_recovers() {
         .is_some(),
         "node2 did not come back"
     );
+}
+
+#[test]
+fn the_nftables_backend_serves_the_farm_the_same_way() {
+    let _serial = serial();
+    let lab = start_farm_with(3, "filter = \"nftables\"");
+    let spec = lab.spec().clone();
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(10), || settled(
+            &lab,
+            &[1, 2, 3],
+            "front",
+            &all
+        )
+        .is_some())
+        .is_some(),
+        "the farm never settled"
+    );
+    let log = std::fs::read_to_string(lab.root(1).join("var/log/safekit/front.log")).unwrap();
+    assert!(log.contains("nftables farm filter attached"), "{log}");
+    let dst = SocketAddr::from((vip(), 80));
+    let mut seen = BTreeSet::new();
+    for (port, answer) in ask_many(&spec.client_ns(), spec.client_addr(), 24000..24150, dst) {
+        let got = answer.unwrap_or_else(|e| panic!("port {port}: {e}"));
+        assert_eq!(
+            got,
+            which(&lab, 1, "front", spec.client_addr(), Some(port)),
+            "port {port}"
+        );
+        seen.insert(got);
+    }
+    assert_eq!(seen.len(), 3, "every node served a share");
 }

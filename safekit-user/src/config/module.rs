@@ -221,7 +221,24 @@ pub struct Farm {
     pub lans: Vec<String>,
     /// Weight of each module node in bucket assignment (every node present).
     pub power: BTreeMap<String, u32>,
+    /// Which filter implements the buckets.
+    pub filter: FarmFilterBackend,
 }
+
+/// `farm.filter`: the data plane of the farm filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FarmFilterBackend {
+    /// The XDP program (fails if it cannot attach).
+    Xdp,
+    /// nftables rules (netdev ingress) with a user-space ARP responder.
+    Nftables,
+    /// XDP, falling back to nftables where XDP cannot attach.
+    Auto,
+}
+
+/// Default `farm.filter`.
+pub const DEFAULT_FARM_FILTER: FarmFilterBackend = FarmFilterBackend::Auto;
 
 impl Farm {
     /// `pulse * lost_after`.
@@ -400,6 +417,7 @@ struct RawFarm {
     lost_after: Option<Spanned<Int<u32, 2, 1000>>>,
     lans: Spans<Name>,
     power: Option<Spanned<RawPower>>,
+    filter: Option<Spanned<FarmFilterBackend>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -877,10 +895,11 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         return None;
     }
     let raw = raw.map(Spanned::into_inner);
-    let (raw_pulse, raw_lost, raw_lans, raw_power) = match raw {
-        Some(r) => (r.pulse, r.lost_after, r.lans, r.power),
-        None => (None, None, None, None),
+    let (raw_pulse, raw_lost, raw_lans, raw_power, raw_filter) = match raw {
+        Some(r) => (r.pulse, r.lost_after, r.lans, r.power, r.filter),
+        None => (None, None, None, None, None),
     };
+    let filter = raw_filter.map_or(DEFAULT_FARM_FILTER, Spanned::into_inner);
     let pulse = dur(raw_pulse, DEFAULT_FARM_PULSE).0;
     let lost_after = raw_lost.map_or(DEFAULT_FARM_LOST_AFTER, |l| l.get_ref().0);
     let lans = ctx.lans(raw_lans, "farm.lans", table.as_ref());
@@ -913,6 +932,7 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         lost_after,
         lans,
         power,
+        filter,
     })
 }
 

@@ -253,6 +253,7 @@ fn appendix_farm_module_parses_into_expected_values() {
             lost_after: 10,
             lans: vec!["default".into()],
             power: BTreeMap::from([("node1".into(), 1), ("node2".into(), 1)]),
+            filter: super::FarmFilterBackend::Auto,
         })
     );
     assert_eq!(

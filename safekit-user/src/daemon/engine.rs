@@ -21,7 +21,7 @@ use super::{
     net::LanSocket,
 };
 use crate::{
-    config::{ClusterConfig, Config, Mode as ConfigMode, ModuleConfig, When},
+    config::{ClusterConfig, Config, FarmFilterBackend, Mode as ConfigMode, ModuleConfig, When},
     control::{Request, Response},
     daemon::mirror_core::Cmd,
     farm::membership::{self, View},
@@ -1092,6 +1092,11 @@ fn farm_job(
         script_timeout: m.cfg.user.nice_stop_timeout,
         log: m.log.clone(),
         dataplane,
+        backend: match m.cfg.farm.as_ref().map(|f| f.filter) {
+            Some(FarmFilterBackend::Xdp) => crate::nft::dataplane::Backend::Xdp,
+            Some(FarmFilterBackend::Nftables) => crate::nft::dataplane::Backend::Nftables,
+            _ => crate::nft::dataplane::Backend::XdpOrNftables,
+        },
     }
 }
 

@@ -15,17 +15,18 @@ use safekit_common::{BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, PROTO_TCP
 use crate::{
     config::{Filter, ModuleConfig, Proto},
     farm::{
-        filter::{FarmFilter, FilterRule, default_mode},
+        filter::{FilterRule, default_mode},
         membership::View,
     },
     modlog::ModuleLog,
+    nft::dataplane::{Backend, FarmDataplane},
     script::{self, ScriptEnv},
     sys::{arp, vip},
 };
 
 /// The XDP filters of this node, one per interface, shared by the farm
 /// modules (an interface has one XDP program).
-pub(crate) type Dataplane = Arc<Mutex<BTreeMap<String, FarmFilter>>>;
+pub(crate) type Dataplane = Arc<Mutex<BTreeMap<String, FarmDataplane>>>;
 
 /// Runtime of one farm module on this node.
 #[derive(Debug)]
@@ -122,6 +123,7 @@ pub(super) struct FarmJob {
     pub(super) script_timeout: Duration,
     pub(super) log: ModuleLog,
     pub(super) dataplane: Dataplane,
+    pub(super) backend: Backend,
 }
 
 /// Brings the data plane up: interface of the VIP subnet, XDP filter
@@ -140,10 +142,12 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
             .map_err(|_| "dataplane lock poisoned".to_owned())?;
         if !dp.contains_key(&iface.name) {
             let mode = default_mode(&iface.name);
-            let mut f = FarmFilter::attach(&iface.name, mode).map_err(|e| e.to_string())?;
+            let mut f =
+                FarmDataplane::attach(job.backend, &iface.name, mode).map_err(|e| e.to_string())?;
             f.enable(iface.mac, 0).map_err(|e| e.to_string())?;
             job.log.info(&format!(
-                "XDP farm filter attached on {} ({mode:?} mode)",
+                "{} farm filter attached on {} (XDP mode if XDP: {mode:?})",
+                f.kind(),
                 iface.name
             ));
             dp.insert(iface.name.clone(), f);
@@ -202,7 +206,7 @@ pub(super) async fn down(job: FarmJob, iface: Option<vip::Interface>) -> Result<
         if empty {
             dp.remove(&iface.name);
             job.log
-                .info(&format!("XDP farm filter detached from {}", iface.name));
+                .info(&format!("farm filter detached from {}", iface.name));
         }
     }
     if let Err(e) = script::run(
