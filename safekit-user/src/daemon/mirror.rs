@@ -159,6 +159,24 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
     }
 }
 
+/// At daemon start: VIPs of mirror modules left on this node by a daemon
+/// that died while primary are removed (the module starts in STOP here, so
+/// the node must not answer for them).
+pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Option<String>)]) {
+    let Ok(handle) = vip::connect() else { return };
+    for (name, vips, interface) in modules {
+        let Some(first) = vips.first() else { continue };
+        let Ok(i) = vip::find_interface(&handle, *first, interface.as_deref()).await else {
+            continue;
+        };
+        for v in vips {
+            if vip::remove(&handle, &i, *v).await.is_ok() {
+                tracing::info!(module = %name, vip = %v, "leftover VIP removed at start");
+            }
+        }
+    }
+}
+
 /// Gratuitous ARPs for every VIP from the interface's MAC.
 async fn announce(
     i: &vip::Interface,

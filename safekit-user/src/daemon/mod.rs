@@ -96,6 +96,22 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             source,
         })?;
     let control = net::bind_control_socket(&paths)?;
+    // Before any command can start a module: VIPs a crashed daemon left.
+    let leftovers: Vec<_> = config
+        .modules
+        .values()
+        .filter(|m| m.mode() == crate::config::Mode::Mirror)
+        .filter_map(|m| {
+            m.vip.as_ref().map(|v| {
+                (
+                    m.name.clone(),
+                    mirror::MirrorJob::ipv4(&v.addrs),
+                    v.interface.clone(),
+                )
+            })
+        })
+        .collect();
+    mirror::remove_leftover_vips(&leftovers).await;
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
     let dataplane = farm::Dataplane::default();
