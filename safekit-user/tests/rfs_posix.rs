@@ -80,8 +80,9 @@ impl Pair {
         params.passthrough_reads = std::env::var_os("RFS_PASSTHROUGH").is_some();
         let (primary, mut events) =
             Primary::start(&a, Some(addr), &KEY, params).expect("start primary");
-        match events.try_recv() {
-            Ok(RfsEvent::Connected { .. }) => {}
+        // The first resynchronisation (of the empty directory) completes.
+        match events.blocking_recv() {
+            Some(RfsEvent::Connected { .. }) => {}
             other => panic!("expected Connected, got {other:?}"),
         }
         assert_eq!(primary.state(), LinkState::Connected);

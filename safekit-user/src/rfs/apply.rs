@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, XattrFlags};
 use thiserror::Error;
 
 use super::{
-    proto::{NodeKind, Op, RelPath, Timestamp, rename},
+    proto::{EntryKind, NodeKind, Op, RelPath, Timestamp, rename},
     sys,
 };
 
@@ -305,7 +305,209 @@ impl Applier {
                 let e = self.entry(path)?;
                 rustix::fs::fsync(&e.dir).map_err(sys::io)
             }
+            Op::Put {
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+                size,
+                rdev,
+                target,
+                xattrs,
+            } => self.put(path, *kind, *mode, (*uid, *gid), *size, *rdev, target, xattrs),
+            Op::Remove { path } => {
+                self.files.clear();
+                let e = self.entry(path)?;
+                match remove_tree(e.dir.as_fd(), e.name) {
+                    Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    r => r,
+                }
+            }
+            Op::Prune { path, keep } => {
+                let dir = sys::open_dir(self.root.as_fd(), path.as_bytes())?;
+                let keep: std::collections::HashSet<&[u8]> =
+                    keep.iter().map(Vec::as_slice).collect();
+                let mut extra = Vec::new();
+                for name in list_dir(dir.as_fd())? {
+                    if !keep.contains(name.as_slice()) {
+                        extra.push(name);
+                    }
+                }
+                if !extra.is_empty() {
+                    self.files.clear();
+                }
+                for name in extra {
+                    remove_tree(dir.as_fd(), OsStr::from_bytes(&name))?;
+                }
+                Ok(())
+            }
+            Op::Hole { path, offset, len } => {
+                let fd = self.file(path)?;
+                punch_hole(fd, *offset, *len)
+            }
+            // A synchronisation point: nothing on disk (the caller records it).
+            Op::InSync { .. } => Ok(()),
         }
+    }
+
+    /// [`Op::Put`]: the entry exists as `kind` with these attributes.
+    #[expect(clippy::too_many_arguments, reason = "the fields of Op::Put")]
+    fn put(
+        &mut self,
+        path: &RelPath,
+        kind: EntryKind,
+        mode: u32,
+        (uid, gid): (u32, u32),
+        size: u64,
+        rdev: u64,
+        target: &[u8],
+        xattrs: &[(Vec<u8>, Vec<u8>)],
+    ) -> io::Result<()> {
+        let e = self.target(path)?;
+        let existing = match sys::stat_at(e.dir.as_fd(), e.name) {
+            Ok(st) => Some(st),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(err) => return Err(err),
+        };
+        let want = match kind {
+            EntryKind::Dir => FileType::Directory,
+            EntryKind::Symlink => FileType::Symlink,
+            EntryKind::Node(k) => node_type(k),
+        };
+        let same = existing.as_ref().is_some_and(|st| {
+            let ft = sys::file_type(st);
+            ft == want
+                && match kind {
+                    EntryKind::Symlink => rustix::fs::readlinkat(e.dir.as_fd(), e.name, Vec::new())
+                        .is_ok_and(|t| t.as_bytes() == target),
+                    EntryKind::Node(NodeKind::CharDev | NodeKind::BlockDev) => st.st_rdev == rdev,
+                    _ => true,
+                }
+        });
+        if existing.is_some() && !same {
+            if path.is_root() {
+                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+            }
+            self.files.clear();
+            remove_tree(e.dir.as_fd(), e.name)?;
+        }
+        if !same {
+            let m = Mode::from_raw_mode(mode);
+            match kind {
+                EntryKind::Dir => rustix::fs::mkdirat(&e.dir, e.name, m).map_err(sys::io)?,
+                EntryKind::Symlink => {
+                    rustix::fs::symlinkat(OsStr::from_bytes(target), &e.dir, e.name)
+                        .map_err(sys::io)?;
+                }
+                EntryKind::Node(k) => {
+                    rustix::fs::mknodat(&e.dir, e.name, node_type(k), m, rdev).map_err(sys::io)?;
+                }
+            }
+        }
+        sys::chown_at(e.dir.as_fd(), e.name, Some(uid), Some(gid))?;
+        if kind != EntryKind::Symlink {
+            sys::chmod_at(e.dir.as_fd(), e.name, mode)?;
+        }
+        if kind == EntryKind::Node(NodeKind::File) {
+            let fd = self.file(path)?;
+            rustix::fs::ftruncate(fd, size).map_err(sys::io)?;
+        }
+        if kind != EntryKind::Symlink || !xattrs.is_empty() {
+            let e = self.target(path)?;
+            let obj = sys::proc_entry(e.dir.as_fd(), e.name);
+            let have = sys::list_xattrs(&obj)?;
+            for name in have.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                if !xattrs.iter().any(|(n, _)| n == name) {
+                    rustix::fs::lremovexattr(&obj, OsStr::from_bytes(name)).map_err(sys::io)?;
+                }
+            }
+            for (name, value) in xattrs {
+                rustix::fs::lsetxattr(
+                    &obj,
+                    OsStr::from_bytes(name),
+                    value,
+                    XattrFlags::empty(),
+                )
+                .map_err(sys::io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn node_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Fifo => FileType::Fifo,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDev => FileType::CharacterDevice,
+        NodeKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// Names in a directory (without `.` and `..`).
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir).map_err(sys::io)?;
+    let mut out = Vec::new();
+    while let Some(ent) = d.read() {
+        let ent = ent.map_err(sys::io)?;
+        let name = ent.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(name.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `name` in `dir`, recursively for a directory (never following
+/// symlinks).
+pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let st = sys::stat_at(dir, name)?;
+    if sys::file_type(&st) == FileType::Directory {
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(sys::io)?;
+        for child in list_dir(sub.as_fd())? {
+            remove_tree(sub.as_fd(), OsStr::from_bytes(&child))?;
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(sys::io)
+    } else {
+        rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(sys::io)
+    }
+}
+
+/// Makes `[offset, offset + len)` of a file read as zeros (a hole where the
+/// filesystem can, zeros written otherwise); the size is unchanged.
+fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let r = rustix::fs::fallocate(
+        fd,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    );
+    match r {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let size = sys::fstat(fd)?.st_size;
+            let end = (offset + len).min(u64::try_from(size).unwrap_or(0));
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = offset;
+            while at < end {
+                let n = usize::try_from((end - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
+                sys::write_all_at(fd, &zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(sys::io(e)),
     }
 }
 

@@ -291,6 +291,26 @@ struct Entry {
     name: OsString,
 }
 
+/// [`ReplicatedFs::lock`]'s guard: the state, then the gate (dropped in
+/// that order).
+struct Locked<'a> {
+    st: MutexGuard<'a, State>,
+    _gate: std::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.st
+    }
+}
+
 impl ReplicatedFs {
     pub(crate) fn new(root: OwnedFd, repl: Arc<Replicator>, passthrough: bool) -> io::Result<Self> {
         let st = sys::fstat(&root)?;
@@ -306,10 +326,20 @@ impl ReplicatedFs {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
+    /// The state, with the replicator's gate held (shared) for as long: a
+    /// change applied here and its submission are never split by the last
+    /// step of a resynchronisation.
+    fn lock(&self) -> Locked<'_> {
+        let gate = self
+            .repl
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self
+            .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Locked { st, _gate: gate }
     }
 
     /// Real inode number → FUSE inode number (the root and 1 swapped).
@@ -502,7 +532,18 @@ impl ReplicatedFs {
                         size,
                         mtime: sys::mtime(&stat),
                     },
-                    &[(p.clone(), Change::Meta)],
+                    // The size, and every byte from the new end on: a
+                    // truncate down then up leaves zeros there.
+                    &[
+                        (p.clone(), Change::Meta),
+                        (
+                            p.clone(),
+                            Change::Range {
+                                start: size,
+                                end: u64::MAX,
+                            },
+                        ),
+                    ],
                 ));
             }
         }
@@ -739,7 +780,7 @@ impl Filesystem for ReplicatedFs {
             };
             let attr = self.attr(&stat);
             st.tree.learn(attr.ino.0, parent.0, name);
-            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+            Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
         match r {
@@ -778,7 +819,7 @@ impl Filesystem for ReplicatedFs {
             };
             let attr = self.attr(&stat);
             st.tree.learn(attr.ino.0, parent.0, name);
-            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+            Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
         match r {
@@ -824,7 +865,7 @@ impl Filesystem for ReplicatedFs {
             };
             let attr = self.attr(&stat);
             st.tree.learn(attr.ino.0, parent.0, link_name);
-            Ok((attr, self.submit(&op, &[(path, Change::Meta)])))
+            Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
         match r {
@@ -1343,7 +1384,7 @@ impl Filesystem for ReplicatedFs {
                     backing_id: None,
                 },
             );
-            Ok((attr, fh, self.submit(&op, &[(path, Change::Meta)])))
+            Ok((attr, fh, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
         match r {

@@ -205,6 +205,32 @@ impl DirtySet {
         self.paths.is_empty()
     }
 
+    /// Merges every change of `other`.
+    pub fn merge(&mut self, other: &DirtySet) {
+        let recs: Vec<(RelPath, Change)> =
+            other.records().map(|(p, c)| (p.clone(), c)).collect();
+        for (p, c) in recs {
+            self.record(&p, c);
+        }
+    }
+
+    /// Every change, as records.
+    #[must_use]
+    pub fn to_records(&self) -> Vec<(RelPath, Change)> {
+        self.records().map(|(p, c)| (p.clone(), c)).collect()
+    }
+
+    /// Bytes of the recorded ranges (an upper bound of what a
+    /// resynchronisation of them sends, trees excluded).
+    #[must_use]
+    pub fn range_bytes(&self) -> u64 {
+        self.paths
+            .values()
+            .flat_map(|c| c.ranges.iter())
+            .map(|(s, e)| e.saturating_sub(s).min(1 << 40))
+            .sum()
+    }
+
     /// Number of paths recorded.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -295,6 +321,56 @@ fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
         pos += 8 + len;
     }
     (out, pos)
+}
+
+/// What an operation received by a secondary may change, for its activity
+/// log (the secondary's copy may hold these if it crashes before it
+/// applied them, or diverge from the primary's).
+#[must_use]
+pub fn changes_of(op: &proto::Op) -> Vec<(RelPath, Change)> {
+    use proto::Op;
+    match op {
+        Op::Write { path, offset, data, .. } => vec![(
+            path.clone(),
+            Change::Range {
+                start: *offset,
+                end: offset.saturating_add(data.len() as u64),
+            },
+        )],
+        Op::Hole { path, offset, len } => vec![(
+            path.clone(),
+            Change::Range {
+                start: *offset,
+                end: offset.saturating_add(*len),
+            },
+        )],
+        Op::Truncate { path, size, .. } => vec![
+            (path.clone(), Change::Meta),
+            (
+                path.clone(),
+                Change::Range {
+                    start: *size,
+                    end: u64::MAX,
+                },
+            ),
+        ],
+        Op::Mknod { path, .. }
+        | Op::Mkdir { path, .. }
+        | Op::Symlink { path, .. }
+        | Op::Link { path, .. }
+        | Op::Remove { path }
+        | Op::Prune { path, .. } => vec![(path.clone(), Change::Tree)],
+        Op::Unlink { path, .. }
+        | Op::Rmdir { path, .. }
+        | Op::SetAttr { path, .. }
+        | Op::SetXattr { path, .. }
+        | Op::RemoveXattr { path, .. }
+        | Op::Put { path, .. } => vec![(path.clone(), Change::Meta)],
+        Op::Rename { from, to, .. } => {
+            vec![(from.clone(), Change::Tree), (to.clone(), Change::Tree)]
+        }
+        Op::Fsync { .. } | Op::InSync { .. } => vec![],
+    }
 }
 
 /// The journal file of one replicated directory.
@@ -414,6 +490,43 @@ impl Journal {
         self.replace(&buf)?;
         self.records = n;
         Ok(())
+    }
+
+    /// Replaces the recorded set with `set` (crash-safe rewrite): after a
+    /// resynchronisation round, what changed during it.
+    pub fn reset_to(&mut self, set: DirtySet) -> Result<(), JournalError> {
+        let mut buf = MAGIC.to_vec();
+        let mut n = 0;
+        for (p, c) in set.records() {
+            encode_record(&mut buf, p, c);
+            n += 1;
+        }
+        self.replace(&buf)?;
+        self.set = set;
+        self.records = n;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Forgets everything quickly, without syncing (an activity log, whose
+    /// entries matter after a crash of the process, not of the machine).
+    pub fn reset_fast(&mut self) -> Result<(), JournalError> {
+        self.file
+            .set_len(MAGIC.len() as u64)
+            .map_err(self.io("truncate"))?;
+        self.file
+            .seek(SeekFrom::Start(MAGIC.len() as u64))
+            .map_err(self.io("seek"))?;
+        self.set = DirtySet::default();
+        self.records = 0;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Number of records in the file.
+    #[must_use]
+    pub fn records(&self) -> usize {
+        self.records
     }
 
     /// Forgets everything (after a completed resynchronisation).

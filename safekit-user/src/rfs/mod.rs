@@ -36,7 +36,9 @@ pub mod fs;
 pub mod journal;
 pub mod proto;
 pub mod replicator;
+pub mod resync;
 pub mod secondary;
+pub mod state;
 mod sys;
 
 use std::{
@@ -54,8 +56,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 pub use channel::{ChannelError, ChannelKey};
 pub use journal::{DirtySet, JournalError};
-pub use replicator::{Counters, LinkState};
-pub use secondary::{SecondaryConfig, SecondaryEvent, serve};
+pub use replicator::{Counters, LinkState, Progress, ResyncOpts};
+pub use secondary::{
+    Registry, SecondaryConfig, SecondaryDir, SecondaryEvent, serve, serve_registry,
+};
+pub use state::DirState;
 
 use replicator::Replicator;
 
@@ -128,26 +133,36 @@ pub enum RfsError {
     /// A thread could not be started.
     #[error("start a replication thread")]
     Thread(#[source] io::Error),
-    /// The journal holds changes the secondary lacks: a reintegration must
-    /// send them before live replication can resume.
-    #[error("{dir}: the secondary must be resynchronised first ({paths} changed paths)")]
-    ResyncNeeded {
+    /// A resynchronisation or live replication already runs.
+    #[error("{dir}: a secondary is already connected or being resynchronised")]
+    Busy {
         /// Directory name.
         dir: String,
-        /// Paths recorded.
-        paths: usize,
+    },
+    /// The link was lost during the resynchronisation.
+    #[error("{dir}: the secondary was lost during the resynchronisation")]
+    ResyncLost {
+        /// Directory name.
+        dir: String,
+    },
+    /// A file could not be read for the resynchronisation.
+    #[error("{dir}: reading for the resynchronisation")]
+    ResyncRead {
+        /// Directory name.
+        dir: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
     },
 }
 
 /// What happens to a replicated directory on the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RfsEvent {
-    /// Operations now reach the secondary (PRIM).
+    /// The secondary is in sync and every operation now reaches it (PRIM).
     Connected {
         /// Directory name.
         dir: String,
-        /// The secondary.
-        peer: SocketAddr,
     },
     /// The secondary is lost (send timeout, broken or refused connection):
     /// the directory goes on ALONE, journalling.
@@ -192,6 +207,11 @@ pub struct PrimaryParams {
     /// Journal file (outside the replicated directory); `None`: no journal
     /// (a full resynchronisation after any absence).
     pub journal: Option<PathBuf>,
+    /// Activity log and synchronisation point (`None`: not persisted, every
+    /// resynchronisation is full).
+    pub state: Option<DirState>,
+    /// How resynchronisations run.
+    pub resync: ResyncOpts,
     /// Serve read-only opens by FUSE passthrough (the kernel reads the real
     /// file directly, no request reaches the daemon). Off by default: the
     /// kernel (6.18) requires every open of an inode that has a passthrough
@@ -214,6 +234,8 @@ impl PrimaryParams {
             send_timeout: crate::config::DEFAULT_SEND_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             journal: None,
+            state: None,
+            resync: ResyncOpts::default(),
             passthrough_reads: false,
             threads: 2,
         }
@@ -228,12 +250,16 @@ pub struct Primary {
     repl: Arc<Replicator>,
     key: ChannelKey,
     connect_timeout: Duration,
+    /// The real directory underneath, for resynchronisation reads.
+    root: Arc<OwnedFd>,
+    resync: ResyncOpts,
+    events: tokio::sync::mpsc::UnboundedSender<RfsEvent>,
 }
 
 impl Primary {
-    /// Mounts the replicating filesystem over `dir` and, with a peer,
-    /// connects to the secondary (on failure the directory starts ALONE and
-    /// the failure is the first event). Blocking (a few milliseconds): from
+    /// Mounts the replicating filesystem over `dir` (ALONE: changes are
+    /// journalled) and, with a peer, starts resynchronising it in the
+    /// background ([`Primary::resync`]). Blocking (a few milliseconds): from
     /// async code, call it through `spawn_blocking`.
     ///
     /// A dead FUSE mount left over `dir` by a crashed daemon ("Transport
@@ -247,19 +273,24 @@ impl Primary {
         let key = ChannelKey::from_cluster_key(key).map_err(RfsError::Key)?;
         let (events_tx, events) = unbounded_channel();
         recover_dead_mount(dir);
-        let root: OwnedFd = rustix::fs::open(
-            dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| RfsError::Open {
-            path: dir.to_path_buf(),
-            source: sys::io(e),
-        })?;
+        let open_root = || {
+            rustix::fs::open(
+                dir,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| RfsError::Open {
+                path: dir.to_path_buf(),
+                source: sys::io(e),
+            })
+        };
+        let root: OwnedFd = open_root()?;
+        let reader: OwnedFd = open_root()?;
         let repl = Replicator::new(
             params.name.clone(),
             params.send_timeout,
             params.journal.clone(),
+            params.state.clone(),
             events_tx.clone(),
         )?;
         let fs = fs::ReplicatedFs::new(root, Arc::clone(&repl), params.passthrough_reads).map_err(
@@ -287,28 +318,68 @@ impl Primary {
             repl,
             key,
             connect_timeout: params.connect_timeout,
+            root: Arc::new(reader),
+            resync: params.resync,
+            events: events_tx,
         };
-        if let Some(peer) = peer
-            && let Err(e) = primary.connect(peer)
-        {
-            let _ = events_tx.send(RfsEvent::SecondaryLost {
-                dir: params.name,
-                reason: error_chain(&e),
-            });
+        if let Some(peer) = peer {
+            primary.resync(peer, false);
         }
         Ok((primary, events))
     }
 
-    /// Connects (again) to a secondary; refused while the journal holds
-    /// changes the secondary lacks.
-    pub fn connect(&self, peer: SocketAddr) -> Result<(), RfsError> {
-        if self.repl.journal_dirty() {
-            return Err(RfsError::ResyncNeeded {
+    /// Connects to the secondary at `peer` and resynchronises it in the
+    /// background (everything with `full`, else what the journal and the
+    /// secondary's own record say differ), then replicates live:
+    /// [`RfsEvent::Connected`] when in sync, [`RfsEvent::SecondaryLost`] on
+    /// failure (the directory stays ALONE; call again to retry).
+    pub fn resync(&self, peer: SocketAddr, full: bool) {
+        let repl = Arc::clone(&self.repl);
+        let key = self.key.clone();
+        let timeout = self.connect_timeout;
+        let root = Arc::clone(&self.root);
+        let opts = ResyncOpts {
+            full,
+            ..self.resync
+        };
+        let events = self.events.clone();
+        let name = self.repl.name().to_string();
+        let spawned = std::thread::Builder::new()
+            .name("rfs-resync".into())
+            .spawn(move || {
+                if let Err(e) = repl.resync(peer, &key, timeout, &root, opts) {
+                    // Lost links report themselves; report the rest.
+                    if !matches!(e, RfsError::ResyncLost { .. }) {
+                        let _ = events.send(RfsEvent::SecondaryLost {
+                            dir: name,
+                            reason: error_chain(&e),
+                        });
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self.events.send(RfsEvent::SecondaryLost {
                 dir: self.repl.name().to_string(),
-                paths: self.repl.dirty().len(),
+                reason: format!("cannot start the resynchronisation thread: {e}"),
             });
         }
-        self.repl.connect(peer, &self.key, self.connect_timeout)
+    }
+
+    /// Where the current (or last) resynchronisation is.
+    #[must_use]
+    pub fn progress(&self) -> Progress {
+        let mut p = self
+            .repl
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if p.active
+            && let Some(t) = p.started
+        {
+            p.elapsed = t.elapsed();
+        }
+        p
     }
 
     /// PRIM (connected) or ALONE.

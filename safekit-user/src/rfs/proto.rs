@@ -24,7 +24,7 @@ use thiserror::Error;
 pub type Seq = u64;
 
 /// Protocol version, checked in [`Message::Hello`].
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Longest relative path accepted (bytes), as Linux's `PATH_MAX`.
 pub const MAX_PATH: usize = 4096;
@@ -101,6 +101,13 @@ impl RelPath {
     #[must_use]
     pub fn root() -> Self {
         Self(Vec::new())
+    }
+
+    /// The root, borrowed.
+    #[must_use]
+    pub fn root_ref() -> &'static Self {
+        static ROOT: RelPath = RelPath(Vec::new());
+        &ROOT
     }
 
     /// Validates `bytes` as a relative path.
@@ -221,6 +228,21 @@ pub enum NodeKind {
     /// Block device.
     BlockDev,
 }
+
+/// What [`Op::Put`] makes exist at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A non-directory node (regular file, fifo, socket, device).
+    Node(NodeKind),
+    /// A directory.
+    Dir,
+    /// A symbolic link (its target in [`Op::Put`]'s `target`).
+    Symlink,
+}
+
+/// A change recorded in a journal or reported by a returning secondary:
+/// see [`super::journal::Change`].
+pub use super::journal::Change;
 
 /// `renameat2` flags carried by [`Op::Rename`].
 pub mod rename {
@@ -380,6 +402,61 @@ pub enum Op {
         /// fdatasync rather than fsync.
         data_only: bool,
     },
+    /// Resynchronisation: make the entry at `path` exist as `kind` (whatever
+    /// was there of another kind is removed, recursively), with this mode,
+    /// owner, size (files), device number, symlink target and exactly these
+    /// extended attributes. Contents follow as [`Op::Write`]/[`Op::Hole`],
+    /// times as a final [`Op::SetAttr`].
+    Put {
+        /// Entry (the root for the directory itself).
+        path: RelPath,
+        /// Its kind.
+        kind: EntryKind,
+        /// Permission bits (`0o7777`).
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+        /// Size of a regular file.
+        size: u64,
+        /// Device number of a device node.
+        rdev: u64,
+        /// Target of a symlink (empty otherwise).
+        target: Vec<u8>,
+        /// Every extended attribute, name and value.
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Resynchronisation: remove whatever is at `path` (recursively); absent
+    /// is fine.
+    Remove {
+        /// Entry.
+        path: RelPath,
+    },
+    /// Resynchronisation: directory `path` holds only these names; any other
+    /// entry is removed (recursively).
+    Prune {
+        /// Directory.
+        path: RelPath,
+        /// Names to keep.
+        keep: Vec<Vec<u8>>,
+    },
+    /// Resynchronisation: bytes `[offset, offset + len)` of a file are a hole
+    /// (zeros) on the primary.
+    Hole {
+        /// File.
+        path: RelPath,
+        /// First byte.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// End of a resynchronisation: the secondary's copy now equals the
+    /// primary's; both record `sync_id`, and every later operation is live.
+    InSync {
+        /// Identifies this synchronisation point on both nodes.
+        sync_id: u64,
+    },
 }
 
 impl Op {
@@ -398,8 +475,13 @@ impl Op {
             | Op::SetAttr { path, .. }
             | Op::SetXattr { path, .. }
             | Op::RemoveXattr { path, .. }
-            | Op::Fsync { path, .. } => path,
+            | Op::Fsync { path, .. }
+            | Op::Put { path, .. }
+            | Op::Remove { path }
+            | Op::Prune { path, .. }
+            | Op::Hole { path, .. } => path,
             Op::Rename { to, .. } => to,
+            Op::InSync { .. } => RelPath::root_ref(),
         }
     }
 
@@ -420,6 +502,11 @@ impl Op {
             Op::SetXattr { .. } => "setxattr",
             Op::RemoveXattr { .. } => "removexattr",
             Op::Fsync { .. } => "fsync",
+            Op::Put { .. } => "put",
+            Op::Remove { .. } => "remove",
+            Op::Prune { .. } => "prune",
+            Op::Hole { .. } => "hole",
+            Op::InSync { .. } => "insync",
         }
     }
 }
@@ -436,7 +523,16 @@ pub enum Message {
         dir: String,
     },
     /// Secondary → primary: the directory is open, operations may flow.
-    Welcome,
+    /// `sync_id`: the last synchronisation point this copy completed (0:
+    /// none, or not trustworthy — a full resynchronisation is needed);
+    /// `suspects`: what this copy may have that the primary lacks (its
+    /// activity log and what it changed alone), to be overwritten.
+    Welcome {
+        /// Last completed [`Op::InSync`] here, 0 if none.
+        sync_id: u64,
+        /// Paths and ranges to resynchronise from the primary.
+        suspects: Vec<(RelPath, Change)>,
+    },
     /// Primary → secondary: one operation.
     Op {
         /// Its sequence number (consecutive from 1).
@@ -482,6 +578,19 @@ const OP_SETATTR: u8 = 10;
 const OP_SETXATTR: u8 = 11;
 const OP_REMOVEXATTR: u8 = 12;
 const OP_FSYNC: u8 = 13;
+const OP_PUT: u8 = 14;
+const OP_REMOVE: u8 = 15;
+const OP_PRUNE: u8 = 16;
+const OP_HOLE: u8 = 17;
+const OP_INSYNC: u8 = 18;
+
+/// Most suspects a [`Message::Welcome`] carries; past that the secondary
+/// asks for the whole tree.
+pub const MAX_SUSPECTS: usize = 50_000;
+/// Most names in an [`Op::Prune`].
+pub const MAX_PRUNE: usize = 50_000;
+/// Most extended attributes in an [`Op::Put`].
+pub const MAX_XATTRS: usize = 1024;
 
 const MSG_HELLO: u8 = 1;
 const MSG_WELCOME: u8 = 2;
@@ -685,6 +794,72 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_bytes(out, path.as_bytes());
             out.push(u8::from(*data_only));
         }
+        Op::Put {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            rdev,
+            target,
+            xattrs,
+        } => {
+            out.push(OP_PUT);
+            put_bytes(out, path.as_bytes());
+            out.push(match kind {
+                EntryKind::Node(k) => kind_tag(*k),
+                EntryKind::Dir => 5,
+                EntryKind::Symlink => 6,
+            });
+            put_u64(out, u64::from(*mode));
+            put_u64(out, u64::from(*uid));
+            put_u64(out, u64::from(*gid));
+            put_u64(out, *size);
+            put_u64(out, *rdev);
+            put_bytes(out, target);
+            put_u64(out, xattrs.len() as u64);
+            for (n, v) in xattrs {
+                put_bytes(out, n);
+                put_bytes(out, v);
+            }
+        }
+        Op::Remove { path } => {
+            out.push(OP_REMOVE);
+            put_bytes(out, path.as_bytes());
+        }
+        Op::Prune { path, keep } => {
+            out.push(OP_PRUNE);
+            put_bytes(out, path.as_bytes());
+            put_u64(out, keep.len() as u64);
+            for n in keep {
+                put_bytes(out, n);
+            }
+        }
+        Op::Hole { path, offset, len } => {
+            out.push(OP_HOLE);
+            put_bytes(out, path.as_bytes());
+            put_u64(out, *offset);
+            put_u64(out, *len);
+        }
+        Op::InSync { sync_id } => {
+            out.push(OP_INSYNC);
+            put_u64(out, *sync_id);
+        }
+    }
+}
+
+/// Appends a change (suspect list encoding).
+pub(crate) fn put_change(out: &mut Vec<u8>, path: &RelPath, change: Change) {
+    put_bytes(out, path.as_bytes());
+    match change {
+        Change::Range { start, end } => {
+            out.push(0);
+            put_u64(out, start);
+            put_u64(out, end);
+        }
+        Change::Meta => out.push(1),
+        Change::Tree => out.push(2),
     }
 }
 
@@ -696,7 +871,14 @@ pub fn encode(out: &mut Vec<u8>, msg: &Message) {
             put_u64(out, u64::from(*version));
             put_bytes(out, dir.as_bytes());
         }
-        Message::Welcome => out.push(MSG_WELCOME),
+        Message::Welcome { sync_id, suspects } => {
+            out.push(MSG_WELCOME);
+            put_u64(out, *sync_id);
+            put_u64(out, suspects.len() as u64);
+            for (p, c) in suspects {
+                put_change(out, p, *c);
+            }
+        }
         Message::Op { seq, op } => {
             out.push(MSG_OP);
             put_u64(out, *seq);
@@ -850,6 +1032,39 @@ impl<'a> Reader<'a> {
         Ok(m)
     }
 
+    /// A count of items, at most `max` (and never more than bytes left).
+    fn count(&mut self, what: &'static str, max: usize) -> Result<usize, DecodeError> {
+        usize::try_from(self.u64(what)?)
+            .ok()
+            .filter(|&n| n <= max && n <= self.buf.len())
+            .ok_or(DecodeError::Invalid {
+                field: what,
+                why: "too many items",
+            })
+    }
+
+    /// A suspect (path and change).
+    pub(crate) fn change(&mut self) -> Result<(RelPath, Change), DecodeError> {
+        let path = self.path("change.path")?;
+        let change = match self.u8("change.kind")? {
+            0 => {
+                let start = self.u64("change.start")?;
+                let end = self.u64("change.end")?;
+                if end < start {
+                    return Err(DecodeError::Invalid {
+                        field: "change.end",
+                        why: "before start",
+                    });
+                }
+                Change::Range { start, end }
+            }
+            1 => Change::Meta,
+            2 => Change::Tree,
+            tag => return Err(DecodeError::Tag { what: "change", tag }),
+        };
+        Ok((path, change))
+    }
+
     fn string(&mut self, what: &'static str, max: usize) -> Result<String, DecodeError> {
         String::from_utf8(self.bytes(what, max)?.to_vec()).map_err(|_| DecodeError::Invalid {
             field: what,
@@ -1000,6 +1215,79 @@ fn decode_op_from(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
                 tag => return Err(DecodeError::Tag { what: "bool", tag }),
             },
         },
+        OP_PUT => {
+            let path = r.path("put.path")?;
+            let kind = match r.u8("put.kind")? {
+                0 => EntryKind::Node(NodeKind::File),
+                1 => EntryKind::Node(NodeKind::Fifo),
+                2 => EntryKind::Node(NodeKind::Socket),
+                3 => EntryKind::Node(NodeKind::CharDev),
+                4 => EntryKind::Node(NodeKind::BlockDev),
+                5 => EntryKind::Dir,
+                6 => EntryKind::Symlink,
+                tag => {
+                    return Err(DecodeError::Tag {
+                        what: "entry kind",
+                        tag,
+                    });
+                }
+            };
+            if path.is_root() && kind != EntryKind::Dir {
+                return Err(PathError::Root.into());
+            }
+            let mode = r.mode()?;
+            let uid = r.u32("put.uid")?;
+            let gid = r.u32("put.gid")?;
+            let size = r.u64("put.size")?;
+            let rdev = r.u64("put.rdev")?;
+            let target = r.bytes("put.target", MAX_PATH)?.to_vec();
+            if kind == EntryKind::Symlink && (target.is_empty() || target.contains(&0)) {
+                return Err(DecodeError::Invalid {
+                    field: "put.target",
+                    why: "empty or contains NUL",
+                });
+            }
+            let n = r.count("put.xattrs", MAX_XATTRS)?;
+            let mut xattrs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = xattr_name(r, "put.xattr.name")?;
+                let value = r.bytes("put.xattr.value", MAX_XATTR)?.to_vec();
+                xattrs.push((name, value));
+            }
+            Op::Put {
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+                size,
+                rdev,
+                target,
+                xattrs,
+            }
+        }
+        OP_REMOVE => Op::Remove {
+            path: r.entry("remove.path")?,
+        },
+        OP_PRUNE => {
+            let path = r.path("prune.path")?;
+            let n = r.count("prune.keep", MAX_PRUNE)?;
+            let mut keep = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.bytes("prune.name", MAX_NAME)?;
+                validate_name(name)?;
+                keep.push(name.to_vec());
+            }
+            Op::Prune { path, keep }
+        }
+        OP_HOLE => Op::Hole {
+            path: r.entry("hole.path")?,
+            offset: r.u64("hole.offset")?,
+            len: r.u64("hole.len")?,
+        },
+        OP_INSYNC => Op::InSync {
+            sync_id: r.u64("insync.sync_id")?,
+        },
         tag => return Err(DecodeError::Tag { what: "op", tag }),
     })
 }
@@ -1033,7 +1321,15 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             version: r.u32("hello.version")?,
             dir: r.string("hello.dir", MAX_PATH)?,
         },
-        MSG_WELCOME => Message::Welcome,
+        MSG_WELCOME => {
+            let sync_id = r.u64("welcome.sync_id")?;
+            let n = r.count("welcome.suspects", MAX_SUSPECTS)?;
+            let mut suspects = Vec::with_capacity(n);
+            for _ in 0..n {
+                suspects.push(r.change()?);
+            }
+            Message::Welcome { sync_id, suspects }
+        }
         MSG_OP => {
             let seq = r.u64("op.seq")?;
             Message::Op {
@@ -1165,6 +1461,50 @@ mod tests {
                 path: p("a"),
                 data_only: true,
             },
+            Op::Put {
+                path: p("a/f"),
+                kind: EntryKind::Node(NodeKind::File),
+                mode: 0o640,
+                uid: 7,
+                gid: 8,
+                size: 1 << 35,
+                rdev: 0,
+                target: vec![],
+                xattrs: vec![(b"user.a".to_vec(), vec![1, 2]), (b"user.b".to_vec(), vec![])],
+            },
+            Op::Put {
+                path: RelPath::root(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                rdev: 0,
+                target: vec![],
+                xattrs: vec![],
+            },
+            Op::Put {
+                path: p("l"),
+                kind: EntryKind::Symlink,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                rdev: 0,
+                target: b"../x".to_vec(),
+                xattrs: vec![],
+            },
+            Op::Remove { path: p("gone") },
+            Op::Prune {
+                path: RelPath::root(),
+                keep: vec![b"a".to_vec(), b"l".to_vec()],
+            },
+            Op::Hole {
+                path: p("a/f"),
+                offset: 4096,
+                len: 1 << 30,
+            },
+            Op::InSync { sync_id: 42 },
         ]
     }
 
@@ -1175,7 +1515,18 @@ mod tests {
                 version: VERSION,
                 dir: "/srv/data".into(),
             },
-            Message::Welcome,
+            Message::Welcome {
+                sync_id: 0,
+                suspects: vec![],
+            },
+            Message::Welcome {
+                sync_id: u64::MAX,
+                suspects: vec![
+                    (p("a"), Change::Meta),
+                    (RelPath::root(), Change::Tree),
+                    (p("b/c"), Change::Range { start: 5, end: 1 << 33 }),
+                ],
+            },
             Message::Ack { seq: u64::MAX },
             Message::Failed {
                 seq: 9,

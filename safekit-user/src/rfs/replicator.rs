@@ -13,9 +13,10 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     net::{SocketAddr, TcpStream},
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{
-        Arc, Condvar, Mutex, MutexGuard,
+        Arc, Condvar, Mutex, MutexGuard, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     thread,
@@ -27,8 +28,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{
     RfsError, RfsEvent,
     channel::{self, ChannelError, ChannelKey, ChannelReceiver, ChannelSender, ShutdownHandle},
-    journal::{Change, Journal},
+    journal::{Change, DirtySet, Journal},
     proto::{self, Message, Op, RelPath, Seq},
+    resync,
+    state::{self, DirState},
 };
 
 /// Whether the secondary receives the operations.
@@ -36,6 +39,9 @@ use super::{
 pub enum LinkState {
     /// Operations are sent and acknowledged (the module is PRIM).
     Connected,
+    /// A returning secondary receives what it lacks while the application
+    /// goes on: changes are journalled (the module is ALONE).
+    Resyncing,
     /// No secondary: changes are journalled (the module is ALONE).
     Alone,
 }
@@ -65,10 +71,12 @@ pub struct Counters {
     pub lost: AtomicU64,
     /// Journal records appended while ALONE.
     pub journalled: AtomicU64,
+    /// Bytes of file data sent by resynchronisations.
+    pub resync_bytes: AtomicU64,
 }
 
-/// A sent operation: sequence, when, what to journal if it is lost.
-type Inflight = (Seq, Instant, Vec<(RelPath, Change)>);
+/// A sent operation: sequence, when, what to journal if it is lost, size.
+type Inflight = (Seq, Instant, Vec<(RelPath, Change)>, u64);
 
 struct Shared {
     state: LinkState,
@@ -80,8 +88,16 @@ struct Shared {
     /// Sent, not yet acknowledged: sequence, when, what to journal if lost.
     inflight: VecDeque<Inflight>,
     waiters: BTreeMap<Seq, Vec<Completion>>,
+    /// Bytes sent and not yet acknowledged.
+    inflight_bytes: u64,
     journal: Option<Journal>,
     journal_failed: bool,
+    /// While resynchronising: every change since the round's snapshot.
+    fresh: DirtySet,
+    /// Activity log: changes sent and not yet acknowledged (live).
+    al: Option<Journal>,
+    /// The synchronisation point being established (its `InSync` seq, id).
+    insync: Option<(Seq, u64)>,
     shutdown: Option<ShutdownHandle>,
 }
 
@@ -91,8 +107,93 @@ pub(crate) struct Replicator {
     send_timeout: Duration,
     shared: Mutex<Shared>,
     wake: Condvar,
+    /// Signalled on acknowledgements and losses (resync flow control).
+    acks: Condvar,
     events: UnboundedSender<RfsEvent>,
     pub(crate) counters: Counters,
+    /// Taken (shared) by the filesystem across each local change and its
+    /// submission; taken exclusively by the last resynchronisation step, so
+    /// that no change is half done while it switches to live replication.
+    pub(crate) gate: RwLock<()>,
+    /// Synchronisation point and activity log on disk.
+    state: Option<DirState>,
+    pub(crate) progress: Mutex<Progress>,
+}
+
+/// Where a resynchronisation is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Running.
+    pub active: bool,
+    /// Full (every file) rather than what changed.
+    pub full: bool,
+    /// Round (1 = the first pass).
+    pub round: u32,
+    /// Paths sent.
+    pub files_done: u64,
+    /// Paths known to send.
+    pub files_total: u64,
+    /// Bytes of file data sent.
+    pub bytes_done: u64,
+    /// Bytes of file data known to send.
+    pub bytes_total: u64,
+    /// Seconds since it started.
+    pub elapsed: Duration,
+    /// When it started (for the rate).
+    #[doc(hidden)]
+    pub started: Option<Instant>,
+}
+
+impl Progress {
+    /// Bytes per second so far.
+    #[must_use]
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.bytes_done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Estimated time left.
+    #[must_use]
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an estimate"
+    )]
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        (rate > 0.0).then(|| {
+            Duration::from_secs_f64(
+                (self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate).min(1e9),
+            )
+        })
+    }
+}
+
+/// How to resynchronise.
+#[derive(Debug, Clone, Copy)]
+pub struct ResyncOpts {
+    /// Send everything, whatever the journal says.
+    pub full: bool,
+    /// Paths copied in parallel.
+    pub workers: usize,
+    /// Bytes per second, `None`: no cap.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for ResyncOpts {
+    fn default() -> Self {
+        Self {
+            full: false,
+            workers: 6,
+            bandwidth: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Replicator {
@@ -114,15 +215,33 @@ impl Replicator {
         dir: String,
         send_timeout: Duration,
         journal: Option<PathBuf>,
+        state: Option<DirState>,
         events: UnboundedSender<RfsEvent>,
     ) -> Result<Arc<Self>, RfsError> {
-        let journal = journal
-            .map(|p| Journal::open(&p))
-            .transpose()
-            .map_err(|source| RfsError::Journal {
-                dir: dir.clone(),
-                source,
-            })?;
+        let jerr = |source| RfsError::Journal {
+            dir: dir.clone(),
+            source,
+        };
+        let mut journal = journal.map(|p| Journal::open(&p)).transpose().map_err(jerr)?;
+        // An activity log left by a crash: those changes may differ between
+        // the copies; the journal takes them over.
+        let al = match &state {
+            Some(st) => {
+                let _ = st.create();
+                let mut al = Journal::open(&st.al()).map_err(jerr)?;
+                if let Some(j) = journal.as_mut()
+                    && !al.dirty().is_empty()
+                {
+                    for (p, c) in al.dirty().to_records() {
+                        j.record(&p, c).map_err(jerr)?;
+                    }
+                    j.sync().map_err(jerr)?;
+                }
+                al.reset_fast().map_err(jerr)?;
+                Some(al)
+            }
+            None => None,
+        };
         Ok(Arc::new(Self {
             dir,
             send_timeout,
@@ -134,13 +253,21 @@ impl Replicator {
                 outbox: Vec::new(),
                 inflight: VecDeque::new(),
                 waiters: BTreeMap::new(),
+                inflight_bytes: 0,
                 journal,
                 journal_failed: false,
+                fresh: DirtySet::default(),
+                al,
+                insync: None,
                 shutdown: None,
             }),
             wake: Condvar::new(),
+            acks: Condvar::new(),
             events,
             counters: Counters::default(),
+            gate: RwLock::new(()),
+            state,
+            progress: Mutex::new(Progress::default()),
         }))
     }
 
@@ -162,16 +289,8 @@ impl Replicator {
         self.lock().state
     }
 
-    /// Whether the journal holds changes the secondary lacks.
-    pub(crate) fn journal_dirty(&self) -> bool {
-        self.lock()
-            .journal
-            .as_ref()
-            .is_some_and(|j| !j.dirty().is_empty())
-    }
-
     /// The changes recorded while alone (empty without a journal).
-    pub(crate) fn dirty(&self) -> super::journal::DirtySet {
+    pub(crate) fn dirty(&self) -> DirtySet {
         self.lock()
             .journal
             .as_ref()
@@ -179,18 +298,30 @@ impl Replicator {
             .unwrap_or_default()
     }
 
-    /// Connects to the secondary and starts replicating (from ALONE).
-    pub(crate) fn connect(
+    /// Connects to the secondary, resynchronises it while the application
+    /// goes on, then replicates live. Blocking: returns once the last step
+    /// switched to live replication (the [`RfsEvent::Connected`] event
+    /// follows the secondary's acknowledgement of the synchronisation
+    /// point), or with the error that left the directory ALONE.
+    #[expect(clippy::too_many_lines, reason = "the resynchronisation in order")]
+    pub(crate) fn resync(
         self: &Arc<Self>,
         peer: SocketAddr,
         key: &ChannelKey,
         timeout: Duration,
+        root: &OwnedFd,
+        opts: ResyncOpts,
     ) -> Result<(), RfsError> {
         let chan = |source| RfsError::Channel {
             dir: self.dir.clone(),
             peer,
             source,
         };
+        if self.lock().state != LinkState::Alone {
+            return Err(RfsError::Busy {
+                dir: self.dir.clone(),
+            });
+        }
         let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|source| {
             chan(ChannelError::Io {
                 op: "connect",
@@ -204,8 +335,8 @@ impl Replicator {
         })
         .map_err(chan)?;
         rx.set_read_timeout(Some(timeout)).map_err(chan)?;
-        match rx.recv().map_err(chan)? {
-            Message::Welcome => {}
+        let (their_id, suspects) = match rx.recv().map_err(chan)? {
+            Message::Welcome { sync_id, suspects } => (sync_id, suspects),
             Message::Bye { reason } => {
                 return Err(RfsError::Refused {
                     dir: self.dir.clone(),
@@ -220,23 +351,53 @@ impl Replicator {
                     reason: format!("unexpected {other:?}"),
                 });
             }
-        }
+        };
+        let my_id = self.state.as_ref().map_or(0, DirState::sync_id);
+        let full = opts.full || their_id == 0 || their_id != my_id;
         let tick =
             (self.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(200));
         rx.set_read_timeout(Some(tick)).map_err(chan)?;
         tx.set_write_timeout(Some(self.send_timeout.max(Duration::from_millis(100))))
             .map_err(chan)?;
         let shutdown = tx.shutdown_handle().map_err(chan)?;
+        // Without a journal, the pending set lives here.
+        let mut pending = DirtySet::default();
         let epoch = {
             let mut s = self.lock();
+            if s.state != LinkState::Alone {
+                return Err(RfsError::Busy {
+                    dir: self.dir.clone(),
+                });
+            }
+            for (p, c) in &suspects {
+                self.journal_record(&mut s, p, *c);
+                pending.record(p, *c);
+            }
+            if full || s.journal_failed || s.journal.is_none() {
+                self.journal_record(&mut s, &RelPath::root(), Change::Tree);
+                pending.record(&RelPath::root(), Change::Tree);
+            }
+            if self.journal_sync(&mut s).is_err() {
+                s.journal_failed = false;
+            }
             s.epoch += 1;
-            s.state = LinkState::Connected;
+            s.state = LinkState::Resyncing;
             s.next_seq = 1;
             s.acked = 0;
             s.outbox.clear();
             s.inflight.clear();
+            s.inflight_bytes = 0;
+            s.fresh = DirtySet::default();
+            s.insync = None;
             s.shutdown = Some(shutdown);
             s.epoch
+        };
+        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), "resynchronising the secondary");
+        *self.progress_lock() = Progress {
+            active: true,
+            full,
+            started: Some(Instant::now()),
+            ..Progress::default()
         };
         let me = Arc::clone(self);
         let sender = thread::Builder::new()
@@ -250,17 +411,247 @@ impl Replicator {
             self.lose(epoch, &format!("cannot start replication threads: {e}"));
             return Err(RfsError::Thread(e));
         }
-        let _ = self.events.send(RfsEvent::Connected {
+        let lost = || RfsError::ResyncLost {
             dir: self.dir.clone(),
-            peer,
-        });
+        };
+        // Rounds: send a snapshot of what the secondary lacks while the
+        // application goes on (its changes meanwhile gather in `fresh`).
+        for round in 1..=MAX_ROUNDS {
+            let snapshot = {
+                let mut s = self.lock();
+                s.fresh = DirtySet::default();
+                match &s.journal {
+                    Some(j) => j.dirty().clone(),
+                    None => std::mem::take(&mut pending),
+                }
+            };
+            if round > 1 && small(&snapshot) {
+                break;
+            }
+            self.progress_lock().round = round;
+            self.send_set(epoch, root, &snapshot, opts)
+                .map_err(|e| self.item_failed(epoch, e))?;
+            let seq = self
+                .submit_resync(
+                    epoch,
+                    &Op::Fsync {
+                        path: RelPath::root(),
+                        data_only: false,
+                    },
+                    None,
+                )
+                .map_err(|_| lost())?;
+            self.wait_acked(epoch, seq).map_err(|()| lost())?;
+            let mut s = self.lock();
+            if s.epoch != epoch {
+                return Err(lost());
+            }
+            let fresh = std::mem::take(&mut s.fresh);
+            match s.journal.as_mut() {
+                Some(j) => {
+                    if let Err(e) = j.reset_to(fresh) {
+                        drop(s);
+                        self.lose(epoch, &format!("journal: {e}"));
+                        return Err(lost());
+                    }
+                }
+                None => pending = fresh,
+            }
+        }
+        // Last step: no change half done, send the rest, the
+        // synchronisation point, and go live — all before any later change.
+        let gate = self
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rest = {
+            let s = self.lock();
+            match &s.journal {
+                Some(j) => j.dirty().clone(),
+                None => {
+                    let mut p = pending;
+                    p.merge(&s.fresh);
+                    p
+                }
+            }
+        };
+        self.progress_lock().round += 1;
+        if let Err(e) = self.send_set(epoch, root, &rest, opts) {
+            drop(gate);
+            return Err(self.item_failed(epoch, e));
+        }
+        let id = state::new_sync_id();
+        let seq = self
+            .submit_resync(epoch, &Op::InSync { sync_id: id }, None)
+            .map_err(|_| lost())?;
+        {
+            let mut s = self.lock();
+            if s.epoch != epoch {
+                return Err(lost());
+            }
+            s.insync = Some((seq, id));
+            s.state = LinkState::Connected;
+        }
+        drop(gate);
         Ok(())
     }
 
-    /// Submits an operation already applied locally. The caller holds its
-    /// own ordering lock across the local apply and this call, so sequence
-    /// order is the local order. `change` is what to journal should the
-    /// secondary be (or become) absent; empty for barriers.
+    fn progress_lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A path could not be read for the resynchronisation: the link is
+    /// dropped (the journal still has everything).
+    fn item_failed(&self, epoch: u64, e: resync::ItemError) -> RfsError {
+        match e {
+            resync::ItemError::Lost => RfsError::ResyncLost {
+                dir: self.dir.clone(),
+            },
+            resync::ItemError::Io(source) => {
+                self.lose(epoch, &format!("resynchronisation read failed: {source}"));
+                RfsError::ResyncRead {
+                    dir: self.dir.clone(),
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Sends every path of `set`, `opts.workers` at a time.
+    fn send_set(
+        &self,
+        epoch: u64,
+        root: &OwnedFd,
+        set: &DirtySet,
+        opts: ResyncOpts,
+    ) -> Result<(), resync::ItemError> {
+        let items: Vec<_> = set.iter().map(|(p, c)| (p.clone(), c.clone())).collect();
+        {
+            let mut p = self.progress_lock();
+            p.files_total += items.len() as u64;
+            p.bytes_total += set.range_bytes();
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = opts.workers.clamp(1, 64).min(items.len().max(1));
+        let tally = Tallier(self);
+        thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| -> Result<(), resync::ItemError> {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some((path, changes)) = items.get(i) else {
+                                return Ok(());
+                            };
+                            let mut emit = |op: Op| {
+                                self.submit_resync(epoch, &op, opts.bandwidth)
+                                    .map(|_| ())
+                                    .map_err(|()| resync::ItemError::Lost)
+                            };
+                            resync::item_ops(root, path, changes, &mut emit, &tally)?;
+                            self.progress_lock().files_done += 1;
+                        }
+                    })
+                })
+                .collect();
+            let mut res = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or(Err(resync::ItemError::Lost));
+                if res.is_ok() {
+                    res = r;
+                }
+            }
+            res
+        })
+    }
+
+    /// Queues one resynchronisation operation (flow-controlled, paced by the
+    /// bandwidth cap); its sequence number.
+    fn submit_resync(&self, epoch: u64, op: &Op, bandwidth: Option<u64>) -> Result<Seq, ()> {
+        let mut buf = Vec::new();
+        let mut s = self.lock();
+        while s.inflight_bytes >= MAX_INFLIGHT && !s.inflight.is_empty() {
+            if s.epoch != epoch {
+                return Err(());
+            }
+            s = self
+                .acks
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        if s.epoch != epoch || s.state == LinkState::Alone {
+            return Err(());
+        }
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        proto::encode(
+            &mut buf,
+            &Message::Op {
+                seq,
+                op: op.clone(),
+            },
+        );
+        let size = buf.len() as u64;
+        s.outbox.push(buf);
+        s.inflight.push_back((seq, Instant::now(), Vec::new(), size));
+        s.inflight_bytes += size;
+        drop(s);
+        self.wake.notify_all();
+        self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
+        if let Op::Write { data, .. } = op {
+            let n = data.len() as u64;
+            self.counters.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            self.counters.resync_bytes.fetch_add(n, Ordering::Relaxed);
+            let (done, started) = {
+                let mut p = self.progress_lock();
+                p.bytes_done += n;
+                if let Some(t) = p.started {
+                    p.elapsed = t.elapsed();
+                }
+                (p.bytes_done, p.started)
+            };
+            if let (Some(cap), Some(t0)) = (bandwidth, started)
+                && cap > 0
+            {
+                #[expect(clippy::cast_precision_loss, reason = "pacing")]
+                let due = Duration::from_secs_f64(done as f64 / cap as f64);
+                let spent = t0.elapsed();
+                if due > spent {
+                    thread::sleep((due - spent).min(Duration::from_secs(1)));
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Waits until `seq` is acknowledged; `Err` if the link is lost first.
+    fn wait_acked(&self, epoch: u64, seq: Seq) -> Result<(), ()> {
+        let mut s = self.lock();
+        loop {
+            if s.epoch != epoch {
+                return Err(());
+            }
+            if s.acked >= seq {
+                return Ok(());
+            }
+            s = self
+                .acks
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Submits an operation already applied locally. The caller holds the
+    /// [`Replicator::gate`] (shared) and its own ordering lock across the
+    /// local apply and this call, so sequence order is the local order.
+    /// `changes` is what to journal should the secondary be (or become)
+    /// absent; empty for barriers.
     pub(crate) fn submit(&self, op: &Op, changes: Vec<(RelPath, Change)>) -> Ticket {
         let mut s = self.lock();
         match s.state {
@@ -278,8 +669,15 @@ impl Replicator {
                         op: op.clone(),
                     },
                 );
+                if let Some(al) = s.al.as_mut() {
+                    for (p, c) in &changes {
+                        let _ = al.record(p, *c);
+                    }
+                }
+                let size = buf.len() as u64;
                 s.outbox.push(buf);
-                s.inflight.push_back((seq, Instant::now(), changes));
+                s.inflight.push_back((seq, Instant::now(), changes, size));
+                s.inflight_bytes += size;
                 drop(s);
                 self.wake.notify_all();
                 self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
@@ -289,6 +687,13 @@ impl Replicator {
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 Ticket(Some(seq))
+            }
+            LinkState::Resyncing => {
+                for (path, change) in changes {
+                    s.fresh.record(&path, change);
+                    self.journal_record(&mut s, &path, change);
+                }
+                Ticket(None)
             }
             LinkState::Alone => {
                 for (path, change) in changes {
@@ -356,7 +761,7 @@ impl Replicator {
             let batch = {
                 let mut s = self.lock();
                 loop {
-                    if s.epoch != epoch || s.state != LinkState::Connected {
+                    if s.epoch != epoch || s.state == LinkState::Alone {
                         return;
                     }
                     if !s.outbox.is_empty() {
@@ -441,6 +846,7 @@ impl Replicator {
     }
 
     fn acked(&self, epoch: u64, seq: Seq) {
+        let mut synced = None;
         let done: Vec<Completion> = {
             let mut s = self.lock();
             if s.epoch != epoch || seq <= s.acked {
@@ -448,13 +854,47 @@ impl Replicator {
             }
             s.acked = seq;
             while s.inflight.front().is_some_and(|f| f.0 <= seq) {
-                s.inflight.pop_front();
+                if let Some(f) = s.inflight.pop_front() {
+                    s.inflight_bytes = s.inflight_bytes.saturating_sub(f.3);
+                }
+            }
+            if let Some((at, id)) = s.insync
+                && seq >= at
+            {
+                // The secondary holds the synchronisation point: the journal
+                // is obsolete, the point is ours too.
+                s.insync = None;
+                if let Some(j) = s.journal.as_mut()
+                    && let Err(e) = j.clear()
+                {
+                    tracing::warn!(dir = %self.dir, error = %e, "clearing the journal");
+                }
+                if let Some(st) = &self.state
+                    && let Err(e) = st.set_sync_id(id)
+                {
+                    tracing::warn!(dir = %self.dir, error = %e, "recording the synchronisation point");
+                }
+                synced = Some(());
+            }
+            if s.inflight.is_empty()
+                && let Some(al) = s.al.as_mut()
+                && al.records() > 256
+            {
+                let _ = al.reset_fast();
             }
             let rest = s.waiters.split_off(&(seq + 1));
             let ready = std::mem::replace(&mut s.waiters, rest);
             ready.into_values().flatten().collect()
         };
+        self.acks.notify_all();
         self.counters.acked.store(seq, Ordering::Relaxed);
+        if synced.is_some() {
+            self.progress_lock().active = false;
+            tracing::info!(dir = %self.dir, "secondary in sync: live replication");
+            let _ = self.events.send(RfsEvent::Connected {
+                dir: self.dir.clone(),
+            });
+        }
         for d in done {
             d(Ok(()));
         }
@@ -465,17 +905,19 @@ impl Replicator {
     pub(crate) fn lose(&self, epoch: u64, reason: &str) {
         let (done, res) = {
             let mut s = self.lock();
-            if s.epoch != epoch || s.state != LinkState::Connected {
+            if s.epoch != epoch || s.state == LinkState::Alone {
                 return;
             }
             s.state = LinkState::Alone;
             s.epoch += 1;
+            s.insync = None;
+            s.inflight_bytes = 0;
             if let Some(h) = s.shutdown.take() {
                 h.shutdown();
             }
             s.outbox.clear();
             let inflight = std::mem::take(&mut s.inflight);
-            for (_, _, changes) in inflight {
+            for (_, _, changes, _) in inflight {
                 for (path, change) in changes {
                     self.journal_record(&mut s, &path, change);
                 }
@@ -488,6 +930,8 @@ impl Replicator {
             (done, res)
         };
         self.wake.notify_all();
+        self.acks.notify_all();
+        self.progress_lock().active = false;
         self.counters.lost.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(dir = %self.dir, %reason, "secondary lost; going alone");
         let _ = self.events.send(RfsEvent::SecondaryLost {
@@ -502,9 +946,18 @@ impl Replicator {
     /// Stops replicating (orderly): goes ALONE without an event.
     pub(crate) fn disconnect(&self) {
         let mut s = self.lock();
-        if s.state == LinkState::Connected {
+        if s.state != LinkState::Alone {
             s.state = LinkState::Alone;
             s.epoch += 1;
+            s.insync = None;
+            // What was in flight may be missing there.
+            let inflight = std::mem::take(&mut s.inflight);
+            for (_, _, changes, _) in inflight {
+                for (path, change) in changes {
+                    self.journal_record(&mut s, &path, change);
+                }
+            }
+            let _ = self.journal_sync(&mut s);
             if let Some(h) = s.shutdown.take() {
                 h.shutdown();
             }
@@ -515,9 +968,34 @@ impl Replicator {
             .collect();
         drop(s);
         self.wake.notify_all();
+        self.acks.notify_all();
         for d in done {
             d(Ok(()));
         }
+    }
+}
+
+/// At most this many rounds before the last step.
+const MAX_ROUNDS: u32 = 8;
+/// Resynchronisation bytes in flight before the sender waits for acks.
+const MAX_INFLIGHT: u64 = 32 << 20;
+
+/// Small enough to send in the last step, with the application paused.
+fn small(set: &DirtySet) -> bool {
+    set.len() <= 256
+        && set.range_bytes() <= 16 << 20
+        && !set.iter().any(|(_, c)| c.tree)
+}
+
+/// Progress hooks of [`resync::item_ops`].
+struct Tallier<'a>(&'a Replicator);
+
+impl resync::Tally for Tallier<'_> {
+    fn paths(&self, n: u64) {
+        self.0.progress_lock().files_total += n;
+    }
+    fn bytes(&self, n: u64) {
+        self.0.progress_lock().bytes_total += n;
     }
 }
 

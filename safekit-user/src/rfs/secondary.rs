@@ -12,8 +12,12 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::unix::ffi::OsStrExt as _,
     path::PathBuf,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex, mpsc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -24,11 +28,14 @@ use super::{
     RfsError,
     apply::Applier,
     channel::{self, ChannelError, ChannelKey, ChannelSender, ShutdownHandle},
-    proto::{self, Message, Op, Seq},
+    journal::{self, Change, DirtySet, Journal},
+    proto::{self, Message, Op, RelPath, Seq},
+    state::DirState,
 };
 use crate::config::AsyncMode;
 
-/// What the secondary serves.
+/// What the secondary serves (a fixed set of directories; see [`Registry`]
+/// for directories added and removed as modules change roles).
 #[derive(Debug, Clone)]
 pub struct SecondaryConfig {
     /// Replicated directories: name (the configured path, as the primary
@@ -42,15 +49,46 @@ pub struct SecondaryConfig {
     pub handshake_timeout: Duration,
 }
 
+/// One directory this node receives.
+#[derive(Debug, Clone)]
+pub struct SecondaryDir {
+    /// The local copy.
+    pub local: PathBuf,
+    /// When to acknowledge live operations.
+    pub async_mode: AsyncMode,
+    /// Journal, activity log and synchronisation point (`None`: nothing
+    /// persisted, every connection is a full resynchronisation).
+    pub state: Option<DirState>,
+    /// Where files this node changed alone are kept before a
+    /// resynchronisation overwrites them (split brain), if anywhere.
+    pub quarantine: Option<PathBuf>,
+}
+
 /// What happens on the secondary, for the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecondaryEvent {
-    /// A primary connected for a directory.
+    /// A primary connected for a directory (a resynchronisation starts).
     Connected {
         /// Directory name.
         dir: String,
         /// The primary's address.
         peer: SocketAddr,
+    },
+    /// The resynchronisation completed: the copy equals the primary's and
+    /// receives every write.
+    InSync {
+        /// Directory name.
+        dir: String,
+    },
+    /// Files this node changed alone were set aside before being
+    /// overwritten.
+    Quarantined {
+        /// Directory name.
+        dir: String,
+        /// Where.
+        to: PathBuf,
+        /// How many paths.
+        paths: usize,
     },
     /// The connection ended.
     Disconnected {
@@ -79,16 +117,81 @@ pub enum SecondaryEvent {
 
 /// One directory's applier, owned by whichever connection is current.
 struct DirSlot {
-    local: PathBuf,
+    dir: SecondaryDir,
     applier: Mutex<Option<Applier>>,
     current: Mutex<Option<ShutdownHandle>>,
 }
 
+/// The directories this node currently receives, by name. The daemon adds a
+/// module's directories when it becomes SECOND and removes them when it
+/// leaves that role.
+#[derive(Default)]
+pub struct Registry {
+    dirs: Mutex<HashMap<String, Arc<DirSlot>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("dirs", &self.names())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Registry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Accepts connections for `name` from now on.
+    pub fn add(&self, name: String, dir: SecondaryDir) {
+        lock(&self.dirs).insert(
+            name,
+            Arc::new(DirSlot {
+                dir,
+                applier: Mutex::new(None),
+                current: Mutex::new(None),
+            }),
+        );
+    }
+
+    /// Stops receiving `name`: the current connection is shut down and its
+    /// applier finishes what it received. Blocking (call from
+    /// `spawn_blocking` in async code).
+    pub fn remove(&self, name: &str) {
+        let Some(slot) = lock(&self.dirs).remove(name) else {
+            return;
+        };
+        if let Some(h) = lock(&slot.current).take() {
+            h.shutdown();
+        }
+        // Wait for the applier (held by the connection while it runs).
+        drop(lock(&slot.applier).take());
+    }
+
+    /// Names served.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.dirs).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<DirSlot>> {
+        lock(&self.dirs).get(name).cloned()
+    }
+}
+
 struct Ctx {
     key: ChannelKey,
-    async_mode: AsyncMode,
     handshake_timeout: Duration,
-    dirs: HashMap<String, Arc<DirSlot>>,
+    registry: Arc<Registry>,
     events: Option<UnboundedSender<SecondaryEvent>>,
 }
 
@@ -100,32 +203,50 @@ impl Ctx {
     }
 }
 
-/// Serves replication connections on `listener` until the task is dropped or
-/// aborted. Connections run on their own threads.
+/// Serves replication connections for a fixed set of directories on
+/// `listener` until the task is dropped or aborted.
 pub async fn serve(
     listener: TcpListener,
     config: SecondaryConfig,
     events: Option<UnboundedSender<SecondaryEvent>>,
 ) -> Result<(), RfsError> {
-    let key = ChannelKey::from_cluster_key(&config.key).map_err(RfsError::Key)?;
+    let registry = Registry::new();
+    for (name, local) in config.dirs {
+        registry.add(
+            name,
+            SecondaryDir {
+                local,
+                async_mode: config.async_mode,
+                state: None,
+                quarantine: None,
+            },
+        );
+    }
+    serve_registry(
+        listener,
+        registry,
+        &config.key,
+        config.handshake_timeout,
+        events,
+    )
+    .await
+}
+
+/// Serves replication connections for the directories of `registry` on
+/// `listener` until the task is dropped or aborted. Connections run on
+/// their own threads.
+pub async fn serve_registry(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    key: &[u8],
+    handshake_timeout: Duration,
+    events: Option<UnboundedSender<SecondaryEvent>>,
+) -> Result<(), RfsError> {
+    let key = ChannelKey::from_cluster_key(key).map_err(RfsError::Key)?;
     let ctx = Arc::new(Ctx {
         key,
-        async_mode: config.async_mode,
-        handshake_timeout: config.handshake_timeout,
-        dirs: config
-            .dirs
-            .into_iter()
-            .map(|(name, local)| {
-                (
-                    name,
-                    Arc::new(DirSlot {
-                        local,
-                        applier: Mutex::new(None),
-                        current: Mutex::new(None),
-                    }),
-                )
-            })
-            .collect(),
+        handshake_timeout,
+        registry,
         events,
     });
     loop {
@@ -150,6 +271,88 @@ pub async fn serve(
     }
 }
 
+/// The activity log of a connection, with what was received and applied
+/// (it is reset only when the two meet).
+struct Activity {
+    log: Option<Journal>,
+    received: Seq,
+    applied: Seq,
+}
+
+/// What this copy may hold that the primary lacks: its activity log and
+/// what it changed alone, whole tree past [`proto::MAX_SUSPECTS`].
+fn suspects(state: &DirState) -> Vec<(RelPath, Change)> {
+    let mut set = DirtySet::default();
+    for f in [state.al(), state.journal()] {
+        match Journal::open(&f) {
+            Ok(j) => set.merge(j.dirty()),
+            Err(e) => {
+                tracing::warn!(file = %f.display(), error = %e, "unreadable: asking for the whole tree");
+                return vec![(RelPath::root(), Change::Tree)];
+            }
+        }
+    }
+    let recs = set.to_records();
+    if recs.len() > proto::MAX_SUSPECTS {
+        vec![(RelPath::root(), Change::Tree)]
+    } else {
+        recs
+    }
+}
+
+/// Copies what this node changed alone (its journal) into a new quarantine
+/// directory; returns it and the number of paths kept.
+fn quarantine(
+    local: &std::path::Path,
+    state: &DirState,
+    to: &std::path::Path,
+) -> std::io::Result<Option<(PathBuf, usize)>> {
+    let j = Journal::open(&state.journal()).map_err(std::io::Error::other)?;
+    if j.dirty().is_empty() {
+        return Ok(None);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dest = to.join(format!("{stamp}"));
+    std::fs::create_dir_all(&dest)?;
+    let mut n = 0;
+    for (p, _) in j.dirty().iter() {
+        let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
+        let src = local.join(rel);
+        let dst = dest.join(rel);
+        if copy_tree(&src, &dst)? {
+            n += 1;
+        }
+    }
+    Ok(Some((dest, n)))
+}
+
+/// Copies `src` (file, symlink or directory, recursively) to `dst`; false if
+/// `src` does not exist.
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<bool> {
+    let Ok(md) = std::fs::symlink_metadata(src) else {
+        return Ok(false);
+    };
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if md.is_dir() {
+        std::fs::create_dir_all(dst)?;
+        for e in std::fs::read_dir(src)? {
+            let e = e?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+    } else if md.file_type().is_symlink() {
+        let t = std::fs::read_link(src)?;
+        let _ = std::fs::remove_file(dst);
+        std::os::unix::fs::symlink(t, dst)?;
+    } else if md.is_file() {
+        std::fs::copy(src, dst)?;
+    }
+    Ok(true)
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "the connection's life in order: handshake, hello, takeover, loop"
@@ -169,7 +372,7 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     let dir = match rx.recv() {
         Ok(Message::Hello { version, dir }) if version == proto::VERSION => dir,
         other => {
-            let reason = format!("expected hello, got {other:?}");
+            let reason = format!("expected hello (version {}), got {other:?}", proto::VERSION);
             let _ = tx.send(&Message::Bye {
                 reason: reason.clone(),
             });
@@ -177,7 +380,7 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let Some(slot) = ctx.dirs.get(&dir).cloned() else {
+    let Some(slot) = ctx.registry.get(&dir) else {
         let reason = format!("no replicated directory {dir:?} here");
         let _ = tx.send(&Message::Bye {
             reason: reason.clone(),
@@ -187,24 +390,17 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     };
     // Take over from the previous connection, then wait for its applier.
     if let Ok(handle) = tx.shutdown_handle() {
-        let old = slot
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace(handle);
+        let old = lock(&slot.current).replace(handle);
         if let Some(old) = old {
             old.shutdown();
         }
     }
-    let mut guard = slot
-        .applier
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut guard = lock(&slot.applier);
     if guard.is_none() {
-        match Applier::open(&slot.local) {
+        match Applier::open(&slot.dir.local) {
             Ok(a) => *guard = Some(a),
             Err(e) => {
-                let reason = format!("cannot open {}: {e}", slot.local.display());
+                let reason = format!("cannot open {}: {e}", slot.dir.local.display());
                 let _ = tx.send(&Message::Bye {
                     reason: reason.clone(),
                 });
@@ -213,7 +409,41 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
             }
         }
     }
-    if let Err(e) = tx.send(&Message::Welcome) {
+    let state = slot.dir.state.clone();
+    if let (Some(state), Some(q)) = (&state, &slot.dir.quarantine) {
+        match quarantine(&slot.dir.local, state, q) {
+            Ok(Some((to, paths))) => {
+                tracing::warn!(%dir, to = %to.display(), paths, "files changed alone quarantined before resynchronisation");
+                ctx.event(SecondaryEvent::Quarantined {
+                    dir: dir.clone(),
+                    to,
+                    paths,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let reason = format!("cannot quarantine divergent files: {e}");
+                let _ = tx.send(&Message::Bye {
+                    reason: reason.clone(),
+                });
+                ctx.event(SecondaryEvent::Refused { peer, reason });
+                return;
+            }
+        }
+    }
+    let (sync_id, suspects) = match &state {
+        Some(st) => (st.sync_id(), suspects(st)),
+        None => (0, Vec::new()),
+    };
+    let activity = Mutex::new(Activity {
+        log: state.as_ref().and_then(|st| {
+            st.create().ok()?;
+            Journal::open(&st.al()).ok()
+        }),
+        received: 0,
+        applied: 0,
+    });
+    if let Err(e) = tx.send(&Message::Welcome { sync_id, suspects }) {
         ctx.event(SecondaryEvent::Disconnected {
             dir,
             reason: e.to_string(),
@@ -225,16 +455,26 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         dir: dir.clone(),
         peer,
     });
-    let tx = Arc::new(Mutex::new(tx));
+    let mode = slot.dir.async_mode;
+    let insync = AtomicBool::new(false);
+    let tx = Mutex::new(tx);
     let (ops_tx, ops_rx) = mpsc::channel::<(Seq, Op, bool)>();
+    let dir2 = dir.clone();
+    let link = Link {
+        ctx,
+        dir: &dir2,
+        tx: &tx,
+        mode,
+        state: state.as_ref(),
+        insync: &insync,
+        activity: &activity,
+    };
     let reason = thread::scope(|scope| {
         let applier = guard.as_mut();
-        let tx2 = Arc::clone(&tx);
-        let dir2 = dir.clone();
-        let mode = ctx.async_mode;
+        let link = &link;
         scope.spawn(move || {
             if let Some(applier) = applier {
-                apply_loop(ctx, &dir2, applier, &ops_rx, &tx2, mode);
+                apply_loop(link, applier, &ops_rx);
             }
         });
         let mut last: Seq = 0;
@@ -246,11 +486,24 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
                     }
                     last = seq;
                     let batch_end = !rx.has_buffered();
+                    // Live and acknowledged on receipt: in the activity log
+                    // first, so a crash before it is written is known.
+                    let on_receipt = mode == AsyncMode::Second && insync.load(Ordering::Acquire);
+                    if on_receipt {
+                        let mut a = lock(&activity);
+                        a.received = seq;
+                        let changes = journal::changes_of(&op);
+                        if let Some(log) = a.log.as_mut() {
+                            for (p, c) in changes {
+                                let _ = log.record(&p, c);
+                            }
+                        }
+                    }
                     if ops_tx.send((seq, op, batch_end)).is_err() {
                         break "applier stopped".to_string();
                     }
-                    if batch_end && ctx.async_mode == AsyncMode::Second {
-                        let mut t = tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if batch_end && on_receipt {
+                        let mut t = lock(&tx);
                         if let Err(e) = t.send(&Message::Ack { seq }) {
                             break e.to_string();
                         }
@@ -270,38 +523,85 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     ctx.event(SecondaryEvent::Disconnected { dir, reason });
 }
 
-fn apply_loop(
-    ctx: &Ctx,
-    dir: &str,
-    applier: &mut Applier,
-    ops: &mpsc::Receiver<(Seq, Op, bool)>,
-    tx: &Mutex<ChannelSender>,
+/// What the applier thread shares with its connection.
+struct Link<'a> {
+    ctx: &'a Ctx,
+    dir: &'a str,
+    tx: &'a Mutex<ChannelSender>,
     mode: AsyncMode,
-) {
-    let mut failed = false;
-    while let Ok((seq, op, batch_end)) = ops.recv() {
-        if let Err(e) = applier.apply(&op, true) {
-            tracing::warn!(%dir, seq, error = %e, "cannot apply replicated operation");
-            if !failed {
-                failed = true;
-                ctx.event(SecondaryEvent::Failed {
-                    dir: dir.to_string(),
-                    seq,
-                    detail: e.to_string(),
-                });
-                let mut t = tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let _ = t.send(&Message::Failed {
-                    seq,
-                    errno: e.errno(),
-                    detail: e.to_string(),
-                });
+    state: Option<&'a DirState>,
+    insync: &'a AtomicBool,
+    activity: &'a Mutex<Activity>,
+}
+
+impl Link<'_> {
+    fn ack(&self, seq: Seq) -> bool {
+        lock(self.tx).send(&Message::Ack { seq }).is_ok()
+    }
+
+    fn fail(&self, seq: Seq, errno: i32, detail: String) {
+        self.ctx.event(SecondaryEvent::Failed {
+            dir: self.dir.to_string(),
+            seq,
+            detail: detail.clone(),
+        });
+        let _ = lock(self.tx).send(&Message::Failed { seq, errno, detail });
+    }
+
+    /// The copy reached synchronisation point `id`: record it, forget the
+    /// activity log and what this node changed alone.
+    fn in_sync(&self, id: u64) -> Result<(), String> {
+        if let Some(st) = self.state {
+            st.set_sync_id(id)
+                .map_err(|e| format!("recording the synchronisation point: {e}"))?;
+            let mut j = Journal::open(&st.journal()).map_err(|e| e.to_string())?;
+            j.clear().map_err(|e| e.to_string())?;
+            let mut a = lock(self.activity);
+            if let Some(log) = a.log.as_mut() {
+                log.reset_fast().map_err(|e| e.to_string())?;
             }
         }
-        if batch_end && mode == AsyncMode::None {
-            let mut t = tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if t.send(&Message::Ack { seq }).is_err() {
-                return;
+        self.insync.store(true, Ordering::Release);
+        self.ctx.event(SecondaryEvent::InSync {
+            dir: self.dir.to_string(),
+        });
+        Ok(())
+    }
+}
+
+fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<(Seq, Op, bool)>) {
+    let mut failed = false;
+    while let Ok((seq, op, batch_end)) = ops.recv() {
+        // Acknowledged by the reader on receipt (live, async = "second")?
+        let acked_on_receipt = link.mode == AsyncMode::Second && link.insync.load(Ordering::Acquire);
+        if let Op::InSync { sync_id } = op {
+            if let Err(detail) = link.in_sync(sync_id) {
+                tracing::warn!(dir = %link.dir, %detail, "cannot record the synchronisation point");
+                if !failed {
+                    failed = true;
+                    link.fail(seq, 0, detail);
+                }
             }
+        } else if let Err(e) = applier.apply(&op, true) {
+            tracing::warn!(dir = %link.dir, seq, error = %e, "cannot apply replicated operation");
+            if !failed {
+                failed = true;
+                link.fail(seq, e.errno(), e.to_string());
+            }
+        }
+        {
+            let mut a = lock(link.activity);
+            a.applied = seq;
+            if a.applied >= a.received
+                && let Some(log) = a.log.as_mut()
+                && log.records() > 0
+            {
+                let _ = log.reset_fast();
+            }
+        }
+        // Resynchronisation and async = "none": acknowledged once written.
+        if batch_end && !acked_on_receipt && !link.ack(seq) {
+            return;
         }
     }
 }
