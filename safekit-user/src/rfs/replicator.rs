@@ -551,7 +551,6 @@ impl Replicator {
                                     .map_err(|()| resync::ItemError::Lost)
                             };
                             resync::item_ops(root, path, changes, &mut emit, &tally)?;
-                            self.progress_lock().files_done += 1;
                         }
                     })
                 })
@@ -996,6 +995,9 @@ impl resync::Tally for Tallier<'_> {
     }
     fn bytes(&self, n: u64) {
         self.0.progress_lock().bytes_total += n;
+    }
+    fn done(&self) {
+        self.0.progress_lock().files_done += 1;
     }
 }
 

@@ -54,6 +54,8 @@ pub trait Tally {
     fn paths(&self, n: u64);
     /// `n` more bytes to send (a subtree's file).
     fn bytes(&self, n: u64);
+    /// One more path sent.
+    fn done(&self);
 }
 
 fn is_enoent(e: &io::Error) -> bool {
@@ -78,14 +80,14 @@ pub fn item_ops(
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match sys::open_dir(root.as_fd(), parent) {
             Ok(d) => (d, OsStr::from_bytes(name)),
-            Err(e) if is_enoent(&e) => return emit(Op::Remove { path: path.clone() }),
+            Err(e) if is_enoent(&e) => return removed(path, emit, tally),
             Err(e) => return Err(e.into()),
         }
     };
     let st = match sys::stat_at(dir.as_fd(), name) {
         Ok(st) => st,
         Err(e) if is_enoent(&e) && !path.is_root() => {
-            return emit(Op::Remove { path: path.clone() });
+            return removed(path, emit, tally);
         }
         Err(e) => return Err(e.into()),
     };
@@ -125,7 +127,8 @@ pub fn item_ops(
     match kind {
         EntryKind::Node(NodeKind::File) => {
             let ranges: Vec<(u64, u64)> = if changes.tree {
-                tally.bytes(size);
+                // Data only: holes are not sent.
+                tally.bytes(size.min(u64::try_from(st.st_blocks).unwrap_or(0) * 512));
                 vec![(0, size)]
             } else {
                 changes
@@ -182,7 +185,16 @@ pub fn item_ops(
         gid: None,
         atime: Some(sys::atime(&st)),
         mtime: Some(sys::mtime(&st)),
-    })
+    })?;
+    tally.done();
+    Ok(())
+}
+
+/// The path is gone here: gone there too.
+fn removed(path: &RelPath, emit: &mut Emit<'_>, tally: &dyn Tally) -> Result<(), ItemError> {
+    emit(Op::Remove { path: path.clone() })?;
+    tally.done();
+    Ok(())
 }
 
 /// Every extended attribute of the entry (none asked of symlinks: Linux

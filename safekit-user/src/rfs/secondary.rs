@@ -49,6 +49,10 @@ pub struct SecondaryConfig {
     pub handshake_timeout: Duration,
 }
 
+/// Under a steady stream, an acknowledgement at least every this many
+/// operations.
+const ACK_EVERY: u32 = 16;
+
 /// One directory this node receives.
 #[derive(Debug, Clone)]
 pub struct SecondaryDir {
@@ -458,7 +462,7 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     let mode = slot.dir.async_mode;
     let insync = AtomicBool::new(false);
     let tx = Mutex::new(tx);
-    let (ops_tx, ops_rx) = mpsc::channel::<(Seq, Op, bool)>();
+    let (ops_tx, ops_rx) = mpsc::channel::<(Seq, Op, bool, bool)>();
     let dir2 = dir.clone();
     let link = Link {
         ctx,
@@ -478,6 +482,7 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
             }
         });
         let mut last: Seq = 0;
+        let mut batch = 0u32;
         let reason = loop {
             match rx.recv() {
                 Ok(Message::Op { seq, op }) => {
@@ -485,7 +490,14 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
                         break format!("sequence gap: #{seq} after #{last}");
                     }
                     last = seq;
-                    let batch_end = !rx.has_buffered();
+                    // A batch ends when nothing more is buffered, or every
+                    // so many operations under a steady stream, so that
+                    // acknowledgements keep flowing.
+                    batch += 1;
+                    let batch_end = !rx.has_buffered() || batch >= ACK_EVERY;
+                    if batch_end {
+                        batch = 0;
+                    }
                     // Live and acknowledged on receipt: in the activity log
                     // first, so a crash before it is written is known.
                     let on_receipt = mode == AsyncMode::Second && insync.load(Ordering::Acquire);
@@ -499,7 +511,7 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
                             }
                         }
                     }
-                    if ops_tx.send((seq, op, batch_end)).is_err() {
+                    if ops_tx.send((seq, op, batch_end, on_receipt)).is_err() {
                         break "applier stopped".to_string();
                     }
                     if batch_end && on_receipt {
@@ -569,11 +581,13 @@ impl Link<'_> {
     }
 }
 
-fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<(Seq, Op, bool)>) {
+/// Operations for the applier: sequence, operation, end of a batch, and
+/// whether the reader acknowledged it on receipt.
+type Queued = (Seq, Op, bool, bool);
+
+fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queued>) {
     let mut failed = false;
-    while let Ok((seq, op, batch_end)) = ops.recv() {
-        // Acknowledged by the reader on receipt (live, async = "second")?
-        let acked_on_receipt = link.mode == AsyncMode::Second && link.insync.load(Ordering::Acquire);
+    while let Ok((seq, op, batch_end, acked_on_receipt)) = ops.recv() {
         if let Op::InSync { sync_id } = op {
             if let Err(detail) = link.in_sync(sync_id) {
                 tracing::warn!(dir = %link.dir, %detail, "cannot record the synchronisation point");
