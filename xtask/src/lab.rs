@@ -339,6 +339,24 @@ impl Lab {
         }
     }
 
+    /// Waits up to `limit` for node `i`'s safekitd to exit by itself (e.g.
+    /// after `safekit shutdown`); its exit status, or `None` if it still
+    /// runs (or was not started).
+    pub fn wait_daemon(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.daemons.get_mut(i - 1)?.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.daemons[i - 1] = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// pid of node `i`'s safekitd.
     #[must_use]
     pub fn daemon_pid(&self, i: usize) -> Option<u32> {

@@ -35,7 +35,7 @@ pub(super) fn run(paths: &Paths, cmd: FarmCommand) -> i32 {
         (ip, None)
     } else {
         eprintln!("safekit: {client:?} is not IP or IP:PORT (e.g. 10.0.0.7 or 10.0.0.7:40000)");
-        return 2;
+        return super::EXIT_USAGE;
     };
     let req = Request::FarmWhich {
         module,
@@ -57,7 +57,7 @@ pub(super) fn run(paths: &Paths, cmd: FarmCommand) -> i32 {
         }
         Ok(Response::Error { error }) => {
             eprintln!("safekit: {error}");
-            1
+            super::module_cmd::refused(paths, &req)
         }
         Ok(_) => {
             eprintln!("safekit: unexpected answer from safekitd");

@@ -1,5 +1,6 @@
 //! `log`, `printi`, `printe`: module logs.
 
+use super::EXIT_USAGE;
 use crate::{modlog, paths::Paths};
 
 /// `safekit log -m AM [-n N]`.
@@ -25,6 +26,9 @@ pub struct PrintArgs {
 }
 
 pub(super) fn show(paths: &Paths, args: &LogArgs) -> i32 {
+    if let Err(code) = configured(paths, &args.module) {
+        return code;
+    }
     let path = paths.module_log(&args.module);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -33,6 +37,14 @@ pub(super) fn show(paths: &Paths, args: &LogArgs) -> i32 {
             for l in &lines[from..] {
                 println!("{l}");
             }
+            0
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "safekit: module {:?} has logged nothing yet ({})",
+                args.module,
+                path.display()
+            );
             0
         }
         Err(e) => {
@@ -47,13 +59,8 @@ pub(super) fn show(paths: &Paths, args: &LogArgs) -> i32 {
 }
 
 pub(super) fn print(paths: &Paths, args: &PrintArgs, level: modlog::Level) -> i32 {
-    if !paths.module_dir(&args.module).is_dir() {
-        eprintln!(
-            "safekit: no module {:?} (no {})",
-            args.module,
-            paths.module_dir(&args.module).display()
-        );
-        return 1;
+    if let Err(code) = configured(paths, &args.module) {
+        return code;
     }
     match modlog::append_line(
         &paths.module_log(&args.module),
@@ -68,5 +75,31 @@ pub(super) fn print(paths: &Paths, args: &PrintArgs, level: modlog::Level) -> i3
             );
             1
         }
+    }
+}
+
+/// `Ok` when `module` is configured on this node (its `module.toml`
+/// exists), else prints why and gives the exit code [`EXIT_USAGE`]. The log
+/// is a file of the node: this works without safekitd.
+fn configured(paths: &Paths, module: &str) -> Result<(), i32> {
+    let valid = (1..=32).contains(&module.len())
+        && module
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        eprintln!(
+            "safekit: {module:?} is not a module name (1 to 32 ASCII letters, digits, '-' or '_')"
+        );
+        return Err(EXIT_USAGE);
+    }
+    let file = paths.module_dir(module).join("module.toml");
+    if file.is_file() {
+        Ok(())
+    } else {
+        eprintln!(
+            "safekit: no module {module:?} on this node (no {})",
+            file.display()
+        );
+        Err(EXIT_USAGE)
     }
 }

@@ -1,6 +1,15 @@
 //! The `safekit` command line (clap derive), one file per group of
 //! subcommands. Each command talks to the node's daemon over the control
 //! socket found from `--root` / `SAFEKIT_ROOT`.
+//!
+//! Exit codes: 0 success; 1 failure (refused, daemon unreachable, ...);
+//! `state -m AM -lq` exits with the module's state instead (STOP 0, WAIT 1,
+//! ALONE/UP 2, PRIM 3, SECOND 4, see [`ModuleState::exit_code`]); a bad
+//! command line, or `-m AM` naming no module of this node, exits
+//! [`EXIT_USAGE`] (64), and `state -lq` exits [`EXIT_DAEMON`] (69) when
+//! safekitd cannot be asked: none of these reads as a state.
+//!
+//! [`ModuleState::exit_code`]: crate::status::ModuleState::exit_code
 
 mod config_check;
 mod farm;
@@ -20,9 +29,24 @@ use crate::{
     paths::Paths,
 };
 
+/// Exit code of a bad command line, or of `-m AM` naming no module of this
+/// node (`EX_USAGE` of sysexits.h): not clap's 2 nor 1, which `state -lq`
+/// uses for ALONE/UP and WAIT.
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code of `state -lq` when safekitd cannot be asked although it may
+/// run (no permission on its socket, an error, an unreadable answer, a
+/// timeout): `EX_UNAVAILABLE`.
+pub const EXIT_DAEMON: i32 = 69;
+
 /// Control a safekit node.
 #[derive(Parser, Debug)]
-#[command(name = "safekit", version)]
+#[command(
+    name = "safekit",
+    version,
+    after_help = "Exit codes: 0 done, 1 failed; `state -m AM -lq`: STOP 0, WAIT 1, ALONE/UP 2, \
+PRIM 3, SECOND 4 (STOP also when safekitd is not running); 64 bad command line or no such \
+module on this node; 69 (`state -lq`) safekitd could not be asked."
+)]
 pub struct Cli {
     /// Root of the node's paths (as given to safekitd); default `/`.
     #[arg(long, global = true, env = "SAFEKIT_ROOT")]
@@ -139,7 +163,14 @@ pub struct ModuleArg {
 /// Entry point; returns the process exit code.
 #[must_use]
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors.
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
     let paths = Paths::from_arg_or_env(cli.root.clone());
     match cli.command {
         Command::State(args) => state::run(&paths, &args),
@@ -183,6 +214,38 @@ pub fn main() -> i32 {
 
 fn mirror_cmd(paths: &Paths, module: String, cmd: MirrorCmd) -> i32 {
     module_cmd::simple(paths, &Request::Mirror { module, cmd })
+}
+
+/// "no module "x" on node n (modules: a, b)".
+pub(crate) fn no_module(name: &str, status: &crate::status::NodeStatus) -> String {
+    format!(
+        "no module {name:?} on node {} (modules: {})",
+        status.node,
+        if status.modules.is_empty() {
+            "none".to_owned()
+        } else {
+            status
+                .modules
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    )
+}
+
+/// True when `e` says no safekitd runs with this root: its socket is
+/// absent (removed at shutdown) or refuses connections (left by a daemon
+/// that died). Not a permission error: that daemon may well run.
+pub(crate) fn daemon_absent(e: &control::ControlError) -> bool {
+    matches!(
+        e,
+        control::ControlError::Connect { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            )
+    )
 }
 
 /// Default time to wait for the daemon's answer.

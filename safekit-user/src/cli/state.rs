@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal as _;
 
+use super::{EXIT_DAEMON, EXIT_USAGE};
 use crate::{
     control::{Request, Response},
     paths::Paths,
@@ -21,29 +22,43 @@ pub struct StateArgs {
     #[arg(short = 'l', long)]
     pub local: bool,
     /// Quiet: print nothing, the exit code tells the local state of -m AM
-    /// (STOP 0, WAIT 1, ALONE/UP 2, PRIM 3, SECOND 4).
+    /// (STOP 0, WAIT 1, ALONE/UP 2, PRIM 3, SECOND 4; STOP too when safekitd
+    /// is not running). Not a state: 64 no such module on this node (or no
+    /// -m), 69 safekitd could not be asked.
     #[arg(short = 'q', long)]
     pub quiet: bool,
 }
 
 pub(super) fn run(paths: &Paths, args: &StateArgs) -> i32 {
+    if args.quiet && args.module.is_none() {
+        eprintln!("safekit: state -q needs -m AM (or SAFEMODULE)");
+        return EXIT_USAGE;
+    }
     let status = match super::call(paths, &Request::State) {
         Ok(Response::State { status }) => status,
         Ok(Response::Error { error }) => {
             eprintln!("safekit: {error}");
-            return 1;
+            return failed(args);
         }
         Ok(_) => {
             eprintln!("safekit: unexpected answer from safekitd");
-            return 1;
+            return failed(args);
         }
-        Err(e) => {
-            if args.quiet {
-                // No daemon: nothing runs, the module is stopped.
+        Err(e) if args.quiet && super::daemon_absent(&e) => {
+            // No daemon: nothing runs, a configured module is stopped.
+            let name = args.module.as_deref().unwrap_or_default();
+            if paths.module_dir(name).join("module.toml").is_file() {
                 return ModuleState::Stop.exit_code();
             }
+            eprintln!(
+                "safekit: no module {name:?} on this node (no {}, and safekitd is not running)",
+                paths.module_dir(name).join("module.toml").display()
+            );
+            return EXIT_USAGE;
+        }
+        Err(e) => {
             eprintln!("safekit: {e}");
-            return 1;
+            return failed(args);
         }
     };
     let modules: Vec<&ModuleStatus> = match &args.module {
@@ -51,34 +66,25 @@ pub(super) fn run(paths: &Paths, args: &StateArgs) -> i32 {
             if let Some(m) = status.module(name) {
                 vec![m]
             } else {
-                eprintln!(
-                    "safekit: no module {name:?} on node {} (modules: {})",
-                    status.node,
-                    status
-                        .modules
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                return 1;
+                eprintln!("safekit: {}", super::no_module(name, &status));
+                return EXIT_USAGE;
             }
         }
         None => status.modules.iter().collect(),
     };
     if args.quiet {
-        return if let (Some(_), Some(m)) = (&args.module, modules.first()) {
-            m.state.exit_code()
-        } else {
-            eprintln!("safekit: -q needs -m AM");
-            1
-        };
+        return modules.first().map_or(EXIT_USAGE, |m| m.state.exit_code());
     }
     print!(
         "{}",
         render(&status, &modules, args, std::io::stdout().is_terminal())
     );
     0
+}
+
+/// Exit code of a failure: 1, except under `-q` where 1 means WAIT.
+fn failed(args: &StateArgs) -> i32 {
+    if args.quiet { EXIT_DAEMON } else { 1 }
 }
 
 fn paint(text: &str, m: &ModuleStatus, tty: bool) -> String {

@@ -1,5 +1,6 @@
 //! `waitstart`, `waitstop`, `waitstate`: poll the daemon until the module's
-//! local state is one of the wanted ones, or time out (exit 1).
+//! local state is one of the wanted ones, or time out (exit 1; 64 when
+//! there is no such module).
 
 use std::time::{Duration, Instant};
 
@@ -53,14 +54,14 @@ pub(super) fn wait(paths: &Paths, module: &str, states: &[ModuleState], timeout:
                 }
                 Some(_) => {}
                 None => {
-                    eprintln!("safekit: no module {module:?} on node {}", status.node);
-                    return 1;
+                    eprintln!("safekit: {}", super::no_module(module, &status));
+                    return super::EXIT_USAGE;
                 }
             },
             Ok(_) => {}
             Err(e) => {
                 // A stopped daemon is a stopped module.
-                if states.contains(&ModuleState::Stop) {
+                if states.contains(&ModuleState::Stop) && super::daemon_absent(&e) {
                     println!("{module}: STOP (safekitd not running)");
                     return 0;
                 }
