@@ -48,8 +48,13 @@ pub mod counter {
     /// Non-first IPv4 fragment of VIP traffic under a port-hashing rule: the
     /// port is not in the packet, so it cannot be placed; dropped.
     pub const DROP_FRAGMENT: u32 = 6;
+    /// Frame too short for the headers the filter reads before it knows
+    /// whether the frame is VIP traffic (Ethernet, VLAN tags, the ARP body,
+    /// the IPv4 header up to the destination address): passed untouched, the
+    /// stack discards it.
+    pub const PASS_UNPARSED: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Key of the VIP map: an IPv4 address in network byte order, as the bytes

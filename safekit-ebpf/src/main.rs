@@ -12,6 +12,10 @@
 //! Every verdict has its own per-CPU counter. The daemon fills the maps.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "helpers of the XDP program: kept inline so the verifier sees straight-line code"
+)]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -51,12 +55,16 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const ARP_LEN: usize = 28;
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature #[xdp] requires"
+)]
 fn safekit_farm(ctx: XdpContext) -> u32 {
-    match try_safekit_farm(&ctx) {
-        Ok(action) => action,
-        // A frame we cannot parse is not ours to judge: let the stack decide.
-        Err(()) => xdp_action::XDP_PASS,
-    }
+    // A frame we cannot parse is not ours to judge: let the stack decide.
+    try_safekit_farm(&ctx).unwrap_or_else(|()| {
+        count(counter::PASS_UNPARSED);
+        xdp_action::XDP_PASS
+    })
 }
 
 #[inline(always)]
@@ -208,20 +216,18 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
             proto: l4proto,
             pad: 0,
         };
+        // The rule of this port, else the any-port rule of the protocol.
         // SAFETY: read-only lookup.
-        let rule = match unsafe { RULES.get(&key) } {
-            Some(r) => *r,
-            None => {
-                key.port_be = 0;
-                // SAFETY: read-only lookup.
-                match unsafe { RULES.get(&key) } {
-                    Some(r) => *r,
-                    None => {
-                        count(counter::PASS_NO_RULE);
-                        return Ok(xdp_action::XDP_PASS);
-                    }
-                }
-            }
+        let rule = if let Some(r) = unsafe { RULES.get(&key) } {
+            *r
+        } else {
+            key.port_be = 0;
+            // SAFETY: read-only lookup.
+            let Some(r) = (unsafe { RULES.get(&key) }) else {
+                count(counter::PASS_NO_RULE);
+                return Ok(xdp_action::XDP_PASS);
+            };
+            *r
         };
         if rule.filter == FILTER_CLIENT_IP {
             bucket_client_ip(saddr, cfg.seed)

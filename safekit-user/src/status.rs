@@ -1,6 +1,8 @@
 //! Module states as every interface shows them (CLI, heartbeats, HTTP,
 //! metrics), and the status snapshot the daemon publishes.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A module's state on one node (SPEC §5, §6).
@@ -177,6 +179,37 @@ pub struct FarmStatus {
     pub view: Vec<String>,
     /// Buckets this node accepts.
     pub buckets: Vec<u32>,
+    /// Buckets of every member of `view`, by node name, under the
+    /// assignment of that view (`farm::assign`, the same pure function every
+    /// node computes): what each node serves once the members agree.
+    #[serde(default)]
+    pub assignment: BTreeMap<String, Vec<u32>>,
+}
+
+/// Sorted bucket numbers as ranges, "0-3,7,9-10" ("none" when empty).
+#[must_use]
+pub fn bucket_ranges(v: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let start = v[i];
+        let mut end = start;
+        while i + 1 < v.len() && v[i + 1] == end + 1 {
+            i += 1;
+            end = v[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
 }
 
 /// The node and its modules, as `safekit state` shows them.
@@ -197,5 +230,19 @@ impl NodeStatus {
     #[must_use]
     pub fn module(&self, name: &str) -> Option<&ModuleStatus> {
         self.modules.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_ranges_are_compact() {
+        assert_eq!(bucket_ranges(&[]), "none");
+        assert_eq!(bucket_ranges(&[5]), "5");
+        assert_eq!(bucket_ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        let all: Vec<u32> = (0..256).collect();
+        assert_eq!(bucket_ranges(&all), "0-255");
     }
 }

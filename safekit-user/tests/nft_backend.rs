@@ -494,7 +494,8 @@ impl XdpReference {
     }
 
     /// The counter the program moves for this frame; `PASS_OTHER` when it
-    /// passes the frame without counting (too short to parse).
+    /// passes a frame too short to parse (`PASS_UNPARSED`: nftables does
+    /// not match such a frame either and counts it as other traffic).
     fn decide(&self, frame: &[u8]) -> u32 {
         let prog: &Xdp = self
             .bpf
@@ -513,12 +514,12 @@ impl XdpReference {
             .expect("test run");
         let moved = moved(&before, &self.counters());
         match moved.as_slice() {
-            [i] => *i,
-            [] => {
-                assert_eq!(r.return_value, 2, "uncounted verdict must be XDP_PASS");
+            [counter::PASS_UNPARSED] => {
+                assert_eq!(r.return_value, 2, "an unparsed frame must be passed");
                 counter::PASS_OTHER
             }
-            m => panic!("XDP moved several counters: {m:?}"),
+            [i] => *i,
+            m => panic!("XDP moved counters {m:?}, expected exactly one"),
         }
     }
 }
@@ -538,6 +539,7 @@ fn counter_name(i: u32) -> &'static str {
         counter::PASS_NO_RULE => "pass_no_rule",
         counter::ARP_REPLY => "arp_reply",
         counter::DROP_FRAGMENT => "drop_fragment",
+        counter::PASS_UNPARSED => "pass_unparsed",
         _ => "?",
     }
 }
@@ -999,5 +1001,15 @@ fn the_dataplane_falls_back_to_nftables_where_xdp_cannot_attach() {
         let nft = FarmDataplane::attach(Backend::Nftables, "nbB", AttachMode::Native)
             .expect("attach nftables");
         assert_eq!(nft.kind(), "nftables");
+        // The table belongs to that filter's netlink socket: nobody else
+        // replaces it while it lives (a second daemon on the interface).
+        let second = NftFilter::attach("nbB", AttachMode::Native)
+            .expect_err("a second filter on an owned table");
+        assert!(
+            second.to_string().contains("Operation not permitted"),
+            "{second}"
+        );
+        drop(nft);
+        NftFilter::attach("nbB", AttachMode::Native).expect("attach once the owner is gone");
     });
 }

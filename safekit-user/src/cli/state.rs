@@ -6,7 +6,7 @@ use super::{EXIT_DAEMON, EXIT_USAGE};
 use crate::{
     control::{Request, Response},
     paths::Paths,
-    status::{ModuleState, ModuleStatus, NodeStatus},
+    status::{ModuleState, ModuleStatus, NodeStatus, bucket_ranges},
 };
 
 /// Arguments of `state`.
@@ -124,6 +124,21 @@ fn render(status: &NodeStatus, modules: &[&ModuleStatus], args: &StateArgs, tty:
         if args.verbose {
             for (k, v) in &m.details {
                 let _ = writeln!(out, "      {k}: {v}");
+            }
+            if let Some(f) = &m.farm {
+                let _ = writeln!(
+                    out,
+                    "      buckets by node (assignment of {}'s view):",
+                    status.node
+                );
+                for (node, buckets) in &f.assignment {
+                    let _ = writeln!(
+                        out,
+                        "        {node}: {} buckets ({})",
+                        buckets.len(),
+                        bucket_ranges(buckets)
+                    );
+                }
             }
             for p in &m.peers {
                 let seen: Vec<String> = p

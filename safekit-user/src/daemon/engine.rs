@@ -30,7 +30,9 @@ use crate::{
     modlog::ModuleLog,
     paths::Paths,
     script::ScriptEnv,
-    status::{Colour, FarmStatus, Mode, ModuleState, ModuleStatus, NodeStatus, PeerStatus},
+    status::{
+        Colour, FarmStatus, Mode, ModuleState, ModuleStatus, NodeStatus, PeerStatus, bucket_ranges,
+    },
 };
 
 /// Inputs of the engine.
@@ -990,15 +992,23 @@ impl Engine {
                         })
                         .collect(),
                     details: module_details(m),
-                    farm: m.farm.as_ref().map(|f| FarmStatus {
-                        view: f.view.iter().cloned().collect(),
-                        buckets: f
-                            .owned
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, o)| **o)
-                            .filter_map(|(b, _)| u32::try_from(b).ok())
-                            .collect(),
+                    farm: m.farm.as_ref().map(|f| {
+                        let assignment = membership::assignment(&f.view, &f.powers);
+                        FarmStatus {
+                            view: f.view.iter().cloned().collect(),
+                            buckets: f
+                                .owned
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, o)| **o)
+                                .filter_map(|(b, _)| u32::try_from(b).ok())
+                                .collect(),
+                            assignment: f
+                                .view
+                                .iter()
+                                .map(|n| (n.clone(), assignment.buckets_of(n)))
+                                .collect(),
+                        }
                     }),
                 })
                 .collect(),
@@ -1033,38 +1043,13 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
             .collect();
         d.push((
             "buckets".into(),
-            format!("{} owned: {}", owned.len(), ranges(&owned)),
+            format!("{} owned: {}", owned.len(), bucket_ranges(&owned)),
         ));
         if let Some(i) = &f.iface {
             d.push(("interface".into(), i.name.clone()));
         }
     }
     d
-}
-
-/// "0-3,7,9-10" for a sorted list.
-fn ranges(v: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < v.len() {
-        let start = v[i];
-        let mut end = start;
-        while i + 1 < v.len() && v[i + 1] == end + 1 {
-            i += 1;
-            end = v[i];
-        }
-        out.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
-        i += 1;
-    }
-    if out.is_empty() {
-        "none".into()
-    } else {
-        out.join(",")
-    }
 }
 
 fn farm_job(

@@ -146,9 +146,14 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
                 FarmDataplane::attach(job.backend, &iface.name, mode).map_err(|e| e.to_string())?;
             f.enable(iface.mac, 0).map_err(|e| e.to_string())?;
             job.log.info(&format!(
-                "{} farm filter attached on {} (XDP mode if XDP: {mode:?})",
+                "{} farm filter attached on {} (XDP mode if XDP: {mode:?}){}",
                 f.kind(),
-                iface.name
+                iface.name,
+                if f.forwards_ebpf_logs() {
+                    "; its eBPF log records go to the daemon log"
+                } else {
+                    ""
+                }
             ));
             dp.insert(iface.name.clone(), f);
         }

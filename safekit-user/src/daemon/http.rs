@@ -69,6 +69,7 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         (counter::PASS_NO_RULE, "pass_no_rule"),
         (counter::ARP_REPLY, "arp_reply"),
         (counter::DROP_FRAGMENT, "drop_fragment"),
+        (counter::PASS_UNPARSED, "pass_unparsed"),
     ];
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {

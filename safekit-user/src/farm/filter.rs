@@ -1,13 +1,15 @@
 //! The I/O edge of the farm data plane: loads the embedded XDP program,
-//! attaches it to the LAN interface, and writes its maps (VIPs, rules, bucket
-//! ownership, interface settings). Reads the per-CPU verdict counters.
+//! attaches it to the LAN interface through a BPF link (detached by the
+//! kernel when the daemon dies), starts the reader of its aya-log records,
+//! and writes its maps (VIPs, rules, bucket ownership, interface settings).
+//! Reads the per-CPU verdict counters.
 
 use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{Xdp, XdpMode, links::FdLink},
 };
 use safekit_common::{
     BUCKETS, FilterConfig, MAX_VIPS, RuleKey, RuleValue, VIP_FLAG_IP_ONLY, VipKey, VipValue,
@@ -45,6 +47,13 @@ pub enum FilterError {
     /// The object lacks a map or program (build mismatch).
     #[error("the embedded eBPF object has no {0}")]
     Missing(&'static str),
+    /// The kernel attached the program through netlink, not a BPF link: it
+    /// would stay attached, with the last bucket ownership, if the daemon
+    /// were killed; detached again and refused.
+    #[error(
+        "XDP farm filter on {0}: the kernel gave no BPF link (Linux >= 5.9 needed); a netlink-attached program would outlive a killed daemon"
+    )]
+    NoLink(String),
 }
 
 /// One balanced rule of a VIP.
@@ -70,6 +79,14 @@ pub enum AttachMode {
 
 /// The attached filter and its maps.
 pub struct FarmFilter {
+    /// The BPF link attaching the program: its file descriptor is the
+    /// attachment, so the kernel detaches the program when this value is
+    /// dropped or the daemon dies (`kill -9` included): a dead daemon's node
+    /// then accepts no VIP traffic.
+    _link: FdLink,
+    /// Forwards the program's aya-log records to the daemon's log (`None`
+    /// when the reader could not start: the filter works without it).
+    log: Option<ebpf::EbpfLog>,
     _bpf: Ebpf,
     interface: String,
     vips: HashMap<MapData, VipKey, VipValue>,
@@ -117,6 +134,15 @@ impl FarmFilter {
     /// until [`FarmFilter::enable`].
     pub fn attach(interface: &str, mode: AttachMode) -> Result<Self, FilterError> {
         let mut bpf = ebpf::load()?;
+        // The reader owns the log ring buffer's map from here on (its fd
+        // stays open for the program loaded below).
+        let log = match ebpf::EbpfLog::start(&mut bpf, &format!("XDP farm filter on {interface}")) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(interface, "{e}: the filter's log records will not be read");
+                None
+            }
+        };
         let prog: &mut Xdp = bpf
             .program_mut(ebpf::FARM_PROGRAM)
             .ok_or(FilterError::Missing("safekit_farm program"))?
@@ -137,13 +163,24 @@ impl FarmFilter {
         };
         let name = std::ffi::CString::new(interface)
             .map_err(|_| FilterError::Missing("interface name without NUL"))?;
-        prog.attach(name.as_c_str(), xdp_mode)
+        let id = prog
+            .attach(name.as_c_str(), xdp_mode)
             .map_err(|source| FilterError::Program {
                 op: "attaching",
                 interface: interface.to_owned(),
                 source,
             })?;
+        let link = prog.take_link(id).map_err(|source| FilterError::Program {
+            op: "taking the link of",
+            interface: interface.to_owned(),
+            source,
+        })?;
+        // A netlink attachment (no BPF link) is detached by this conversion
+        // failing: only a link whose fd dies with the process is kept.
+        let link = FdLink::try_from(link).map_err(|_| FilterError::NoLink(interface.to_owned()))?;
         Ok(Self {
+            _link: link,
+            log,
             vips: take(&mut bpf, "VIPS")?,
             rules: take(&mut bpf, "RULES")?,
             owned: take(&mut bpf, "OWNED")?,
@@ -153,6 +190,13 @@ impl FarmFilter {
             interface: interface.to_owned(),
             slots: vec![None; MAX_VIPS as usize],
         })
+    }
+
+    /// True when the program's aya-log records are forwarded to the
+    /// daemon's log.
+    #[must_use]
+    pub fn forwards_logs(&self) -> bool {
+        self.log.is_some()
     }
 
     fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> FilterError {

@@ -99,6 +99,16 @@ impl FarmDataplane {
         }
     }
 
+    /// True when the XDP program's aya-log records reach the daemon's log
+    /// ([`FarmFilter::forwards_logs`]; nftables has no such records).
+    #[must_use]
+    pub fn forwards_ebpf_logs(&self) -> bool {
+        match self {
+            Self::Xdp(f) => f.forwards_logs(),
+            Self::Nft(_) => false,
+        }
+    }
+
     /// See [`FarmFilter::enable`].
     pub fn enable(&mut self, ifmac: [u8; 6], seed: u32) -> Result<(), DataplaneError> {
         both!(self, f => f.enable(ifmac, seed))

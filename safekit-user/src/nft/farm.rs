@@ -17,7 +17,7 @@ use super::{
     NftError,
     arp_responder::ArpResponder,
     expr::{self, Base, Cmp, Expr, MetaKey, R0, R1, Verdict},
-    netlink::{Netlink, Obj, Tx, cstring},
+    netlink::{Netlink, Obj, TABLE_F_OWNER, TableMsg, Tx, cstring},
 };
 use crate::farm::filter::{AttachMode, FilterRule};
 
@@ -81,9 +81,11 @@ struct Enabled {
 }
 
 /// The nftables farm filter of one interface: a `netdev` table
-/// `safekit_farm_<interface>`, removed when this value is dropped (as the
-/// XDP program is detached when its `FarmFilter` is).
+/// `safekit_farm_<interface>` owned by this value's netlink socket
+/// (`NFT_TABLE_F_OWNER`), removed when this value is dropped or its
+/// process dies (as the XDP program's BPF link is).
 pub struct NftFilter {
+    /// The socket that owns the table: kept open for the filter's lifetime.
     nl: Mutex<Netlink>,
     interface: String,
     ifindex: u32,
@@ -356,11 +358,23 @@ impl NftFilter {
         let table_name = cstring(&format!("safekit_farm_{interface}"));
         let table = Table::new(&table_name, ProtoFamily::NetDev);
         let mut tx = Tx::new();
-        // Add then delete: a leftover table (a crashed daemon) goes, and the
-        // delete cannot fail when there is none.
-        tx.add(&table, MsgType::Add, "table");
+        // Add then delete: a leftover table without owner (left by an older
+        // safekitd, or made by hand) goes, and the delete cannot fail when
+        // there is none. A table owned by a live process is refused (EPERM):
+        // another safekitd filters this interface. Then the table is created
+        // owned by this socket: the kernel removes it when the socket closes,
+        // so a killed daemon's node accepts nothing (SIGKILL included).
+        tx.add(
+            &table,
+            MsgType::Add,
+            "table (EPERM: another running safekitd owns it)",
+        );
         tx.add(&table, MsgType::Del, "leftover table");
-        tx.add(&table, MsgType::Add, "table");
+        tx.add(
+            &TableMsg::new(&table_name, ProtoFamily::NetDev, TABLE_F_OWNER),
+            MsgType::Add,
+            "table owned by the daemon's netlink socket (Linux >= 5.12)",
+        );
         for (_, name) in COUNTERS {
             let obj = Obj::counter(ProtoFamily::NetDev, &table_name, name);
             tx.add(
@@ -631,10 +645,10 @@ impl NftFilter {
 
 impl Drop for NftFilter {
     fn drop(&mut self) {
-        let table = self.table();
+        // Ours (owned by `self.nl`): deleted here, or by the kernel when
+        // the socket closes right after if this fails.
         let mut tx = Tx::new();
-        tx.add(&table, MsgType::Add, "table");
-        tx.add(&table, MsgType::Del, "table");
+        tx.add(&self.table(), MsgType::Del, "table");
         if let Err(e) = self.apply("removing the farm filter", tx) {
             tracing::warn!(interface = %self.interface, "{e}");
         }

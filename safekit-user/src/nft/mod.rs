@@ -20,6 +20,7 @@
 //!
 //! ```text
 //! table netdev safekit_farm_eth0 {
+//!   flags owner              # removed by the kernel when safekitd's socket closes
 //!   chain ingress {          # type filter hook ingress device eth0 priority -500
 //!     meta protocol ip ip daddr 10.0.0.200 jump vip0     # one rule per VIP
 //!     counter name pass_other
@@ -82,10 +83,15 @@
 //!   the frame bytes.
 //! - Cost: the frame is already an skb when nftables sees it; see
 //!   `cargo xtask bench farm`.
-//! - Lifetime: the XDP program is a BPF link that detaches when the daemon
-//!   exits; the nftables table stays with the last ownership until the
-//!   filter is dropped or the next [`NftFilter::attach`] on the interface
-//!   replaces it.
+//! - Lifetime: none. The XDP program is attached through a BPF link whose
+//!   file descriptor the daemon holds, and the table is created with
+//!   `NFT_TABLE_F_OWNER` (Linux 5.12) on the filter's netlink socket, which
+//!   the filter keeps open: when the daemon exits or is killed (`kill -9`
+//!   included), the kernel detaches the program and removes the table. The
+//!   node then accepts no VIP traffic (frames to the virtual MAC are not
+//!   for the host) while the others take its buckets over. The owning
+//!   socket is also the only one allowed to change the table: a second
+//!   daemon attaching to the same interface is refused (`EPERM`).
 //!
 //! Ownership changes are transactions too: buckets this node loses are
 //! released (one transaction) before the buckets it gains are taken (a

@@ -69,9 +69,76 @@ impl Tx {
     }
 }
 
+/// A libmnl netfilter socket, opened close-on-exec: the farm filter's table
+/// is owned by this socket and lives as long as it is open, so no script or
+/// service the daemon starts may inherit it (`mnl::Socket` opens without
+/// `SOCK_CLOEXEC`, and setting the flag afterwards races with a fork).
+struct Socket(NonNull<mnl::mnl_sys::mnl_socket>);
+
+impl Socket {
+    /// Opens and binds (automatic port id) a netfilter socket.
+    fn netfilter() -> io::Result<Self> {
+        use mnl::mnl_sys as m;
+        // SAFETY: plain call; NULL (errno set) on failure.
+        let raw = unsafe { m::mnl_socket_open2(libc::NETLINK_NETFILTER, libc::SOCK_CLOEXEC) };
+        let sock = NonNull::new(raw)
+            .map(Self)
+            .ok_or_else(io::Error::last_os_error)?;
+        // SAFETY: `sock` is a live socket (closed by its Drop on error).
+        if unsafe { m::mnl_socket_bind(sock.0.as_ptr(), 0, m::MNL_SOCKET_AUTOPID) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sock)
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: the socket is live for the lifetime of `self`.
+        unsafe { mnl::mnl_sys::mnl_socket_get_fd(self.0.as_ptr()) }
+    }
+
+    fn portid(&self) -> u32 {
+        // SAFETY: the socket is live for the lifetime of `self`.
+        unsafe { mnl::mnl_sys::mnl_socket_get_portid(self.0.as_ptr()) }
+    }
+
+    fn send(&self, data: &[u8]) -> io::Result<usize> {
+        // SAFETY: live socket; `data` is valid for `data.len()` bytes.
+        let n = unsafe {
+            mnl::mnl_sys::mnl_socket_sendto(self.0.as_ptr(), data.as_ptr().cast(), data.len())
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Sends every message of a batch, each whole.
+    fn send_all<'a>(&self, msgs: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+        for m in msgs {
+            if self.send(m)? < m.len() {
+                return Err(io::Error::other("sendto did not send the whole message"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives into `buf` (aligned for `nlmsghdr`); the length received.
+    fn recv_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: live socket; `buf` is writable for `buf.len()` bytes.
+        let n = unsafe {
+            mnl::mnl_sys::mnl_socket_recvfrom(self.0.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: opened by mnl_socket_open2, closed once.
+        unsafe { mnl::mnl_sys::mnl_socket_close(self.0.as_ptr()) };
+    }
+}
+
 /// A netfilter netlink socket (one per filter or firewall operation).
 pub(crate) struct Netlink {
-    sock: mnl::Socket,
+    sock: Socket,
     buf: Box<RecvBuf>,
     dump_seq: u32,
 }
@@ -111,7 +178,7 @@ impl Netlink {
     /// Opens a socket on the netfilter bus, in the network namespace of the
     /// calling thread.
     pub(crate) fn open() -> Result<Self, NftError> {
-        let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Socket)?;
+        let sock = Socket::netfilter().map_err(NftError::Socket)?;
         Ok(Self {
             sock,
             // SAFETY: all-zero bytes are a valid byte array.
@@ -122,8 +189,7 @@ impl Netlink {
 
     /// Waits until the socket is readable, at most `timeout`.
     fn readable(&self, timeout: Duration) -> io::Result<bool> {
-        // SAFETY: the socket pointer is live for the lifetime of `self`.
-        let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(self.sock.as_raw_socket()) };
+        let fd = self.sock.fd();
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -399,6 +465,66 @@ unsafe impl NlMsg for Obj {
                 seq,
             );
             sys::nftnl_obj_nlmsg_build_payload(nlh, self.ptr.as_ptr());
+        }
+    }
+}
+
+/// `NFT_TABLE_F_OWNER` (Linux 5.12): the table belongs to the netlink
+/// socket that created it; only that socket may change it, and the kernel
+/// removes it when that socket closes, also when its process is killed.
+pub(crate) const TABLE_F_OWNER: u32 = 2;
+
+/// A table message with explicit flags (nftnl's `Table` always sends 0).
+pub(crate) struct TableMsg {
+    ptr: NonNull<sys::nftnl_table>,
+    family: ProtoFamily,
+}
+
+impl TableMsg {
+    /// Table `name` of `family` with `flags` (`NFT_TABLE_F_*`).
+    pub(crate) fn new(name: &CStr, family: ProtoFamily, flags: u32) -> Self {
+        // SAFETY: plain allocation; NULL only when out of memory.
+        let raw = unsafe { sys::nftnl_table_alloc() };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::process::abort();
+        };
+        let p = ptr.as_ptr();
+        // SAFETY: `p` is live; libnftnl copies the string.
+        unsafe {
+            sys::nftnl_table_set_u32(p, attr16(sys::NFTNL_TABLE_FAMILY), family as u32);
+            sys::nftnl_table_set_str(p, attr16(sys::NFTNL_TABLE_NAME), name.as_ptr());
+            sys::nftnl_table_set_u32(p, attr16(sys::NFTNL_TABLE_FLAGS), flags);
+        }
+        Self { ptr, family }
+    }
+}
+
+impl Drop for TableMsg {
+    fn drop(&mut self) {
+        // SAFETY: allocated by nftnl_table_alloc, freed once.
+        unsafe { sys::nftnl_table_free(self.ptr.as_ptr()) };
+    }
+}
+
+// SAFETY: `write` builds one message into a buffer that the batch sized
+// for the largest netfilter message, as nftnl's own `Table` does.
+unsafe impl NlMsg for TableMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        let (ty, flags) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWTABLE, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            MsgType::Del => (libc::NFT_MSG_DELTABLE, libc::NLM_F_ACK),
+        };
+        // SAFETY: the caller (nftnl's Batch) hands a buffer with room for
+        // one message; `self.ptr` is live.
+        unsafe {
+            let nlh = sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                u16::try_from(ty).unwrap_or(0),
+                self.family as u16,
+                u16::try_from(flags).unwrap_or(0),
+                seq,
+            );
+            sys::nftnl_table_nlmsg_build_payload(nlh, self.ptr.as_ptr());
         }
     }
 }

@@ -28,7 +28,13 @@ pub fn garp_frame(eth_src: [u8; 6], mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
 pub fn send_frame(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
     let proto = u16::try_from(libc::ETH_P_ARP).unwrap_or(0x0806).to_be();
     // SAFETY: socket(2) returns a new fd or -1; no memory is passed.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }

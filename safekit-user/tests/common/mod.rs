@@ -54,6 +54,14 @@ pub fn lab(prefix: &str, subnet: u8, nodes: usize, modules: Vec<LabModule>) -> L
 /// Runs `f` on a thread that entered network namespace `ns`; sockets it
 /// opens live in that namespace.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().expect("netns thread")
+}
+
+/// Like [`in_netns`], without waiting: the thread runs alongside the test.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("netns file");
@@ -62,8 +70,6 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
         f()
     })
-    .join()
-    .expect("netns thread")
 }
 
 /// The node's status through its control socket.
@@ -150,12 +156,21 @@ pub fn ask_from(ns: &str, src: SocketAddr, dst: SocketAddr) -> Result<String, St
 
 /// Like [`ask_from`], in the current namespace.
 pub fn ask(src: SocketAddr, dst: SocketAddr) -> Result<String, String> {
+    ask_within(src, dst, Duration::from_secs(2))
+}
+
+/// Like [`ask`], giving up connecting after `connect_timeout`.
+pub fn ask_within(
+    src: SocketAddr,
+    dst: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<String, String> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
     s.set_reuse_address(true).map_err(|e| e.to_string())?;
     s.bind(&src.into())
         .map_err(|e| format!("bind {src}: {e}"))?;
-    s.connect_timeout(&dst.into(), Duration::from_secs(2))
+    s.connect_timeout(&dst.into(), connect_timeout)
         .map_err(|e| format!("connect {dst} from {src}: {e}"))?;
     let mut s: TcpStream = s.into();
     s.set_read_timeout(Some(Duration::from_secs(2)))
