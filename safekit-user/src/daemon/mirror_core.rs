@@ -30,11 +30,12 @@
 //!   a SECOND in sync; otherwise ALONE. Each time a primary's link stops
 //!   being synced its generation moves ahead, as when it loses its
 //!   secondary: from then on it writes without the peer;
-//! - a SECOND's copy is in sync from `replication_synced` until the primary
-//!   shows ALONE, without a live link, at a generation above the one this
-//!   node holds (it writes without us). A primary that stops cleanly (WAIT,
-//!   STOP) leaves it in sync. While in sync it takes the primary's
-//!   generation, so that its takeover (generation + 1) ends above it;
+//! - a SECOND's copy is in sync from `replication_synced` until its primary
+//!   shows a generation above the one this node holds without a live link:
+//!   it wrote without us (ALONE, or WAIT/STOP since). A primary that stops
+//!   cleanly (WAIT, STOP at our generation) leaves it in sync. While in sync
+//!   it takes the primary's generation, so that its takeover (generation +
+//!   1) ends above it;
 //! - a SECOND whose primary is gone takes over only when in sync, else it
 //!   WAITs: never the application on a copy that was not resynchronised.
 
@@ -824,25 +825,28 @@ impl MirrorCore {
 
     /// SECOND: follow the primary, take over when it is gone (in sync).
     fn decide_second(&mut self, now: Instant, peer: Option<View>) {
-        match peer {
-            Some(v) if matches!(v.state, MState::Prim | MState::Alone) => {
-                if !(self.p.replicated && self.synced) {
-                    return;
-                }
-                // ALONE without a live link at a generation above ours:
-                // the primary writes without us. (Not a heartbeat sent
-                // during our resynchronisation: the primary was at our
-                // generation then.)
-                if v.state == MState::Alone && !v.synced && v.generation > self.data.generation {
-                    self.log(format!(
-                        "primary {} goes on ALONE without this node: not in sync any more",
-                        self.p.peer
-                    ));
-                    self.synced = false;
-                } else if v.state == MState::Prim || v.synced {
-                    self.adopt_generation();
-                }
+        if self.p.replicated
+            && self.synced
+            && let Some(v) = peer
+        {
+            // A generation above ours without a live link: the primary
+            // wrote without us (it went ALONE, whether it still is, or
+            // stopped since). Not a heartbeat sent during our resync: the
+            // primary was at our generation then.
+            if v.generation > self.data.generation
+                && !(matches!(v.state, MState::Prim | MState::Alone) && v.synced)
+            {
+                self.log(format!(
+                    "primary {} went on without this node (generation {} above {}): not in sync any more",
+                    self.p.peer, v.generation, self.data.generation
+                ));
+                self.synced = false;
+            } else if v.state == MState::Prim || v.synced {
+                self.adopt_generation();
             }
+        }
+        match peer {
+            Some(v) if matches!(v.state, MState::Prim | MState::Alone) => {}
             // A hand-over is for a secondary in sync; one that is not
             // cannot take the role (the primary then resumes it).
             Some(v) if v.state == MState::Wait && v.handoff => {
@@ -1384,6 +1388,50 @@ mod tests {
         p.b.handle_timeout(p.now);
         assert!(drain(&mut p.b, p.now).contains(&Act::Log(NOT_IN_SYNC.into())));
         assert_eq!(p.b.state(), MState::Wait);
+    }
+
+    #[test]
+    fn replicated_primary_wrote_alone_then_stopped_the_secondary_waits() {
+        let mut p = Pair::started_replicated();
+        p.resync_b();
+        p.exchange();
+        // The link breaks, the primary goes on ALONE and is stopped before
+        // the secondary heard it ALONE: its STOP view is at a higher
+        // generation.
+        p.a.replication_lost(p.now);
+        run_actions(&mut p.a, p.now);
+        p.a.handle_command(p.now, Cmd::Stop).unwrap();
+        run_actions(&mut p.a, p.now);
+        assert_eq!(p.a.state(), MState::Stop);
+        p.b.handle_peer(p.now, p.a.view());
+        let acts = drain(&mut p.b, p.now);
+        assert!(acts.contains(&Act::Log(NOT_IN_SYNC.into())), "{acts:?}");
+        assert!(!acts.contains(&Act::StartPrimary));
+        assert_eq!(p.b.state(), MState::Wait);
+    }
+
+    #[test]
+    fn replicated_outdated_node_does_not_go_alone_when_the_newer_peer_vanishes() {
+        let mut p = Pair::started_replicated();
+        p.resync_b();
+        p.exchange();
+        // node1 stopped cleanly: node2 takes over, then is stopped too.
+        p.a.handle_command(p.now, Cmd::Stop).unwrap();
+        run_actions(&mut p.a, p.now);
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Stop, MState::Alone));
+        // Stopped, it hears node2 ALONE at a higher generation.
+        assert!(p.a.data().generation < p.b.data().generation);
+        assert!(!p.a.data().uptodate, "it heard the newer generation");
+        p.b.handle_command(p.now, Cmd::Stop).unwrap();
+        run_actions(&mut p.b, p.now);
+        // node1 started alone later: WAIT, not ALONE on outdated data.
+        let mut a = MirrorCore::new(p.a.p.clone(), p.a.data());
+        a.handle_command(p.now, Cmd::Start).unwrap();
+        p.now += Duration::from_secs(3);
+        a.handle_timeout(p.now);
+        assert!(!drain(&mut a, p.now).contains(&Act::StartPrimary));
+        assert_eq!(a.state(), MState::Wait);
     }
 
     #[test]
@@ -2003,15 +2051,21 @@ mod sim {
                 w.boot(i, t);
             }
         }
+        let healed = t;
         let stop = t + 15 * TIMEOUT;
         while t < stop {
             t += TICK;
-            // An operator's stop still completing when the heal began:
-            // start the module again.
+            // A module stopped by the operator (or whose stop was still
+            // completing when the heal began): start it again. Not both in
+            // the same instant: each could then take the other's last STOP
+            // heartbeat, still in flight, for the peer's current state and
+            // go ALONE (a known race of simultaneous starts, resolved as a
+            // split brain; out of scope here).
             for i in 0..2 {
                 let now = w.at(t);
                 if let Some(c) = w.nodes[i].core.as_mut()
                     && c.state() == MState::Stop
+                    && t >= healed + 3 * PULSE * u64::from(i == 1)
                     && t < stop - 5 * TIMEOUT
                 {
                     let _ = c.handle_command(now, Cmd::Start);
