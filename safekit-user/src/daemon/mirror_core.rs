@@ -1471,6 +1471,33 @@ mod tests {
     }
 
     #[test]
+    fn replicated_swap_whose_link_breaks_is_not_taken_by_a_secondary_out_of_sync() {
+        let mut p = Pair::started_replicated();
+        p.resync_b();
+        p.exchange();
+        let g = p.a.data().generation;
+        p.a.handle_command(p.now, Cmd::Swap).unwrap();
+        // While its application stops, the link breaks: the primary wrote
+        // without node2 (ALONE, generation + 1) before handing over.
+        p.a.replication_lost(p.now);
+        p.a.app_stopped(p.now);
+        drain(&mut p.a, p.now);
+        let v = p.a.view();
+        assert_eq!(
+            (v.state, v.handoff, v.generation),
+            (MState::Wait, true, g + 1)
+        );
+        p.b.handle_peer(p.now, v);
+        let acts = drain(&mut p.b, p.now);
+        assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        assert!(acts.contains(&Act::Log(NOT_IN_SYNC.into())), "{acts:?}");
+        assert_eq!(p.b.state(), MState::Wait);
+        // node1 resumes its role; node2 resynchronises.
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Second));
+    }
+
+    #[test]
     fn replicated_swap_refused_while_resynchronising() {
         let mut p = Pair::started_replicated();
         assert!(p.a.handle_command(p.now, Cmd::Swap).is_err());
@@ -1544,9 +1571,10 @@ mod sim {
         next_pulse: u64,
         /// Since when the peer holds writes this node's data lacks.
         lacks_since: Option<u64>,
-        /// A heartbeat showing newer data (up to date at a higher
-        /// generation), sent after `lacks_since`, reached this node while
-        /// it was not primary: it could know its data is behind.
+        /// A heartbeat sent after `lacks_since` reached this node while it
+        /// was the writer's SECOND, or showed newer data (up to date at a
+        /// higher generation) while it was not primary: it could know its
+        /// data is behind.
         knows_behind: bool,
         /// Became SECOND and no resynchronisation completed since.
         unsynced_follower: bool,
@@ -1750,10 +1778,15 @@ mod sim {
             for (to, sent, view) in arrived {
                 let n = &mut self.nodes[to];
                 let Some(c) = n.core.as_mut() else { continue };
+                // Heard after the write it lacks, as the writer's SECOND or
+                // in a view showing newer data. (Not a view at a lower
+                // generation to a node that is not its SECOND: two
+                // histories that diverged while each ran alone in turn,
+                // indistinguishable by generation.)
                 if n.lacks_since.is_some_and(|s| sent >= s)
                     && !is_primary(c.state())
-                    && view.uptodate
-                    && view.generation > n.disk.generation
+                    && (c.state() == MState::Second
+                        || (view.uptodate && view.generation > n.disk.generation))
                 {
                     n.knows_behind = true;
                 }
@@ -1871,14 +1904,17 @@ mod sim {
                     core.app_stopped(now);
                 }
             }
-            // The application writes; unreplicated writes the peer lacks.
+            // The application writes: over the live link the secondary
+            // has it too; a primary that believes its link synced while it
+            // is broken blocks (synchronous replication) until it learns;
+            // otherwise the peer lacks the write.
             let mut peer_lacks = false;
             if self.replicated
                 && core.app == App::Up
                 && is_primary(core.state())
                 && self.rng.chance(20)
                 && link != Some(i)
-                && core.state() == MState::Alone
+                && !core.synced()
             {
                 peer_lacks = true;
             }
