@@ -1498,6 +1498,28 @@ mod tests {
     }
 
     #[test]
+    fn replicated_primary_alone_after_link_loss_asks_the_witness_when_its_secondary_falls_silent() {
+        let mut p = Pair::started_replicated();
+        p.a.p.witness = true;
+        p.b.p.witness = true;
+        p.resync_b();
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+        // The link breaks first (ALONE), then the heartbeats: the secondary,
+        // which never heard it ALONE, still believes itself in sync and may
+        // take over. The primary asks the witness as it would from PRIM.
+        p.a.replication_lost(p.now);
+        run_actions(&mut p.a, p.now);
+        assert_eq!(p.a.state(), MState::Alone);
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        assert!(drain(&mut p.a, p.now).contains(&Act::CheckWitness));
+        p.a.witness(p.now, false);
+        run_actions(&mut p.a, p.now);
+        assert_eq!(p.a.state(), MState::Wait);
+    }
+
+    #[test]
     fn replicated_swap_refused_while_resynchronising() {
         let mut p = Pair::started_replicated();
         assert!(p.a.handle_command(p.now, Cmd::Swap).is_err());
