@@ -80,6 +80,7 @@ impl MirrorRt {
                 .splitbrain
                 .as_ref()
                 .map_or(Duration::ZERO, |s| s.timeout + Duration::from_millis(500)),
+            replicated: cfg.rfs.is_some(),
         };
         Self {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
