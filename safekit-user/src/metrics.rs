@@ -128,6 +128,82 @@ impl Metrics {
                 self.rejected[i].load(Ordering::Relaxed)
             );
         }
+        render_rfs(&mut out, status);
         out
+    }
+}
+
+/// Replicated directories of mirror modules.
+fn render_rfs(out: &mut String, status: &NodeStatus) {
+    let node = &status.node;
+    let dirs: Vec<_> = status
+        .modules
+        .iter()
+        .flat_map(|m| m.rfs.iter().map(move |d| (m.name.as_str(), d)))
+        .collect();
+    if dirs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP safekit_rfs_link 1 for the replicated directory's current link state.\n# TYPE safekit_rfs_link gauge"
+    );
+    for (m, d) in &dirs {
+        for s in ["alone", "resyncing", "connected", "receiving", "in sync", "idle"] {
+            let _ = writeln!(
+                out,
+                "safekit_rfs_link{{node=\"{node}\",module=\"{m}\",dir=\"{}\",state=\"{s}\"}} {}",
+                d.path,
+                u8::from(d.link == s)
+            );
+        }
+    }
+    let gauges: [(&str, &str, fn(&crate::status::RfsDirStatus) -> u64); 7] = [
+        (
+            "safekit_rfs_resync_sent_bytes_total",
+            "File data sent by resynchronisations from this node.\n# TYPE safekit_rfs_resync_sent_bytes_total counter",
+            |d| d.resync_bytes_sent,
+        ),
+        (
+            "safekit_rfs_secondary_lost_total",
+            "Times the secondary was lost.\n# TYPE safekit_rfs_secondary_lost_total counter",
+            |d| d.lost,
+        ),
+        (
+            "safekit_rfs_resync_bytes_done",
+            "Bytes sent by the current (or last) resynchronisation.\n# TYPE safekit_rfs_resync_bytes_done gauge",
+            |d| d.bytes_done,
+        ),
+        (
+            "safekit_rfs_resync_bytes_total",
+            "Bytes known to send by the current (or last) resynchronisation.\n# TYPE safekit_rfs_resync_bytes_total gauge",
+            |d| d.bytes_total,
+        ),
+        (
+            "safekit_rfs_resync_files_done",
+            "Paths sent by the current (or last) resynchronisation.\n# TYPE safekit_rfs_resync_files_done gauge",
+            |d| d.files_done,
+        ),
+        (
+            "safekit_rfs_resync_files_total",
+            "Paths known to send by the current (or last) resynchronisation.\n# TYPE safekit_rfs_resync_files_total gauge",
+            |d| d.files_total,
+        ),
+        (
+            "safekit_rfs_resync_active",
+            "1 while a resynchronisation runs.\n# TYPE safekit_rfs_resync_active gauge",
+            |d| u64::from(d.resync_active),
+        ),
+    ];
+    for (name, help, f) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        for (m, d) in &dirs {
+            let _ = writeln!(
+                out,
+                "{name}{{node=\"{node}\",module=\"{m}\",dir=\"{}\"}} {}",
+                d.path,
+                f(d)
+            );
+        }
     }
 }

@@ -170,6 +170,35 @@ pub struct ModuleStatus {
     pub details: Vec<(String, String)>,
     /// Farm modules: membership and buckets.
     pub farm: Option<FarmStatus>,
+    /// Mirror modules: each replicated directory.
+    #[serde(default)]
+    pub rfs: Vec<RfsDirStatus>,
+}
+
+/// One replicated directory of a mirror module on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RfsDirStatus {
+    /// The configured path.
+    pub path: String,
+    /// Primary: `alone`, `resyncing`, `connected`; secondary: `receiving`,
+    /// `in sync`; `idle` otherwise.
+    pub link: String,
+    /// File data sent by resynchronisations from this node (cumulative).
+    pub resync_bytes_sent: u64,
+    /// Times the secondary was lost.
+    pub lost: u64,
+    /// The current (or last) resynchronisation, in words.
+    pub progress: String,
+    /// Its bytes done.
+    pub bytes_done: u64,
+    /// Its bytes known to send.
+    pub bytes_total: u64,
+    /// Its paths done.
+    pub files_done: u64,
+    /// Its paths known to send.
+    pub files_total: u64,
+    /// It is running.
+    pub resync_active: bool,
 }
 
 /// A farm module's membership as this node sees it.

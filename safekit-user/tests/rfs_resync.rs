@@ -124,6 +124,7 @@ impl Secondary {
             "/data".into(),
             SecondaryDir {
                 local: d.p("b"),
+                root: None,
                 async_mode: AsyncMode::Second,
                 state: Some(DirState::new(d.p("sb"))),
                 quarantine: Some(d.p("quarantine")),

@@ -331,6 +331,16 @@ impl Lab {
         bail!("safekitd on node{i} did not open its control socket within 10 s");
     }
 
+    /// `p` as node `i`'s daemon and its scripts see it: each daemon runs in
+    /// a mount namespace of its own (`ip netns exec` gives it its
+    /// network's /sys), so the replicated directories it mounts are visible
+    /// through `/proc/<pid>/root` only. `None` while the daemon is not
+    /// running.
+    pub fn node_view(&self, i: usize, p: &Path) -> Option<PathBuf> {
+        let pid = self.daemon_pid(i)?;
+        Some(PathBuf::from(format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p)))
+    }
+
     /// `kill -9` of node `i`'s safekitd.
     pub fn kill_daemon(&mut self, i: usize) {
         if let Some(mut c) = self.daemons[i - 1].take() {

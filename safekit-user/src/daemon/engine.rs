@@ -63,6 +63,15 @@ pub enum Event {
         /// What finished.
         done: EffectDone,
     },
+    /// A replicated directory's link changed (primary side).
+    RfsPrimary {
+        /// Module.
+        module: String,
+        /// What happened.
+        ev: crate::rfs::RfsEvent,
+    },
+    /// The replication listener reports (secondary side).
+    RfsSecondary(crate::rfs::SecondaryEvent),
     /// A checker's result.
     Check {
         /// Module.
@@ -172,9 +181,28 @@ pub struct Engine {
     dataplane: Dataplane,
     /// Effects still running at shutdown.
     pending: usize,
+    /// Replicated directories this node receives (served on TCP 5600).
+    pub(super) registry: std::sync::Arc<crate::rfs::Registry>,
 }
 
 impl Engine {
+    /// Whether a module replicates directories (the listener is needed).
+    pub(super) fn replicates(&self) -> bool {
+        self.modules.values().any(|m| m.cfg.rfs.is_some())
+    }
+
+    /// This node's replication address.
+    pub(super) fn replication_addr(&self) -> Option<SocketAddr> {
+        let lan = self.cluster.replication_lan()?;
+        let ip = *self.cluster.node(&self.me)?.addrs.get(&lan.name)?;
+        Some(SocketAddr::new(ip, self.cluster.ports.replication))
+    }
+
+    /// The cluster key.
+    pub(super) fn cluster_key(&self) -> &[u8] {
+        &self.cluster.key
+    }
+
     /// Builds the engine; persists a new epoch (incarnation) first, so the
     /// heartbeat counters that restart at 0 are never taken as replays.
     pub(super) fn new(
@@ -251,6 +279,7 @@ impl Engine {
             events,
             dataplane,
             pending: 0,
+            registry: crate::rfs::Registry::new(),
         })
     }
 
@@ -315,6 +344,8 @@ impl Engine {
                 self.shutting_down = true;
             }
             Event::Effect { module, done } => self.effect_done(&module, done),
+            Event::RfsPrimary { module, ev } => self.rfs_primary_event(&module, ev),
+            Event::RfsSecondary(ev) => self.rfs_secondary_event(ev),
             Event::Check {
                 module,
                 id,
@@ -992,6 +1023,12 @@ impl Engine {
                         })
                         .collect(),
                     details: module_details(m),
+                    rfs: m
+                        .mirror
+                        .as_ref()
+                        .and_then(|r| r.rfs.as_ref())
+                        .map(super::rfs::RfsRt::status)
+                        .unwrap_or_default(),
                     farm: m.farm.as_ref().map(|f| {
                         let assignment = membership::assignment(&f.view, &f.powers);
                         FarmStatus {
@@ -1024,6 +1061,16 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
     ];
     for (id, why) in &m.failing {
         d.push((format!("checker {id}"), format!("down: {why}")));
+    }
+    if let Some(r) = m.mirror.as_ref().and_then(|r| r.rfs.as_ref()) {
+        for st in r.status() {
+            let mut v = st.link.clone();
+            if !st.progress.is_empty() {
+                v.push_str("; ");
+                v.push_str(&st.progress);
+            }
+            d.push((format!("rfs {}", st.path), v));
+        }
     }
     if let Some(f) = &m.farm {
         d.push((

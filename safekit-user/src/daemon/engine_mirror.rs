@@ -12,6 +12,7 @@ use crate::{
     daemon::{
         checks,
         mirror::{self as fx, MirrorJob, PrimaryUp},
+        rfs::{self as rfsfx, Link, RfsRt},
         mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
     },
     modlog::ModuleLog,
@@ -25,6 +26,8 @@ use crate::{
 pub(super) struct MirrorRt {
     pub(super) core: MirrorCore,
     pub(super) primary: Option<PrimaryUp>,
+    /// Replicated directories (`[rfs]`).
+    pub(super) rfs: Option<RfsRt>,
     /// Checker-triggered restarts inside the current `loop_interval`.
     pub(super) loops: Vec<Instant>,
 }
@@ -82,9 +85,14 @@ impl MirrorRt {
                 .map_or(Duration::ZERO, |s| s.timeout + Duration::from_millis(500)),
             replicated: cfg.rfs.is_some(),
         };
+        let rfs = RfsRt::new(cfg, paths);
+        if let Some(r) = &rfs {
+            rfsfx::clean_leftovers(&r.dirs, log);
+        }
         Self {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
             primary: None,
+            rfs,
             loops: Vec::new(),
         }
     }
@@ -92,6 +100,8 @@ impl MirrorRt {
     pub(super) fn colour(&self) -> Colour {
         match self.core.state() {
             MState::Wait if self.core.in_transition() => Colour::Orange,
+            // Resynchronising.
+            MState::Second if !self.core.synced() => Colour::Orange,
             MState::Stop | MState::Wait => Colour::Red,
             MState::Alone | MState::Prim | MState::Second => Colour::Green,
         }
@@ -230,6 +240,10 @@ impl Engine {
         let st = to_state(rt.core.state());
         let stopped = st == ModuleState::Stop && !m.busy;
         m.set_state(st);
+        self.rfs_reconcile(name);
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
         if stopped && m.restart_after_stop {
             m.restart_after_stop = false;
             m.log.info("stopstart: starting again");
@@ -273,11 +287,20 @@ impl Engine {
                 .info("quarantine: no replicated directory in this module, nothing to keep aside"),
             Act::StartPrimary => {
                 self.pending += 1;
+                let registry = std::sync::Arc::clone(&self.registry);
+                let key = self.cluster.key.clone();
+                let mut rfs_job = None;
                 if let Some(m) = self.modules.get_mut(name) {
                     m.busy = true;
+                    if let Some(r) = m.mirror.as_mut().and_then(|rt| rt.rfs.as_mut()) {
+                        // Mounting removes the secondary's registration.
+                        r.secondary = false;
+                        r.in_sync.iter_mut().for_each(|s| *s = false);
+                        rfs_job = Some(r.mount_job());
+                    }
                 }
                 tokio::spawn(async move {
-                    let r = fx::primary_up(job).await;
+                    let r = primary_up_with_rfs(job, rfs_job, key, registry, &module, &tx).await;
                     let _ = tx
                         .send(Event::Effect {
                             module,
@@ -287,17 +310,31 @@ impl Engine {
                 });
             }
             Act::StopPrimary => {
-                let up = self
-                    .modules
-                    .get_mut(name)
-                    .and_then(|m| {
-                        m.busy = true;
-                        m.mirror.as_mut()
-                    })
-                    .and_then(|rt| rt.primary.take());
+                let rt = self.modules.get_mut(name).and_then(|m| {
+                    m.busy = true;
+                    m.mirror.as_mut()
+                });
+                let (up, prims) = match rt {
+                    Some(rt) => {
+                        let prims = rt.rfs.as_mut().map_or_else(Vec::new, |r| {
+                            r.links.iter_mut().for_each(|l| *l = Link::Alone);
+                            std::mem::take(&mut r.primaries)
+                        });
+                        (rt.primary.take(), prims)
+                    }
+                    None => (None, Vec::new()),
+                };
                 self.pending += 1;
                 tokio::spawn(async move {
+                    let log = job.log.clone();
                     let r = fx::primary_down(job, up).await;
+                    // After stop_prim: the application no longer writes.
+                    if !prims.is_empty() {
+                        let _ = tokio::task::spawn_blocking(move || {
+                            rfsfx::stop_primaries(prims, &log);
+                        })
+                        .await;
+                    }
                     let _ = tx
                         .send(Event::Effect {
                             module,
@@ -344,7 +381,12 @@ impl Engine {
                 self.pending = self.pending.saturating_sub(1);
                 m.busy = false;
                 let ok = match r {
-                    Ok(up) => {
+                    Ok(mut up) => {
+                        if let Some(rfs) = rt.rfs.as_mut() {
+                            rfs.primaries = std::mem::take(&mut up.rfs);
+                            rfs.links.iter_mut().for_each(|l| *l = Link::Alone);
+                            rfs.next_try = now;
+                        }
                         rt.primary = Some(up);
                         true
                     }
@@ -464,5 +506,216 @@ impl Engine {
                 m.restart_after_stop = true;
             }
         }
+    }
+}
+
+/// Mounts the replicated directories (off the engine task), forwards their
+/// events to the engine, then VIP, ARP and `start_prim`.
+async fn primary_up_with_rfs(
+    job: MirrorJob,
+    rfs_job: Option<(Vec<rfsfx::RfsDir>, crate::rfs::PrimaryParams)>,
+    key: Vec<u8>,
+    registry: std::sync::Arc<crate::rfs::Registry>,
+    module: &str,
+    tx: &tokio::sync::mpsc::Sender<Event>,
+) -> Result<PrimaryUp, String> {
+    let mut prims = Vec::new();
+    if let Some((dirs, params)) = rfs_job {
+        let mounted = tokio::task::spawn_blocking(move || {
+            rfsfx::mount_primaries(&dirs, &params, &key, &registry)
+        })
+        .await
+        .map_err(|e| format!("mount task: {e}"))??;
+        for (p, mut rx) in mounted {
+            job.log.info(&format!(
+                "replicated directory {} served (FUSE over the real directory)",
+                p.dir().display()
+            ));
+            let (tx, module) = (tx.clone(), module.to_owned());
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    if tx
+                        .send(Event::RfsPrimary {
+                            module: module.clone(),
+                            ev,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            prims.push(p);
+        }
+    }
+    match fx::primary_up(job.clone()).await {
+        Ok(mut up) => {
+            up.rfs = prims;
+            Ok(up)
+        }
+        Err(e) => {
+            if !prims.is_empty() {
+                let log = job.log.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || rfsfx::stop_primaries(prims, &log)).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+impl Engine {
+    /// Keeps the replicated directories in line with the state: registered
+    /// (read-only) while SECOND, resynchronising a SECOND peer while primary.
+    pub(super) fn rfs_reconcile(&mut self, name: &str) {
+        let now = Instant::now();
+        let peer_addr = self.replication_peer(name);
+        let registry = std::sync::Arc::clone(&self.registry);
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let busy = m.busy;
+        let log = m.log.clone();
+        let Some(rt) = m.mirror.as_mut() else { return };
+        let state = rt.core.state();
+        let peer = rt.core.peer_view();
+        let Some(r) = rt.rfs.as_mut() else { return };
+        if state == MState::Second && !r.secondary && !busy {
+            match rfsfx::become_secondary(&r.dirs, r.async_mode(), &registry) {
+                Ok(()) => {
+                    r.secondary = true;
+                    r.in_sync.iter_mut().for_each(|s| *s = false);
+                    log.info("replicated directories ready to receive (read-only here)");
+                }
+                Err(e) => log.error(&format!("cannot receive replication: {e}")),
+            }
+        } else if state != MState::Second && r.secondary {
+            r.secondary = false;
+            r.in_sync.iter_mut().for_each(|s| *s = false);
+            let dirs = r.dirs.clone();
+            tokio::task::spawn_blocking(move || rfsfx::leave_secondary(&dirs, &registry));
+        }
+        let primary = matches!(state, MState::Prim | MState::Alone);
+        let peer_second = peer.is_some_and(|v| v.state == MState::Second);
+        if primary
+            && peer_second
+            && !r.primaries.is_empty()
+            && now >= r.next_try
+            && r.links.contains(&Link::Alone)
+        {
+            if let Some(addr) = peer_addr {
+                let n = r.resync(addr, now);
+                if n > 0 {
+                    log.info(&format!("resynchronising {n} directory(ies) to {addr}"));
+                }
+            }
+        }
+    }
+
+    /// The peer's replication address (replication LAN, port 5600).
+    fn replication_peer(&self, name: &str) -> Option<std::net::SocketAddr> {
+        let m = self.modules.get(name)?;
+        let peer = m.cfg.service.nodes.iter().find(|n| **n != self.me)?;
+        let lan = self.cluster.replication_lan()?;
+        let ip = *self.cluster.node(peer)?.addrs.get(&lan.name)?;
+        Some(std::net::SocketAddr::new(ip, self.cluster.ports.replication))
+    }
+
+    /// A primary-side replication event.
+    pub(super) fn rfs_primary_event(&mut self, name: &str, ev: crate::rfs::RfsEvent) {
+        use crate::rfs::RfsEvent;
+        let now = Instant::now();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let log = m.log.clone();
+        let Some(rt) = m.mirror.as_mut() else { return };
+        let Some(r) = rt.rfs.as_mut() else { return };
+        match ev {
+            RfsEvent::Connected { dir } => {
+                if let Some(i) = r.index(&dir) {
+                    r.links[i] = Link::Connected;
+                    log.info(&format!("{}: secondary in sync, live replication", r.dirs[i].path));
+                }
+                if r.all_connected() {
+                    rt.core.replication_synced(now);
+                }
+            }
+            RfsEvent::SecondaryLost { dir, reason } => {
+                if let Some(i) = r.index(&dir) {
+                    r.links[i] = Link::Alone;
+                    r.lost[i] += 1;
+                    log.info(&format!("{}: secondary lost ({reason})", r.dirs[i].path));
+                }
+                r.next_try = now + Duration::from_secs(1);
+                rt.core.replication_lost(now);
+            }
+            RfsEvent::SecondaryFailed { dir, seq, detail, .. } => {
+                log.error(&format!(
+                    "{dir}: the secondary could not apply #{seq} ({detail}): full resynchronisation of the tree"
+                ));
+            }
+            RfsEvent::JournalFailed { dir, error } => {
+                log.error(&format!(
+                    "{dir}: journal write failed ({error}): the next resynchronisation is full"
+                ));
+                r.full_next = true;
+            }
+        }
+        self.mirror_drain(name);
+    }
+
+    /// A secondary-side replication event.
+    pub(super) fn rfs_secondary_event(&mut self, ev: crate::rfs::SecondaryEvent) {
+        use crate::rfs::SecondaryEvent as S;
+        let now = Instant::now();
+        let wire = match &ev {
+            S::Connected { dir, .. }
+            | S::InSync { dir }
+            | S::Quarantined { dir, .. }
+            | S::Disconnected { dir, .. }
+            | S::Failed { dir, .. } => dir.clone(),
+            S::Refused { peer, reason } => {
+                tracing::warn!(%peer, %reason, "replication connection refused");
+                return;
+            }
+        };
+        let Some(name) = rfsfx::module_of(&wire).map(str::to_owned) else {
+            return;
+        };
+        let Some(m) = self.modules.get_mut(&name) else {
+            return;
+        };
+        let log = m.log.clone();
+        let Some(rt) = m.mirror.as_mut() else { return };
+        let Some(r) = rt.rfs.as_mut() else { return };
+        let Some(i) = r.index(&wire) else { return };
+        let path = r.dirs[i].path.clone();
+        match ev {
+            S::Connected { peer, .. } => {
+                r.in_sync[i] = false;
+                log.info(&format!("{path}: primary {peer} connected: resynchronising"));
+            }
+            S::InSync { .. } => {
+                r.in_sync[i] = true;
+                log.info(&format!("{path}: in sync, receiving every write"));
+                if r.in_sync.iter().all(|s| *s) {
+                    rt.core.replication_synced(now);
+                }
+            }
+            S::Quarantined { to, paths, .. } => log.error(&format!(
+                "{path}: {paths} path(s) this node changed alone kept in {} before the resynchronisation",
+                to.display()
+            )),
+            S::Disconnected { reason, .. } => {
+                log.info(&format!("{path}: replication connection ended ({reason})"));
+            }
+            S::Failed { seq, detail, .. } => {
+                log.error(&format!("{path}: cannot apply #{seq}: {detail}"));
+            }
+            S::Refused { .. } => {}
+        }
+        self.mirror_drain(&name);
     }
 }

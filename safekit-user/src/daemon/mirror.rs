@@ -51,6 +51,8 @@ pub struct PrimaryUp {
     pub(super) iface: Option<vip::Interface>,
     /// Periodic gratuitous ARP (`arp_reroute`), stopped with the primary.
     pub(super) reroute: Option<JoinHandle<()>>,
+    /// The replicated directories, mounted before `start_prim`.
+    pub(super) rfs: Vec<crate::rfs::Primary>,
 }
 
 /// Runs a script, logging failure; `Ok(())` when absent or successful.
@@ -116,7 +118,11 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
         _ => None,
     };
     script(&job, "start_prim", &[], "prim", job.nice_timeout).await?;
-    Ok(PrimaryUp { iface, reroute })
+    Ok(PrimaryUp {
+        iface,
+        reroute,
+        rfs: Vec::new(),
+    })
 }
 
 /// Stops being primary: `stop_prim` (then `stop_prim force` if it fails or

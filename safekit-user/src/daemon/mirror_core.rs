@@ -294,6 +294,11 @@ impl MirrorCore {
     /// every write; on a primary, its replication link is in sync and live;
     /// false in other states. Always true on PRIM, ALONE and SECOND without
     /// replicated directories.
+    /// The peer's last view (`None`: not heard within the timeout).
+    pub(crate) fn peer_view(&self) -> Option<View> {
+        self.peer
+    }
+
     pub(crate) fn synced(&self) -> bool {
         self.synced && matches!(self.state, MState::Second | MState::Prim | MState::Alone)
     }
@@ -309,10 +314,6 @@ impl MirrorCore {
     /// The engine of a SECOND whose [`Self::synced`] is false (re)starts the
     /// resynchronisation: a primary that went on without it is shown by that
     /// flag dropping.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the engine reports replication next")
-    )]
     pub(crate) fn replication_synced(&mut self, now: Instant) {
         if !self.p.replicated || self.synced() {
             return;
@@ -341,10 +342,6 @@ impl MirrorCore {
     /// it loses its secondary. On a SECOND nothing changes: its copy stays
     /// valid until the primary writes without it, which the primary shows by
     /// going ALONE. Ignored without replicated directories.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the engine reports replication next")
-    )]
     pub(crate) fn replication_lost(&mut self, _now: Instant) {
         if matches!(self.state, MState::Prim | MState::Alone) {
             self.lose_link(&format!("replication to {} lost", self.p.peer));

@@ -18,6 +18,7 @@ mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
+mod rfs;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -59,6 +60,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A module replicates directories but this node has no address on a
+    /// replication LAN.
+    #[error("a mirror module replicates directories but no LAN with replication = true gives this node an address")]
+    NoReplicationLan,
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
     AlreadyRunning(String),
@@ -73,6 +78,13 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// This node's address on the replication LAN, replication port.
+fn config_replication_addr(engine: &engine::Engine) -> Result<SocketAddr, StartError> {
+    engine
+        .replication_addr()
+        .ok_or_else(|| StartError::NoReplicationLan)
 }
 
 /// Runs the daemon until `shutdown` is requested (control socket or signal).
@@ -124,6 +136,43 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         tx.clone(),
         dataplane.clone(),
     )?;
+    // Replication listener (TCP 5600 on the replication LAN) when a mirror
+    // module replicates directories.
+    if engine.replicates() {
+        let addr = config_replication_addr(&engine)?;
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "replication",
+                    addr,
+                    source,
+                })?;
+        let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
+        let registry = Arc::clone(&engine.registry);
+        let key = engine.cluster_key().to_vec();
+        tokio::spawn(async move {
+            if let Err(e) = crate::rfs::serve_registry(
+                listener,
+                registry,
+                &key,
+                std::time::Duration::from_secs(5),
+                Some(stx),
+            )
+            .await
+            {
+                tracing::error!(error = %crate::rfs::error_chain(&e), "replication listener stopped");
+            }
+        });
+        let etx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = srx.recv().await {
+                if etx.send(engine::Event::RfsSecondary(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let shared = Arc::new(Shared {
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,

@@ -79,6 +79,14 @@ impl Applier {
         })
     }
 
+    /// Applies below an already open directory.
+    pub fn from_fd(root: OwnedFd) -> io::Result<Self> {
+        Ok(Self {
+            root,
+            files: HashMap::new(),
+        })
+    }
+
     /// The root directory fd.
     #[must_use]
     pub fn root(&self) -> BorrowedFd<'_> {

@@ -34,6 +34,7 @@ pub mod apply;
 pub mod channel;
 pub mod fs;
 pub mod journal;
+pub mod mounts;
 pub mod proto;
 pub mod replicator;
 pub mod resync;

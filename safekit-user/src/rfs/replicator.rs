@@ -481,17 +481,8 @@ impl Replicator {
             return Err(self.item_failed(epoch, e));
         }
         let id = state::new_sync_id();
-        let seq = self
-            .submit_resync(epoch, &Op::InSync { sync_id: id }, None)
+        self.submit_resync(epoch, &Op::InSync { sync_id: id }, None)
             .map_err(|_| lost())?;
-        {
-            let mut s = self.lock();
-            if s.epoch != epoch {
-                return Err(lost());
-            }
-            s.insync = Some((seq, id));
-            s.state = LinkState::Connected;
-        }
         drop(gate);
         Ok(())
     }
@@ -599,6 +590,12 @@ impl Replicator {
         s.outbox.push(buf);
         s.inflight.push_back((seq, Instant::now(), Vec::new(), size));
         s.inflight_bytes += size;
+        if let Op::InSync { sync_id } = op {
+            // Under the same lock as the queueing: its acknowledgement may
+            // come back before this thread runs again. Live from here.
+            s.insync = Some((seq, *sync_id));
+            s.state = LinkState::Connected;
+        }
         drop(s);
         self.wake.notify_all();
         self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);

@@ -58,6 +58,10 @@ const ACK_EVERY: u32 = 16;
 pub struct SecondaryDir {
     /// The local copy.
     pub local: PathBuf,
+    /// The local copy's directory, opened before anything was mounted over
+    /// it (a read-only bind mount for the application); `None`: opened from
+    /// `local` at each connection.
+    pub root: Option<Arc<std::os::fd::OwnedFd>>,
     /// When to acknowledge live operations.
     pub async_mode: AsyncMode,
     /// Journal, activity log and synchronisation point (`None`: nothing
@@ -220,6 +224,7 @@ pub async fn serve(
             name,
             SecondaryDir {
                 local,
+                root: None,
                 async_mode: config.async_mode,
                 state: None,
                 quarantine: None,
@@ -401,7 +406,11 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     }
     let mut guard = lock(&slot.applier);
     if guard.is_none() {
-        match Applier::open(&slot.dir.local) {
+        let opened = match &slot.dir.root {
+            Some(fd) => fd.try_clone().and_then(Applier::from_fd),
+            None => Applier::open(&slot.dir.local),
+        };
+        match opened {
             Ok(a) => *guard = Some(a),
             Err(e) => {
                 let reason = format!("cannot open {}: {e}", slot.dir.local.display());
