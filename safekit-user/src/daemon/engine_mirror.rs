@@ -613,6 +613,83 @@ impl Engine {
         }
     }
 
+    /// `fullsync`: the next resynchronisation of this module copies
+    /// everything — from here (`prim fullsync`), or towards here (`second
+    /// fullsync`: this copy forgets its synchronisation point, so the
+    /// primary finds nothing to trust).
+    pub(super) fn rfs_fullsync(&mut self, name: &str, here: bool) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let log = m.log.clone();
+        let Some(r) = m.mirror.as_mut().and_then(|rt| rt.rfs.as_mut()) else {
+            return;
+        };
+        if here {
+            for d in &r.dirs {
+                if let Err(e) = d.state.set_sync_id(0) {
+                    log.error(&format!("{}: forgetting the synchronisation point: {e}", d.path));
+                }
+            }
+            log.info("fullsync: this copy will be resynchronised entirely");
+        } else {
+            r.full_next = true;
+            log.info("fullsync: the next resynchronisation from here copies everything");
+        }
+    }
+
+    /// `safekit rfs verify`: compares both copies off the engine task and
+    /// answers when done.
+    pub(super) fn rfs_verify(
+        &mut self,
+        name: &str,
+        reply: tokio::sync::oneshot::Sender<crate::control::Response>,
+    ) {
+        use crate::control::Response;
+        let peer = self.replication_peer(name);
+        let err = |e: String| Response::Error { error: e };
+        let Some(m) = self.modules.get(name) else {
+            let _ = reply.send(err(format!("no module {name:?} on node {}", self.me)));
+            return;
+        };
+        let Some(r) = m.mirror.as_ref().and_then(|rt| rt.rfs.as_ref()) else {
+            let _ = reply.send(err(format!("{name}: no replicated directory ([rfs]) in this module")));
+            return;
+        };
+        if r.primaries.is_empty() {
+            let _ = reply.send(err(format!(
+                "{name}: run verify on the primary (this node is {})",
+                m.state.name()
+            )));
+            return;
+        }
+        let Some(peer) = peer else {
+            let _ = reply.send(err(format!("{name}: no replication address for the peer")));
+            return;
+        };
+        let jobs: Vec<(String, crate::rfs::Verifier)> = r
+            .dirs
+            .iter()
+            .zip(&r.primaries)
+            .map(|(d, p)| (d.path.clone(), p.verifier()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut dirs = Vec::new();
+            for (path, v) in jobs {
+                match v.verify(peer) {
+                    Ok((entries, diffs)) => dirs.push((path, entries, diffs)),
+                    Err(e) => {
+                        let _ = reply.send(Response::Error {
+                            error: format!("{path}: {}", crate::rfs::error_chain(&e)),
+                        });
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Response::Verified { dirs });
+        });
+    }
+
     /// The peer's replication address (replication LAN, port 5600).
     fn replication_peer(&self, name: &str) -> Option<std::net::SocketAddr> {
         let m = self.modules.get(name)?;
