@@ -12,8 +12,8 @@ use crate::{
     daemon::{
         checks,
         mirror::{self as fx, MirrorJob, PrimaryUp},
-        rfs::{self as rfsfx, Link, RfsRt},
         mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
+        rfs::{self as rfsfx, Link, RfsRt},
     },
     modlog::ModuleLog,
     paths::Paths,
@@ -603,12 +603,11 @@ impl Engine {
             && !r.primaries.is_empty()
             && now >= r.next_try
             && r.links.contains(&Link::Alone)
+            && let Some(addr) = peer_addr
         {
-            if let Some(addr) = peer_addr {
-                let n = r.resync(addr, now);
-                if n > 0 {
-                    log.info(&format!("resynchronising {n} directory(ies) to {addr}"));
-                }
+            let n = r.resync(addr, now);
+            if n > 0 {
+                log.info(&format!("resynchronising {n} directory(ies) to {addr}"));
             }
         }
     }
@@ -628,7 +627,10 @@ impl Engine {
         if here {
             for d in &r.dirs {
                 if let Err(e) = d.state.set_sync_id(0) {
-                    log.error(&format!("{}: forgetting the synchronisation point: {e}", d.path));
+                    log.error(&format!(
+                        "{}: forgetting the synchronisation point: {e}",
+                        d.path
+                    ));
                 }
             }
             log.info("fullsync: this copy will be resynchronised entirely");
@@ -653,7 +655,9 @@ impl Engine {
             return;
         };
         let Some(r) = m.mirror.as_ref().and_then(|rt| rt.rfs.as_ref()) else {
-            let _ = reply.send(err(format!("{name}: no replicated directory ([rfs]) in this module")));
+            let _ = reply.send(err(format!(
+                "{name}: no replicated directory ([rfs]) in this module"
+            )));
             return;
         };
         if r.primaries.is_empty() {
@@ -696,7 +700,10 @@ impl Engine {
         let peer = m.cfg.service.nodes.iter().find(|n| **n != self.me)?;
         let lan = self.cluster.replication_lan()?;
         let ip = *self.cluster.node(peer)?.addrs.get(&lan.name)?;
-        Some(std::net::SocketAddr::new(ip, self.cluster.ports.replication))
+        Some(std::net::SocketAddr::new(
+            ip,
+            self.cluster.ports.replication,
+        ))
     }
 
     /// A primary-side replication event.
@@ -713,7 +720,10 @@ impl Engine {
             RfsEvent::Connected { dir } => {
                 if let Some(i) = r.index(&dir) {
                     r.links[i] = Link::Connected;
-                    log.info(&format!("{}: secondary in sync, live replication", r.dirs[i].path));
+                    log.info(&format!(
+                        "{}: secondary in sync, live replication",
+                        r.dirs[i].path
+                    ));
                 }
                 if r.all_connected() {
                     rt.core.replication_synced(now);
@@ -728,7 +738,9 @@ impl Engine {
                 r.next_try = now + Duration::from_secs(1);
                 rt.core.replication_lost(now);
             }
-            RfsEvent::SecondaryFailed { dir, seq, detail, .. } => {
+            RfsEvent::SecondaryFailed {
+                dir, seq, detail, ..
+            } => {
                 log.error(&format!(
                     "{dir}: the secondary could not apply #{seq} ({detail}): full resynchronisation of the tree"
                 ));

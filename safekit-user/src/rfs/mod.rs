@@ -266,6 +266,10 @@ impl Primary {
     ///
     /// A dead FUSE mount left over `dir` by a crashed daemon ("Transport
     /// endpoint is not connected") is detached first.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the parameters are the primary's own"
+    )]
     pub fn start(
         dir: &Path,
         peer: Option<SocketAddr>,

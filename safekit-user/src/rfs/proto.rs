@@ -1122,7 +1122,12 @@ impl<'a> Reader<'a> {
             }
             1 => Change::Meta,
             2 => Change::Tree,
-            tag => return Err(DecodeError::Tag { what: "change", tag }),
+            tag => {
+                return Err(DecodeError::Tag {
+                    what: "change",
+                    tag,
+                });
+            }
         };
         Ok((path, change))
     }
@@ -1465,6 +1470,7 @@ mod tests {
         Timestamp { sec, nsec }
     }
 
+    #[expect(clippy::too_many_lines, reason = "one of each")]
     fn every_op() -> Vec<Op> {
         vec![
             Op::Write {
@@ -1554,7 +1560,10 @@ mod tests {
                 size: 1 << 35,
                 rdev: 0,
                 target: vec![],
-                xattrs: vec![(b"user.a".to_vec(), vec![1, 2]), (b"user.b".to_vec(), vec![])],
+                xattrs: vec![
+                    (b"user.a".to_vec(), vec![1, 2]),
+                    (b"user.b".to_vec(), vec![]),
+                ],
             },
             Op::Put {
                 path: RelPath::root(),
@@ -1625,7 +1634,13 @@ mod tests {
                 suspects: vec![
                     (p("a"), Change::Meta),
                     (RelPath::root(), Change::Tree),
-                    (p("b/c"), Change::Range { start: 5, end: 1 << 33 }),
+                    (
+                        p("b/c"),
+                        Change::Range {
+                            start: 5,
+                            end: 1 << 33,
+                        },
+                    ),
                 ],
             },
             Message::Ack { seq: u64::MAX },

@@ -15,8 +15,9 @@ use std::{
     os::unix::ffi::OsStrExt as _,
     path::PathBuf,
     sync::{
-        Arc, Mutex, mpsc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::Duration,
@@ -328,9 +329,7 @@ fn quarantine(
     let mut n = 0;
     for (p, _) in j.dirty().iter() {
         let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
-        let src = local.join(rel);
-        let dst = dest.join(rel);
-        if copy_tree(&src, &dst)? {
+        if copy_tree(&local.join(rel), &dest.join(rel))? {
             n += 1;
         }
     }
@@ -376,7 +375,9 @@ fn serve_verify(ctx: &Ctx, mut tx: ChannelSender, dir: &str, peer: SocketAddr) {
         Some(fd) => fd.try_clone(),
         None => rustix::fs::open(
             &slot.dir.local,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
         .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error())),

@@ -173,9 +173,7 @@ pub fn compare(primary: &[ManifestEntry], secondary: &[ManifestEntry]) -> Vec<St
             None => out.push(format!("only on the primary: {p}")),
             Some(y) => {
                 let mut what = Vec::new();
-                if x.kind != y.kind {
-                    what.push("kind");
-                } else {
+                if x.kind == y.kind {
                     if x.digest != y.digest {
                         what.push(if x.kind == 2 { "target" } else { "content" });
                     }
@@ -185,6 +183,8 @@ pub fn compare(primary: &[ManifestEntry], secondary: &[ManifestEntry]) -> Vec<St
                     if x.mtime != y.mtime {
                         what.push("mtime");
                     }
+                } else {
+                    what.push("kind");
                 }
                 if x.mode != y.mode {
                     what.push("mode");
@@ -238,7 +238,7 @@ mod tests {
                 "only on the secondary: d".into(),
             ]
         );
-        assert!(compare(&a, &a).is_empty());
+        assert_eq!(compare(&a, &a), [] as [std::string::String; 0]);
     }
 
     #[test]
@@ -248,8 +248,12 @@ mod tests {
         std::fs::create_dir_all(d.join("x")).expect("mkdir");
         std::fs::write(d.join("x/f"), b"hello").expect("write");
         std::os::unix::fs::symlink("x/f", d.join("l")).expect("symlink");
-        let fd = rustix::fs::open(&d, OFlags::RDONLY | OFlags::DIRECTORY, rustix::fs::Mode::empty())
-            .expect("open");
+        let fd = rustix::fs::open(
+            &d,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open");
         let m = manifest(fd.as_fd()).expect("manifest");
         let names: Vec<String> = m.iter().map(|e| e.path.to_string()).collect();
         assert_eq!(names, vec!["l", "x", "x/f"]);
