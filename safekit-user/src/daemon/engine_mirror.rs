@@ -89,6 +89,9 @@ impl MirrorRt {
         if let Some(r) = &rfs {
             rfsfx::clean_leftovers(&r.dirs, log);
         }
+        if cfg.rfs.as_ref().is_some_and(|r| !r.exclude.is_empty()) {
+            log.error("rfs.exclude is not applied yet: every file of the replicated directories is replicated");
+        }
         Self {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
             primary: None,
