@@ -34,6 +34,15 @@ pub enum Request {
         module: String,
         /// What to do.
         cmd: MirrorCmd,
+        /// `fullsync`: the next resynchronisation copies everything.
+        #[serde(default)]
+        fullsync: bool,
+    },
+    /// Compare both copies of a mirror module's replicated directories
+    /// (run on the primary).
+    RfsVerify {
+        /// Module.
+        module: String,
     },
     /// Set a resource (`custom.<name>`) up or down: custom checkers.
     SetResource {
@@ -95,6 +104,12 @@ pub enum Response {
     State {
         /// The node.
         status: NodeStatus,
+    },
+    /// Answer to `RfsVerify`: per directory, the differences (empty:
+    /// equal) and the number of entries compared.
+    Verified {
+        /// (directory, entries on the primary, differences).
+        dirs: Vec<(String, usize, Vec<String>)>,
     },
     /// Answer to `FarmWhich`.
     Which {

@@ -133,6 +133,9 @@ impl Metrics {
     }
 }
 
+/// A numeric field of a replicated directory's status.
+type Field = fn(&crate::status::RfsDirStatus) -> u64;
+
 /// Replicated directories of mirror modules.
 fn render_rfs(out: &mut String, status: &NodeStatus) {
     let node = &status.node;
@@ -149,7 +152,14 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
         "# HELP safekit_rfs_link 1 for the replicated directory's current link state.\n# TYPE safekit_rfs_link gauge"
     );
     for (m, d) in &dirs {
-        for s in ["alone", "resyncing", "connected", "receiving", "in sync", "idle"] {
+        for s in [
+            "alone",
+            "resyncing",
+            "connected",
+            "receiving",
+            "in sync",
+            "idle",
+        ] {
             let _ = writeln!(
                 out,
                 "safekit_rfs_link{{node=\"{node}\",module=\"{m}\",dir=\"{}\",state=\"{s}\"}} {}",
@@ -158,7 +168,7 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
             );
         }
     }
-    let gauges: [(&str, &str, fn(&crate::status::RfsDirStatus) -> u64); 7] = [
+    let gauges: [(&str, &str, Field); 7] = [
         (
             "safekit_rfs_resync_sent_bytes_total",
             "File data sent by resynchronisations from this node.\n# TYPE safekit_rfs_resync_sent_bytes_total counter",

@@ -34,6 +34,10 @@ fn state(lab: &common::Lab, node: usize) -> Option<ModuleState> {
 
 #[test]
 #[ignore = "benchmark: run by `cargo xtask bench failover`"]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the benchmark in order: lab, probe, runs, report"
+)]
 fn bench_failover() {
     let _serial = serial();
     let vip = Ipv4Addr::new(10, 77, SUBNET, 100);
@@ -118,7 +122,7 @@ fn bench_failover() {
             .map(|(t, _)| *t)
             .min();
         match (last_old, first_new) {
-            (Some(a), Some(b)) if b > a => outages.push(b - a),
+            (Some(a), Some(b)) if b > a => outages.push(b.checked_sub(a).unwrap()),
             other => panic!("run {run}: no clean switch observed: {other:?}"),
         }
         eprintln!(

@@ -64,10 +64,7 @@ fn digest(root: &Path) -> BTreeMap<PathBuf, (String, u32, u64, i64, String)> {
             let (kind, sum) = if md.file_type().is_symlink() {
                 (
                     "link",
-                    fs::read_link(&p)
-                        .expect("readlink")
-                        .display()
-                        .to_string(),
+                    fs::read_link(&p).expect("readlink").display().to_string(),
                 )
             } else if md.is_dir() {
                 stack.push(p.clone());
@@ -75,7 +72,9 @@ fn digest(root: &Path) -> BTreeMap<PathBuf, (String, u32, u64, i64, String)> {
             } else {
                 (
                     "file",
-                    blake3::hash(&fs::read(&p).expect("read")).to_hex().to_string(),
+                    blake3::hash(&fs::read(&p).expect("read"))
+                        .to_hex()
+                        .to_string(),
                 )
             };
             let mtime = if md.is_dir() { 0 } else { md.mtime() };
@@ -96,7 +95,12 @@ fn digest(root: &Path) -> BTreeMap<PathBuf, (String, u32, u64, i64, String)> {
 
 fn fill(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| {
+            u8::try_from(i % 256)
+                .unwrap_or(0)
+                .wrapping_mul(31)
+                .wrapping_add(seed)
+        })
         .collect()
 }
 
@@ -155,7 +159,10 @@ impl Secondary {
 fn wait_connected(events: &mut tokio::sync::mpsc::UnboundedReceiver<RfsEvent>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        assert!(Instant::now() < deadline, "no resynchronisation within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "no resynchronisation within 60 s"
+        );
         match events.try_recv() {
             Ok(RfsEvent::Connected { .. }) => return,
             Ok(RfsEvent::SecondaryLost { reason, .. }) => panic!("lost: {reason}"),
@@ -173,12 +180,16 @@ fn wait_equal(d: &Dirs) {
         if a == b {
             return;
         }
-        assert!(Instant::now() < deadline, "copies differ:\nA {a:?}\nB {b:?}");
+        assert!(
+            Instant::now() < deadline,
+            "copies differ:\nA {a:?}\nB {b:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "the scenario in order")]
 fn reintegration_sends_only_what_changed_while_the_application_writes() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("safekit=info")
@@ -187,10 +198,10 @@ fn reintegration_sends_only_what_changed_while_the_application_writes() {
     let d = Dirs::new("reint");
     // A tree already there before the first start: 24 files of 2 MiB in
     // nested directories, a sparse file, a symlink, an xattr.
-    for i in 0..24 {
+    for i in 0u8..24 {
         let dir = d.p("a").join(format!("d{}", i % 4)).join("sub");
         fs::create_dir_all(&dir).expect("mkdir");
-        fs::write(dir.join(format!("f{i}")), fill(2 * MIB, i as u8)).expect("write");
+        fs::write(dir.join(format!("f{i}")), fill(2 * MIB, i)).expect("write");
     }
     let sparse = OpenOptions::new()
         .create(true)
@@ -226,7 +237,10 @@ fn reintegration_sends_only_what_changed_while_the_application_writes() {
         "full sync sent {full} bytes"
     );
     let b_sparse = fs::metadata(d.p("b").join("sparse")).expect("stat");
-    assert!(b_sparse.blocks() * 512 < (8 * MIB) as u64, "sparse file filled");
+    assert!(
+        b_sparse.blocks() * 512 < (8 * MIB) as u64,
+        "sparse file filled"
+    );
     let p = primary.progress();
     assert!(p.full && !p.active && p.files_done >= 30, "{p:?}");
 
@@ -256,8 +270,11 @@ fn reintegration_sends_only_what_changed_while_the_application_writes() {
     fs::write(d.p("a").join("new"), b"created alone").expect("write");
     fs::remove_file(d.p("a").join("d3/sub/f23")).expect("unlink");
     fs::rename(d.p("a").join("d2/sub/f22"), d.p("a").join("renamed")).expect("rename");
-    fs::set_permissions(d.p("a").join("d1/sub/f21"), fs::Permissions::from_mode(0o600))
-        .expect("chmod");
+    fs::set_permissions(
+        d.p("a").join("d1/sub/f21"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
 
     // It comes back; a writer keeps appending during the resynchronisation.
     let sec = Secondary::start(&d, Some(addr));

@@ -336,6 +336,7 @@ impl Lab {
     /// network's /sys), so the replicated directories it mounts are visible
     /// through `/proc/<pid>/root` only. `None` while the daemon is not
     /// running.
+    #[must_use]
     pub fn node_view(&self, i: usize, p: &Path) -> Option<PathBuf> {
         let pid = self.daemon_pid(i)?;
         Some(PathBuf::from(format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p)))

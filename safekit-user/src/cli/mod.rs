@@ -16,6 +16,7 @@ mod farm;
 mod firewall;
 mod log;
 mod module_cmd;
+mod rfs;
 mod snapshot;
 mod state;
 mod wait;
@@ -110,6 +111,12 @@ pub enum Command {
         #[command(subcommand)]
         command: firewall::FirewallCommand,
     },
+    /// Replicated directories of mirror modules.
+    Rfs {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: rfs::RfsCommand,
+    },
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -177,13 +184,16 @@ pub fn main() -> i32 {
         Command::Start(m) => module_cmd::simple(&paths, &Request::Start { module: m.module }),
         Command::Stop(m) => module_cmd::simple(&paths, &Request::Stop { module: m.module }),
         Command::Shutdown => module_cmd::simple(&paths, &Request::Shutdown),
-        Command::Prim(a) => mirror_cmd(&paths, a.module, MirrorCmd::Prim),
-        Command::Second(a) => mirror_cmd(&paths, a.module, MirrorCmd::Second),
+        Command::Prim(a) => mirror_sync_cmd(&paths, a, MirrorCmd::Prim),
+        Command::Second(a) => mirror_sync_cmd(&paths, a, MirrorCmd::Second),
         Command::Primforce(a) => mirror_cmd(&paths, a.module, MirrorCmd::PrimForce),
-        Command::Swap(a) => mirror_cmd(&paths, a.module, MirrorCmd::Swap),
+        Command::Swap(a) => mirror_sync_cmd(&paths, a, MirrorCmd::Swap),
         Command::Restart(a) => mirror_cmd(&paths, a.module, MirrorCmd::Restart),
         Command::Stopstart(a) => mirror_cmd(&paths, a.module, MirrorCmd::StopStart),
         Command::Forcestop(a) => mirror_cmd(&paths, a.module, MirrorCmd::ForceStop),
+        Command::Rfs {
+            command: rfs::RfsCommand::Verify(m),
+        } => rfs::verify(&paths, m.module),
         Command::Set(a) => module_cmd::simple(
             &paths,
             &Request::SetResource {
@@ -213,7 +223,35 @@ pub fn main() -> i32 {
 }
 
 fn mirror_cmd(paths: &Paths, module: String, cmd: MirrorCmd) -> i32 {
-    module_cmd::simple(paths, &Request::Mirror { module, cmd })
+    module_cmd::simple(
+        paths,
+        &Request::Mirror {
+            module,
+            cmd,
+            fullsync: false,
+        },
+    )
+}
+
+/// prim/second/swap with an optional `fullsync` or `nosync`.
+fn mirror_sync_cmd(paths: &Paths, a: MirrorArgs, cmd: MirrorCmd) -> i32 {
+    match a.sync.as_deref() {
+        // The secondary of a swap is in sync already: nothing to skip.
+        Some("nosync") if cmd != MirrorCmd::Swap => {
+            eprintln!(
+                "safekit: nosync only applies to swap (the roles are exchanged without a resynchronisation; the secondary is in sync already)"
+            );
+            EXIT_USAGE
+        }
+        sync => module_cmd::simple(
+            paths,
+            &Request::Mirror {
+                module: a.module,
+                cmd,
+                fullsync: sync == Some("fullsync"),
+            },
+        ),
+    }
 }
 
 /// "no module "x" on node n (modules: a, b)".

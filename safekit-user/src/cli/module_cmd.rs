@@ -43,7 +43,8 @@ fn module_unknown(paths: &Paths, req: &Request) -> bool {
         | Request::Stop { module }
         | Request::Mirror { module, .. }
         | Request::SetResource { module, .. }
-        | Request::FarmWhich { module, .. } => module,
+        | Request::FarmWhich { module, .. }
+        | Request::RfsVerify { module } => module,
         Request::State | Request::Shutdown => return false,
     };
     matches!(

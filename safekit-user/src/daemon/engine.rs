@@ -335,6 +335,10 @@ impl Engine {
                     tracing::debug!(%from, reason = why.label(), "heartbeat rejected");
                 }
             }
+            Event::Control {
+                req: Request::RfsVerify { module },
+                reply,
+            } => self.rfs_verify(&module, reply),
             Event::Control { req, reply } => {
                 let resp = self.handle_request(now, req);
                 let _ = reply.send(resp);
@@ -438,8 +442,18 @@ impl Engine {
                 Ok(r) => r,
                 Err(error) => Response::Error { error },
             },
-            Request::Mirror { module, cmd } => {
+            Request::RfsVerify { .. } => Response::Error {
+                error: "verify is answered asynchronously".into(),
+            },
+            Request::Mirror {
+                module,
+                cmd,
+                fullsync,
+            } => {
                 use crate::control::MirrorCmd as M;
+                if fullsync {
+                    self.rfs_fullsync(&module, cmd == M::Second);
+                }
                 let r = match cmd {
                     M::Prim => self.mirror_command(&module, Cmd::Prim),
                     M::Second => self.mirror_command(&module, Cmd::Second),

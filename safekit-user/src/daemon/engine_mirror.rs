@@ -12,8 +12,8 @@ use crate::{
     daemon::{
         checks,
         mirror::{self as fx, MirrorJob, PrimaryUp},
-        rfs::{self as rfsfx, Link, RfsRt},
         mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
+        rfs::{self as rfsfx, Link, RfsRt},
     },
     modlog::ModuleLog,
     paths::Paths,
@@ -88,6 +88,9 @@ impl MirrorRt {
         let rfs = RfsRt::new(cfg, paths);
         if let Some(r) = &rfs {
             rfsfx::clean_leftovers(&r.dirs, log);
+        }
+        if cfg.rfs.as_ref().is_some_and(|r| !r.exclude.is_empty()) {
+            log.error("rfs.exclude is not applied yet: every file of the replicated directories is replicated");
         }
         Self {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
@@ -603,14 +606,95 @@ impl Engine {
             && !r.primaries.is_empty()
             && now >= r.next_try
             && r.links.contains(&Link::Alone)
+            && let Some(addr) = peer_addr
         {
-            if let Some(addr) = peer_addr {
-                let n = r.resync(addr, now);
-                if n > 0 {
-                    log.info(&format!("resynchronising {n} directory(ies) to {addr}"));
-                }
+            let n = r.resync(addr, now);
+            if n > 0 {
+                log.info(&format!("resynchronising {n} directory(ies) to {addr}"));
             }
         }
+    }
+
+    /// `fullsync`: the next resynchronisation of this module copies
+    /// everything — from here (`prim fullsync`), or towards here (`second
+    /// fullsync`: this copy forgets its synchronisation point, so the
+    /// primary finds nothing to trust).
+    pub(super) fn rfs_fullsync(&mut self, name: &str, here: bool) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let log = m.log.clone();
+        let Some(r) = m.mirror.as_mut().and_then(|rt| rt.rfs.as_mut()) else {
+            return;
+        };
+        if here {
+            for d in &r.dirs {
+                if let Err(e) = d.state.set_sync_id(0) {
+                    log.error(&format!(
+                        "{}: forgetting the synchronisation point: {e}",
+                        d.path
+                    ));
+                }
+            }
+            log.info("fullsync: this copy will be resynchronised entirely");
+        } else {
+            r.full_next = true;
+            log.info("fullsync: the next resynchronisation from here copies everything");
+        }
+    }
+
+    /// `safekit rfs verify`: compares both copies off the engine task and
+    /// answers when done.
+    pub(super) fn rfs_verify(
+        &mut self,
+        name: &str,
+        reply: tokio::sync::oneshot::Sender<crate::control::Response>,
+    ) {
+        use crate::control::Response;
+        let peer = self.replication_peer(name);
+        let err = |e: String| Response::Error { error: e };
+        let Some(m) = self.modules.get(name) else {
+            let _ = reply.send(err(format!("no module {name:?} on node {}", self.me)));
+            return;
+        };
+        let Some(r) = m.mirror.as_ref().and_then(|rt| rt.rfs.as_ref()) else {
+            let _ = reply.send(err(format!(
+                "{name}: no replicated directory ([rfs]) in this module"
+            )));
+            return;
+        };
+        if r.primaries.is_empty() {
+            let _ = reply.send(err(format!(
+                "{name}: run verify on the primary (this node is {})",
+                m.state.name()
+            )));
+            return;
+        }
+        let Some(peer) = peer else {
+            let _ = reply.send(err(format!("{name}: no replication address for the peer")));
+            return;
+        };
+        let jobs: Vec<(String, crate::rfs::Verifier)> = r
+            .dirs
+            .iter()
+            .zip(&r.primaries)
+            .map(|(d, p)| (d.path.clone(), p.verifier()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut dirs = Vec::new();
+            for (path, v) in jobs {
+                match v.verify(peer) {
+                    Ok((entries, diffs)) => dirs.push((path, entries, diffs)),
+                    Err(e) => {
+                        let _ = reply.send(Response::Error {
+                            error: format!("{path}: {}", crate::rfs::error_chain(&e)),
+                        });
+                        return;
+                    }
+                }
+            }
+            let _ = reply.send(Response::Verified { dirs });
+        });
     }
 
     /// The peer's replication address (replication LAN, port 5600).
@@ -619,7 +703,10 @@ impl Engine {
         let peer = m.cfg.service.nodes.iter().find(|n| **n != self.me)?;
         let lan = self.cluster.replication_lan()?;
         let ip = *self.cluster.node(peer)?.addrs.get(&lan.name)?;
-        Some(std::net::SocketAddr::new(ip, self.cluster.ports.replication))
+        Some(std::net::SocketAddr::new(
+            ip,
+            self.cluster.ports.replication,
+        ))
     }
 
     /// A primary-side replication event.
@@ -636,7 +723,10 @@ impl Engine {
             RfsEvent::Connected { dir } => {
                 if let Some(i) = r.index(&dir) {
                     r.links[i] = Link::Connected;
-                    log.info(&format!("{}: secondary in sync, live replication", r.dirs[i].path));
+                    log.info(&format!(
+                        "{}: secondary in sync, live replication",
+                        r.dirs[i].path
+                    ));
                 }
                 if r.all_connected() {
                     rt.core.replication_synced(now);
@@ -651,7 +741,9 @@ impl Engine {
                 r.next_try = now + Duration::from_secs(1);
                 rt.core.replication_lost(now);
             }
-            RfsEvent::SecondaryFailed { dir, seq, detail, .. } => {
+            RfsEvent::SecondaryFailed {
+                dir, seq, detail, ..
+            } => {
                 log.error(&format!(
                     "{dir}: the secondary could not apply #{seq} ({detail}): full resynchronisation of the tree"
                 ));

@@ -62,7 +62,9 @@ pub enum StartError {
     },
     /// A module replicates directories but this node has no address on a
     /// replication LAN.
-    #[error("a mirror module replicates directories but no LAN with replication = true gives this node an address")]
+    #[error(
+        "a mirror module replicates directories but no LAN with replication = true gives this node an address"
+    )]
     NoReplicationLan,
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
@@ -84,9 +86,13 @@ pub enum StartError {
 fn config_replication_addr(engine: &engine::Engine) -> Result<SocketAddr, StartError> {
     engine
         .replication_addr()
-        .ok_or_else(|| StartError::NoReplicationLan)
+        .ok_or(StartError::NoReplicationLan)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the daemon's start in order: sockets, listeners, tasks, engine"
+)]
 /// Runs the daemon until `shutdown` is requested (control socket or signal).
 pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(), StartError> {
     let me = match node {
@@ -140,14 +146,13 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     // module replicates directories.
     if engine.replicates() {
         let addr = config_replication_addr(&engine)?;
-        let listener =
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "replication",
-                    addr,
-                    source,
-                })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "replication",
+                addr,
+                source,
+            })?;
         let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
         let registry = Arc::clone(&engine.registry);
         let key = engine.cluster_key().to_vec();

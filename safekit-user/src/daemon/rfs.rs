@@ -162,7 +162,11 @@ impl RfsRt {
                 let p = self.primaries.get(i);
                 let progress = p.map(Primary::progress).unwrap_or_default();
                 let link = if self.secondary {
-                    if self.in_sync[i] { "in sync" } else { "receiving" }
+                    if self.in_sync[i] {
+                        "in sync"
+                    } else {
+                        "receiving"
+                    }
                 } else if p.is_none() {
                     "idle"
                 } else {
@@ -176,8 +180,9 @@ impl RfsRt {
                 RfsDirStatus {
                     path: d.path.clone(),
                     link: link.to_string(),
-                    resync_bytes_sent: counters
-                        .map_or(0, |c| c.resync_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                    resync_bytes_sent: counters.map_or(0, |c| {
+                        c.resync_bytes.load(std::sync::atomic::Ordering::Relaxed)
+                    }),
                     lost: self.lost[i],
                     progress: describe(&progress),
                     bytes_done: progress.bytes_done,
@@ -233,7 +238,7 @@ pub(super) fn mount_primaries(
     let mut out = Vec::new();
     for d in dirs {
         registry.remove(&d.wire);
-        mounts::detach_all(&d.local);
+        let _ = mounts::detach_all(&d.local);
         std::fs::create_dir_all(&d.local)
             .map_err(|e| format!("create {}: {e}", d.local.display()))?;
         d.state
@@ -272,7 +277,7 @@ pub(super) fn become_secondary(
     registry: &Registry,
 ) -> Result<(), String> {
     for d in dirs {
-        mounts::detach_all(&d.local);
+        let _ = mounts::detach_all(&d.local);
         std::fs::create_dir_all(&d.local)
             .map_err(|e| format!("create {}: {e}", d.local.display()))?;
         d.state
@@ -310,7 +315,7 @@ pub(super) fn become_secondary(
 pub(super) fn leave_secondary(dirs: &[RfsDir], registry: &Registry) {
     for d in dirs {
         registry.remove(&d.wire);
-        mounts::detach_all(&d.local);
+        let _ = mounts::detach_all(&d.local);
     }
 }
 

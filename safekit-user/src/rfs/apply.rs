@@ -323,7 +323,16 @@ impl Applier {
                 rdev,
                 target,
                 xattrs,
-            } => self.put(path, *kind, *mode, (*uid, *gid), *size, *rdev, target, xattrs),
+            } => self.put(
+                path,
+                *kind,
+                *mode,
+                (*uid, *gid),
+                *size,
+                *rdev,
+                target,
+                xattrs,
+            ),
             Op::Remove { path } => {
                 self.files.clear();
                 let e = self.entry(path)?;
@@ -431,13 +440,8 @@ impl Applier {
                 }
             }
             for (name, value) in xattrs {
-                rustix::fs::lsetxattr(
-                    &obj,
-                    OsStr::from_bytes(name),
-                    value,
-                    XattrFlags::empty(),
-                )
-                .map_err(sys::io)?;
+                rustix::fs::lsetxattr(&obj, OsStr::from_bytes(name), value, XattrFlags::empty())
+                    .map_err(sys::io)?;
             }
         }
         Ok(())

@@ -540,8 +540,18 @@ mod tests {
             assert_eq!(srx.recv().expect("recv"), Message::Ack { seq });
         }
         assert!(!srx.has_buffered());
-        stx.send(&Message::Welcome { sync_id: 1, suspects: vec![] }).expect("send");
-        assert_eq!(crx.recv().expect("recv"), Message::Welcome { sync_id: 1, suspects: vec![] });
+        stx.send(&Message::Welcome {
+            sync_id: 1,
+            suspects: vec![],
+        })
+        .expect("send");
+        assert_eq!(
+            crx.recv().expect("recv"),
+            Message::Welcome {
+                sync_id: 1,
+                suspects: vec![]
+            }
+        );
         // A read timeout loses nothing.
         crx.set_read_timeout(Some(Duration::from_millis(20)))
             .expect("timeout");

@@ -207,8 +207,7 @@ impl DirtySet {
 
     /// Merges every change of `other`.
     pub fn merge(&mut self, other: &DirtySet) {
-        let recs: Vec<(RelPath, Change)> =
-            other.records().map(|(p, c)| (p.clone(), c)).collect();
+        let recs: Vec<(RelPath, Change)> = other.records().map(|(p, c)| (p.clone(), c)).collect();
         for (p, c) in recs {
             self.record(&p, c);
         }
@@ -330,7 +329,9 @@ fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
 pub fn changes_of(op: &proto::Op) -> Vec<(RelPath, Change)> {
     use proto::Op;
     match op {
-        Op::Write { path, offset, data, .. } => vec![(
+        Op::Write {
+            path, offset, data, ..
+        } => vec![(
             path.clone(),
             Change::Range {
                 start: *offset,

@@ -41,6 +41,7 @@ pub mod resync;
 pub mod secondary;
 pub mod state;
 mod sys;
+pub mod verify;
 
 use std::{
     io,
@@ -265,6 +266,10 @@ impl Primary {
     ///
     /// A dead FUSE mount left over `dir` by a crashed daemon ("Transport
     /// endpoint is not connected") is detached first.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the parameters are the primary's own"
+    )]
     pub fn start(
         dir: &Path,
         peer: Option<SocketAddr>,
@@ -366,6 +371,18 @@ impl Primary {
         }
     }
 
+    /// What `safekit rfs verify` needs, detached from the mount (sendable to
+    /// a blocking task).
+    #[must_use]
+    pub fn verifier(&self) -> Verifier {
+        Verifier {
+            root: Arc::clone(&self.root),
+            key: self.key.clone(),
+            name: self.repl.name().to_string(),
+            timeout: self.connect_timeout,
+        }
+    }
+
     /// Where the current (or last) resynchronisation is.
     #[must_use]
     pub fn progress(&self) -> Progress {
@@ -430,6 +447,31 @@ impl Drop for Primary {
             tracing::warn!(error = %error_chain(&e), "unmount failed; detaching lazily");
             let _ = sys::lazy_unmount(&self.dir);
         }
+    }
+}
+
+/// Compares a primary's copy with its secondary's (`safekit rfs verify`).
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    root: Arc<OwnedFd>,
+    key: ChannelKey,
+    name: String,
+    timeout: Duration,
+}
+
+impl Verifier {
+    /// Compares with the secondary at `peer` (blocking; hashes both trees):
+    /// the number of entries here and the differences, one line each
+    /// (none: equal).
+    pub fn verify(&self, peer: SocketAddr) -> Result<(usize, Vec<String>), RfsError> {
+        let mine = verify::manifest(std::os::fd::AsFd::as_fd(&*self.root)).map_err(|source| {
+            RfsError::ResyncRead {
+                dir: self.name.clone(),
+                source,
+            }
+        })?;
+        let theirs = verify::remote_manifest(peer, &self.key, &self.name, self.timeout)?;
+        Ok((mine.len(), verify::compare(&mine, &theirs)))
     }
 }
 

@@ -49,6 +49,7 @@ pub fn mounts_on(dir: &Path) -> usize {
 
 /// Detaches every mount stacked on `dir` (a dead FUSE mount, a read-only
 /// bind mount), lazily; returns how many.
+#[must_use = "how many mounts were detached"]
 pub fn detach_all(dir: &Path) -> usize {
     let mut n = 0;
     for _ in 0..16 {
@@ -75,11 +76,7 @@ pub fn bind_read_only(dir: &Path) -> io::Result<OwnedFd> {
     rustix::mount::mount_bind(dir, dir).map_err(sys::io)?;
     // Private: the bind must not propagate to (or from) peer mounts.
     let _ = rustix::mount::mount_change(dir, MountPropagationFlags::PRIVATE);
-    if let Err(e) = rustix::mount::mount_remount(
-        dir,
-        MountFlags::BIND | MountFlags::RDONLY,
-        "",
-    ) {
+    if let Err(e) = rustix::mount::mount_remount(dir, MountFlags::BIND | MountFlags::RDONLY, "") {
         let _ = sys::lazy_unmount(dir);
         return Err(sys::io(e));
     }

@@ -511,6 +511,30 @@ impl Op {
     }
 }
 
+/// One entry of a copy's manifest (`safekit rfs verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    /// Path below the replicated directory.
+    pub path: RelPath,
+    /// 0 file, 1 directory, 2 symlink, 3 other.
+    pub kind: u8,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size (files).
+    pub size: u64,
+    /// Modification time (files and symlinks; zero for directories).
+    pub mtime: Timestamp,
+    /// BLAKE3 of the content (files), the target (symlinks), else empty.
+    pub digest: Vec<u8>,
+}
+
+/// Most entries in one [`Message::Manifest`].
+pub const MANIFEST_CHUNK: usize = 2048;
+
 /// A message on the replication channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -556,6 +580,21 @@ pub enum Message {
         /// What failed.
         detail: String,
     },
+    /// Primary → secondary, first message of a verification connection
+    /// (instead of [`Message::Hello`]): send the manifest of `dir`.
+    Verify {
+        /// [`VERSION`].
+        version: u32,
+        /// Replicated directory name.
+        dir: String,
+    },
+    /// Secondary → primary: part of its manifest, in path order.
+    Manifest {
+        /// Entries.
+        entries: Vec<ManifestEntry>,
+    },
+    /// Secondary → primary: the manifest is complete.
+    ManifestEnd,
     /// Either side: refusal or orderly close, with the reason.
     Bye {
         /// Why.
@@ -598,6 +637,9 @@ const MSG_OP: u8 = 3;
 const MSG_ACK: u8 = 4;
 const MSG_FAILED: u8 = 5;
 const MSG_BYE: u8 = 6;
+const MSG_VERIFY: u8 = 7;
+const MSG_MANIFEST: u8 = 8;
+const MSG_MANIFEST_END: u8 = 9;
 
 /// Appends LEB128 `v`.
 pub(crate) fn put_u64(out: &mut Vec<u8>, mut v: u64) {
@@ -898,6 +940,26 @@ pub fn encode(out: &mut Vec<u8>, msg: &Message) {
             out.push(MSG_BYE);
             put_bytes(out, reason.as_bytes());
         }
+        Message::Verify { version, dir } => {
+            out.push(MSG_VERIFY);
+            put_u64(out, u64::from(*version));
+            put_bytes(out, dir.as_bytes());
+        }
+        Message::Manifest { entries } => {
+            out.push(MSG_MANIFEST);
+            put_u64(out, entries.len() as u64);
+            for e in entries {
+                put_bytes(out, e.path.as_bytes());
+                out.push(e.kind);
+                put_u64(out, u64::from(e.mode));
+                put_u64(out, u64::from(e.uid));
+                put_u64(out, u64::from(e.gid));
+                put_u64(out, e.size);
+                put_time(out, e.mtime);
+                put_bytes(out, &e.digest);
+            }
+        }
+        Message::ManifestEnd => out.push(MSG_MANIFEST_END),
     }
 }
 
@@ -1060,7 +1122,12 @@ impl<'a> Reader<'a> {
             }
             1 => Change::Meta,
             2 => Change::Tree,
-            tag => return Err(DecodeError::Tag { what: "change", tag }),
+            tag => {
+                return Err(DecodeError::Tag {
+                    what: "change",
+                    tag,
+                });
+            }
         };
         Ok((path, change))
     }
@@ -1356,6 +1423,28 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         MSG_BYE => Message::Bye {
             reason: r.string("bye.reason", 4096)?,
         },
+        MSG_VERIFY => Message::Verify {
+            version: r.u32("verify.version")?,
+            dir: r.string("verify.dir", MAX_PATH)?,
+        },
+        MSG_MANIFEST => {
+            let n = r.count("manifest.entries", MANIFEST_CHUNK)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries.push(ManifestEntry {
+                    path: r.path("manifest.path")?,
+                    kind: r.u8("manifest.kind")?,
+                    mode: r.u32("manifest.mode")?,
+                    uid: r.u32("manifest.uid")?,
+                    gid: r.u32("manifest.gid")?,
+                    size: r.u64("manifest.size")?,
+                    mtime: r.time("manifest.mtime")?,
+                    digest: r.bytes("manifest.digest", MAX_PATH)?.to_vec(),
+                });
+            }
+            Message::Manifest { entries }
+        }
+        MSG_MANIFEST_END => Message::ManifestEnd,
         tag => {
             return Err(DecodeError::Tag {
                 what: "message",
@@ -1381,6 +1470,7 @@ mod tests {
         Timestamp { sec, nsec }
     }
 
+    #[expect(clippy::too_many_lines, reason = "one of each")]
     fn every_op() -> Vec<Op> {
         vec![
             Op::Write {
@@ -1470,7 +1560,10 @@ mod tests {
                 size: 1 << 35,
                 rdev: 0,
                 target: vec![],
-                xattrs: vec![(b"user.a".to_vec(), vec![1, 2]), (b"user.b".to_vec(), vec![])],
+                xattrs: vec![
+                    (b"user.a".to_vec(), vec![1, 2]),
+                    (b"user.b".to_vec(), vec![]),
+                ],
             },
             Op::Put {
                 path: RelPath::root(),
@@ -1519,12 +1612,35 @@ mod tests {
                 sync_id: 0,
                 suspects: vec![],
             },
+            Message::Verify {
+                version: VERSION,
+                dir: "web:/srv/data".into(),
+            },
+            Message::Manifest {
+                entries: vec![ManifestEntry {
+                    path: p("a/b"),
+                    kind: 0,
+                    mode: 0o644,
+                    uid: 1,
+                    gid: 2,
+                    size: 3,
+                    mtime: t(5, 6),
+                    digest: vec![7; 32],
+                }],
+            },
+            Message::ManifestEnd,
             Message::Welcome {
                 sync_id: u64::MAX,
                 suspects: vec![
                     (p("a"), Change::Meta),
                     (RelPath::root(), Change::Tree),
-                    (p("b/c"), Change::Range { start: 5, end: 1 << 33 }),
+                    (
+                        p("b/c"),
+                        Change::Range {
+                            start: 5,
+                            end: 1 << 33,
+                        },
+                    ),
                 ],
             },
             Message::Ack { seq: u64::MAX },

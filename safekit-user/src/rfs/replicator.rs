@@ -159,12 +159,7 @@ impl Progress {
 
     /// Estimated time left.
     #[must_use]
-    #[expect(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "an estimate"
-    )]
+    #[expect(clippy::cast_precision_loss, reason = "an estimate")]
     pub fn eta(&self) -> Option<Duration> {
         let rate = self.rate();
         (rate > 0.0).then(|| {
@@ -222,7 +217,10 @@ impl Replicator {
             dir: dir.clone(),
             source,
         };
-        let mut journal = journal.map(|p| Journal::open(&p)).transpose().map_err(jerr)?;
+        let mut journal = journal
+            .map(|p| Journal::open(&p))
+            .transpose()
+            .map_err(jerr)?;
         // An activity log left by a crash: those changes may differ between
         // the copies; the journal takes them over.
         let al = match &state {
@@ -440,7 +438,7 @@ impl Replicator {
                     },
                     None,
                 )
-                .map_err(|_| lost())?;
+                .map_err(|()| lost())?;
             self.wait_acked(epoch, seq).map_err(|()| lost())?;
             let mut s = self.lock();
             if s.epoch != epoch {
@@ -466,13 +464,12 @@ impl Replicator {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let rest = {
             let s = self.lock();
-            match &s.journal {
-                Some(j) => j.dirty().clone(),
-                None => {
-                    let mut p = pending;
-                    p.merge(&s.fresh);
-                    p
-                }
+            if let Some(j) = &s.journal {
+                j.dirty().clone()
+            } else {
+                let mut p = pending;
+                p.merge(&s.fresh);
+                p
             }
         };
         self.progress_lock().round += 1;
@@ -482,7 +479,7 @@ impl Replicator {
         }
         let id = state::new_sync_id();
         self.submit_resync(epoch, &Op::InSync { sync_id: id }, None)
-            .map_err(|_| lost())?;
+            .map_err(|()| lost())?;
         drop(gate);
         Ok(())
     }
@@ -548,9 +545,7 @@ impl Replicator {
                 .collect();
             let mut res = Ok(());
             for h in handles {
-                let r = h
-                    .join()
-                    .unwrap_or(Err(resync::ItemError::Lost));
+                let r = h.join().unwrap_or(Err(resync::ItemError::Lost));
                 if res.is_ok() {
                     res = r;
                 }
@@ -588,7 +583,8 @@ impl Replicator {
         );
         let size = buf.len() as u64;
         s.outbox.push(buf);
-        s.inflight.push_back((seq, Instant::now(), Vec::new(), size));
+        s.inflight
+            .push_back((seq, Instant::now(), Vec::new(), size));
         s.inflight_bytes += size;
         if let Op::InSync { sync_id } = op {
             // Under the same lock as the queueing: its acknowledgement may
@@ -618,7 +614,7 @@ impl Replicator {
                 let due = Duration::from_secs_f64(done as f64 / cap as f64);
                 let spent = t0.elapsed();
                 if due > spent {
-                    thread::sleep((due - spent).min(Duration::from_secs(1)));
+                    thread::sleep(due.checked_sub(spent).unwrap().min(Duration::from_secs(1)));
                 }
             }
         }
@@ -978,9 +974,7 @@ const MAX_INFLIGHT: u64 = 32 << 20;
 
 /// Small enough to send in the last step, with the application paused.
 fn small(set: &DirtySet) -> bool {
-    set.len() <= 256
-        && set.range_bytes() <= 16 << 20
-        && !set.iter().any(|(_, c)| c.tree)
+    set.len() <= 256 && set.range_bytes() <= 16 << 20 && !set.iter().any(|(_, c)| c.tree)
 }
 
 /// Progress hooks of [`resync::item_ops`].

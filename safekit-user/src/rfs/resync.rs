@@ -64,6 +64,10 @@ fn is_enoent(e: &io::Error) -> bool {
 
 /// Emits the operations that bring `path` on the secondary to its state
 /// here, for the recorded `changes`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one path in order: entry, content, children, times"
+)]
 pub fn item_ops(
     root: &OwnedFd,
     path: &RelPath,

@@ -15,8 +15,9 @@ use std::{
     os::unix::ffi::OsStrExt as _,
     path::PathBuf,
     sync::{
-        Arc, Mutex, mpsc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::Duration,
@@ -328,9 +329,7 @@ fn quarantine(
     let mut n = 0;
     for (p, _) in j.dirty().iter() {
         let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
-        let src = local.join(rel);
-        let dst = dest.join(rel);
-        if copy_tree(&src, &dst)? {
+        if copy_tree(&local.join(rel), &dest.join(rel))? {
             n += 1;
         }
     }
@@ -362,6 +361,35 @@ fn copy_tree(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<bo
     Ok(true)
 }
 
+/// A verification connection: the manifest of the local copy.
+fn serve_verify(ctx: &Ctx, mut tx: ChannelSender, dir: &str, peer: SocketAddr) {
+    let Some(slot) = ctx.registry.get(dir) else {
+        let reason = format!("no replicated directory {dir:?} here");
+        let _ = tx.send(&Message::Bye {
+            reason: reason.clone(),
+        });
+        ctx.event(SecondaryEvent::Refused { peer, reason });
+        return;
+    };
+    let root = match &slot.dir.root {
+        Some(fd) => fd.try_clone(),
+        None => rustix::fs::open(
+            &slot.dir.local,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error())),
+    };
+    let r = root
+        .map_err(|e| format!("open {}: {e}", slot.dir.local.display()))
+        .and_then(|fd| super::verify::send_manifest(&mut tx, std::os::fd::AsFd::as_fd(&fd)));
+    if let Err(reason) = r {
+        let _ = tx.send(&Message::Bye { reason });
+    }
+}
+
 #[expect(
     clippy::too_many_lines,
     reason = "the connection's life in order: handshake, hello, takeover, loop"
@@ -380,6 +408,10 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     let _ = rx.set_read_timeout(Some(ctx.handshake_timeout));
     let dir = match rx.recv() {
         Ok(Message::Hello { version, dir }) if version == proto::VERSION => dir,
+        Ok(Message::Verify { version, dir }) if version == proto::VERSION => {
+            serve_verify(ctx, tx, &dir, peer);
+            return;
+        }
         other => {
             let reason = format!("expected hello (version {}), got {other:?}", proto::VERSION);
             let _ = tx.send(&Message::Bye {
