@@ -27,21 +27,22 @@ fn demo_scripts(start: &str, stop: &str, listen: &str) -> Vec<(String, String)> 
         (
             start.to_owned(),
             format!(
-                "#!/bin/sh\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\n",
+                "#!/bin/sh\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo-$SAFEMODULE.pid\" >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\n",
                 demo.display()
             ),
         ),
         (
             stop.to_owned(),
-            "#!/bin/sh\n[ -f \"$SAFE_ROOT/demo.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo.pid\"\nexit 0\n".to_owned(),
+            "#!/bin/sh\n[ -f \"$SAFE_ROOT/demo-$SAFEMODULE.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo-$SAFEMODULE.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo-$SAFEMODULE.pid\"\nexit 0\n".to_owned(),
         ),
     ]
 }
 
 /// The demo modules: a farm module on every node serving the demo HTTP
-/// service on a VIP, balanced per client IP and port.
+/// service on a VIP, balanced per client IP and port; a mirror module on
+/// node1 and node2 with a VIP and a replicated directory.
 fn modules(spec: &LabSpec) -> Vec<LabModule> {
-    vec![LabModule {
+    vec![mirror_module(spec), LabModule {
         name: "front".into(),
         toml: format!(
             r#"[service]
@@ -67,6 +68,36 @@ timeout = "500ms"
         ),
         scripts: demo_scripts("start_both", "stop_both", "0.0.0.0:80"),
     }]
+}
+
+/// The replicated directory of the demo mirror module.
+const MIRROR_DIR: &str = "/srv/web";
+
+fn mirror_module(spec: &LabSpec) -> LabModule {
+    LabModule {
+        name: "web".into(),
+        toml: format!(
+            r#"[service]
+mode = "mirror"
+defaultprim = "node1"
+nodes = ["node1", "node2"]
+
+[heart]
+pulse = "100ms"
+timeout = "1s"
+
+[vip]
+addrs = ["{}"]
+
+[rfs]
+send_timeout = "1s"
+[[rfs.dir]]
+path = "{MIRROR_DIR}"
+"#,
+            spec.addr(100)
+        ),
+        scripts: demo_scripts("start_prim", "stop_prim", "0.0.0.0:8080"),
+    }
 }
 
 /// Builds the lab and starts safekitd on every node.
@@ -113,6 +144,9 @@ pub fn print_lab_help(nodes: usize) {
     );
     println!(
         "  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.200/          # the farm VIP"
+    );
+    println!(
+        "  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.100:8080/     # the mirror VIP"
     );
     println!("  ip netns exec {PREFIX}cl curl -s http://10.77.{SUBNET}.1:9010/metrics");
     println!("Remove it: cargo xtask lab down");
@@ -225,8 +259,85 @@ pub fn run() -> Result<()> {
     show(&lab, 3, &["start", "-m", "front"])?;
     wait_settled(&lab, nodes);
     show_farm(&lab, &url, 32000);
+    mirror_tour(&mut lab)?;
     lab.persist();
     print_lab_help(nodes);
+    Ok(())
+}
+
+fn module_state(lab: &Lab, i: usize, module: &str) -> String {
+    show(lab, i, &["state", "-m", module, "-l"]).unwrap_or_default()
+}
+
+/// Waits (up to `secs`) until node `i`'s module `module` shows `want`.
+fn wait_state(lab: &Lab, i: usize, module: &str, want: &str, secs: u64) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if module_state(lab, i, module).contains(want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The mirror part: PRIM/SECOND with a replicated directory, a file written
+/// on the primary found on the secondary, kill -9 of the primary, the
+/// secondary takes over with the file, the old primary back as SECOND.
+fn mirror_tour(lab: &mut Lab) -> Result<()> {
+    let vip = lab.spec().addr(100);
+    println!("== mirror module 'web' on node1 and node2: VIP {vip}, {MIRROR_DIR} replicated");
+    for i in [1, 2] {
+        show(lab, i, &["start", "-m", "web"])?;
+    }
+    let synced = wait_state(lab, 1, "web", "PRIM", 15) && wait_state(lab, 2, "web", "SECOND", 5);
+    for i in [1, 2] {
+        print!("{}", show(lab, i, &["state", "-m", "web", "-v"])?);
+    }
+    if !synced {
+        println!("   (the pair did not reach PRIM/SECOND within 15 s: see `safekit log -m web`)");
+        return Ok(());
+    }
+    let url = format!("http://{vip}:8080/");
+    println!("   the client asks {url}: {}", curl(lab, &url, 33000));
+    let path = lab.root(1).join(MIRROR_DIR.trim_start_matches('/')).join("orders.txt");
+    if let Some(p) = lab.node_view(1, &path) {
+        std::fs::write(&p, "order 1\norder 2\n")?;
+        println!("   wrote {} through node1's mount", path.display());
+    }
+    let copy = lab.root(2).join(MIRROR_DIR.trim_start_matches('/')).join("orders.txt");
+    std::thread::sleep(Duration::from_millis(100));
+    println!(
+        "   node2's copy {}: {:?}",
+        copy.display(),
+        std::fs::read_to_string(&copy).unwrap_or_else(|e| format!("({e})"))
+    );
+    println!("== kill -9 of node1's safekitd: node2 takes over after the 1 s heartbeat timeout");
+    let t = Instant::now();
+    lab.kill_daemon(1);
+    // The demo service of node1 dies with its host in real life.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "kill $(cat {}/demo-web.pid) 2>/dev/null",
+            lab.root(1).display()
+        ))
+        .status();
+    if wait_state(lab, 2, "web", "ALONE", 10) {
+        println!("   node2 ALONE after {} ms", t.elapsed().as_millis());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    println!("   the client asks {url}: {}", curl(lab, &url, 33001));
+    println!("== node1's safekitd restarted: SECOND, resynchronised with only what changed");
+    lab.start_daemon(1)?;
+    show(lab, 1, &["start", "-m", "web"])?;
+    show(lab, 1, &["start", "-m", "front"])?;
+    if wait_state(lab, 2, "web", "PRIM", 15) {
+        for i in [2, 1] {
+            print!("{}", show(lab, i, &["state", "-m", "web", "-v"])?);
+        }
+    }
+    print!("{}", show(lab, 2, &["rfs", "verify", "-m", "web"])?);
     Ok(())
 }
 

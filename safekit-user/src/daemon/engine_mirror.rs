@@ -285,9 +285,17 @@ impl Engine {
                 }
             }
             Act::Log(text) => m.log.info(&text),
-            Act::Quarantine => m
-                .log
-                .info("quarantine: no replicated directory in this module, nothing to keep aside"),
+            Act::Quarantine => {
+                if m.mirror.as_ref().is_some_and(|rt| rt.rfs.is_some()) {
+                    m.log.info(
+                        "quarantine: what this node changed alone is copied aside when the resynchronisation from the peer starts",
+                    );
+                } else {
+                    m.log.info(
+                        "quarantine: no replicated directory in this module, nothing to keep aside",
+                    );
+                }
+            }
             Act::StartPrimary => {
                 self.pending += 1;
                 let registry = std::sync::Arc::clone(&self.registry);
