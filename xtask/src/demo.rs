@@ -42,10 +42,12 @@ fn demo_scripts(start: &str, stop: &str, listen: &str) -> Vec<(String, String)> 
 /// service on a VIP, balanced per client IP and port; a mirror module on
 /// node1 and node2 with a VIP and a replicated directory.
 fn modules(spec: &LabSpec) -> Vec<LabModule> {
-    vec![mirror_module(spec), LabModule {
-        name: "front".into(),
-        toml: format!(
-            r#"[service]
+    vec![
+        mirror_module(spec),
+        LabModule {
+            name: "front".into(),
+            toml: format!(
+                r#"[service]
 mode = "farm"
 
 [farm]
@@ -64,10 +66,11 @@ port = 80
 interval = "1s"
 timeout = "500ms"
 "#,
-            spec.addr(200)
-        ),
-        scripts: demo_scripts("start_both", "stop_both", "0.0.0.0:80"),
-    }]
+                spec.addr(200)
+            ),
+            scripts: demo_scripts("start_both", "stop_both", "0.0.0.0:80"),
+        },
+    ]
 }
 
 /// The replicated directory of the demo mirror module.
@@ -300,12 +303,18 @@ fn mirror_tour(lab: &mut Lab) -> Result<()> {
     }
     let url = format!("http://{vip}:8080/");
     println!("   the client asks {url}: {}", curl(lab, &url, 33000));
-    let path = lab.root(1).join(MIRROR_DIR.trim_start_matches('/')).join("orders.txt");
+    let path = lab
+        .root(1)
+        .join(MIRROR_DIR.trim_start_matches('/'))
+        .join("orders.txt");
     if let Some(p) = lab.node_view(1, &path) {
         std::fs::write(&p, "order 1\norder 2\n")?;
         println!("   wrote {} through node1's mount", path.display());
     }
-    let copy = lab.root(2).join(MIRROR_DIR.trim_start_matches('/')).join("orders.txt");
+    let copy = lab
+        .root(2)
+        .join(MIRROR_DIR.trim_start_matches('/'))
+        .join("orders.txt");
     std::thread::sleep(Duration::from_millis(100));
     println!(
         "   node2's copy {}: {:?}",

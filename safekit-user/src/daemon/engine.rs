@@ -183,7 +183,16 @@ pub struct Engine {
     pending: usize,
     /// Replicated directories this node receives (served on TCP 5600).
     pub(super) registry: std::sync::Arc<crate::rfs::Registry>,
+    /// After a stall of this process: no peer is judged lost before this.
+    stall_grace: Option<Instant>,
 }
+
+/// A gap between two turns of the main loop (which turns at least once a
+/// second) longer than this means the daemon was not running.
+const STALL_GAP: Duration = Duration::from_millis(1500);
+/// How long the heartbeat receivers get after a stall to deliver what came
+/// meanwhile.
+const STALL_GRACE: Duration = Duration::from_millis(300);
 
 impl Engine {
     /// Whether a module replicates directories (the listener is needed).
@@ -280,13 +289,17 @@ impl Engine {
             dataplane,
             pending: 0,
             registry: crate::rfs::Registry::new(),
+            stall_grace: None,
         })
     }
 
     /// The main loop: wait for an event or the next deadline, step, publish.
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>, shared: Arc<Shared>) {
+        let mut last = Instant::now();
         loop {
-            let deadline = self.next_deadline();
+            // During a stall grace, only events and its end wake the loop
+            // (other deadlines are past and would spin it).
+            let deadline = self.stall_grace.unwrap_or_else(|| self.next_deadline());
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(ev) => self.handle_event(Instant::now(), ev),
@@ -295,7 +308,26 @@ impl Engine {
                 () = tokio::time::sleep_until(deadline.into()) => {}
             }
             let now = Instant::now();
-            self.handle_timeout(now);
+            // The loop runs at least once a second: a longer gap means this
+            // process was not running (SIGSTOP, a paused VM, starvation).
+            // Heartbeats that arrived meanwhile wait in the sockets: let the
+            // receivers deliver them before judging any peer lost.
+            let gap = now.saturating_duration_since(last);
+            last = now;
+            if gap > STALL_GAP {
+                tracing::warn!(
+                    ?gap,
+                    "safekitd was not running for a while: peers get a grace before being judged"
+                );
+                self.stall_grace = Some(now + STALL_GRACE);
+            }
+            match self.stall_grace {
+                Some(t) if now < t => self.send_due_heartbeats(now),
+                _ => {
+                    self.stall_grace = None;
+                    self.handle_timeout(now);
+                }
+            }
             *shared.status.write().await = self.status(now);
             if self.shutting_down && self.pending == 0 {
                 tracing::info!("safekitd stopped");
@@ -941,7 +973,11 @@ impl Engine {
         for name in refresh {
             self.farm_refresh(&name);
         }
-        // Heartbeats due.
+        self.send_due_heartbeats(now);
+    }
+
+    /// Sends the heartbeats that are due.
+    fn send_due_heartbeats(&mut self, now: Instant) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
             let due = self.modules.get(&name).is_some_and(|m| m.next_pulse <= now);

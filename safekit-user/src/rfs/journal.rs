@@ -6,8 +6,11 @@
 //! file part is [`Journal`]:
 //!
 //! - A record is appended only when it adds information (a range already
-//!   covered costs nothing), with ranges widened to [`CHUNK`] boundaries so a
-//!   sequential writer appends once per MiB, not once per write.
+//!   covered costs nothing). Ranges are kept to [`FINE`] (4 KiB) boundaries
+//!   for what a resynchronisation sends, and the durability that the
+//!   application waits for is by [`CHUNK`] (1 MiB): only a change outside
+//!   the chunks already recorded needs an fsync, so a sequential writer
+//!   syncs the journal once per MiB, not once per write.
 //! - The caller calls [`Journal::sync`] (fdatasync) before telling the
 //!   application its operation is done: an acknowledged change is always in
 //!   the journal on disk.
@@ -32,8 +35,11 @@ use thiserror::Error;
 
 use super::proto::{self, RelPath};
 
-/// Granularity of recorded ranges.
+/// Granularity of the durable envelope: a change outside the chunks already
+/// recorded costs an fsync before the application's reply.
 pub const CHUNK: u64 = 1 << 20;
+/// Granularity of the ranges kept for the resynchronisation (what is sent).
+pub const FINE: u64 = 4096;
 const MAGIC: &[u8; 8] = b"SKRFSJ1\n";
 const KIND_RANGE: u8 = 1;
 const KIND_META: u8 = 2;
@@ -258,9 +264,26 @@ impl DirtySet {
 /// Widens a range to [`CHUNK`] boundaries.
 #[must_use]
 pub fn widen(start: u64, end: u64) -> (u64, u64) {
-    let s = start - start % CHUNK;
-    let e = end.div_ceil(CHUNK).saturating_mul(CHUNK);
+    widen_to(start, end, CHUNK)
+}
+
+/// Widens a range to multiples of `g`.
+#[must_use]
+pub fn widen_to(start: u64, end: u64, g: u64) -> (u64, u64) {
+    let s = start - start % g;
+    let e = end.div_ceil(g).saturating_mul(g);
     (s, e.max(s))
+}
+
+/// `change` with its range widened to multiples of `g`.
+fn widened(change: Change, g: u64) -> Change {
+    match change {
+        Change::Range { start, end } => {
+            let (start, end) = widen_to(start, end, g);
+            Change::Range { start, end }
+        }
+        c => c,
+    }
 }
 
 fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
@@ -379,7 +402,10 @@ pub fn changes_of(op: &proto::Op) -> Vec<(RelPath, Change)> {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// What changed, ranges to [`FINE`] granularity (what a resync sends).
     set: DirtySet,
+    /// The same to [`CHUNK`] granularity: what the synced records cover.
+    coarse: DirtySet,
     records: usize,
     unsynced: bool,
 }
@@ -402,6 +428,7 @@ impl Journal {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(err("read"))?;
         let mut set = DirtySet::default();
+        let mut coarse = DirtySet::default();
         let mut records = 0;
         if buf.len() < MAGIC.len() {
             file.set_len(0).map_err(err("truncate"))?;
@@ -416,6 +443,7 @@ impl Journal {
             let (recs, valid) = decode_records(&buf[MAGIC.len()..]);
             for (p, c) in &recs {
                 set.record(p, *c);
+                coarse.record(p, widened(*c, CHUNK));
             }
             records = recs.len();
             let end = (MAGIC.len() + valid) as u64;
@@ -429,6 +457,7 @@ impl Journal {
             path: path.to_path_buf(),
             file,
             set,
+            coarse,
             records,
             unsynced: false,
         })
@@ -446,22 +475,32 @@ impl Journal {
     }
 
     /// Records a change (appended, not yet synced) if it adds information.
+    ///
+    /// Two granularities: the set keeps ranges to [`FINE`] (what a resync
+    /// will send), and a change outside the [`CHUNK`]s already recorded
+    /// appends its chunk-wide record and needs the next [`Journal::sync`]. A
+    /// change inside a recorded chunk appends its fine record without
+    /// needing a sync: after a crash, the synced chunk still covers it (a
+    /// resync then sends the whole chunk).
     pub fn record(&mut self, path: &RelPath, change: Change) -> Result<(), JournalError> {
-        let change = match change {
-            Change::Range { start, end } => {
-                let (start, end) = widen(start, end);
-                Change::Range { start, end }
-            }
-            c => c,
-        };
-        if !self.set.record(path, change) {
+        let fine = widened(change, FINE);
+        let coarse = widened(change, CHUNK);
+        let new_coarse = self.coarse.record(path, coarse);
+        let new_fine = self.set.record(path, fine);
+        let written = if new_coarse {
+            coarse
+        } else if new_fine {
+            fine
+        } else {
             return Ok(());
-        }
+        };
         let mut buf = Vec::new();
-        encode_record(&mut buf, path, change);
+        encode_record(&mut buf, path, written);
         self.file.write_all(&buf).map_err(self.io("append to"))?;
         self.records += 1;
-        self.unsynced = true;
+        if new_coarse {
+            self.unsynced = true;
+        }
         Ok(())
     }
 
@@ -503,6 +542,10 @@ impl Journal {
             n += 1;
         }
         self.replace(&buf)?;
+        self.coarse = DirtySet::default();
+        for (p, c) in set.records() {
+            self.coarse.record(p, widened(c, CHUNK));
+        }
         self.set = set;
         self.records = n;
         self.unsynced = false;
@@ -519,6 +562,7 @@ impl Journal {
             .seek(SeekFrom::Start(MAGIC.len() as u64))
             .map_err(self.io("seek"))?;
         self.set = DirtySet::default();
+        self.coarse = DirtySet::default();
         self.records = 0;
         self.unsynced = false;
         Ok(())
@@ -534,6 +578,7 @@ impl Journal {
     pub fn clear(&mut self) -> Result<(), JournalError> {
         self.replace(MAGIC)?;
         self.set = DirtySet::default();
+        self.coarse = DirtySet::default();
         self.records = 0;
         Ok(())
     }

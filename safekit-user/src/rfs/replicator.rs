@@ -516,10 +516,22 @@ impl Replicator {
         opts: ResyncOpts,
     ) -> Result<(), resync::ItemError> {
         let items: Vec<_> = set.iter().map(|(p, c)| (p.clone(), c.clone())).collect();
+        // Totals first (subtrees counted by a walk), so the rate gives a
+        // meaningful ETA from the start.
+        let (mut files, mut bytes) = (0u64, set.range_bytes());
+        for (path, c) in &items {
+            if c.tree {
+                let (p, b) = resync::count_tree(root, path).unwrap_or((1, 0));
+                files += p;
+                bytes += b;
+            } else {
+                files += 1;
+            }
+        }
         {
             let mut p = self.progress_lock();
-            p.files_total += items.len() as u64;
-            p.bytes_total += set.range_bytes();
+            p.files_total += files;
+            p.bytes_total += bytes;
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let workers = opts.workers.clamp(1, 64).min(items.len().max(1));
@@ -977,16 +989,10 @@ fn small(set: &DirtySet) -> bool {
     set.len() <= 256 && set.range_bytes() <= 16 << 20 && !set.iter().any(|(_, c)| c.tree)
 }
 
-/// Progress hooks of [`resync::item_ops`].
+/// Progress hooks of [`resync::item_ops`] (totals are counted before).
 struct Tallier<'a>(&'a Replicator);
 
 impl resync::Tally for Tallier<'_> {
-    fn paths(&self, n: u64) {
-        self.0.progress_lock().files_total += n;
-    }
-    fn bytes(&self, n: u64) {
-        self.0.progress_lock().bytes_total += n;
-    }
     fn done(&self) {
         self.0.progress_lock().files_done += 1;
     }

@@ -48,12 +48,9 @@ impl From<io::Error> for ItemError {
 /// Where the operations go: `emit(op)`; `Err` when the link is gone.
 pub type Emit<'a> = dyn FnMut(Op) -> Result<(), ItemError> + 'a;
 
-/// Hooks for progress: a path discovered, bytes of data about to be read.
+/// Progress hook: one more path sent (totals are counted before, see
+/// [`count_tree`]).
 pub trait Tally {
-    /// `n` more paths to send (children of a subtree).
-    fn paths(&self, n: u64);
-    /// `n` more bytes to send (a subtree's file).
-    fn bytes(&self, n: u64);
     /// One more path sent.
     fn done(&self);
 }
@@ -131,8 +128,6 @@ pub fn item_ops(
     match kind {
         EntryKind::Node(NodeKind::File) => {
             let ranges: Vec<(u64, u64)> = if changes.tree {
-                // Data only: holes are not sent.
-                tally.bytes(size.min(u64::try_from(st.st_blocks).unwrap_or(0) * 512));
                 vec![(0, size)]
             } else {
                 changes
@@ -168,7 +163,6 @@ pub fn item_ops(
                 path: path.clone(),
                 keep: names.clone(),
             })?;
-            tally.paths(names.len() as u64);
             let whole = PathChanges {
                 tree: true,
                 ..PathChanges::default()
@@ -192,6 +186,47 @@ pub fn item_ops(
     })?;
     tally.done();
     Ok(())
+}
+
+/// Paths and data bytes below (and including) `path`, for the progress
+/// totals of a subtree before it is sent.
+pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
+    let (mut paths, mut bytes) = (1u64, 0u64);
+    let st = if path.is_root() {
+        sys::fstat(root)?
+    } else {
+        let (parent, name) = path
+            .split()
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let d = sys::open_dir(root.as_fd(), parent)?;
+        sys::stat_at(d.as_fd(), OsStr::from_bytes(name))?
+    };
+    match sys::file_type(&st) {
+        FileType::RegularFile => {
+            bytes += u64::try_from(st.st_size)
+                .unwrap_or(0)
+                .min(u64::try_from(st.st_blocks).unwrap_or(0) * 512);
+        }
+        FileType::Directory => {
+            let d = sys::open_dir(root.as_fd(), path.as_bytes())?;
+            for n in apply::list_dir(d.as_fd())? {
+                let child = path
+                    .join(&n)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+                match count_tree(root, &child) {
+                    Ok((p, b)) => {
+                        paths += p;
+                        bytes += b;
+                    }
+                    // Gone meanwhile.
+                    Err(e) if is_enoent(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok((paths, bytes))
 }
 
 /// The path is gone here: gone there too.
