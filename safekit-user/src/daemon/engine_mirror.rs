@@ -278,6 +278,7 @@ impl Engine {
         }
     }
 
+    #[expect(clippy::too_many_lines, reason = "one arm per action of the core")]
     fn mirror_action(&mut self, name: &str, action: Act) {
         let Some(m) = self.modules.get(name) else {
             return;
