@@ -954,15 +954,15 @@ fn write_at(path: &Path, off: u64, data: &[u8]) {
 
 #[test]
 fn a_returning_node_gets_only_what_changed() {
-    // The issue asks for a 1 GiB tree; 256 MiB by default keeps the suite's
-    // time reasonable on 2 cores. SAFEKIT_REINT_MB=1024 runs the full size.
+    // The issue's 1 GiB tree (about 10 s here); SAFEKIT_REINT_MB sets
+    // another size.
     const FILE_MB: usize = 4;
     const CHANGES: usize = 50;
     const CHANGED: usize = 10 * MIB;
     let mb: usize = std::env::var("SAFEKIT_REINT_MB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(1024);
     let _serial = serial();
     let mut rig = Rig::new("skrf3", 63, "");
     // The tree is on node1 before anything starts: the first
@@ -975,7 +975,7 @@ fn a_returning_node_gets_only_what_changed() {
         fs::write(&p, noise(&format!("tree {k}"), FILE_MB * MIB)).unwrap();
     }
     println!(
-        "reintegration: tree of {files} files, {mb} MiB (SAFEKIT_REINT_MB, default 256; the issue's 1 GiB with 1024), written in {:?}",
+        "reintegration: tree of {files} files, {mb} MiB (SAFEKIT_REINT_MB, default 1024: the issue's 1 GiB), written in {:?}",
         t.elapsed()
     );
     rig.start_both();
