@@ -46,6 +46,12 @@ pub enum ScriptError {
         /// The limit.
         timeout: Duration,
     },
+    /// Stopped before it finished (`forcestop`); its process group killed.
+    #[error("{path} interrupted by forcestop and killed")]
+    Cancelled {
+        /// Script path.
+        path: PathBuf,
+    },
     /// It exited non-zero.
     #[error("{path} failed: {status}")]
     Failed {
@@ -121,6 +127,26 @@ pub async fn run(
     timeout: Duration,
     log: &ModuleLog,
 ) -> Result<bool, ScriptError> {
+    let never = std::future::pending::<()>();
+    run_until(module_dir, name, args, role, env, timeout, log, never).await
+}
+
+/// Like [`run`], and also stopped (process group killed,
+/// [`ScriptError::Cancelled`]) as soon as `cancel` completes.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "run's arguments plus the cancellation; a struct would only rename them"
+)]
+pub async fn run_until(
+    module_dir: &Path,
+    name: &str,
+    args: &[&str],
+    role: &str,
+    env: &ScriptEnv,
+    timeout: Duration,
+    log: &ModuleLog,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Result<bool, ScriptError> {
     let path = module_dir.join("bin").join(name);
     if !path.exists() {
         return Ok(false);
@@ -159,16 +185,23 @@ pub async fn run(
     // pipes: the pumps are never awaited, they end with the last writer.
     pump(out, log.clone(), "");
     pump(err, log.clone(), "stderr: ");
-    let status = match tokio::time::timeout(timeout, child.wait()).await {
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, child.wait()) => r.map_err(|_| ScriptError::Timeout {
+            path: path.clone(),
+            timeout,
+        }),
+        () = cancel => Err(ScriptError::Cancelled { path: path.clone() }),
+    };
+    let status = match outcome {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ScriptError::Spawn { path, source }),
-        Err(_) => {
+        Err(e) => {
             if let Some(pg) = pgid {
                 // SAFETY: kill(2) on the process group we created; no memory.
                 unsafe { libc::kill(-pg, libc::SIGKILL) };
             }
             let _ = child.wait().await;
-            return Err(ScriptError::Timeout { path, timeout });
+            return Err(e);
         }
     };
     if status.success() {
@@ -300,5 +333,44 @@ mod tests {
         )
         .await;
         assert!(matches!(r, Err(ScriptError::Failed { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_script_is_killed_at_once() {
+        let d = module_dir(
+            "#!/bin/sh\necho $$ > \"$SAFE_ROOT/pid\"\nexec sleep 30\n",
+            0o755,
+        );
+        let log = ModuleLog::new(d.0.join("m.log"));
+        let mut e = env();
+        e.root.clone_from(&d.0);
+        let pid_file = d.0.join("pid");
+        let cancel = async {
+            for _ in 0..200 {
+                if std::fs::read_to_string(&pid_file).is_ok_and(|p| !p.trim().is_empty()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let start = std::time::Instant::now();
+        let r = run_until(
+            &d.0,
+            "start_both",
+            &[],
+            "both",
+            &e,
+            Duration::from_secs(20),
+            &log,
+            cancel,
+        )
+        .await;
+        assert!(matches!(r, Err(ScriptError::Cancelled { .. })), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "the script's process survived"
+        );
     }
 }

@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 
 #[path = "engine_mirror.rs"]
 mod mirror_glue;
+#[path = "engine_mirror_seq.rs"]
+mod mirror_seq;
 
 use mirror_glue::MirrorRt;
 
@@ -98,6 +100,10 @@ pub enum EffectDone {
     PrimaryDown(Result<(), String>),
     /// Mirror: a split-brain witness answered (or none did).
     Witness(bool),
+    /// Mirror: `prestart` finished (or why it failed).
+    Prestart(Result<(), String>),
+    /// Mirror: `poststop` finished (or why it failed).
+    Poststop(Result<(), String>),
 }
 
 /// What this node knows of one peer's instance of a module.
@@ -492,10 +498,10 @@ impl Engine {
                     M::PrimForce => self.mirror_command(&module, Cmd::PrimForce),
                     M::Swap => self.mirror_command(&module, Cmd::Swap),
                     M::Restart => self.mirror_command(&module, Cmd::Restart),
-                    M::StopStart | M::ForceStop => {
+                    M::ForceStop => self.mirror_forcestop(&module),
+                    M::StopStart => {
                         let r = self.mirror_command(&module, Cmd::Stop);
                         if r.is_ok()
-                            && cmd == M::StopStart
                             && let Some(m) = self.modules.get_mut(&module)
                         {
                             m.restart_after_stop = true;
@@ -669,10 +675,7 @@ impl Engine {
     }
 
     fn effect_done(&mut self, name: &str, done: EffectDone) {
-        if matches!(
-            done,
-            EffectDone::PrimaryUp(_) | EffectDone::PrimaryDown(_) | EffectDone::Witness(_)
-        ) {
+        if !matches!(done, EffectDone::FarmUp(_) | EffectDone::FarmDown(_)) {
             self.mirror_effect(name, done);
             return;
         }
@@ -703,7 +706,11 @@ impl Engine {
                 m.wanted = false;
                 self.begin_stop(name);
             }
-            EffectDone::PrimaryUp(_) | EffectDone::PrimaryDown(_) | EffectDone::Witness(_) => {}
+            EffectDone::PrimaryUp(_)
+            | EffectDone::PrimaryDown(_)
+            | EffectDone::Witness(_)
+            | EffectDone::Prestart(_)
+            | EffectDone::Poststop(_) => {}
             EffectDone::FarmDown(r) => {
                 self.pending = self.pending.saturating_sub(1);
                 if let Err(e) = r {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{EffectDone, Engine, Event, Module};
+use super::{EffectDone, Engine, Event, Module, mirror_seq::Sequencer};
 use crate::{
     config::{CheckAction, DefaultPrim, ModuleConfig, SplitBrainKeep, When},
     daemon::{
@@ -35,6 +35,8 @@ pub(super) struct MirrorRt {
     pub(super) stop_pending: bool,
     /// Checker-triggered restarts inside the current `loop_interval`.
     pub(super) loops: Vec<Instant>,
+    /// Its effects, one at a time.
+    pub(super) seq: Sequencer,
 }
 
 pub(super) fn to_state(s: MState) -> ModuleState {
@@ -104,6 +106,7 @@ impl MirrorRt {
             starting: false,
             stop_pending: false,
             loops: Vec::new(),
+            seq: Sequencer::new(),
         }
     }
 
@@ -163,7 +166,7 @@ fn store_persisted(paths: &Paths, module: &str, data: &Persisted) -> std::io::Re
 }
 
 impl Engine {
-    fn mirror_job(&self, m: &Module) -> MirrorJob {
+    pub(super) fn mirror_job(&self, m: &Module) -> MirrorJob {
         let vip = m.cfg.vip.as_ref();
         MirrorJob {
             module_dir: self.paths.module_dir(&m.cfg.name),
@@ -186,6 +189,10 @@ impl Engine {
             nice_timeout: m.cfg.user.nice_stop_timeout,
             force_timeout: m.cfg.user.force_stop_timeout,
             log: m.log.clone(),
+            force: m.mirror.as_ref().map_or_else(
+                || tokio::sync::watch::channel(false).1,
+                |rt| rt.seq.force_rx(),
+            ),
         }
     }
 
@@ -204,12 +211,7 @@ impl Engine {
         m.log.info(&format!("command {cmd:?}"));
         if was_stopped {
             m.wanted = true;
-            let job = self.mirror_job(self.modules.get(name).ok_or("module vanished")?);
-            tokio::spawn(async move {
-                if let Err(e) = fx::prestart(job.clone()).await {
-                    job.log.error(&e);
-                }
-            });
+            self.mirror_begin(name);
             if let Some(env) = self.modules.get(name).map(|m| self.mirror_env(m)) {
                 let dir = self.paths.module_dir(name);
                 if let Some(m) = self.modules.get_mut(name) {
@@ -264,22 +266,26 @@ impl Engine {
                 return;
             }
         }
-        if stopped && !m.checks.is_empty() {
+        if stopped {
             for h in m.checks.drain(..) {
                 h.abort();
             }
             m.failing.clear();
-            let job = self.mirror_job(self.modules.get(name).expect("module exists"));
-            tokio::spawn(async move {
-                if let Err(e) = fx::poststop(job.clone()).await {
-                    job.log.error(&e);
-                }
-            });
+            self.mirror_end(name);
         }
     }
 
     #[expect(clippy::too_many_lines, reason = "one arm per action of the core")]
     fn mirror_action(&mut self, name: &str, action: Act) {
+        if matches!(action, Act::StartPrimary | Act::StopPrimary) {
+            self.mirror_step(name, super::mirror_seq::Step::Core(action));
+        } else {
+            self.mirror_act(name, action);
+        }
+    }
+
+    /// Executes one action (effects through [`Self::mirror_step`]).
+    pub(super) fn mirror_act(&mut self, name: &str, action: Act) {
         let Some(m) = self.modules.get(name) else {
             return;
         };
@@ -404,6 +410,7 @@ impl Engine {
             return;
         };
         let Some(rt) = m.mirror.as_mut() else { return };
+        let sequenced = !matches!(done, EffectDone::Witness(_));
         match done {
             EffectDone::PrimaryUp(r) => {
                 self.pending = self.pending.saturating_sub(1);
@@ -438,10 +445,32 @@ impl Engine {
                 }
                 rt.core.app_stopped(now);
             }
+            EffectDone::Prestart(r) => {
+                self.pending = self.pending.saturating_sub(1);
+                if let Err(e) = r {
+                    m.log.error(&format!("prestart: {e}: stopping the module"));
+                    m.wanted = false;
+                    let _ = rt.core.handle_command(now, Cmd::Stop);
+                }
+            }
+            EffectDone::Poststop(r) => {
+                self.pending = self.pending.saturating_sub(1);
+                if let Err(e) = r {
+                    m.log.error(&format!("poststop: {e}"));
+                }
+            }
             EffectDone::Witness(ok) => rt.core.witness(now, ok),
             EffectDone::FarmUp(_) | EffectDone::FarmDown(_) => {}
         }
+        if sequenced {
+            rt.seq.finished();
+            m.busy = rt.seq.busy();
+        }
+        // What the core asks now queues behind the effects already waiting.
         self.mirror_drain(name);
+        if sequenced {
+            self.mirror_next_step(name);
+        }
     }
 
     /// A peer heartbeat for a mirror module.

@@ -31,6 +31,10 @@ pub(super) struct MirrorJob {
     pub(super) nice_timeout: Duration,
     pub(super) force_timeout: Duration,
     pub(super) log: ModuleLog,
+    /// Becomes true on `forcestop`: the running `prestart`, `start_prim` or
+    /// nice `stop_prim` is killed, and the stop goes straight to `stop_prim
+    /// force`.
+    pub(super) force: tokio::sync::watch::Receiver<bool>,
 }
 
 impl MirrorJob {
@@ -55,15 +59,39 @@ pub struct PrimaryUp {
     pub(super) rfs: Vec<crate::rfs::Primary>,
 }
 
+impl MirrorJob {
+    /// True once `forcestop` was asked.
+    fn forced(&self) -> bool {
+        *self.force.borrow()
+    }
+
+    /// Completes when `forcestop` is asked (never if the module is gone).
+    async fn until_forced(&self) {
+        let mut rx = self.force.clone();
+        if rx.wait_for(|forced| *forced).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Runs a script, logging failure; `Ok(())` when absent or successful.
+/// `interruptible`: killed as soon as `forcestop` is asked.
 async fn script(
     job: &MirrorJob,
     name: &str,
     args: &[&str],
     role: &str,
     timeout: Duration,
+    interruptible: bool,
 ) -> Result<(), String> {
-    script::run(
+    let cancel = async {
+        if interruptible {
+            job.until_forced().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    script::run_until(
         &job.module_dir,
         name,
         args,
@@ -71,25 +99,30 @@ async fn script(
         &job.env,
         timeout,
         &job.log,
+        cancel,
     )
     .await
     .map(|_| ())
     .map_err(|e| e.to_string())
 }
 
-/// `prestart` (before the module runs in any role).
+/// `prestart`: before the module runs in any role; the engine holds
+/// `start_prim` until it finished.
 pub(super) async fn prestart(job: MirrorJob) -> Result<(), String> {
-    script(&job, "prestart", &[], "none", job.nice_timeout).await
+    script(&job, "prestart", &[], "none", job.nice_timeout, true).await
 }
 
-/// `poststop` (after the module stopped in every role).
+/// `poststop`: once the module stopped in every role, after `stop_prim`.
 pub(super) async fn poststop(job: MirrorJob) -> Result<(), String> {
-    script(&job, "poststop", &[], "none", job.nice_timeout).await
+    script(&job, "poststop", &[], "none", job.nice_timeout, false).await
 }
 
 /// Becomes primary: VIP added on the interface of its subnet, announced by
 /// gratuitous ARP from this node's MAC, then `start_prim`.
 pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
+    if job.forced() {
+        return Err("forcestop asked: not becoming primary".to_owned());
+    }
     let mut iface = None;
     if let Some(first) = job.vips.first().copied() {
         let handle = vip::connect().map_err(|e| e.to_string())?;
@@ -117,7 +150,17 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
         }
         _ => None,
     };
-    script(&job, "start_prim", &[], "prim", job.nice_timeout).await?;
+    if let Err(e) = script(&job, "start_prim", &[], "prim", job.nice_timeout, true).await {
+        // Nothing is handed to the engine: release what was taken here.
+        if let Some(h) = &reroute {
+            h.abort();
+        }
+        let mut errors = vec![e];
+        if let Some(i) = &iface {
+            remove_vips(&job, i, &mut errors).await;
+        }
+        return Err(errors.join("; "));
+    }
     Ok(PrimaryUp {
         iface,
         reroute,
@@ -125,43 +168,68 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     })
 }
 
-/// Stops being primary: `stop_prim` (then `stop_prim force` if it fails or
-/// times out), VIP removed, TCP connections to it reset when configured.
+/// Stops being primary: `stop_prim` (then `stop_prim force` if it fails,
+/// times out or `forcestop` interrupts it; `forcestop` asked before: `stop_prim
+/// force` alone), TCP connections to the VIP reset when configured (while
+/// the VIP is still here, so that the resets reach the clients), VIP
+/// removed.
 pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Result<(), String> {
     let mut errors = Vec::new();
     if let Some(h) = up.as_ref().and_then(|u| u.reroute.as_ref()) {
         h.abort();
     }
-    if let Err(e) = script(&job, "stop_prim", &[], "prim", job.nice_timeout).await {
+    let run_force = if job.forced() {
+        job.log
+            .info("forcestop: stop_prim force without the nice stop_prim");
+        true
+    } else if let Err(e) = script(&job, "stop_prim", &[], "prim", job.nice_timeout, true).await {
         job.log.error(&format!("{e}: running stop_prim force"));
-        if let Err(e) = script(&job, "stop_prim", &["force"], "prim", job.force_timeout).await {
+        true
+    } else {
+        false
+    };
+    if run_force {
+        let force = script(
+            &job,
+            "stop_prim",
+            &["force"],
+            "prim",
+            job.force_timeout,
+            false,
+        );
+        if let Err(e) = force.await {
             errors.push(e);
         }
     }
     let iface = up.and_then(|u| u.iface);
     if let Some(i) = &iface {
-        match vip::connect() {
-            Ok(handle) => {
-                for v in &job.vips {
-                    if let Err(e) = vip::remove(&handle, i, *v).await {
-                        errors.push(e.to_string());
-                    } else {
-                        job.log.info(&format!("VIP {v} removed from {}", i.name));
-                    }
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
         if job.tcp_reset {
             for v in &job.vips {
                 reset_connections(*v, &job.log).await;
             }
         }
+        remove_vips(&job, i, &mut errors).await;
     }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors.join("; "))
+    }
+}
+
+/// Removes the module's VIPs from `i`, collecting failures in `errors`.
+async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<String>) {
+    match vip::connect() {
+        Ok(handle) => {
+            for v in &job.vips {
+                if let Err(e) = vip::remove(&handle, i, *v).await {
+                    errors.push(e.to_string());
+                } else {
+                    job.log.info(&format!("VIP {v} removed from {}", i.name));
+                }
+            }
+        }
+        Err(e) => errors.push(e.to_string()),
     }
 }
 
