@@ -168,7 +168,17 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
             );
         }
     }
-    let gauges: [(&str, &str, Field); 7] = [
+    let gauges: [(&str, &str, Field); 9] = [
+        (
+            "safekit_rfs_resync_rate_bytes",
+            "Rate of the current (or last) resynchronisation, bytes per second.\n# TYPE safekit_rfs_resync_rate_bytes gauge",
+            |d| d.rate,
+        ),
+        (
+            "safekit_rfs_resync_eta_seconds",
+            "Estimated time left of the running resynchronisation (0 when none runs).\n# TYPE safekit_rfs_resync_eta_seconds gauge",
+            |d| d.eta_secs.unwrap_or(0),
+        ),
         (
             "safekit_rfs_resync_sent_bytes_total",
             "File data sent by resynchronisations from this node.\n# TYPE safekit_rfs_resync_sent_bytes_total counter",

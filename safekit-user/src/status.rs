@@ -199,6 +199,12 @@ pub struct RfsDirStatus {
     pub files_total: u64,
     /// It is running.
     pub resync_active: bool,
+    /// Its rate so far, bytes per second.
+    #[serde(default)]
+    pub rate: u64,
+    /// Its estimated time left, seconds (while running).
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
 }
 
 /// A farm module's membership as this node sees it.

@@ -323,3 +323,51 @@ fn reintegration_sends_only_what_changed_while_the_application_writes() {
     primary.stop().expect("stop");
     sec.stop();
 }
+
+#[test]
+fn what_the_secondary_changed_alone_is_quarantined_then_overwritten() {
+    let d = Dirs::new("quarantine");
+    // Both copies share a synchronisation point, then diverged: the node
+    // that now returns as secondary changed `x` alone (its journal says
+    // so), the primary changed it too.
+    fs::write(d.p("a").join("x"), b"primary's x").expect("write");
+    fs::write(d.p("b").join("x"), b"secondary's x").expect("write");
+    // Not journalled on either side: a delta resync leaves it alone.
+    fs::write(d.p("a").join("y"), b"same").expect("write");
+    fs::write(d.p("b").join("y"), b"same").expect("write");
+    for s in ["sa", "sb"] {
+        DirState::new(d.p(s)).set_sync_id(42).expect("sync id");
+    }
+    {
+        let mut j = safekit::rfs::journal::Journal::open(&DirState::new(d.p("sb")).journal())
+            .expect("journal");
+        j.record(
+            &safekit::rfs::proto::RelPath::new("x").expect("path"),
+            safekit::rfs::journal::Change::Tree,
+        )
+        .expect("record");
+        j.sync().expect("sync");
+    }
+    let sec = Secondary::start(&d, None);
+    let mut params = PrimaryParams::new("/data");
+    params.journal = Some(d.p("sa").join("journal"));
+    params.state = Some(DirState::new(d.p("sa")));
+    let (primary, mut events) =
+        Primary::start(&d.p("a"), Some(sec.addr), &KEY, params).expect("start");
+    wait_connected(&mut events);
+    wait_equal(&d);
+    // The secondary's version was kept aside, under a timestamped folder.
+    let kept: Vec<PathBuf> = fs::read_dir(d.p("quarantine"))
+        .expect("quarantine dir")
+        .map(|e| e.expect("entry").path().join("x"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(fs::read(&kept[0]).expect("read"), b"secondary's x");
+    // Only the suspect was sent, not the whole tree.
+    let sent = primary.counters().resync_bytes.load(Ordering::Relaxed);
+    assert_eq!(sent, b"primary's x".len() as u64);
+    let p = primary.progress();
+    assert!(!p.full, "{p:?}");
+    primary.stop().expect("stop");
+    sec.stop();
+}

@@ -28,11 +28,6 @@ pub(super) struct MirrorRt {
     pub(super) primary: Option<PrimaryUp>,
     /// Replicated directories (`[rfs]`).
     pub(super) rfs: Option<RfsRt>,
-    /// `StartPrimary` is running.
-    pub(super) starting: bool,
-    /// A `StopPrimary` came while starting: run it once the start is done
-    /// (never `stop_prim` before `start_prim` finished).
-    pub(super) stop_pending: bool,
     /// Checker-triggered restarts inside the current `loop_interval`.
     pub(super) loops: Vec<Instant>,
     /// Its effects, one at a time.
@@ -103,8 +98,6 @@ impl MirrorRt {
             core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
             primary: None,
             rfs,
-            starting: false,
-            stop_pending: false,
             loops: Vec::new(),
             seq: Sequencer::new(),
         }
@@ -317,9 +310,6 @@ impl Engine {
                 let mut rfs_job = None;
                 if let Some(m) = self.modules.get_mut(name) {
                     m.busy = true;
-                    if let Some(rt) = m.mirror.as_mut() {
-                        rt.starting = true;
-                    }
                     if let Some(r) = m.mirror.as_mut().and_then(|rt| rt.rfs.as_mut()) {
                         // Mounting removes the secondary's registration.
                         r.secondary = false;
@@ -338,12 +328,6 @@ impl Engine {
                 });
             }
             Act::StopPrimary => {
-                if let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut())
-                    && rt.starting
-                {
-                    rt.stop_pending = true;
-                    return;
-                }
                 let rt = self.modules.get_mut(name).and_then(|m| {
                     m.busy = true;
                     m.mirror.as_mut()
@@ -415,7 +399,6 @@ impl Engine {
             EffectDone::PrimaryUp(r) => {
                 self.pending = self.pending.saturating_sub(1);
                 m.busy = false;
-                rt.starting = false;
                 let ok = match r {
                     Ok(mut up) => {
                         if let Some(rfs) = rt.rfs.as_mut() {
@@ -432,10 +415,6 @@ impl Engine {
                     }
                 };
                 rt.core.app_started(ok);
-                if std::mem::take(&mut rt.stop_pending) {
-                    // Stopping was decided while starting: now.
-                    self.mirror_action(name, Act::StopPrimary);
-                }
             }
             EffectDone::PrimaryDown(r) => {
                 self.pending = self.pending.saturating_sub(1);

@@ -190,6 +190,16 @@ impl RfsRt {
                     files_done: progress.files_done,
                     files_total: progress.files_total,
                     resync_active: progress.active,
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "a rate, rounded"
+                    )]
+                    rate: progress.rate() as u64,
+                    eta_secs: progress
+                        .active
+                        .then(|| progress.eta().map(|d| d.as_secs()))
+                        .flatten(),
                 }
             })
             .collect()
