@@ -268,7 +268,6 @@ impl Engine {
         }
     }
 
-    #[expect(clippy::too_many_lines, reason = "one arm per action of the core")]
     fn mirror_action(&mut self, name: &str, action: Act) {
         if matches!(action, Act::StartPrimary | Act::StopPrimary) {
             self.mirror_step(name, super::mirror_seq::Step::Core(action));
@@ -278,6 +277,7 @@ impl Engine {
     }
 
     /// Executes one action (effects through [`Self::mirror_step`]).
+    #[expect(clippy::too_many_lines, reason = "one arm per action of the core")]
     pub(super) fn mirror_act(&mut self, name: &str, action: Act) {
         let Some(m) = self.modules.get(name) else {
             return;
