@@ -248,12 +248,7 @@ pub(super) fn mount_primaries(
     let mut out = Vec::new();
     for d in dirs {
         registry.remove(&d.wire);
-        let _ = mounts::detach_all(&d.local);
-        std::fs::create_dir_all(&d.local)
-            .map_err(|e| format!("create {}: {e}", d.local.display()))?;
-        d.state
-            .create()
-            .map_err(|e| format!("create {}: {e}", d.state.dir().display()))?;
+        prepare(d)?;
         let mut p = params.clone();
         p.name.clone_from(&d.wire);
         p.journal = Some(d.state.journal());
@@ -263,6 +258,16 @@ pub(super) fn mount_primaries(
         out.push(started);
     }
     Ok(out)
+}
+
+/// Whatever is mounted over the directory detached; the directory and its
+/// state directory created.
+fn prepare(d: &RfsDir) -> Result<(), String> {
+    let _ = mounts::detach_all(&d.local);
+    std::fs::create_dir_all(&d.local).map_err(|e| format!("create {}: {e}", d.local.display()))?;
+    d.state
+        .create()
+        .map_err(|e| format!("create {}: {e}", d.state.dir().display()))
 }
 
 /// Unmounts the primaries (blocking).
@@ -287,12 +292,7 @@ pub(super) fn become_secondary(
     registry: &Registry,
 ) -> Result<(), String> {
     for d in dirs {
-        let _ = mounts::detach_all(&d.local);
-        std::fs::create_dir_all(&d.local)
-            .map_err(|e| format!("create {}: {e}", d.local.display()))?;
-        d.state
-            .create()
-            .map_err(|e| format!("create {}: {e}", d.state.dir().display()))?;
+        prepare(d)?;
         let root = if d.read_only {
             mounts::bind_read_only(&d.local)
                 .map_err(|e| format!("read-only bind mount over {}: {e}", d.local.display()))?

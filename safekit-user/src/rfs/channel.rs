@@ -178,6 +178,23 @@ pub fn connect(
     handshake(stream, key, timeout, true)
 }
 
+/// Connects to `peer` (bounded by `timeout`), runs the initiator's side of
+/// the handshake and sends `first` (a hello or a verification request).
+pub fn dial(
+    peer: std::net::SocketAddr,
+    key: &ChannelKey,
+    timeout: Duration,
+    first: &Message,
+) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
+    let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|source| ChannelError::Io {
+        op: "connect",
+        source,
+    })?;
+    let (mut tx, rx) = connect(stream, key, timeout)?;
+    tx.send(first)?;
+    Ok((tx, rx))
+}
+
 /// Runs the responder's side of the handshake on an accepted stream.
 pub fn accept(
     stream: TcpStream,

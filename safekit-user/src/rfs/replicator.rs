@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::fd::OwnedFd,
     path::PathBuf,
     sync::{
@@ -320,17 +320,15 @@ impl Replicator {
                 dir: self.dir.clone(),
             });
         }
-        let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|source| {
-            chan(ChannelError::Io {
-                op: "connect",
-                source,
-            })
-        })?;
-        let (mut tx, mut rx) = channel::connect(stream, key, timeout).map_err(chan)?;
-        tx.send(&Message::Hello {
-            version: proto::VERSION,
-            dir: self.dir.clone(),
-        })
+        let (tx, mut rx) = channel::dial(
+            peer,
+            key,
+            timeout,
+            &Message::Hello {
+                version: proto::VERSION,
+                dir: self.dir.clone(),
+            },
+        )
         .map_err(chan)?;
         rx.set_read_timeout(Some(timeout)).map_err(chan)?;
         let (their_id, suspects) = match rx.recv().map_err(chan)? {

@@ -12,7 +12,7 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     io,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::{
         fd::{AsFd, BorrowedFd},
         unix::ffi::OsStrExt,
@@ -24,7 +24,7 @@ use rustix::fs::{FileType, OFlags};
 
 use super::{
     RfsError, apply,
-    channel::{self, ChannelError, ChannelKey, ChannelSender},
+    channel::{self, ChannelKey, ChannelSender},
     proto::{self, MANIFEST_CHUNK, ManifestEntry, Message, RelPath, Timestamp},
     sys,
 };
@@ -123,17 +123,15 @@ pub fn remote_manifest(
         peer,
         source,
     };
-    let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|source| {
-        chan(ChannelError::Io {
-            op: "connect",
-            source,
-        })
-    })?;
-    let (mut tx, mut rx) = channel::connect(stream, key, timeout).map_err(chan)?;
-    tx.send(&Message::Verify {
-        version: proto::VERSION,
-        dir: dir.to_string(),
-    })
+    let (_tx, mut rx) = channel::dial(
+        peer,
+        key,
+        timeout,
+        &Message::Verify {
+            version: proto::VERSION,
+            dir: dir.to_string(),
+        },
+    )
     .map_err(chan)?;
     // Hashing a large copy takes time: bound each wait, not the whole.
     rx.set_read_timeout(Some(Duration::from_secs(600)))
