@@ -20,6 +20,11 @@ pub const MAX_VIPS: u32 = 16;
 pub const OWNED_ENTRIES: u32 = MAX_VIPS * BUCKETS;
 /// Capacity of the rule map.
 pub const MAX_RULES: u32 = 256;
+/// Entries of the VIP index (`VIP_INDEX` map): one per value of a VIP's last
+/// address byte ([`vip_index`]).
+pub const VIP_INDEX_ENTRIES: u32 = 256;
+/// Rules of a VIP kept inline in its `SLOT_RULES` entry ([`SlotRules`]).
+pub const INLINE_RULES: usize = 8;
 
 /// `FarmRule::filter`: hash the client IP only.
 pub const FILTER_CLIENT_IP: u32 = 0;
@@ -106,6 +111,62 @@ pub struct RuleValue {
     pub filter: u32,
 }
 
+/// Entry of the VIP index, the filter's fast path to a VIP: an array map
+/// indexed by [`vip_index`] of the address, so finding the VIP of a packet
+/// costs an array lookup (inlined by the verifier) rather than a hash map
+/// lookup. The daemon publishes a VIP here once its `SLOT_RULES` entry is
+/// written, and clears it before touching that entry again; a VIP that is
+/// not here (index position taken by another VIP, too many rules, or maps
+/// written by hand) is found through `VIPS` and `RULES` as before.
+///
+/// Eight bytes, written as one map update: a reader sees the old or the new
+/// entry, or at worst a mix of one of them and the all-zero entry, which
+/// never names a VIP (`slot_plus_one` 0 or address 0.0.0.0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipIndex {
+    /// The VIP's address bytes (network order).
+    pub addr: [u8; 4],
+    /// The VIP's slot plus one; 0 = no VIP at this position.
+    pub slot_plus_one: u32,
+}
+
+/// Position of a VIP in the VIP index: its last address byte (the VIPs of a
+/// farm are usually in one subnet, so they differ there).
+#[inline(always)]
+#[must_use]
+pub fn vip_index(addr: [u8; 4]) -> u32 {
+    u32::from(addr[3])
+}
+
+/// One rule of a VIP, inline in its [`SlotRules`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InlineRule {
+    /// Destination port in network byte order; 0 = any.
+    pub port_be: u16,
+    /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
+    pub proto: u8,
+    /// Explicit padding.
+    pub pad: u8,
+    /// `FILTER_CLIENT_IP` or `FILTER_CLIENT_IP_PORT`.
+    pub filter: u32,
+}
+
+/// Value of the `SLOT_RULES` array map (indexed by VIP slot): the rules and
+/// flags of the VIP in that slot, read by the fast path ([`VipIndex`]). The
+/// same rules as in `RULES`, one entry per (proto, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotRules {
+    /// `VIP_FLAG_*` bits, as in [`VipValue::flags`].
+    pub flags: u32,
+    /// Number of rules in use (at most [`INLINE_RULES`]).
+    pub count: u32,
+    /// The rules; those from `count` on are unused.
+    pub rules: [InlineRule; INLINE_RULES],
+}
+
 /// Per-interface settings of the filter (single-entry array map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +195,10 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FilterConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipIndex {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotRules {}
 }
 
 /// Initial value of the Linux kernel's `jhash` (`JHASH_INITVAL`).

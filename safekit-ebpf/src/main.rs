@@ -10,6 +10,10 @@
 //! - everything else is untouched (`XDP_PASS`).
 //!
 //! Every verdict has its own per-CPU counter. The daemon fills the maps.
+//!
+//! A VIP the daemon published in `VIP_INDEX` costs array lookups only (VIP,
+//! slot rules, ownership); any other destination, or maps filled by hand,
+//! goes through the `VIPS` and `RULES` hash maps with the same decisions.
 #![no_std]
 #![no_main]
 #![expect(
@@ -26,8 +30,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use safekit_common::{
     BUCKETS, FILTER_CLIENT_IP, FilterConfig, MAX_RULES, MAX_VIPS, OWNED_ENTRIES, PROTO_TCP,
-    PROTO_UDP, RuleKey, RuleValue, VIP_FLAG_IP_ONLY, VipKey, VipValue, bucket_client_ip,
-    bucket_client_ip_port, counter,
+    PROTO_UDP, RuleKey, RuleValue, SlotRules, VIP_FLAG_IP_ONLY, VIP_INDEX_ENTRIES, VipIndex,
+    VipKey, VipValue, bucket_client_ip, bucket_client_ip_port, counter, vip_index,
 };
 
 /// VIPs of the farm modules on this node.
@@ -36,6 +40,13 @@ static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
 /// Balanced (VIP, proto, port) rules.
 #[map]
 static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
+/// Fast path to the daemon's VIPs, indexed by `vip_index(addr)`: array
+/// lookups only (see `safekit_common::VipIndex`).
+#[map]
+static VIP_INDEX: Array<VipIndex> = Array::with_max_entries(VIP_INDEX_ENTRIES, 0);
+/// Rules and flags of the VIP in each slot, for the fast path.
+#[map]
+static SLOT_RULES: Array<SlotRules> = Array::with_max_entries(MAX_VIPS, 0);
 /// Bucket ownership, one row of 256 per VIP slot: 1 when this node accepts
 /// the bucket.
 #[map]
@@ -170,16 +181,75 @@ fn arp(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     Ok(xdp_action::XDP_TX)
 }
 
+/// The VIP a packet is addressed to.
+struct Vip {
+    slot: u32,
+    flags: u32,
+    /// Its rules, when it was found through the VIP index; else they are in
+    /// `RULES`.
+    inline: Option<&'static SlotRules>,
+}
+
+/// The VIP at `daddr`: through the VIP index (array lookups), else through
+/// `VIPS` (hash lookup).
+#[inline(always)]
+fn find_vip(daddr: [u8; 4]) -> Option<Vip> {
+    if let Some(&ix) = VIP_INDEX.get(vip_index(daddr))
+        && ix.slot_plus_one != 0
+        && ix.addr == daddr
+    {
+        let slot = ix.slot_plus_one - 1;
+        if let Some(r) = SLOT_RULES.get(slot) {
+            return Some(Vip {
+                slot,
+                flags: r.flags,
+                inline: Some(r),
+            });
+        }
+    }
+    // SAFETY: read-only lookup of a value the daemon replaces whole.
+    let v = unsafe { VIPS.get(&VipKey { addr: daddr }) }?;
+    Some(Vip {
+        slot: v.slot,
+        flags: u32::from(v.flags),
+        inline: None,
+    })
+}
+
+/// The filter of the rule for (proto, port) of `vip`: the rule of this
+/// port, else the any-port rule of the protocol.
+#[inline(always)]
+fn find_rule(vip: &Vip, mut key: RuleKey) -> Option<u32> {
+    if let Some(r) = vip.inline {
+        let mut any = None;
+        for rule in r.rules.iter().take(r.count as usize) {
+            if rule.proto == key.proto {
+                if rule.port_be == key.port_be {
+                    return Some(rule.filter);
+                }
+                if rule.port_be == 0 {
+                    any = Some(rule.filter);
+                }
+            }
+        }
+        return any;
+    }
+    // SAFETY: read-only lookup.
+    if let Some(r) = unsafe { RULES.get(&key) } {
+        return Some(r.filter);
+    }
+    key.port_be = 0;
+    // SAFETY: read-only lookup.
+    unsafe { RULES.get(&key) }.map(|r| r.filter)
+}
+
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     let daddr = load4(ctx, off + 16)?;
-    // SAFETY: read-only lookup of a value the daemon replaces whole.
-    let Some(vip) = (unsafe { VIPS.get(&VipKey { addr: daddr }) }) else {
+    let Some(vip) = find_vip(daddr) else {
         count(counter::PASS_OTHER);
         return Ok(xdp_action::XDP_PASS);
     };
-    let vip_flags = vip.flags;
-    let slot = vip.slot;
     let v = ptr_at(ctx, off, 20)?;
     // SAFETY: 20 bytes of IPv4 header are inside the frame (checked above).
     let (vihl, l4proto) = unsafe { (*v, *v.add(9)) };
@@ -199,7 +269,7 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     let bucket = if frag != 0 {
         // Non-first fragment: no ports. Placeable only when every rule of
         // this VIP hashes the client IP alone (then it matches the first).
-        if vip_flags & VIP_FLAG_IP_ONLY == 0 {
+        if vip.flags & u32::from(VIP_FLAG_IP_ONLY) == 0 {
             count(counter::DROP_FRAGMENT);
             return Ok(xdp_action::XDP_DROP);
         }
@@ -209,32 +279,23 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
             count(counter::DROP_MALFORMED);
             return Ok(xdp_action::XDP_DROP);
         };
-        let sport = [ports[0], ports[1]];
-        let mut key = RuleKey {
+        let key = RuleKey {
             vip: daddr,
             port_be: u16::from_ne_bytes([ports[2], ports[3]]),
             proto: l4proto,
             pad: 0,
         };
-        // The rule of this port, else the any-port rule of the protocol.
-        // SAFETY: read-only lookup.
-        let rule = if let Some(r) = unsafe { RULES.get(&key) } {
-            *r
-        } else {
-            key.port_be = 0;
-            // SAFETY: read-only lookup.
-            let Some(r) = (unsafe { RULES.get(&key) }) else {
-                count(counter::PASS_NO_RULE);
-                return Ok(xdp_action::XDP_PASS);
-            };
-            *r
+        let Some(filter) = find_rule(&vip, key) else {
+            count(counter::PASS_NO_RULE);
+            return Ok(xdp_action::XDP_PASS);
         };
-        if rule.filter == FILTER_CLIENT_IP {
+        if filter == FILTER_CLIENT_IP {
             bucket_client_ip(saddr, cfg.seed)
         } else {
-            bucket_client_ip_port(saddr, sport, cfg.seed)
+            bucket_client_ip_port(saddr, [ports[0], ports[1]], cfg.seed)
         }
     };
+    let slot = vip.slot;
     if slot >= MAX_VIPS || OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) == 0 {
         count(counter::DROP_NOT_OWNER);
         return Ok(xdp_action::XDP_DROP);

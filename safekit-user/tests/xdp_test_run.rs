@@ -9,8 +9,9 @@ use aya::{
 };
 use safekit::ebpf;
 use safekit_common::{
-    BUCKETS, FILTER_CLIENT_IP_PORT, FilterConfig, PROTO_TCP, PROTO_UDP, RuleKey, RuleValue, VipKey,
-    VipValue, bucket_client_ip, bucket_client_ip_port, counter,
+    BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, FilterConfig, InlineRule, PROTO_TCP,
+    PROTO_UDP, RuleKey, RuleValue, SlotRules, VipIndex, VipKey, VipValue, bucket_client_ip,
+    bucket_client_ip_port, counter, vip_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -443,32 +444,94 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The UDP rule of the packet table: any port, hashing the client IP only.
+fn add_udp_any_rule(f: &mut Filter) {
+    let mut rules: HashMap<_, RuleKey, RuleValue> =
+        HashMap::try_from(f.bpf.map_mut("RULES").unwrap()).unwrap();
+    rules
+        .insert(
+            &RuleKey {
+                vip: VIP,
+                port_be: 0,
+                proto: PROTO_UDP,
+                pad: 0,
+            },
+            &RuleValue {
+                filter: FILTER_CLIENT_IP,
+            },
+            0,
+        )
+        .unwrap();
+}
+
+/// The maps as hand-written tools fill them: the VIP in `VIPS`, its rules
+/// in `RULES`.
 #[test]
 fn packet_table() {
     let mut f = Filter::new();
     f.own_even_buckets();
-    // A UDP rule on any port, hashing the client IP only.
+    add_udp_any_rule(&mut f);
+    run_table(&f, cases());
+}
+
+/// The maps as the daemon fills them: the VIP also in the VIP index, its
+/// rules inline in `SLOT_RULES`. `RULES` is emptied, so every rule matched
+/// here comes from the fast path; a non-VIP address at the VIP's index
+/// position is still untouched.
+#[test]
+fn packet_table_through_the_vip_index() {
+    let mut f = Filter::new();
+    f.own_even_buckets();
     {
+        let mut sr: Array<_, SlotRules> =
+            Array::try_from(f.bpf.map_mut("SLOT_RULES").unwrap()).unwrap();
+        let mut r = SlotRules {
+            count: 2,
+            ..SlotRules::default()
+        };
+        r.rules[0] = InlineRule {
+            port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+            filter: FILTER_CLIENT_IP_PORT,
+        };
+        r.rules[1] = InlineRule {
+            port_be: 0,
+            proto: PROTO_UDP,
+            pad: 0,
+            filter: FILTER_CLIENT_IP,
+        };
+        sr.set(0, &r, 0).unwrap();
+        let mut ix: Array<_, VipIndex> =
+            Array::try_from(f.bpf.map_mut("VIP_INDEX").unwrap()).unwrap();
+        let entry = VipIndex {
+            addr: VIP,
+            slot_plus_one: 1,
+        };
+        ix.set(vip_index(VIP), &entry, 0).unwrap();
         let mut rules: HashMap<_, RuleKey, RuleValue> =
             HashMap::try_from(f.bpf.map_mut("RULES").unwrap()).unwrap();
-        rules
-            .insert(
-                &RuleKey {
-                    vip: VIP,
-                    port_be: 0,
-                    proto: PROTO_UDP,
-                    pad: 0,
-                },
-                &RuleValue {
-                    filter: safekit_common::FILTER_CLIENT_IP,
-                },
-                0,
-            )
-            .unwrap();
+        let keys: Vec<RuleKey> = rules.keys().map(Result::unwrap).collect();
+        for k in keys {
+            rules.remove(&k).unwrap();
+        }
     }
+    let mut table = cases();
+    let same_position = [10, 9, 7, VIP[3]];
+    table.push(Case {
+        name: "TCP to a non-VIP address at the VIP's index position, untouched",
+        frame: tcp_to(same_position, CLIENT, 40000, 80),
+        verdict: XDP_PASS,
+        output: None,
+        counter: counter::PASS_OTHER,
+    });
+    run_table(&f, table);
+}
+
+fn run_table(f: &Filter, table: Vec<Case>) {
     let mut failures = Vec::new();
     let mut skipped = Vec::new();
-    for case in cases() {
+    for case in table {
         let before: Vec<u64> = (0..counter::COUNT).map(|i| f.counter(i)).collect();
         let (verdict, out) = match f.run(&case.frame) {
             Ok(r) => r,

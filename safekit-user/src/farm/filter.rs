@@ -1,7 +1,8 @@
 //! The I/O edge of the farm data plane: loads the embedded XDP program,
 //! attaches it to the LAN interface through a BPF link (detached by the
 //! kernel when the daemon dies), starts the reader of its aya-log records,
-//! and writes its maps (VIPs, rules, bucket ownership, interface settings).
+//! and writes its maps (VIPs, rules, bucket ownership, interface settings,
+//! and the VIP index with each VIP's rules inline: the program's fast path).
 //! Reads the per-CPU verdict counters.
 
 use std::net::Ipv4Addr;
@@ -12,8 +13,8 @@ use aya::{
     programs::{Xdp, XdpMode, links::FdLink},
 };
 use safekit_common::{
-    BUCKETS, FilterConfig, MAX_VIPS, RuleKey, RuleValue, VIP_FLAG_IP_ONLY, VipKey, VipValue,
-    counter,
+    BUCKETS, FilterConfig, InlineRule, MAX_VIPS, RuleKey, RuleValue, SlotRules, VIP_FLAG_IP_ONLY,
+    VipIndex, VipKey, VipValue, counter, vip_index,
 };
 
 use crate::ebpf;
@@ -67,6 +68,36 @@ pub struct FilterRule {
     pub filter: u32,
 }
 
+/// The rules of a VIP as the fast path reads them, one per (proto, port) as
+/// in `RULES` (a later duplicate replaces an earlier one, as a map insert
+/// does); None when they do not fit.
+fn inline_rules(rules: &[FilterRule], flags: u16) -> Option<SlotRules> {
+    let mut out = SlotRules {
+        flags: u32::from(flags),
+        ..SlotRules::default()
+    };
+    let mut n = 0;
+    for r in rules {
+        let rule = InlineRule {
+            port_be: r.port.to_be(),
+            proto: r.proto,
+            pad: 0,
+            filter: r.filter,
+        };
+        if let Some(same) = out.rules[..n]
+            .iter_mut()
+            .find(|x| x.proto == rule.proto && x.port_be == rule.port_be)
+        {
+            *same = rule;
+        } else {
+            *out.rules.get_mut(n)? = rule;
+            n += 1;
+        }
+    }
+    out.count = u32::try_from(n).ok()?;
+    Some(out)
+}
+
 /// XDP attach mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -94,8 +125,21 @@ pub struct FarmFilter {
     owned: Array<MapData, u32>,
     config: Array<MapData, FilterConfig>,
     counters: PerCpuArray<MapData, u64>,
+    index: Array<MapData, VipIndex>,
+    slot_rules: Array<MapData, SlotRules>,
     /// Per slot: the VIP using it and the ownership last written.
-    slots: Vec<Option<(Ipv4Addr, Vec<bool>)>>,
+    slots: Vec<Option<Slot>>,
+}
+
+/// What this process wrote for one VIP slot.
+#[derive(Debug, Clone)]
+struct Slot {
+    vip: Ipv4Addr,
+    owned: Vec<bool>,
+    /// Its rules inline in `SLOT_RULES` (None: too many, found in `RULES`).
+    inline: Option<SlotRules>,
+    /// Published in the VIP index (else found through `VIPS`).
+    indexed: bool,
 }
 
 impl std::fmt::Debug for FarmFilter {
@@ -186,6 +230,8 @@ impl FarmFilter {
             owned: take(&mut bpf, "OWNED")?,
             config: take(&mut bpf, "CONFIG")?,
             counters: take(&mut bpf, "COUNTERS")?,
+            index: take(&mut bpf, "VIP_INDEX")?,
+            slot_rules: take(&mut bpf, "SLOT_RULES")?,
             _bpf: bpf,
             interface: interface.to_owned(),
             slots: vec![None; MAX_VIPS as usize],
@@ -220,7 +266,15 @@ impl FarmFilter {
                 .and_then(|s| u32::try_from(s).ok())
                 .ok_or(FilterError::Missing("free VIP slot (at most 16 farm VIPs)"))?,
         };
-        self.slots[slot as usize] = Some((vip, vec![false; BUCKETS as usize]));
+        // Off the fast path while its rules are rewritten (a VIP declared
+        // again): until it is published anew, `VIPS` and `RULES` serve it.
+        self.unpublish(slot)?;
+        self.slots[slot as usize] = Some(Slot {
+            vip,
+            owned: vec![false; BUCKETS as usize],
+            inline: None,
+            indexed: false,
+        });
         // Start from "owns nothing" in the kernel too.
         for b in 0..BUCKETS {
             self.owned
@@ -230,6 +284,7 @@ impl FarmFilter {
         let ip_only = rules
             .iter()
             .all(|r| r.filter == safekit_common::FILTER_CLIENT_IP);
+        let flags = if ip_only { VIP_FLAG_IP_ONLY } else { 0 };
         for r in rules {
             let key = RuleKey {
                 vip: vip.octets(),
@@ -241,15 +296,67 @@ impl FarmFilter {
                 .insert(&key, &RuleValue { filter: r.filter }, 0)
                 .map_err(Self::map_err("RULES"))?;
         }
-        let value = VipValue {
-            vmac,
-            flags: if ip_only { VIP_FLAG_IP_ONLY } else { 0 },
-            slot,
-        };
+        let value = VipValue { vmac, flags, slot };
         self.vips
             .insert(&VipKey { addr: vip.octets() }, &value, 0)
             .map_err(Self::map_err("VIPS"))?;
+        let inline = inline_rules(rules, flags);
+        if let Some(r) = &inline {
+            self.slot_rules
+                .set(slot, r, 0)
+                .map_err(Self::map_err("SLOT_RULES"))?;
+        }
+        if let Some(s) = self.slots[slot as usize].as_mut() {
+            s.inline = inline;
+        }
+        self.publish(slot)?;
         Ok(slot)
+    }
+
+    /// Puts the VIP of `slot` in the VIP index if its rules are inline and
+    /// its position is free: its packets then cost array lookups only.
+    fn publish(&mut self, slot: u32) -> Result<(), FilterError> {
+        let Some(s) = self.slots[slot as usize].as_ref() else {
+            return Ok(());
+        };
+        let pos = vip_index(s.vip.octets());
+        let taken = self
+            .slots
+            .iter()
+            .flatten()
+            .any(|o| o.indexed && vip_index(o.vip.octets()) == pos);
+        if s.indexed || s.inline.is_none() || taken {
+            return Ok(());
+        }
+        let entry = VipIndex {
+            addr: s.vip.octets(),
+            slot_plus_one: slot + 1,
+        };
+        // Published last: its rules (SLOT_RULES), VIPS and RULES are
+        // already written.
+        self.index
+            .set(pos, &entry, 0)
+            .map_err(Self::map_err("VIP_INDEX"))?;
+        if let Some(s) = self.slots[slot as usize].as_mut() {
+            s.indexed = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the VIP of `slot` out of the VIP index (first thing before its
+    /// `SLOT_RULES` entry or its `VIPS` entry change).
+    fn unpublish(&mut self, slot: u32) -> Result<(), FilterError> {
+        let Some(s) = self.slots[slot as usize].as_mut() else {
+            return Ok(());
+        };
+        if !s.indexed {
+            return Ok(());
+        }
+        self.index
+            .set(vip_index(s.vip.octets()), &VipIndex::default(), 0)
+            .map_err(Self::map_err("VIP_INDEX"))?;
+        s.indexed = false;
+        Ok(())
     }
 
     /// True when no VIP is declared any more.
@@ -261,7 +368,7 @@ impl FarmFilter {
     fn slot_of(&self, vip: Ipv4Addr) -> Option<u32> {
         self.slots
             .iter()
-            .position(|s| s.as_ref().is_some_and(|(v, _)| *v == vip))
+            .position(|s| s.as_ref().is_some_and(|s| s.vip == vip))
             .and_then(|s| u32::try_from(s).ok())
     }
 
@@ -271,6 +378,7 @@ impl FarmFilter {
             return Ok(());
         };
         self.set_owned(vip, &[false; BUCKETS as usize])?;
+        self.unpublish(slot)?;
         let _ = self.vips.remove(&VipKey { addr: vip.octets() });
         for r in rules {
             let _ = self.rules.remove(&RuleKey {
@@ -281,6 +389,10 @@ impl FarmFilter {
             });
         }
         self.slots[slot as usize] = None;
+        // Another VIP at the same index position can take the fast path.
+        for other in 0..MAX_VIPS {
+            self.publish(other)?;
+        }
         Ok(())
     }
 
@@ -302,7 +414,7 @@ impl FarmFilter {
         let slot = self
             .slot_of(vip)
             .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
-        let Some((_, current)) = self.slots[slot as usize].as_mut() else {
+        let Some(Slot { owned: current, .. }) = self.slots[slot as usize].as_mut() else {
             return Ok(());
         };
         for pass in [false, true] {
