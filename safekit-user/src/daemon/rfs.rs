@@ -325,7 +325,8 @@ pub(super) fn become_secondary(
 pub(super) fn leave_secondary(dirs: &[RfsDir], registry: &Registry) {
     for d in dirs {
         registry.remove(&d.wire);
-        let _ = mounts::detach_all(&d.local);
+        // Not a FUSE mount: this node may have become primary meanwhile.
+        let _ = mounts::detach_binds(&d.local);
     }
 }
 

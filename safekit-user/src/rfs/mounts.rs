@@ -47,6 +47,35 @@ pub fn mounts_on(dir: &Path) -> usize {
         .count()
 }
 
+/// The filesystem type of the topmost mount on `dir`, if any.
+#[must_use]
+pub fn top_fstype(dir: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == dir))
+        .find_map(|l| l.split(" - ").nth(1)?.split(' ').next().map(str::to_owned))
+}
+
+/// Detaches the read-only bind mounts stacked on `dir`, never a FUSE mount
+/// (a primary may have mounted one meanwhile); returns how many.
+#[must_use = "how many mounts were detached"]
+pub fn detach_binds(dir: &Path) -> usize {
+    let mut n = 0;
+    for _ in 0..16 {
+        match top_fstype(dir) {
+            Some(t) if !t.starts_with("fuse") => {
+                if sys::lazy_unmount(dir).is_err() {
+                    break;
+                }
+                n += 1;
+            }
+            _ => break,
+        }
+    }
+    n
+}
+
 /// Detaches every mount stacked on `dir` (a dead FUSE mount, a read-only
 /// bind mount), lazily; returns how many.
 #[must_use = "how many mounts were detached"]
