@@ -34,6 +34,11 @@
 //! outdated. Never the application on stale data. A SECOND losing its
 //! primary takes over (unless `failover = false`) only when in sync.
 //!
+//! A `wait` checker down ([`MirrorCore::wait_checker`]) holds the node in
+//! WAIT: a primary stops its application (handing over to a secondary in
+//! sync, as `swap` does), a SECOND stops following; no automatic decision
+//! and no `prim`/`second` until every such checker is up again.
+//!
 //! Both restarted after a crash at PRIM/SECOND, they come up by themselves
 //! once they hear each other: the former primary is up to date, the
 //! former secondary is not (whether it was in sync or not), so the former
@@ -284,6 +289,10 @@ pub(crate) struct MirrorCore {
     /// The last reason logged for staying in WAIT (logged once, not at
     /// every timeout).
     told_why_waiting: Option<String>,
+    /// A `wait` checker of the module that is down on this node (its id):
+    /// the node stays in WAIT until all are up (see
+    /// [`MirrorCore::wait_checker`]).
+    checker_down: Option<String>,
     actions: std::collections::VecDeque<Act>,
 }
 
@@ -310,6 +319,7 @@ impl MirrorCore {
             synced: false,
             peer_in_sync: false,
             told_why_waiting: None,
+            checker_down: None,
             actions: std::collections::VecDeque::new(),
         }
     }
@@ -399,6 +409,71 @@ impl MirrorCore {
         if matches!(self.state, MState::Prim | MState::Alone) {
             self.lose_link(&format!("replication to {} lost", self.p.peer));
             self.track_takeover_risk();
+        }
+    }
+
+    /// The module's `wait` checkers on this node: `down` names one that is
+    /// down, `None` when all are up (the engine passes it after every
+    /// checker result; idempotent).
+    ///
+    /// Going down: a primary stops its application and goes WAIT, handing
+    /// over to its secondary when PRIM (as `swap` does: a secondary in sync
+    /// takes over, one that is not WAITs); a SECOND stops following and
+    /// goes WAIT (its primary then goes ALONE); a waiting node drops a
+    /// takeover under way. While one is down the node stays in WAIT: no
+    /// automatic decision, `prim` and `second` refused (`primforce` is
+    /// not). All up again: the usual rules apply (SECOND of a primary peer,
+    /// else decided as at start). Recorded but without effect in STOP.
+    pub(crate) fn wait_checker(&mut self, now: Instant, down: Option<String>) {
+        let before = std::mem::replace(&mut self.checker_down, down.clone());
+        if self.state == MState::Stop {
+            return;
+        }
+        match (before, down) {
+            (None, Some(id)) => self.checker_went_down(now, &id),
+            (Some(id), None) => {
+                self.log(format!(
+                    "checker {id} up again: leaving WAIT by the usual rules"
+                ));
+                self.told_why_waiting = None;
+                if self.state == MState::Wait {
+                    self.wait_since = Some(now);
+                }
+                self.decide(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn checker_went_down(&mut self, now: Instant, id: &str) {
+        self.takeover_at = None;
+        match self.state {
+            MState::Prim | MState::Alone => {
+                if self.state == MState::Prim {
+                    self.log(format!(
+                        "checker {id} down: stopping the application here, handing over to {}; WAIT until it recovers",
+                        self.p.peer
+                    ));
+                    self.handoff = true;
+                } else {
+                    self.log(format!(
+                        "checker {id} down: stopping the application here (no secondary in sync to take over); WAIT until it recovers"
+                    ));
+                }
+                self.stop_to(MState::Wait);
+            }
+            MState::Second => {
+                self.log(format!(
+                    "checker {id} down: this node stops being secondary; WAIT until it recovers"
+                ));
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+            }
+            MState::Wait => {
+                self.witness_pending = false;
+                self.decide(now);
+            }
+            MState::Stop => {}
         }
     }
 
@@ -503,6 +578,12 @@ impl MirrorCore {
                 }
                 self.stop_to(MState::Stop);
             }
+            Cmd::Prim | Cmd::Second if self.checker_down.is_some() => {
+                let id = self.checker_down.as_deref().unwrap_or_default();
+                return Err(Refused(format!(
+                    "checker {id} is down: this node stays in WAIT until it recovers (primforce overrides)"
+                )));
+            }
             Cmd::Prim | Cmd::PrimForce => {
                 if cmd == Cmd::Prim && self.peer_primary() {
                     return Err(Refused(format!("the peer {} is primary", self.p.peer)));
@@ -569,7 +650,9 @@ impl MirrorCore {
             && now >= t
         {
             self.takeover_at = None;
-            if self.peer_primary() {
+            if self.checker_down.is_some() {
+                self.log("takeover cancelled: a wait checker is down".into());
+            } else if self.peer_primary() {
                 self.log("takeover cancelled: the peer is primary".into());
             } else {
                 self.become_primary(true);
@@ -581,6 +664,9 @@ impl MirrorCore {
             && self.started_at.is_some_and(|t| now >= t + self.p.timeout)
             && self.last_peer.is_some_and(|t| now < t + self.p.timeout)
         {
+            // Settled: no timer for it any more (it would fire at once
+            // again should the node keep waiting, e.g. not up to date).
+            self.started_at = None;
             self.decide(now);
             return;
         }
@@ -634,6 +720,11 @@ impl MirrorCore {
             // restarted, and now following this node, which it saw still
             // primary): both SECOND, nobody would ever be primary. Decide
             // afresh instead.
+            MState::Second if self.checker_down.is_some() => {
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+                self.decide(now);
+            }
             MState::Second if !self.peer_primary() => {
                 self.log(format!(
                     "{} is not primary any more: WAIT instead of SECOND",
@@ -928,6 +1019,15 @@ impl MirrorCore {
         if self.app == App::Stopping || self.witness_pending {
             return;
         }
+        if self.state == MState::Wait
+            && let Some(id) = &self.checker_down
+        {
+            let why = format!(
+                "checker {id} down: WAIT until it recovers, neither primary nor secondary (primforce overrides)"
+            );
+            self.tell_why_waiting(why);
+            return;
+        }
         let peer = self.peer;
         match self.state {
             MState::Stop => {}
@@ -1102,7 +1202,16 @@ impl MirrorCore {
             // A restarting peer: it will be SECOND. Its copy must be
             // resynchronised first.
             Some(v) if v.state == MState::Wait && !v.handoff => {
-                self.lose_link(&format!("secondary {} left SECOND", self.p.peer));
+                let why = format!("secondary {} left SECOND", self.p.peer);
+                if self.p.replicated {
+                    self.lose_link(&why);
+                } else if self.state == MState::Prim {
+                    // It no longer follows: from now on this node writes
+                    // without it, as when it is gone.
+                    self.log(format!("{why}: ALONE"));
+                    self.state = MState::Alone;
+                    self.persist(|d| d.generation += 1);
+                }
             }
             _ => {
                 // A secondary in sync that falls silent may be taking
@@ -1376,6 +1485,14 @@ mod tests {
         "primary gone while this node was not in sync: WAIT (data not up to date)";
 
     impl Pair {
+        fn with(replicated: bool) -> Self {
+            if replicated {
+                Self::replicated()
+            } else {
+                Self::new()
+            }
+        }
+
         /// Two nodes of a module with replicated directories.
         fn replicated() -> Self {
             let mut p = Self::new();
@@ -2049,6 +2166,179 @@ mod tests {
         .unwrap();
         assert!(!d.peer_may_have_taken_over);
         assert_eq!(d.generation, 3);
+    }
+
+    /// `wait` checkers ([`MirrorCore::wait_checker`]).
+    mod wait_checker {
+        use super::*;
+
+        fn logs(acts: &[Act]) -> String {
+            acts.iter()
+                .filter_map(|a| match a {
+                    Act::Log(l) => Some(l.as_str()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+
+        /// Both started without replication: node1 PRIM, node2 SECOND.
+        fn prim_second(replicated: bool) -> Pair {
+            let mut p = Pair::with(replicated);
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.b.handle_command(p.now, Cmd::Start).unwrap();
+            p.exchange();
+            if replicated {
+                p.a.replication_synced(p.now);
+                drain(&mut p.a, p.now);
+                p.b.replication_synced(p.now);
+                drain(&mut p.b, p.now);
+                p.exchange();
+            }
+            assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+            p
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_prim_hands_over_then_up_again_it_is_second() {
+            for replicated in [false, true] {
+                let mut p = prim_second(replicated);
+                p.a.wait_checker(p.now, Some("ping0".into()));
+                let acts = drain(&mut p.a, p.now);
+                assert!(acts.contains(&Act::StopPrimary), "{acts:?}");
+                assert!(logs(&acts).contains("checker ping0 down"), "{acts:?}");
+                assert_eq!(p.a.state(), MState::Wait);
+                assert!(p.a.view().handoff);
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Wait, MState::Alone));
+                // Stuck: red, neither primary nor secondary, by any rule.
+                assert!(!p.a.in_transition());
+                let err = p.a.handle_command(p.now, Cmd::Prim).unwrap_err();
+                assert!(err.0.contains("checker ping0 is down"), "{err}");
+                assert!(p.a.handle_command(p.now, Cmd::Second).is_err());
+                p.now += Duration::from_secs(3);
+                p.a.handle_timeout(p.now);
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Wait, MState::Alone));
+                // Up again: SECOND of the primary.
+                p.a.wait_checker(p.now, None);
+                drain(&mut p.a, p.now);
+                if replicated {
+                    assert_eq!(p.a.state(), MState::Second);
+                    p.exchange();
+                    p.b.replication_synced(p.now);
+                    drain(&mut p.b, p.now);
+                    p.a.replication_synced(p.now);
+                    drain(&mut p.a, p.now);
+                }
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Second, MState::Prim));
+            }
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_alone_stops_the_application_and_nobody_runs_it() {
+            let mut p = Pair::new();
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.now += Duration::from_secs(1);
+            p.a.handle_timeout(p.now);
+            drain(&mut p.a, p.now);
+            assert_eq!(p.a.state(), MState::Alone);
+            p.a.wait_checker(p.now, Some("custom.db".into()));
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StopPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Wait);
+            assert!(!p.a.view().handoff, "no secondary to hand over to");
+            // The timeouts pass: no ALONE while the checker is down.
+            for _ in 0..5 {
+                p.now += Duration::from_secs(1);
+                p.a.handle_timeout(p.now);
+                let acts = drain(&mut p.a, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+            }
+            assert_eq!(p.a.state(), MState::Wait);
+            // Another checker result, still down: nothing changes.
+            p.a.wait_checker(p.now, Some("custom.db".into()));
+            assert_eq!(drain(&mut p.a, p.now), vec![]);
+            // Up again: decided as at start (peer silent: ALONE after the
+            // timeout, its data up to date).
+            p.a.wait_checker(p.now, None);
+            drain(&mut p.a, p.now);
+            assert_eq!(p.a.state(), MState::Wait);
+            p.now += Duration::from_secs(1);
+            p.a.handle_timeout(p.now);
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Alone);
+        }
+
+        #[test]
+        fn primforce_overrides_a_wait_checker_down() {
+            let mut p = Pair::new();
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.a.wait_checker(p.now, Some("intf0".into()));
+            drain(&mut p.a, p.now);
+            assert!(p.a.handle_command(p.now, Cmd::Prim).is_err());
+            p.a.handle_command(p.now, Cmd::PrimForce).unwrap();
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Alone);
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_the_second_makes_it_wait_and_its_primary_alone() {
+            for replicated in [false, true] {
+                let mut p = prim_second(replicated);
+                let g = p.a.data().generation;
+                p.b.wait_checker(p.now, Some("ping0".into()));
+                let acts = drain(&mut p.b, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+                assert_eq!(p.b.state(), MState::Wait);
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+                assert_eq!(p.a.data().generation, g + 1, "writes without node2 now");
+                // node1 dies: node2, whose checker is down, does not take over,
+                // nor once its checker is up (its copy is stale).
+                p.now += Duration::from_secs(2);
+                p.b.handle_timeout(p.now);
+                p.b.wait_checker(p.now, None);
+                p.now += Duration::from_secs(2);
+                p.b.handle_timeout(p.now);
+                let acts = drain(&mut p.b, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+                assert_eq!(p.b.state(), MState::Wait);
+            }
+        }
+
+        #[test]
+        fn a_second_whose_wait_checker_recovers_follows_its_primary_again() {
+            let mut p = prim_second(false);
+            p.b.wait_checker(p.now, Some("module0".into()));
+            drain(&mut p.b, p.now);
+            p.exchange();
+            assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+            p.b.wait_checker(p.now, None);
+            drain(&mut p.b, p.now);
+            p.exchange();
+            assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+        }
+
+        #[test]
+        fn a_node_started_with_a_wait_checker_down_never_follows_nor_leads() {
+            let mut p = Pair::new();
+            p.b.wait_checker(p.now, Some("ping0".into()));
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.b.handle_command(p.now, Cmd::Start).unwrap();
+            p.exchange();
+            p.now += Duration::from_secs(2);
+            p.a.handle_timeout(p.now);
+            p.b.handle_timeout(p.now);
+            p.exchange();
+            // node2 would be SECOND: it waits; node1 may be primary alone.
+            assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        }
     }
 }
 
