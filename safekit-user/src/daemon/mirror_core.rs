@@ -419,7 +419,7 @@ impl MirrorCore {
     /// Going down: a primary stops its application and goes WAIT, handing
     /// over to its secondary when PRIM (as `swap` does: a secondary in sync
     /// takes over, one that is not WAITs); a SECOND stops following and
-    /// goes WAIT (its primary then goes ALONE); a waiting node drops a
+    /// goes WAIT (with replicated directories its primary then goes ALONE); a waiting node drops a
     /// takeover under way. While one is down the node stays in WAIT: no
     /// automatic decision, `prim` and `second` refused (`primforce` is
     /// not). All up again: the usual rules apply (SECOND of a primary peer,
@@ -437,7 +437,13 @@ impl MirrorCore {
                 ));
                 self.told_why_waiting = None;
                 if self.state == MState::Wait {
+                    // As at start: decide on fresh heartbeats only (the
+                    // last one heard may be from a primary gone since).
                     self.wait_since = Some(now);
+                    self.started_at = Some(now);
+                    self.peer = None;
+                    self.last_peer = None;
+                    self.peer_in_sync = false;
                 }
                 self.decide(now);
             }
@@ -449,17 +455,18 @@ impl MirrorCore {
         self.takeover_at = None;
         match self.state {
             MState::Prim | MState::Alone => {
-                if self.state == MState::Prim {
-                    self.log(format!(
-                        "checker {id} down: stopping the application here, handing over to {}; WAIT until it recovers",
-                        self.p.peer
-                    ));
-                    self.handoff = true;
+                let to = if self.state == MState::Prim {
+                    format!("handing over to {}", self.p.peer)
                 } else {
-                    self.log(format!(
-                        "checker {id} down: stopping the application here (no secondary in sync to take over); WAIT until it recovers"
-                    ));
-                }
+                    "no secondary in sync to take over".to_owned()
+                };
+                self.log(format!(
+                    "checker {id} down: stopping the application here ({to}); WAIT until it recovers"
+                ));
+                // Shown while it stops, as by `swap`: a SECOND in sync
+                // takes over, a peer waiting does not follow this node,
+                // and a peer primary too (split brain) keeps its role.
+                self.handoff = true;
                 self.stop_to(MState::Wait);
             }
             MState::Second => {
@@ -1053,15 +1060,16 @@ impl MirrorCore {
                 }
                 self.become_second();
             }
-            // A hand-over is for the secondary in sync, not for a node
-            // that is waiting (e.g. restarted): ignore it.
-            Some(v) if v.state == MState::Wait && v.handoff => {}
             // Our own hand-over found no secondary to take it: resume
-            // the normal rules.
+            // the normal rules. (First: both may be handing over, e.g. a
+            // swap and a wait checker down on the other side.)
             Some(v) if v.state == MState::Wait && self.handoff => {
                 self.handoff = false;
                 self.decide(now);
             }
+            // A hand-over is for the secondary in sync, not for a node
+            // that is waiting (e.g. restarted): ignore it.
+            Some(v) if v.state == MState::Wait && v.handoff => {}
             Some(v) if v.state == MState::Wait => {
                 // Both waiting: the node with the newer data, if up to
                 // date, becomes primary. Neither up to date: WAIT for
@@ -1107,13 +1115,33 @@ impl MirrorCore {
 
     /// SECOND: follow the primary, take over when it is gone (in sync).
     fn decide_second(&mut self, now: Instant, peer: Option<View>) {
-        if !self.p.replicated && peer.is_some_and(|v| v.state == MState::Prim) {
+        // (Not a PRIM below the generation we follow at: a heartbeat sent
+        // before the primary went ALONE, arriving late.)
+        if !self.p.replicated
+            && peer.is_some_and(|v| v.state == MState::Prim && v.generation >= self.data.generation)
+        {
             // The primary counts us (it has recorded that we may take
             // over): in sync, at its generation, so that our takeover ends
             // above it — it may have become PRIM again at a higher one
             // since we followed it.
             self.synced = true;
             self.adopt_generation();
+        }
+        if !self.p.replicated
+            && self.synced
+            && let Some(v) = peer
+            && v.state != MState::Prim
+            && v.generation > self.data.generation
+        {
+            // Not PRIM, above the generation we followed at: it stopped
+            // counting us (e.g. it saw us waiting, the PRIM heartbeat that
+            // made us follow was stale) and wrote without us, whether it
+            // is still ALONE or stopped since.
+            self.log(format!(
+                "primary {} went on without this node (generation {} above {}): not in sync any more",
+                self.p.peer, v.generation, self.data.generation
+            ));
+            self.synced = false;
         }
         if self.p.replicated
             && self.synced
@@ -1186,6 +1214,8 @@ impl MirrorCore {
                 self.lose_link(&format!("{} is primary too", self.p.peer));
                 // Split brain: both primary. One yields, deterministically.
                 let keep_me = match &self.p.keep {
+                    // It is handing over (stopping): keep the role.
+                    _ if v.handoff => true,
                     Keep::Node(n) => n == &self.p.me,
                     Keep::FormerPrim if self.data.took_over != v.took_over => !self.data.took_over,
                     Keep::FormerPrim => self.p.me < self.p.peer,
@@ -1202,16 +1232,11 @@ impl MirrorCore {
             // A restarting peer: it will be SECOND. Its copy must be
             // resynchronised first.
             Some(v) if v.state == MState::Wait && !v.handoff => {
-                let why = format!("secondary {} left SECOND", self.p.peer);
-                if self.p.replicated {
-                    self.lose_link(&why);
-                } else if self.state == MState::Prim {
-                    // It no longer follows: from now on this node writes
-                    // without it, as when it is gone.
-                    self.log(format!("{why}: ALONE"));
-                    self.state = MState::Alone;
-                    self.persist(|d| d.generation += 1);
-                }
+                // Without replicated directories PRIM stays: going ALONE
+                // (a new generation) would let the peer, restarting,
+                // follow a PRIM heartbeat still in flight and count itself
+                // in sync.
+                self.lose_link(&format!("secondary {} left SECOND", self.p.peer));
             }
             _ => {
                 // A secondary in sync that falls silent may be taking
@@ -2223,9 +2248,11 @@ mod tests {
                 // Up again: SECOND of the primary.
                 p.a.wait_checker(p.now, None);
                 drain(&mut p.a, p.now);
+                // On fresh heartbeats.
+                assert_eq!(p.a.state(), MState::Wait);
+                p.exchange();
                 if replicated {
                     assert_eq!(p.a.state(), MState::Second);
-                    p.exchange();
                     p.b.replication_synced(p.now);
                     drain(&mut p.b, p.now);
                     p.a.replication_synced(p.now);
@@ -2248,7 +2275,7 @@ mod tests {
             let acts = drain(&mut p.a, p.now);
             assert!(acts.contains(&Act::StopPrimary), "{acts:?}");
             assert_eq!(p.a.state(), MState::Wait);
-            assert!(!p.a.view().handoff, "no secondary to hand over to");
+            assert!(p.a.view().handoff, "shows it leaves the role");
             // The timeouts pass: no ALONE while the checker is down.
             for _ in 0..5 {
                 p.now += Duration::from_secs(1);
@@ -2286,7 +2313,7 @@ mod tests {
         }
 
         #[test]
-        fn a_wait_checker_down_on_the_second_makes_it_wait_and_its_primary_alone() {
+        fn a_wait_checker_down_on_the_second_makes_it_wait_for_good_once_its_primary_wrote_alone() {
             for replicated in [false, true] {
                 let mut p = prim_second(replicated);
                 let g = p.a.data().generation;
@@ -2295,8 +2322,13 @@ mod tests {
                 assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
                 assert_eq!(p.b.state(), MState::Wait);
                 p.exchange();
-                assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
-                assert_eq!(p.a.data().generation, g + 1, "writes without node2 now");
+                if replicated {
+                    assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+                    assert_eq!(p.a.data().generation, g + 1, "writes without node2 now");
+                } else {
+                    // Nothing to replicate: the primary keeps its role.
+                    assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Wait));
+                }
                 // node1 dies: node2, whose checker is down, does not take over,
                 // nor once its checker is up (its copy is stale).
                 p.now += Duration::from_secs(2);
@@ -2316,7 +2348,7 @@ mod tests {
             p.b.wait_checker(p.now, Some("module0".into()));
             drain(&mut p.b, p.now);
             p.exchange();
-            assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+            assert_eq!(p.b.state(), MState::Wait);
             p.b.wait_checker(p.now, None);
             drain(&mut p.b, p.now);
             p.exchange();
@@ -2498,6 +2530,9 @@ mod sim {
         waits_peer_may_be_newer: u64,
         /// Boots of a node while its peer was down or stopped.
         lonely_boots: u64,
+        /// A `wait` checker went down on a primary, and on a secondary.
+        checker_downs_on_primary: u64,
+        checker_downs_on_second: u64,
     }
 
     impl Stats {
@@ -2510,6 +2545,8 @@ mod sim {
             self.starts_checked += s.starts_checked;
             self.waits_peer_may_be_newer += s.waits_peer_may_be_newer;
             self.lonely_boots += s.lonely_boots;
+            self.checker_downs_on_primary += s.checker_downs_on_primary;
+            self.checker_downs_on_second += s.checker_downs_on_second;
         }
     }
 
@@ -2535,6 +2572,9 @@ mod sim {
         link: Option<usize>,
         /// Resynchronisation under way: (primary, due ms).
         resync: Option<(usize, u64)>,
+        /// Since when a `wait` checker is down on each node (its
+        /// environment: it stays down across crashes and restarts).
+        checker_down: [Option<u64>; 2],
         stats: Stats,
         trace: Vec<String>,
     }
@@ -2597,6 +2637,7 @@ mod sim {
                 send_timeout,
                 link: None,
                 resync: None,
+                checker_down: [None; 2],
                 stats: Stats::default(),
                 trace: vec![format!(
                     "replicated: {replicated}, send timeout {send_timeout} ms"
@@ -2637,6 +2678,10 @@ mod sim {
             let n = &mut self.nodes[i];
             let mut c = MirrorCore::new(params(name(i), name(1 - i), self.replicated), n.disk);
             let _ = c.handle_command(now, Cmd::Start);
+            // Its checkers start with the module and report at once.
+            if self.checker_down[i].is_some() {
+                c.wait_checker(now, Some("ping0".into()));
+            }
             n.core = Some(c);
             n.was = MState::Wait;
             self.trace.push(format!(
@@ -2713,8 +2758,34 @@ mod sim {
                         self.boot(i, t);
                     }
                 }
+                // A `wait` checker goes down or up again.
+                8 => {
+                    let i = self.rng.node();
+                    let down = self.checker_down[i].is_none();
+                    self.set_checker(i, t, down);
+                }
                 _ => {}
             }
+        }
+
+        fn set_checker(&mut self, i: usize, t: u64, down: bool) {
+            let now = self.at(t);
+            let state = self.state(i);
+            self.checker_down[i] = down.then_some(t);
+            if down && is_primary(state) {
+                self.stats.checker_downs_on_primary += 1;
+            }
+            if down && state == MState::Second {
+                self.stats.checker_downs_on_second += 1;
+            }
+            if let Some(c) = self.nodes[i].core.as_mut() {
+                c.wait_checker(now, down.then(|| "ping0".to_owned()));
+            }
+            self.trace.push(format!(
+                "{t}: checker on {} {}",
+                name(i),
+                if down { "down" } else { "up" }
+            ));
         }
 
         fn deliver(&mut self, t: u64) {
@@ -3079,6 +3150,17 @@ mod sim {
                 }
             }
             for i in 0..2 {
+                // A `wait` checker down: never SECOND, and a primary has
+                // stopped its application within the time to do so.
+                if let Some(since) = self.checker_down[i] {
+                    let state = self.state(i);
+                    if state == MState::Second || (is_primary(state) && t > since + 300) {
+                        return Err(self.fail(&format!(
+                            "{} {state:?} at {t} with a wait checker down since {since}",
+                            name(i)
+                        )));
+                    }
+                }
                 // A node that knows its data is not the reference never
                 // becomes primary by itself while its peer is down.
                 let peer_down = self.nodes[1 - i].core.is_none();
@@ -3169,6 +3251,9 @@ mod sim {
         w.loss = 0;
         w.trace.push(format!("{t}: heal"));
         for i in 0..2 {
+            if w.checker_down[i].is_some() {
+                w.set_checker(i, t, false);
+            }
             if w.nodes[i].core.is_none() {
                 w.boot(i, t);
             }
@@ -3218,7 +3303,7 @@ mod sim {
             }
         }
         eprintln!(
-            "{seeds} seeds: {} writes, {} starts checked against the peer's data, {} boots of a node whose peer was down, {} waits for a peer that may have taken over, {} resyncs, {} replication losses, {} takeovers in sync, {} waits not in sync",
+            "{seeds} seeds: {} writes, {} starts checked against the peer's data, {} boots of a node whose peer was down, {} waits for a peer that may have taken over, {} resyncs, {} replication losses, {} takeovers in sync, {} waits not in sync, wait checkers down on {} primaries and {} secondaries",
             total.writes,
             total.starts_checked,
             total.lonely_boots,
@@ -3226,7 +3311,9 @@ mod sim {
             total.resyncs,
             total.links_lost,
             total.takeovers_in_sync,
-            total.waits_not_in_sync
+            total.waits_not_in_sync,
+            total.checker_downs_on_primary,
+            total.checker_downs_on_second
         );
         if seeds >= 100 {
             // The replicated paths are explored, and so are restarts of a
@@ -3235,6 +3322,7 @@ mod sim {
             assert!(total.takeovers_in_sync > 0 && total.waits_not_in_sync > 0);
             assert!(total.writes > 0 && total.starts_checked > 0 && total.lonely_boots > 0);
             assert!(total.waits_peer_may_be_newer > 0);
+            assert!(total.checker_downs_on_primary > 0 && total.checker_downs_on_second > 0);
         }
     }
 }
