@@ -736,9 +736,11 @@ impl Engine {
         let before = m.failing.is_empty();
         let failed_now = result.is_err();
         let check_id = id.clone();
+        let mut recovered = false;
         match result {
             Ok(()) => {
                 if m.failing.remove(&id).is_some() {
+                    recovered = true;
                     m.log.info(&format!("checker {what} is up again"));
                 }
             }
@@ -751,8 +753,9 @@ impl Engine {
         }
         let after = m.failing.is_empty();
         if m.mirror.is_some() {
-            if failed_now {
-                self.mirror_check(name, &check_id, true);
+            // Failures, and recoveries (a `wait` checker up again).
+            if failed_now || recovered {
+                self.mirror_check(name, &check_id, failed_now);
             }
             return;
         }

@@ -264,6 +264,9 @@ impl Engine {
                 h.abort();
             }
             m.failing.clear();
+            if let Some(rt) = m.mirror.as_mut() {
+                rt.core.wait_checker(Instant::now(), None);
+            }
             self.mirror_end(name);
         }
     }
@@ -490,7 +493,8 @@ impl Engine {
         }
     }
 
-    /// A checker of a mirror module failed or recovered.
+    /// A checker of a mirror module failed or recovered (after
+    /// `m.failing` was updated).
     pub(super) fn mirror_check(&mut self, name: &str, id: &str, failed: bool) {
         let now = Instant::now();
         let Some(m) = self.modules.get_mut(name) else {
@@ -500,6 +504,17 @@ impl Engine {
             return;
         };
         let Some(rt) = m.mirror.as_mut() else { return };
+        if meta.action == CheckAction::Wait {
+            // The core holds the node in WAIT while any is down.
+            let down = m
+                .failing
+                .keys()
+                .find(|k| checks::meta(&m.cfg, k).is_some_and(|c| c.action == CheckAction::Wait))
+                .cloned();
+            rt.core.wait_checker(now, down);
+            self.mirror_drain(name);
+            return;
+        }
         let st = rt.core.state();
         let applies = match meta.when {
             When::Prim => matches!(st, MState::Prim | MState::Alone),

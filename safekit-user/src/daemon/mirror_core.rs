@@ -34,6 +34,11 @@
 //! outdated. Never the application on stale data. A SECOND losing its
 //! primary takes over (unless `failover = false`) only when in sync.
 //!
+//! A `wait` checker down ([`MirrorCore::wait_checker`]) holds the node in
+//! WAIT: a primary stops its application (handing over to a secondary in
+//! sync, as `swap` does), a SECOND stops following; no automatic decision
+//! and no `prim`/`second` until every such checker is up again.
+//!
 //! Both restarted after a crash at PRIM/SECOND, they come up by themselves
 //! once they hear each other: the former primary is up to date, the
 //! former secondary is not (whether it was in sync or not), so the former
@@ -284,6 +289,10 @@ pub(crate) struct MirrorCore {
     /// The last reason logged for staying in WAIT (logged once, not at
     /// every timeout).
     told_why_waiting: Option<String>,
+    /// A `wait` checker of the module that is down on this node (its id):
+    /// the node stays in WAIT until all are up (see
+    /// [`MirrorCore::wait_checker`]).
+    checker_down: Option<String>,
     actions: std::collections::VecDeque<Act>,
 }
 
@@ -310,6 +319,7 @@ impl MirrorCore {
             synced: false,
             peer_in_sync: false,
             told_why_waiting: None,
+            checker_down: None,
             actions: std::collections::VecDeque::new(),
         }
     }
@@ -399,6 +409,78 @@ impl MirrorCore {
         if matches!(self.state, MState::Prim | MState::Alone) {
             self.lose_link(&format!("replication to {} lost", self.p.peer));
             self.track_takeover_risk();
+        }
+    }
+
+    /// The module's `wait` checkers on this node: `down` names one that is
+    /// down, `None` when all are up (the engine passes it after every
+    /// checker result; idempotent).
+    ///
+    /// Going down: a primary stops its application and goes WAIT, handing
+    /// over to its secondary when PRIM (as `swap` does: a secondary in sync
+    /// takes over, one that is not WAITs); a SECOND stops following and
+    /// goes WAIT (with replicated directories its primary then goes ALONE); a waiting node drops a
+    /// takeover under way. While one is down the node stays in WAIT: no
+    /// automatic decision, `prim` and `second` refused (`primforce` is
+    /// not). All up again: the usual rules apply (SECOND of a primary peer,
+    /// else decided as at start). Recorded but without effect in STOP.
+    pub(crate) fn wait_checker(&mut self, now: Instant, down: Option<String>) {
+        let before = std::mem::replace(&mut self.checker_down, down.clone());
+        if self.state == MState::Stop {
+            return;
+        }
+        match (before, down) {
+            (None, Some(id)) => self.checker_went_down(now, &id),
+            (Some(id), None) => {
+                self.log(format!(
+                    "checker {id} up again: leaving WAIT by the usual rules"
+                ));
+                self.told_why_waiting = None;
+                if self.state == MState::Wait {
+                    // As at start: decide on fresh heartbeats only (the
+                    // last one heard may be from a primary gone since).
+                    self.wait_since = Some(now);
+                    self.started_at = Some(now);
+                    self.peer = None;
+                    self.last_peer = None;
+                    self.peer_in_sync = false;
+                }
+                self.decide(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn checker_went_down(&mut self, now: Instant, id: &str) {
+        self.takeover_at = None;
+        match self.state {
+            MState::Prim | MState::Alone => {
+                let to = if self.state == MState::Prim {
+                    format!("handing over to {}", self.p.peer)
+                } else {
+                    "no secondary in sync to take over".to_owned()
+                };
+                self.log(format!(
+                    "checker {id} down: stopping the application here ({to}); WAIT until it recovers"
+                ));
+                // Shown while it stops, as by `swap`: a SECOND in sync
+                // takes over, a peer waiting does not follow this node,
+                // and a peer primary too (split brain) keeps its role.
+                self.handoff = true;
+                self.stop_to(MState::Wait);
+            }
+            MState::Second => {
+                self.log(format!(
+                    "checker {id} down: this node stops being secondary; WAIT until it recovers"
+                ));
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+            }
+            MState::Wait => {
+                self.witness_pending = false;
+                self.decide(now);
+            }
+            MState::Stop => {}
         }
     }
 
@@ -503,6 +585,12 @@ impl MirrorCore {
                 }
                 self.stop_to(MState::Stop);
             }
+            Cmd::Prim | Cmd::Second if self.checker_down.is_some() => {
+                let id = self.checker_down.as_deref().unwrap_or_default();
+                return Err(Refused(format!(
+                    "checker {id} is down: this node stays in WAIT until it recovers (primforce overrides)"
+                )));
+            }
             Cmd::Prim | Cmd::PrimForce => {
                 if cmd == Cmd::Prim && self.peer_primary() {
                     return Err(Refused(format!("the peer {} is primary", self.p.peer)));
@@ -569,7 +657,9 @@ impl MirrorCore {
             && now >= t
         {
             self.takeover_at = None;
-            if self.peer_primary() {
+            if self.checker_down.is_some() {
+                self.log("takeover cancelled: a wait checker is down".into());
+            } else if self.peer_primary() {
                 self.log("takeover cancelled: the peer is primary".into());
             } else {
                 self.become_primary(true);
@@ -581,6 +671,9 @@ impl MirrorCore {
             && self.started_at.is_some_and(|t| now >= t + self.p.timeout)
             && self.last_peer.is_some_and(|t| now < t + self.p.timeout)
         {
+            // Settled: no timer for it any more (it would fire at once
+            // again should the node keep waiting, e.g. not up to date).
+            self.started_at = None;
             self.decide(now);
             return;
         }
@@ -634,6 +727,11 @@ impl MirrorCore {
             // restarted, and now following this node, which it saw still
             // primary): both SECOND, nobody would ever be primary. Decide
             // afresh instead.
+            MState::Second if self.checker_down.is_some() => {
+                self.state = MState::Wait;
+                self.wait_since = Some(now);
+                self.decide(now);
+            }
             MState::Second if !self.peer_primary() => {
                 self.log(format!(
                     "{} is not primary any more: WAIT instead of SECOND",
@@ -928,6 +1026,15 @@ impl MirrorCore {
         if self.app == App::Stopping || self.witness_pending {
             return;
         }
+        if self.state == MState::Wait
+            && let Some(id) = &self.checker_down
+        {
+            let why = format!(
+                "checker {id} down: WAIT until it recovers, neither primary nor secondary (primforce overrides)"
+            );
+            self.tell_why_waiting(why);
+            return;
+        }
         let peer = self.peer;
         match self.state {
             MState::Stop => {}
@@ -953,15 +1060,16 @@ impl MirrorCore {
                 }
                 self.become_second();
             }
-            // A hand-over is for the secondary in sync, not for a node
-            // that is waiting (e.g. restarted): ignore it.
-            Some(v) if v.state == MState::Wait && v.handoff => {}
             // Our own hand-over found no secondary to take it: resume
-            // the normal rules.
+            // the normal rules. (First: both may be handing over, e.g. a
+            // swap and a wait checker down on the other side.)
             Some(v) if v.state == MState::Wait && self.handoff => {
                 self.handoff = false;
                 self.decide(now);
             }
+            // A hand-over is for the secondary in sync, not for a node
+            // that is waiting (e.g. restarted): ignore it.
+            Some(v) if v.state == MState::Wait && v.handoff => {}
             Some(v) if v.state == MState::Wait => {
                 // Both waiting: the node with the newer data, if up to
                 // date, becomes primary. Neither up to date: WAIT for
@@ -1007,13 +1115,33 @@ impl MirrorCore {
 
     /// SECOND: follow the primary, take over when it is gone (in sync).
     fn decide_second(&mut self, now: Instant, peer: Option<View>) {
-        if !self.p.replicated && peer.is_some_and(|v| v.state == MState::Prim) {
+        // (Not a PRIM below the generation we follow at: a heartbeat sent
+        // before the primary went ALONE, arriving late.)
+        if !self.p.replicated
+            && peer.is_some_and(|v| v.state == MState::Prim && v.generation >= self.data.generation)
+        {
             // The primary counts us (it has recorded that we may take
             // over): in sync, at its generation, so that our takeover ends
             // above it — it may have become PRIM again at a higher one
             // since we followed it.
             self.synced = true;
             self.adopt_generation();
+        }
+        if !self.p.replicated
+            && self.synced
+            && let Some(v) = peer
+            && v.state != MState::Prim
+            && v.generation > self.data.generation
+        {
+            // Not PRIM, above the generation we followed at: it stopped
+            // counting us (e.g. it saw us waiting, the PRIM heartbeat that
+            // made us follow was stale) and wrote without us, whether it
+            // is still ALONE or stopped since.
+            self.log(format!(
+                "primary {} went on without this node (generation {} above {}): not in sync any more",
+                self.p.peer, v.generation, self.data.generation
+            ));
+            self.synced = false;
         }
         if self.p.replicated
             && self.synced
@@ -1086,6 +1214,8 @@ impl MirrorCore {
                 self.lose_link(&format!("{} is primary too", self.p.peer));
                 // Split brain: both primary. One yields, deterministically.
                 let keep_me = match &self.p.keep {
+                    // It is handing over (stopping): keep the role.
+                    _ if v.handoff => true,
                     Keep::Node(n) => n == &self.p.me,
                     Keep::FormerPrim if self.data.took_over != v.took_over => !self.data.took_over,
                     Keep::FormerPrim => self.p.me < self.p.peer,
@@ -1102,6 +1232,10 @@ impl MirrorCore {
             // A restarting peer: it will be SECOND. Its copy must be
             // resynchronised first.
             Some(v) if v.state == MState::Wait && !v.handoff => {
+                // Without replicated directories PRIM stays: going ALONE
+                // (a new generation) would let the peer, restarting,
+                // follow a PRIM heartbeat still in flight and count itself
+                // in sync.
                 self.lose_link(&format!("secondary {} left SECOND", self.p.peer));
             }
             _ => {
@@ -1376,6 +1510,14 @@ mod tests {
         "primary gone while this node was not in sync: WAIT (data not up to date)";
 
     impl Pair {
+        fn with(replicated: bool) -> Self {
+            if replicated {
+                Self::replicated()
+            } else {
+                Self::new()
+            }
+        }
+
         /// Two nodes of a module with replicated directories.
         fn replicated() -> Self {
             let mut p = Self::new();
@@ -2050,6 +2192,186 @@ mod tests {
         assert!(!d.peer_may_have_taken_over);
         assert_eq!(d.generation, 3);
     }
+
+    /// `wait` checkers ([`MirrorCore::wait_checker`]).
+    mod wait_checker {
+        use super::*;
+
+        fn logs(acts: &[Act]) -> String {
+            acts.iter()
+                .filter_map(|a| match a {
+                    Act::Log(l) => Some(l.as_str()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+
+        /// Both started without replication: node1 PRIM, node2 SECOND.
+        fn prim_second(replicated: bool) -> Pair {
+            let mut p = Pair::with(replicated);
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.b.handle_command(p.now, Cmd::Start).unwrap();
+            p.exchange();
+            if replicated {
+                p.a.replication_synced(p.now);
+                drain(&mut p.a, p.now);
+                p.b.replication_synced(p.now);
+                drain(&mut p.b, p.now);
+                p.exchange();
+            }
+            assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+            p
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_prim_hands_over_then_up_again_it_is_second() {
+            for replicated in [false, true] {
+                let mut p = prim_second(replicated);
+                p.a.wait_checker(p.now, Some("ping0".into()));
+                let acts = drain(&mut p.a, p.now);
+                assert!(acts.contains(&Act::StopPrimary), "{acts:?}");
+                assert!(logs(&acts).contains("checker ping0 down"), "{acts:?}");
+                assert_eq!(p.a.state(), MState::Wait);
+                assert!(p.a.view().handoff);
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Wait, MState::Alone));
+                // Stuck: red, neither primary nor secondary, by any rule.
+                assert!(!p.a.in_transition());
+                let err = p.a.handle_command(p.now, Cmd::Prim).unwrap_err();
+                assert!(err.0.contains("checker ping0 is down"), "{err}");
+                assert!(p.a.handle_command(p.now, Cmd::Second).is_err());
+                p.now += Duration::from_secs(3);
+                p.a.handle_timeout(p.now);
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Wait, MState::Alone));
+                // Up again: SECOND of the primary.
+                p.a.wait_checker(p.now, None);
+                drain(&mut p.a, p.now);
+                // On fresh heartbeats.
+                assert_eq!(p.a.state(), MState::Wait);
+                p.exchange();
+                if replicated {
+                    assert_eq!(p.a.state(), MState::Second);
+                    p.b.replication_synced(p.now);
+                    drain(&mut p.b, p.now);
+                    p.a.replication_synced(p.now);
+                    drain(&mut p.a, p.now);
+                }
+                p.exchange();
+                assert_eq!((p.a.state(), p.b.state()), (MState::Second, MState::Prim));
+            }
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_alone_stops_the_application_and_nobody_runs_it() {
+            let mut p = Pair::new();
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.now += Duration::from_secs(1);
+            p.a.handle_timeout(p.now);
+            drain(&mut p.a, p.now);
+            assert_eq!(p.a.state(), MState::Alone);
+            p.a.wait_checker(p.now, Some("custom.db".into()));
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StopPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Wait);
+            assert!(p.a.view().handoff, "shows it leaves the role");
+            // The timeouts pass: no ALONE while the checker is down.
+            for _ in 0..5 {
+                p.now += Duration::from_secs(1);
+                p.a.handle_timeout(p.now);
+                let acts = drain(&mut p.a, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+            }
+            assert_eq!(p.a.state(), MState::Wait);
+            // Another checker result, still down: nothing changes.
+            p.a.wait_checker(p.now, Some("custom.db".into()));
+            assert_eq!(drain(&mut p.a, p.now), vec![]);
+            // Up again: decided as at start (peer silent: ALONE after the
+            // timeout, its data up to date).
+            p.a.wait_checker(p.now, None);
+            drain(&mut p.a, p.now);
+            assert_eq!(p.a.state(), MState::Wait);
+            p.now += Duration::from_secs(1);
+            p.a.handle_timeout(p.now);
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Alone);
+        }
+
+        #[test]
+        fn primforce_overrides_a_wait_checker_down() {
+            let mut p = Pair::new();
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.a.wait_checker(p.now, Some("intf0".into()));
+            drain(&mut p.a, p.now);
+            assert!(p.a.handle_command(p.now, Cmd::Prim).is_err());
+            p.a.handle_command(p.now, Cmd::PrimForce).unwrap();
+            let acts = drain(&mut p.a, p.now);
+            assert!(acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert_eq!(p.a.state(), MState::Alone);
+        }
+
+        #[test]
+        fn a_wait_checker_down_on_the_second_makes_it_wait_for_good_once_its_primary_wrote_alone() {
+            for replicated in [false, true] {
+                let mut p = prim_second(replicated);
+                let g = p.a.data().generation;
+                p.b.wait_checker(p.now, Some("ping0".into()));
+                let acts = drain(&mut p.b, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+                assert_eq!(p.b.state(), MState::Wait);
+                p.exchange();
+                if replicated {
+                    assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+                    assert_eq!(p.a.data().generation, g + 1, "writes without node2 now");
+                } else {
+                    // Nothing to replicate: the primary keeps its role.
+                    assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Wait));
+                }
+                // node1 dies: node2, whose checker is down, does not take over,
+                // nor once its checker is up (its copy is stale).
+                p.now += Duration::from_secs(2);
+                p.b.handle_timeout(p.now);
+                p.b.wait_checker(p.now, None);
+                p.now += Duration::from_secs(2);
+                p.b.handle_timeout(p.now);
+                let acts = drain(&mut p.b, p.now);
+                assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+                assert_eq!(p.b.state(), MState::Wait);
+            }
+        }
+
+        #[test]
+        fn a_second_whose_wait_checker_recovers_follows_its_primary_again() {
+            let mut p = prim_second(false);
+            p.b.wait_checker(p.now, Some("module0".into()));
+            drain(&mut p.b, p.now);
+            p.exchange();
+            assert_eq!(p.b.state(), MState::Wait);
+            p.b.wait_checker(p.now, None);
+            drain(&mut p.b, p.now);
+            p.exchange();
+            assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+        }
+
+        #[test]
+        fn a_node_started_with_a_wait_checker_down_never_follows_nor_leads() {
+            let mut p = Pair::new();
+            p.b.wait_checker(p.now, Some("ping0".into()));
+            p.a.handle_command(p.now, Cmd::Start).unwrap();
+            p.b.handle_command(p.now, Cmd::Start).unwrap();
+            p.exchange();
+            p.now += Duration::from_secs(2);
+            p.a.handle_timeout(p.now);
+            p.b.handle_timeout(p.now);
+            p.exchange();
+            // node2 would be SECOND: it waits; node1 may be primary alone.
+            assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Wait));
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        }
+    }
 }
 
 /// Deterministic simulation: two nodes exchanging views through a lossy,
@@ -2208,6 +2530,9 @@ mod sim {
         waits_peer_may_be_newer: u64,
         /// Boots of a node while its peer was down or stopped.
         lonely_boots: u64,
+        /// A `wait` checker went down on a primary, and on a secondary.
+        checker_downs_on_primary: u64,
+        checker_downs_on_second: u64,
     }
 
     impl Stats {
@@ -2220,6 +2545,8 @@ mod sim {
             self.starts_checked += s.starts_checked;
             self.waits_peer_may_be_newer += s.waits_peer_may_be_newer;
             self.lonely_boots += s.lonely_boots;
+            self.checker_downs_on_primary += s.checker_downs_on_primary;
+            self.checker_downs_on_second += s.checker_downs_on_second;
         }
     }
 
@@ -2245,6 +2572,9 @@ mod sim {
         link: Option<usize>,
         /// Resynchronisation under way: (primary, due ms).
         resync: Option<(usize, u64)>,
+        /// Since when a `wait` checker is down on each node (its
+        /// environment: it stays down across crashes and restarts).
+        checker_down: [Option<u64>; 2],
         stats: Stats,
         trace: Vec<String>,
     }
@@ -2307,6 +2637,7 @@ mod sim {
                 send_timeout,
                 link: None,
                 resync: None,
+                checker_down: [None; 2],
                 stats: Stats::default(),
                 trace: vec![format!(
                     "replicated: {replicated}, send timeout {send_timeout} ms"
@@ -2347,6 +2678,10 @@ mod sim {
             let n = &mut self.nodes[i];
             let mut c = MirrorCore::new(params(name(i), name(1 - i), self.replicated), n.disk);
             let _ = c.handle_command(now, Cmd::Start);
+            // Its checkers start with the module and report at once.
+            if self.checker_down[i].is_some() {
+                c.wait_checker(now, Some("ping0".into()));
+            }
             n.core = Some(c);
             n.was = MState::Wait;
             self.trace.push(format!(
@@ -2423,8 +2758,34 @@ mod sim {
                         self.boot(i, t);
                     }
                 }
+                // A `wait` checker goes down or up again.
+                8 => {
+                    let i = self.rng.node();
+                    let down = self.checker_down[i].is_none();
+                    self.set_checker(i, t, down);
+                }
                 _ => {}
             }
+        }
+
+        fn set_checker(&mut self, i: usize, t: u64, down: bool) {
+            let now = self.at(t);
+            let state = self.state(i);
+            self.checker_down[i] = down.then_some(t);
+            if down && is_primary(state) {
+                self.stats.checker_downs_on_primary += 1;
+            }
+            if down && state == MState::Second {
+                self.stats.checker_downs_on_second += 1;
+            }
+            if let Some(c) = self.nodes[i].core.as_mut() {
+                c.wait_checker(now, down.then(|| "ping0".to_owned()));
+            }
+            self.trace.push(format!(
+                "{t}: checker on {} {}",
+                name(i),
+                if down { "down" } else { "up" }
+            ));
         }
 
         fn deliver(&mut self, t: u64) {
@@ -2789,6 +3150,17 @@ mod sim {
                 }
             }
             for i in 0..2 {
+                // A `wait` checker down: never SECOND, and a primary has
+                // stopped its application within the time to do so.
+                if let Some(since) = self.checker_down[i] {
+                    let state = self.state(i);
+                    if state == MState::Second || (is_primary(state) && t > since + 300) {
+                        return Err(self.fail(&format!(
+                            "{} {state:?} at {t} with a wait checker down since {since}",
+                            name(i)
+                        )));
+                    }
+                }
                 // A node that knows its data is not the reference never
                 // becomes primary by itself while its peer is down.
                 let peer_down = self.nodes[1 - i].core.is_none();
@@ -2879,6 +3251,9 @@ mod sim {
         w.loss = 0;
         w.trace.push(format!("{t}: heal"));
         for i in 0..2 {
+            if w.checker_down[i].is_some() {
+                w.set_checker(i, t, false);
+            }
             if w.nodes[i].core.is_none() {
                 w.boot(i, t);
             }
@@ -2928,7 +3303,7 @@ mod sim {
             }
         }
         eprintln!(
-            "{seeds} seeds: {} writes, {} starts checked against the peer's data, {} boots of a node whose peer was down, {} waits for a peer that may have taken over, {} resyncs, {} replication losses, {} takeovers in sync, {} waits not in sync",
+            "{seeds} seeds: {} writes, {} starts checked against the peer's data, {} boots of a node whose peer was down, {} waits for a peer that may have taken over, {} resyncs, {} replication losses, {} takeovers in sync, {} waits not in sync, wait checkers down on {} primaries and {} secondaries",
             total.writes,
             total.starts_checked,
             total.lonely_boots,
@@ -2936,7 +3311,9 @@ mod sim {
             total.resyncs,
             total.links_lost,
             total.takeovers_in_sync,
-            total.waits_not_in_sync
+            total.waits_not_in_sync,
+            total.checker_downs_on_primary,
+            total.checker_downs_on_second
         );
         if seeds >= 100 {
             // The replicated paths are explored, and so are restarts of a
@@ -2945,6 +3322,7 @@ mod sim {
             assert!(total.takeovers_in_sync > 0 && total.waits_not_in_sync > 0);
             assert!(total.writes > 0 && total.starts_checked > 0 && total.lonely_boots > 0);
             assert!(total.waits_peer_may_be_newer > 0);
+            assert!(total.checker_downs_on_primary > 0 && total.checker_downs_on_second > 0);
         }
     }
 }
