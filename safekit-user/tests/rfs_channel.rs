@@ -40,8 +40,12 @@ enum Mitm {
     Replay,
 }
 
-/// client → proxy → server; returns what the server received.
-fn through_mitm(mode: Mitm) -> (Message, Result<Message, ChannelError>) {
+/// client → proxy → server; returns what the server received. The client
+/// sends a hello, then an operation: small (one frame), or a 1 MiB write (17
+/// frames, the proxy altering one in the middle).
+fn through_mitm(mode: Mitm, big: bool) -> (Message, Result<Message, ChannelError>) {
+    // Frame 0 is the handshake's, 1 the hello.
+    let altered = if big { 6 } else { 2 };
     let server_l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let proxy_l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server_addr = server_l.local_addr().expect("addr");
@@ -59,22 +63,23 @@ fn through_mitm(mode: Mitm) -> (Message, Result<Message, ChannelError>) {
                 }
             }
         });
-        // Client → server: handshake, frame 1 untouched, frame 2 altered.
-        let mut first = None;
-        for i in 0..3 {
+        // Client → server: handshake, frames before `altered` untouched,
+        // `altered` flipped or replaced by the one before.
+        let mut previous = None;
+        for i in 0..=altered {
             let Some(mut f) = read_frame(&mut c) else {
                 return;
             };
-            if i == 1 {
-                first = Some(f.clone());
+            if i + 1 == altered {
+                previous = Some(f.clone());
             }
-            if i == 2 {
+            if i == altered {
                 match mode {
                     Mitm::Flip => {
                         let last = f.len() - 20;
                         f[last] ^= 0x01;
                     }
-                    Mitm::Replay => f = first.clone().expect("frame 1"),
+                    Mitm::Replay => f = previous.clone().expect("the frame before"),
                 }
             }
             if s.write_all(&f).is_err() {
@@ -97,14 +102,21 @@ fn through_mitm(mode: Mitm) -> (Message, Result<Message, ChannelError>) {
         dir: "/data".into(),
     })
     .expect("send");
-    tx.send(&Message::Op {
-        seq: 1,
-        op: Op::Unlink {
+    let op = if big {
+        Op::Write {
+            path: RelPath::new("victim").expect("path"),
+            offset: 0,
+            data: vec![0x33; 1 << 20],
+            mtime: Timestamp::default(),
+        }
+    } else {
+        Op::Unlink {
             path: RelPath::new("victim").expect("path"),
             dir_mtime: Timestamp::default(),
-        },
-    })
-    .expect("send");
+        }
+    };
+    // The proxy closes after the altered frame: the rest may not be sent.
+    let _ = tx.send(&Message::Op { seq: 1, op });
     let r = server.join().expect("server");
     let _ = proxy.join();
     r
@@ -112,16 +124,20 @@ fn through_mitm(mode: Mitm) -> (Message, Result<Message, ChannelError>) {
 
 #[test]
 fn a_tampered_frame_is_rejected() {
-    let (first, second) = through_mitm(Mitm::Flip);
-    assert!(matches!(first, Message::Hello { .. }));
-    assert!(matches!(second, Err(ChannelError::Tampered)), "{second:?}");
+    for big in [false, true] {
+        let (first, second) = through_mitm(Mitm::Flip, big);
+        assert!(matches!(first, Message::Hello { .. }));
+        assert!(matches!(second, Err(ChannelError::Tampered)), "{second:?}");
+    }
 }
 
 #[test]
 fn a_replayed_frame_is_rejected() {
-    let (first, second) = through_mitm(Mitm::Replay);
-    assert!(matches!(first, Message::Hello { .. }));
-    assert!(matches!(second, Err(ChannelError::Tampered)), "{second:?}");
+    for big in [false, true] {
+        let (first, second) = through_mitm(Mitm::Replay, big);
+        assert!(matches!(first, Message::Hello { .. }));
+        assert!(matches!(second, Err(ChannelError::Tampered)), "{second:?}");
+    }
 }
 
 #[test]

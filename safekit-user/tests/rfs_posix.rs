@@ -299,6 +299,12 @@ fn create_and_write_at_offsets() {
         log.push(res(f.write_at(b"world", 100)));
         log.push(res(f.write_at(b"XY", 3)));
         log.push(res(f.write_at(&vec![7u8; 300_000], 50)));
+        // Several kernel requests, each replicated in pieces, at an offset
+        // aligned to nothing: a piece out of place changes the checksum.
+        let big: Vec<u8> = (0..(3_u32 << 20) + 1234)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect();
+        log.push(res(f.write_at(&big, 4097)));
         let mut s = Vec::new();
         let mut g = File::open(d.join("f")).expect("open");
         log.push(res(g.read_to_end(&mut s)));

@@ -18,14 +18,22 @@
 //! `write(2)` through, and mmap writes on `msync`/writeback). So every write
 //! and every metadata change is replied to only once the secondary
 //! acknowledged it (SPEC §5: "every write when write-back caching is off");
-//! fsync/fdatasync and `O_SYNC`/`O_DSYNC` writes are also synced to the local
-//! disk first and send a barrier that, with `async = "none"`, the secondary
-//! syncs before acknowledging. When the secondary is lost (send timeout), the
-//! replicator journals and releases the waiting replies.
+//! fsync/fdatasync and `O_SYNC`/`O_DSYNC` writes also send a barrier that,
+//! with `async = "none"`, the secondary syncs before acknowledging, and are
+//! synced to the local disk: after the barrier is sequenced and outside the
+//! lock (the flush overlaps the barrier's round trip; see `fsync` for why the
+//! order holds), the reply waiting for both. When the secondary is lost
+//! (send timeout), the replicator journals and releases the waiting replies.
+//!
+//! A write request (up to 1 MiB) is applied and submitted in pieces of
+//! [`WRITE_PIECE`] under one hold of the lock: the first piece travels to
+//! the secondary while the next is written here; the reply waits for the
+//! last piece's acknowledgement.
 //!
 //! Reads never wait: they are served from the kernel page cache or by
-//! `pread`, or — read-only opens with passthrough on — by the kernel directly
-//! from the real file (FUSE passthrough: no request reaches the daemon).
+//! `pread` into a per-thread buffer, or — read-only opens with passthrough
+//! on — by the kernel directly from the real file (FUSE passthrough: no
+//! request reaches the daemon).
 
 use std::{
     collections::HashMap,
@@ -60,6 +68,83 @@ use super::{
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 pub(crate) const MAX_WRITE: u32 = 1 << 20;
+
+/// Writes are applied and replicated in pieces of this size (see
+/// [`ReplicatedFs::write_pieces`]).
+const WRITE_PIECE: usize = 256 << 10;
+
+thread_local! {
+    /// Each FUSE thread's read buffer, reused across requests.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `pwrite`s all of `data` at `offset` unless an error stops it: the bytes
+/// written, and the error if one did.
+fn pwrite_some(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> (usize, Option<Errno>) {
+    let mut done = 0;
+    while done < data.len() {
+        match rustix::io::pwrite(fd, &data[done..], offset + done as u64) {
+            Ok(0) => return (done, Some(Errno::from_i32(libc::EIO))),
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return (done, Some(Errno::from_i32(e.raw_os_error()))),
+        }
+    }
+    (done, None)
+}
+
+/// `fdatasync` (`data_only`) or `fsync`.
+fn sync_fd(fd: BorrowedFd<'_>, data_only: bool) -> Result<(), Errno> {
+    let r = if data_only {
+        rustix::fs::fdatasync(fd)
+    } else {
+        rustix::fs::fsync(fd)
+    };
+    r.map_err(|e| Errno::from_i32(e.raw_os_error()))
+}
+
+/// Completes `reply` with a result.
+fn empty(reply: ReplyEmpty) -> impl FnOnce(Result<(), i32>) + Send + 'static {
+    move |r| match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(Errno::from_i32(e)),
+    }
+}
+
+/// A completion that waits for two results (a local flush and a barrier's
+/// durability, in either order): the second to arrive runs it, with the
+/// first error if any.
+struct Join {
+    /// The completion (until run), and the first result (once in).
+    slot: Mutex<JoinSlot>,
+}
+
+type JoinSlot = (Option<Completion>, Option<Result<(), i32>>);
+
+impl Join {
+    fn new(done: Completion) -> Self {
+        Self {
+            slot: Mutex::new((Some(done), None)),
+        }
+    }
+
+    fn half(&self, r: Result<(), i32>) {
+        let mut slot = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slot.1.take() {
+            None => slot.1 = Some(r),
+            Some(first) => {
+                let done = slot.0.take();
+                drop(slot);
+                if let Some(done) = done {
+                    done(first.and(r));
+                }
+            }
+        }
+    }
+}
 
 /// The inode table: names of the inodes the kernel holds.
 #[derive(Debug, Default)]
@@ -465,6 +550,58 @@ impl ReplicatedFs {
         ))
     }
 
+    /// Writes `data` at `offset` locally and submits it, in pieces of
+    /// [`WRITE_PIECE`], each submitted as soon as it is on the local file:
+    /// the secondary receives one while the next is written here (the
+    /// kernel sends one request at a time and each waits for its
+    /// acknowledgement, so without pieces nothing would overlap). Called
+    /// under the lock, so the pieces are sequenced in order and nothing
+    /// comes between them. Returns the bytes written and the ticket of the
+    /// last piece (acknowledgements are cumulative). A local failure after
+    /// some bytes is a short write of what was written (and replicated);
+    /// only a failure of the first byte is an error.
+    fn write_pieces(
+        &self,
+        fd: BorrowedFd<'_>,
+        path: Option<&RelPath>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(usize, Ticket), Errno> {
+        let (mut done, mut ticket) = (0, Ticket::DONE);
+        for piece in data.chunks(WRITE_PIECE) {
+            let at = offset + done as u64;
+            let (n, err) = pwrite_some(fd, piece, at);
+            if n > 0 {
+                done += n;
+                if let Some(path) = path {
+                    // The mtime the secondary sets; were fstat to fail, the
+                    // bytes must be replicated all the same.
+                    let mtime = sys::fstat(fd).map_or_else(
+                        |_| from_system_time(SystemTime::now()),
+                        |st| sys::mtime(&st),
+                    );
+                    let end = at + n as u64;
+                    ticket = self.submit(
+                        &Op::Write {
+                            path: path.clone(),
+                            offset: at,
+                            data: piece[..n].to_vec(),
+                            mtime,
+                        },
+                        &[(path.clone(), Change::Range { start: at, end })],
+                    );
+                }
+            }
+            if let Some(e) = err {
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+        }
+        Ok((done, ticket))
+    }
+
     fn submit(&self, op: &Op, changes: &[(RelPath, Change)]) -> Ticket {
         self.repl.submit(op, changes.to_vec())
     }
@@ -472,6 +609,22 @@ impl ReplicatedFs {
     fn then(&self, ticket: Ticket, f: impl FnOnce(Result<(), i32>) + Send + 'static) {
         let done: Completion = Box::new(f);
         self.repl.when_durable(ticket, done);
+    }
+
+    /// Like [`then`](Self::then), and `f` also waits for `flush` (the local
+    /// disk flush of a barrier), run here after `ticket` was registered: the
+    /// flush, outside the lock, overlaps the barrier's round trip, and the
+    /// registration is as prompt as any other operation's.
+    fn then_flushed(
+        &self,
+        ticket: Ticket,
+        flush: impl FnOnce() -> Result<(), Errno>,
+        f: impl FnOnce(Result<(), i32>) + Send + 'static,
+    ) {
+        let join = Arc::new(Join::new(Box::new(f)));
+        let durable = Arc::clone(&join);
+        self.then(ticket, move |r| durable.half(r));
+        join.half(flush().map_err(Errno::code));
     }
 
     /// Common path of mknod/mkdir/symlink: replies with the new entry once
@@ -484,10 +637,7 @@ impl ReplicatedFs {
     }
 
     fn reply_empty(&self, ticket: Ticket, reply: ReplyEmpty) {
-        self.then(ticket, move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        });
+        self.then(ticket, empty(reply));
     }
 
     #[expect(
@@ -1030,17 +1180,24 @@ impl Filesystem for ReplicatedFs {
         let Some(fd) = fd else {
             return reply.error(Errno::from_i32(libc::EBADF));
         };
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match rustix::io::pread(fd.as_fd(), &mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+        let size = size as usize;
+        READ_BUF.with_borrow_mut(|buf| {
+            // Zeroed only when it grows (once per thread, to the largest
+            // read the kernel sends).
+            if buf.len() < size {
+                buf.resize(size, 0);
             }
-        }
-        reply.data(&buf[..got]);
+            let mut got = 0;
+            while got < size {
+                match rustix::io::pread(fd.as_fd(), &mut buf[got..size], offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+                }
+            }
+            reply.data(&buf[..got]);
+        });
     }
 
     fn write(
@@ -1060,42 +1217,32 @@ impl Filesystem for ReplicatedFs {
             let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
             let fd = Arc::clone(&f.fd);
             let sync = f.sync || is_sync(flags.0);
-            sys::write_all_at(fd.as_fd(), data, offset).map_err(|e| errno(&e))?;
-            if sync {
-                rustix::fs::fdatasync(fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+            let data_only = flags.0 & libc::O_SYNC != libc::O_SYNC;
+            let path = st.tree.path(ino.0);
+            let (written, mut ticket) =
+                self.write_pieces(fd.as_fd(), path.as_ref(), offset, data)?;
+            if sync && let Some(path) = path {
+                // Sequenced after the pieces; the local sync follows below,
+                // outside the lock (see `fsync`).
+                ticket = self.submit(&Op::Fsync { path, data_only }, &[]);
             }
-            let Some(path) = st.tree.path(ino.0) else {
-                return Ok(Ticket::DONE);
-            };
-            let stat = sys::fstat(fd.as_fd()).map_err(|e| errno(&e))?;
-            let end = offset + data.len() as u64;
-            let mut t = self.submit(
-                &Op::Write {
-                    path: path.clone(),
-                    offset,
-                    data: data.to_vec(),
-                    mtime: sys::mtime(&stat),
-                },
-                &[(path.clone(), Change::Range { start: offset, end })],
-            );
-            if sync {
-                t = self.submit(
-                    &Op::Fsync {
-                        path,
-                        data_only: flags.0 & libc::O_SYNC != libc::O_SYNC,
-                    },
-                    &[],
-                );
-            }
-            Ok(t)
+            Ok((written, ticket, sync.then_some((fd, data_only))))
         })();
         drop(st);
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         match r {
-            Ok(t) => self.then(t, move |r| match r {
-                Ok(()) => reply.written(len),
-                Err(e) => reply.error(Errno::from_i32(e)),
-            }),
+            Ok((written, t, sync)) => {
+                let len = u32::try_from(written).unwrap_or(u32::MAX);
+                let done = move |r| match r {
+                    Ok(()) => reply.written(len),
+                    Err(e) => reply.error(Errno::from_i32(e)),
+                };
+                match sync {
+                    Some((fd, data_only)) => {
+                        self.then_flushed(t, || sync_fd(fd.as_fd(), data_only), done);
+                    }
+                    None => self.then(t, done),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1134,29 +1281,33 @@ impl Filesystem for ReplicatedFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // The barrier is sequenced under the lock; the local flush runs
+        // outside it, overlapping the barrier's round trip, and other
+        // requests go on meanwhile. Still in order: every write this fsync
+        // covers (replied to before it was called, so applied locally and
+        // submitted under the lock before this request took it) has a
+        // smaller sequence number than the barrier, and the local flush
+        // starts after those writes reached the page cache. The reply waits
+        // for both the flush and the barrier's durability.
         let st = self.lock();
-        let r = (|| {
-            let fd = Self::open_fd(&st, ino, Some(fh)).ok_or(Errno::from_i32(libc::EBADF))?;
-            let res = if datasync {
-                rustix::fs::fdatasync(fd.as_fd())
-            } else {
-                rustix::fs::fsync(fd.as_fd())
-            };
-            res.map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-            Ok(match st.tree.path(ino.0) {
-                Some(path) => self.submit(
-                    &Op::Fsync {
-                        path,
-                        data_only: datasync,
-                    },
-                    &[],
-                ),
-                None => Ticket::DONE,
-            })
-        })();
+        let r = Self::open_fd(&st, ino, Some(fh))
+            .ok_or(Errno::from_i32(libc::EBADF))
+            .map(|fd| {
+                let t = match st.tree.path(ino.0) {
+                    Some(path) => self.submit(
+                        &Op::Fsync {
+                            path,
+                            data_only: datasync,
+                        },
+                        &[],
+                    ),
+                    None => Ticket::DONE,
+                };
+                (fd, t)
+            });
         drop(st);
         match r {
-            Ok(t) => self.reply_empty(t, reply),
+            Ok((fd, t)) => self.then_flushed(t, || sync_fd(fd.as_fd(), datasync), empty(reply)),
             Err(e) => reply.error(e),
         }
     }
@@ -1218,21 +1369,21 @@ impl Filesystem for ReplicatedFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        // As `fsync`: barrier under the lock, local flush outside it.
         let st = self.lock();
-        let r = (|| {
-            let (path, fd) = self.dir_of(&st, ino)?;
-            rustix::fs::fsync(&fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-            Ok(self.submit(
+        let r = self.dir_of(&st, ino).map(|(path, fd)| {
+            let t = self.submit(
                 &Op::Fsync {
                     path,
                     data_only: datasync,
                 },
                 &[],
-            ))
-        })();
+            );
+            (fd, t)
+        });
         drop(st);
         match r {
-            Ok(t) => self.reply_empty(t, reply),
+            Ok((fd, t)) => self.then_flushed(t, || sync_fd(fd.as_fd(), false), empty(reply)),
             Err(e) => reply.error(e),
         }
     }
@@ -1498,6 +1649,24 @@ mod tests {
         t.forget(14, 1);
         assert!(t.path(14).is_none() && !t.by_name.values().any(|&i| i == 14));
         assert_eq!(t.path(1).map(|p| p.to_string()), Some(".".into()));
+    }
+
+    #[test]
+    fn a_join_completes_once_both_halves_are_in_either_order() {
+        use std::sync::mpsc;
+        for (first, second, want) in [
+            (Ok(()), Ok(()), Ok(())),
+            (Err(5), Ok(()), Err(5)),
+            (Ok(()), Err(28), Err(28)),
+            (Err(5), Err(28), Err(5)),
+        ] {
+            let (tx, rx) = mpsc::channel();
+            let join = Join::new(Box::new(move |r| tx.send(r).expect("send")));
+            join.half(first);
+            assert!(rx.try_recv().is_err(), "completed after one half");
+            join.half(second);
+            assert_eq!(rx.try_recv(), Ok(want));
+        }
     }
 
     #[test]
