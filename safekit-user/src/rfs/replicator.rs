@@ -49,9 +49,10 @@ pub enum LinkState {
 /// What the FUSE side is told once an operation is durable.
 pub(crate) type Completion = Box<dyn FnOnce(Result<(), i32>) + Send>;
 
-/// A submitted operation: its sequence number when it was sent.
+/// A submitted operation: the connection (epoch) and sequence number it was
+/// sent with, if it was sent.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Ticket(Option<Seq>);
+pub(crate) struct Ticket(Option<(u64, Seq)>);
 
 impl Ticket {
     /// Nothing to wait for.
@@ -658,7 +659,7 @@ impl Replicator {
         let mut s = self.lock();
         match s.state {
             LinkState::Connected => {
-                let seq = s.next_seq;
+                let (epoch, seq) = (s.epoch, s.next_seq);
                 s.next_seq += 1;
                 let mut buf = Vec::with_capacity(match op {
                     Op::Write { data, .. } => data.len() + 64,
@@ -688,7 +689,7 @@ impl Replicator {
                         .bytes_sent
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                Ticket(Some(seq))
+                Ticket(Some((epoch, seq)))
             }
             LinkState::Resyncing => {
                 for (path, change) in changes {
@@ -746,12 +747,16 @@ impl Replicator {
     pub(crate) fn when_durable(&self, ticket: Ticket, done: Completion) {
         let mut s = self.lock();
         let res = match ticket.0 {
-            Some(seq) if s.state == LinkState::Connected && seq > s.acked => {
+            // Same connection, not yet acknowledged: wait for it.
+            Some((epoch, seq))
+                if epoch == s.epoch && s.state == LinkState::Connected && seq > s.acked =>
+            {
                 s.waiters.entry(seq).or_default().push(done);
                 return;
             }
-            Some(seq) if seq <= s.acked => Ok(()),
-            // Alone (from the start or since): the change is in the journal.
+            Some((epoch, seq)) if epoch == s.epoch && seq <= s.acked => Ok(()),
+            // Alone (from the start or since), or sent on a connection lost
+            // since (its changes were journalled then): the journal has it.
             _ => self.journal_sync(&mut s),
         };
         drop(s);
