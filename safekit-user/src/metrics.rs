@@ -152,14 +152,7 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
         "# HELP safekit_rfs_link 1 for the replicated directory's current link state.\n# TYPE safekit_rfs_link gauge"
     );
     for (m, d) in &dirs {
-        for s in [
-            "alone",
-            "resyncing",
-            "connected",
-            "receiving",
-            "in sync",
-            "idle",
-        ] {
+        for s in crate::status::RFS_LINKS {
             let _ = writeln!(
                 out,
                 "safekit_rfs_link{{node=\"{node}\",module=\"{m}\",dir=\"{}\",state=\"{s}\"}} {}",

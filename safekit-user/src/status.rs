@@ -175,6 +175,16 @@ pub struct ModuleStatus {
     pub rfs: Vec<RfsDirStatus>,
 }
 
+/// Every value of [`RfsDirStatus::link`].
+pub const RFS_LINKS: [&str; 6] = [
+    "alone",
+    "resyncing",
+    "connected",
+    "receiving",
+    "in sync",
+    "idle",
+];
+
 /// One replicated directory of a mirror module on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RfsDirStatus {

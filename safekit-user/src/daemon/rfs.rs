@@ -297,14 +297,7 @@ pub(super) fn become_secondary(
             mounts::bind_read_only(&d.local)
                 .map_err(|e| format!("read-only bind mount over {}: {e}", d.local.display()))?
         } else {
-            rustix::fs::open(
-                &d.local,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .map_err(|e| format!("open {}: {e}", d.local.display()))?
+            mounts::open_dir(&d.local).map_err(|e| format!("open {}: {e}", d.local.display()))?
         };
         registry.add(
             d.wire.clone(),

@@ -446,6 +446,30 @@ impl Drop for Obj {
     }
 }
 
+/// Writes a netfilter message header of type `ty` (`NFT_MSG_*`) with
+/// `flags` (`NLM_F_*`) into `buf`.
+///
+/// # Safety
+/// `buf` must have room for one netfilter message.
+unsafe fn build_hdr(
+    buf: *mut c_void,
+    ty: i32,
+    family: ProtoFamily,
+    flags: i32,
+    seq: u32,
+) -> *mut libc::nlmsghdr {
+    // SAFETY: the caller guarantees the room.
+    unsafe {
+        sys::nftnl_nlmsg_build_hdr(
+            buf.cast::<c_char>(),
+            u16::try_from(ty).unwrap_or(0),
+            family as u16,
+            u16::try_from(flags).unwrap_or(0),
+            seq,
+        )
+    }
+}
+
 // SAFETY: `write` builds one message into a buffer that the batch sized
 // for the largest netfilter message, as nftnl's own `NlMsg` types do.
 unsafe impl NlMsg for Obj {
@@ -457,13 +481,7 @@ unsafe impl NlMsg for Obj {
         // SAFETY: the caller (nftnl's Batch) hands a buffer with room for
         // one message; `self.ptr` is live.
         unsafe {
-            let nlh = sys::nftnl_nlmsg_build_hdr(
-                buf.cast::<c_char>(),
-                u16::try_from(ty).unwrap_or(0),
-                self.family as u16,
-                u16::try_from(flags).unwrap_or(0),
-                seq,
-            );
+            let nlh = build_hdr(buf, ty, self.family, flags, seq);
             sys::nftnl_obj_nlmsg_build_payload(nlh, self.ptr.as_ptr());
         }
     }
@@ -517,13 +535,7 @@ unsafe impl NlMsg for TableMsg {
         // SAFETY: the caller (nftnl's Batch) hands a buffer with room for
         // one message; `self.ptr` is live.
         unsafe {
-            let nlh = sys::nftnl_nlmsg_build_hdr(
-                buf.cast::<c_char>(),
-                u16::try_from(ty).unwrap_or(0),
-                self.family as u16,
-                u16::try_from(flags).unwrap_or(0),
-                seq,
-            );
+            let nlh = build_hdr(buf, ty, self.family, flags, seq);
             sys::nftnl_table_nlmsg_build_payload(nlh, self.ptr.as_ptr());
         }
     }

@@ -67,12 +67,7 @@ struct Entry<'a> {
 impl Applier {
     /// Opens the root directory `dir`.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        let root = rustix::fs::open(
-            dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(sys::io)?;
+        let root = super::mounts::open_dir(dir)?;
         Ok(Self {
             root,
             files: HashMap::new(),

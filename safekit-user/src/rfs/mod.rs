@@ -52,7 +52,6 @@ use std::{
     time::Duration,
 };
 
-use rustix::fs::{Mode, OFlags};
 use thiserror::Error;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -280,14 +279,9 @@ impl Primary {
         let (events_tx, events) = unbounded_channel();
         recover_dead_mount(dir);
         let open_root = || {
-            rustix::fs::open(
-                dir,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| RfsError::Open {
+            mounts::open_dir(dir).map_err(|source| RfsError::Open {
                 path: dir.to_path_buf(),
-                source: sys::io(e),
+                source,
             })
         };
         let root: OwnedFd = open_root()?;

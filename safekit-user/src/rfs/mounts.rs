@@ -93,15 +93,22 @@ pub fn detach_all(dir: &Path) -> usize {
     n
 }
 
-/// Opens `dir` (the handle the secondary writes through), then bind-mounts
-/// it read-only over itself for the application; returns the handle.
-pub fn bind_read_only(dir: &Path) -> io::Result<OwnedFd> {
-    let fd = rustix::fs::open(
+/// Opens directory `dir` (read-only, close-on-exec): the handle a primary
+/// reads beneath its FUSE mount, or a secondary writes beneath its
+/// read-only bind mount.
+pub fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    rustix::fs::open(
         dir,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(sys::io)?;
+    .map_err(sys::io)
+}
+
+/// Opens `dir` (the handle the secondary writes through), then bind-mounts
+/// it read-only over itself for the application; returns the handle.
+pub fn bind_read_only(dir: &Path) -> io::Result<OwnedFd> {
+    let fd = open_dir(dir)?;
     rustix::mount::mount_bind(dir, dir).map_err(sys::io)?;
     // Private: the bind must not propagate to (or from) peer mounts.
     let _ = rustix::mount::mount_change(dir, MountPropagationFlags::PRIVATE);

@@ -905,6 +905,14 @@ pub(crate) fn put_change(out: &mut Vec<u8>, path: &RelPath, change: Change) {
     }
 }
 
+/// Appends the encoding of `Message::Op { seq, op }` from a borrowed
+/// operation (no copy of a write's data).
+pub fn encode_op_message(out: &mut Vec<u8>, seq: Seq, op: &Op) {
+    out.push(MSG_OP);
+    put_u64(out, seq);
+    encode_op(out, op);
+}
+
 /// Appends the encoding of `msg`.
 pub fn encode(out: &mut Vec<u8>, msg: &Message) {
     match msg {
@@ -921,11 +929,7 @@ pub fn encode(out: &mut Vec<u8>, msg: &Message) {
                 put_change(out, p, *c);
             }
         }
-        Message::Op { seq, op } => {
-            out.push(MSG_OP);
-            put_u64(out, *seq);
-            encode_op(out, op);
-        }
+        Message::Op { seq, op } => encode_op_message(out, *seq, op),
         Message::Ack { seq } => {
             out.push(MSG_ACK);
             put_u64(out, *seq);

@@ -534,7 +534,7 @@ impl Replicator {
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let workers = opts.workers.clamp(1, 64).min(items.len().max(1));
-        let tally = Tallier(self);
+        let done = || self.progress_lock().files_done += 1;
         thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
@@ -549,7 +549,7 @@ impl Replicator {
                                     .map(|_| ())
                                     .map_err(|()| resync::ItemError::Lost)
                             };
-                            resync::item_ops(root, path, changes, &mut emit, &tally)?;
+                            resync::item_ops(root, path, changes, &mut emit, &done)?;
                         }
                     })
                 })
@@ -568,7 +568,6 @@ impl Replicator {
     /// Queues one resynchronisation operation (flow-controlled, paced by the
     /// bandwidth cap); its sequence number.
     fn submit_resync(&self, epoch: u64, op: &Op, bandwidth: Option<u64>) -> Result<Seq, ()> {
-        let mut buf = Vec::new();
         let mut s = self.lock();
         while s.inflight_bytes >= MAX_INFLIGHT && !s.inflight.is_empty() {
             if s.epoch != epoch {
@@ -583,20 +582,7 @@ impl Replicator {
         if s.epoch != epoch || s.state == LinkState::Alone {
             return Err(());
         }
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        proto::encode(
-            &mut buf,
-            &Message::Op {
-                seq,
-                op: op.clone(),
-            },
-        );
-        let size = buf.len() as u64;
-        s.outbox.push(buf);
-        s.inflight
-            .push_back((seq, Instant::now(), Vec::new(), size));
-        s.inflight_bytes += size;
+        let seq = Self::enqueue(&mut s, op, Vec::new());
         if let Op::InSync { sync_id } = op {
             // Under the same lock as the queueing: its acknowledgement may
             // come back before this thread runs again. Live from here.
@@ -604,11 +590,9 @@ impl Replicator {
             s.state = LinkState::Connected;
         }
         drop(s);
-        self.wake.notify_all();
-        self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
+        self.sent(op);
         if let Op::Write { data, .. } = op {
             let n = data.len() as u64;
-            self.counters.bytes_sent.fetch_add(n, Ordering::Relaxed);
             self.counters.resync_bytes.fetch_add(n, Ordering::Relaxed);
             let (done, started) = {
                 let mut p = self.progress_lock();
@@ -650,6 +634,34 @@ impl Replicator {
         }
     }
 
+    /// Numbers, encodes and queues `op` for the sender (under the lock), with
+    /// what to journal should it never be acknowledged.
+    fn enqueue(s: &mut Shared, op: &Op, changes: Vec<(RelPath, Change)>) -> Seq {
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let mut buf = Vec::with_capacity(match op {
+            Op::Write { data, .. } => data.len() + 64,
+            _ => 64,
+        });
+        proto::encode_op_message(&mut buf, seq, op);
+        let size = buf.len() as u64;
+        s.outbox.push(buf);
+        s.inflight.push_back((seq, Instant::now(), changes, size));
+        s.inflight_bytes += size;
+        seq
+    }
+
+    /// After queueing (lock released): wake the sender, count.
+    fn sent(&self, op: &Op) {
+        self.wake.notify_all();
+        self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
+        if let Op::Write { data, .. } = op {
+            self.counters
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Submits an operation already applied locally. The caller holds the
     /// [`Replicator::gate`] (shared) and its own ordering lock across the
     /// local apply and this call, so sequence order is the local order.
@@ -659,36 +671,15 @@ impl Replicator {
         let mut s = self.lock();
         match s.state {
             LinkState::Connected => {
-                let (epoch, seq) = (s.epoch, s.next_seq);
-                s.next_seq += 1;
-                let mut buf = Vec::with_capacity(match op {
-                    Op::Write { data, .. } => data.len() + 64,
-                    _ => 64,
-                });
-                proto::encode(
-                    &mut buf,
-                    &Message::Op {
-                        seq,
-                        op: op.clone(),
-                    },
-                );
                 if let Some(al) = s.al.as_mut() {
                     for (p, c) in &changes {
                         let _ = al.record(p, *c);
                     }
                 }
-                let size = buf.len() as u64;
-                s.outbox.push(buf);
-                s.inflight.push_back((seq, Instant::now(), changes, size));
-                s.inflight_bytes += size;
+                let epoch = s.epoch;
+                let seq = Self::enqueue(&mut s, op, changes);
                 drop(s);
-                self.wake.notify_all();
-                self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
-                if let Op::Write { data, .. } = op {
-                    self.counters
-                        .bytes_sent
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
+                self.sent(op);
                 Ticket(Some((epoch, seq)))
             }
             LinkState::Resyncing => {
@@ -990,15 +981,6 @@ const MAX_INFLIGHT: u64 = 32 << 20;
 /// Small enough to send in the last step, with the application paused.
 fn small(set: &DirtySet) -> bool {
     set.len() <= 256 && set.range_bytes() <= 16 << 20 && !set.iter().any(|(_, c)| c.tree)
-}
-
-/// Progress hooks of [`resync::item_ops`] (totals are counted before).
-struct Tallier<'a>(&'a Replicator);
-
-impl resync::Tally for Tallier<'_> {
-    fn done(&self) {
-        self.0.progress_lock().files_done += 1;
-    }
 }
 
 #[cfg(test)]

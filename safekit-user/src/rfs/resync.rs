@@ -48,13 +48,6 @@ impl From<io::Error> for ItemError {
 /// Where the operations go: `emit(op)`; `Err` when the link is gone.
 pub type Emit<'a> = dyn FnMut(Op) -> Result<(), ItemError> + 'a;
 
-/// Progress hook: one more path sent (totals are counted before, see
-/// [`count_tree`]).
-pub trait Tally {
-    /// One more path sent.
-    fn done(&self);
-}
-
 fn is_enoent(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
@@ -70,7 +63,7 @@ pub fn item_ops(
     path: &RelPath,
     changes: &PathChanges,
     emit: &mut Emit<'_>,
-    tally: &dyn Tally,
+    done: &dyn Fn(),
 ) -> Result<(), ItemError> {
     // The entry and its parent directory (the root: itself).
     let (dir, name): (OwnedFd, &OsStr) = if path.is_root() {
@@ -81,14 +74,14 @@ pub fn item_ops(
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match sys::open_dir(root.as_fd(), parent) {
             Ok(d) => (d, OsStr::from_bytes(name)),
-            Err(e) if is_enoent(&e) => return removed(path, emit, tally),
+            Err(e) if is_enoent(&e) => return removed(path, emit, done),
             Err(e) => return Err(e.into()),
         }
     };
     let st = match sys::stat_at(dir.as_fd(), name) {
         Ok(st) => st,
         Err(e) if is_enoent(&e) && !path.is_root() => {
-            return removed(path, emit, tally);
+            return removed(path, emit, done);
         }
         Err(e) => return Err(e.into()),
     };
@@ -171,7 +164,7 @@ pub fn item_ops(
                 let child = path
                     .join(&n)
                     .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                item_ops(root, &child, &whole, emit, tally)?;
+                item_ops(root, &child, &whole, emit, done)?;
             }
         }
         _ => {}
@@ -184,7 +177,7 @@ pub fn item_ops(
         atime: Some(sys::atime(&st)),
         mtime: Some(sys::mtime(&st)),
     })?;
-    tally.done();
+    done();
     Ok(())
 }
 
@@ -230,9 +223,9 @@ pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
 }
 
 /// The path is gone here: gone there too.
-fn removed(path: &RelPath, emit: &mut Emit<'_>, tally: &dyn Tally) -> Result<(), ItemError> {
+fn removed(path: &RelPath, emit: &mut Emit<'_>, done: &dyn Fn()) -> Result<(), ItemError> {
     emit(Op::Remove { path: path.clone() })?;
-    tally.done();
+    done();
     Ok(())
 }
 

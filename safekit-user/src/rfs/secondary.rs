@@ -291,17 +291,13 @@ struct Activity {
 
 /// What this copy may hold that the primary lacks: its activity log and
 /// what it changed alone, whole tree past [`proto::MAX_SUSPECTS`].
-fn suspects(state: &DirState) -> Vec<(RelPath, Change)> {
-    let mut set = DirtySet::default();
-    for f in [state.al(), state.journal()] {
-        match Journal::open(&f) {
-            Ok(j) => set.merge(j.dirty()),
-            Err(e) => {
-                tracing::warn!(file = %f.display(), error = %e, "unreadable: asking for the whole tree");
-                return vec![(RelPath::root(), Change::Tree)];
-            }
-        }
-    }
+fn suspects(al: Option<&Journal>, alone: Option<&DirtySet>) -> Vec<(RelPath, Change)> {
+    let (Some(al), Some(alone)) = (al, alone) else {
+        tracing::warn!("activity log or journal unreadable: asking for the whole tree");
+        return vec![(RelPath::root(), Change::Tree)];
+    };
+    let mut set = al.dirty().clone();
+    set.merge(alone);
     let recs = set.to_records();
     if recs.len() > proto::MAX_SUSPECTS {
         vec![(RelPath::root(), Change::Tree)]
@@ -314,11 +310,10 @@ fn suspects(state: &DirState) -> Vec<(RelPath, Change)> {
 /// directory; returns it and the number of paths kept.
 fn quarantine(
     local: &std::path::Path,
-    state: &DirState,
+    alone: &DirtySet,
     to: &std::path::Path,
 ) -> std::io::Result<Option<(PathBuf, usize)>> {
-    let j = Journal::open(&state.journal()).map_err(std::io::Error::other)?;
-    if j.dirty().is_empty() {
+    if alone.is_empty() {
         return Ok(None);
     }
     let stamp = std::time::SystemTime::now()
@@ -327,7 +322,7 @@ fn quarantine(
     let dest = to.join(format!("{stamp}"));
     std::fs::create_dir_all(&dest)?;
     let mut n = 0;
-    for (p, _) in j.dirty().iter() {
+    for (p, _) in alone.iter() {
         let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
         if copy_tree(&local.join(rel), &dest.join(rel))? {
             n += 1;
@@ -373,14 +368,7 @@ fn serve_verify(ctx: &Ctx, mut tx: ChannelSender, dir: &str, peer: SocketAddr) {
     };
     let root = match &slot.dir.root {
         Some(fd) => fd.try_clone(),
-        None => rustix::fs::open(
-            &slot.dir.local,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error())),
+        None => super::mounts::open_dir(&slot.dir.local),
     };
     let r = root
         .map_err(|e| format!("open {}: {e}", slot.dir.local.display()))
@@ -455,8 +443,21 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         }
     }
     let state = slot.dir.state.clone();
-    if let (Some(state), Some(q)) = (&state, &slot.dir.quarantine) {
-        match quarantine(&slot.dir.local, state, q) {
+    // This copy's own records, read once: the activity log (kept for the
+    // live phase) and what this node changed alone.
+    let al = state.as_ref().and_then(|st| {
+        st.create().ok()?;
+        Journal::open(&st.al()).ok()
+    });
+    let alone = state
+        .as_ref()
+        .map(|st| Journal::open(&st.journal()).map(|j| j.dirty().clone()));
+    if let (Some(alone), Some(q)) = (&alone, &slot.dir.quarantine) {
+        let kept = alone
+            .as_ref()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|alone| quarantine(&slot.dir.local, alone, q));
+        match kept {
             Ok(Some((to, paths))) => {
                 tracing::warn!(%dir, to = %to.display(), paths, "files changed alone quarantined before resynchronisation");
                 ctx.event(SecondaryEvent::Quarantined {
@@ -477,14 +478,14 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         }
     }
     let (sync_id, suspects) = match &state {
-        Some(st) => (st.sync_id(), suspects(st)),
+        Some(st) => (
+            st.sync_id(),
+            suspects(al.as_ref(), alone.as_ref().and_then(|a| a.as_ref().ok())),
+        ),
         None => (0, Vec::new()),
     };
     let activity = Mutex::new(Activity {
-        log: state.as_ref().and_then(|st| {
-            st.create().ok()?;
-            Journal::open(&st.al()).ok()
-        }),
+        log: al,
         received: 0,
         applied: 0,
     });
