@@ -745,3 +745,149 @@ fn reader_open_while_a_writer_opens() {
         log
     });
 }
+
+/// The inode number of an open fd (`fstat`).
+fn fd_ino(fd: &impl std::os::fd::AsFd) -> u64 {
+    rustix::fs::fstat(fd).expect("fstat").st_ino
+}
+
+#[test]
+fn stale_handle_never_reaches_another_file() {
+    // A handle on a deleted file (O_PATH, and an open fd) must keep naming
+    // the deleted file while new files are created: on a plain directory the
+    // handle pins the inode, so no new file can take its number. Through the
+    // mount, a new file must never take the deleted file's node id, and
+    // reopening the handle through /proc/self/fd gives the deleted file's
+    // content, never another file's.
+    let mut p = Pair::new("stale", AsyncMode::Second);
+    p.check(|d| {
+        let mut log = Vec::new();
+        for round in 0..6 {
+            // Even rounds hold only an O_PATH handle (no open reaches the
+            // filesystem), odd rounds only an open fd.
+            let victim = d.join(format!("victim{round}"));
+            fs::write(&victim, b"the deleted file").expect("write victim");
+            let held: std::os::fd::OwnedFd = if round % 2 == 0 {
+                rustix::fs::open(
+                    &victim,
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .expect("O_PATH open")
+            } else {
+                File::open(&victim).expect("open victim").into()
+            };
+            let ino = fd_ino(&held);
+            fs::remove_file(&victim).expect("unlink victim");
+            // Enough new files for the disk to reuse a freed number at once.
+            let mut reused = 0;
+            for i in 0..64 {
+                let f = d.join(format!("new{round}-{i}"));
+                fs::write(&f, format!("new file {i}")).expect("write new");
+                if fs::metadata(&f).expect("stat new").ino() == ino {
+                    reused += 1;
+                }
+            }
+            log.push(format!(
+                "round {round}: new files with the held number: {reused}"
+            ));
+            let st = rustix::fs::fstat(&held).expect("fstat handle");
+            log.push(format!("handle: nlink {} size {}", st.st_nlink, st.st_size));
+            let proc = format!("/proc/self/fd/{}", held.as_raw_fd_for_test());
+            log.push(format!(
+                "reopen: {}",
+                res(fs::read(&proc).map(String::from_utf8))
+            ));
+        }
+        log
+    });
+}
+
+/// `as_raw_fd` for an `OwnedFd` without importing the trait at every use.
+trait RawForTest {
+    fn as_raw_fd_for_test(&self) -> i32;
+}
+
+impl RawForTest for std::os::fd::OwnedFd {
+    fn as_raw_fd_for_test(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+#[test]
+fn concurrent_namespace_changes_never_fail_spuriously() {
+    // Six workers, each in its own directory, create, mkdir, rename and
+    // unlink as fast as they can: on a plain directory none of these calls
+    // fails; through the mount none may fail either (a reused inode number
+    // taken for a node the kernel still holds gave ESTALE, EEXIST, ENOENT).
+    let secs: u64 = std::env::var("RFS_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let mut p = Pair::new("stress", AsyncMode::Second);
+    let root = p.a.clone();
+    let failures = std::sync::Mutex::new(Vec::new());
+    let ops = AtomicU32::new(0);
+    let until = Instant::now() + Duration::from_secs(secs);
+    std::thread::scope(|s| {
+        for w in 0..6 {
+            let dir = root.join(format!("w{w}"));
+            let failures = &failures;
+            let ops = &ops;
+            s.spawn(move || {
+                fs::create_dir(&dir).expect("mkdir worker dir");
+                let mut i = 0u64;
+                let fail = |what: &str, e: std::io::Error| {
+                    failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("w{w} {what}: {e}"));
+                };
+                while Instant::now() < until {
+                    let f = dir.join(format!("f{i}"));
+                    let g = dir.join(format!("g{i}"));
+                    let sub = dir.join(format!("d{i}"));
+                    if let Err(e) = fs::write(&f, i.to_le_bytes()) {
+                        fail("create", e);
+                    }
+                    if let Err(e) = fs::create_dir(&sub) {
+                        fail("mkdir", e);
+                    }
+                    if let Err(e) = fs::write(sub.join("x"), b"x") {
+                        fail("create in subdir", e);
+                    }
+                    if let Err(e) = fs::rename(&f, &g) {
+                        fail("rename", e);
+                    }
+                    if let Err(e) = fs::metadata(&g) {
+                        fail("stat renamed", e);
+                    }
+                    if let Err(e) = fs::remove_file(&g) {
+                        fail("unlink", e);
+                    }
+                    if let Err(e) = fs::remove_file(sub.join("x")) {
+                        fail("unlink in subdir", e);
+                    }
+                    if let Err(e) = fs::remove_dir(&sub) {
+                        fail("rmdir", e);
+                    }
+                    i += 1;
+                    ops.fetch_add(8, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().expect("lock");
+    eprintln!(
+        "{} operations in {secs} s, {} failed",
+        ops.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} calls failed, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    p.assert_replicated();
+}

@@ -8,6 +8,13 @@
 //! that was unlinked has no name: writes to it stay local (nothing on the
 //! secondary can reach it either).
 //!
+//! Node identity: every inode the kernel knows (from a lookup or a
+//! creation until its last `forget`) is pinned by an `O_PATH` handle the
+//! daemon holds, so the disk cannot give its number to a new file while the
+//! kernel may still use it: a node id names one file for its whole life (a
+//! stale handle on a deleted file stays on the deleted file, as on a local
+//! filesystem). Attributes and opens go through that handle, not the path.
+//!
 //! Ordering: one lock covers "apply locally, then submit to the replicator",
 //! so the sequence numbers are the order in which the local directory
 //! changed. Replies that must wait for the secondary (every mutation, see
@@ -157,6 +164,9 @@ struct Tree {
 struct Node {
     names: Vec<(u64, OsString)>,
     nlookup: u64,
+    /// `O_PATH` handle on the inode: pins its number while the kernel knows
+    /// the node (see the module docs).
+    pin: Option<Arc<OwnedFd>>,
 }
 
 impl Tree {
@@ -180,8 +190,14 @@ impl Tree {
         None
     }
 
-    /// Records that the kernel now knows `ino` as `parent/name`.
-    fn learn(&mut self, ino: u64, parent: u64, name: &OsStr) {
+    /// The `O_PATH` handle pinning `ino`, if the kernel knows it.
+    fn pin(&self, ino: u64) -> Option<&Arc<OwnedFd>> {
+        self.nodes.get(&ino)?.pin.as_ref()
+    }
+
+    /// Records that the kernel now knows `ino` as `parent/name`; `pin` is an
+    /// `O_PATH` handle on that inode (kept if the node has none yet).
+    fn learn(&mut self, ino: u64, parent: u64, name: &OsStr, pin: OwnedFd) {
         let key = (parent, name.to_os_string());
         if let Some(old) = self.by_name.insert(key.clone(), ino)
             && old != ino
@@ -191,6 +207,9 @@ impl Tree {
         }
         let node = self.nodes.entry(ino).or_default();
         node.nlookup += 1;
+        if node.pin.is_none() {
+            node.pin = Some(Arc::new(pin));
+        }
         if !node.names.contains(&key) {
             node.names.push(key);
         }
@@ -508,14 +527,11 @@ impl ReplicatedFs {
     }
 
     fn stat_ino(&self, st: &State, ino: INodeNo, fh: Option<FileHandle>) -> Result<Stat, Errno> {
-        if let Some(p) = st.tree.path(ino.0) {
-            let r = if p.is_root() {
-                sys::fstat(self.root())
-            } else {
-                let e = self.entry(&p)?;
-                sys::stat_at(e.dir.as_fd(), &e.name)
-            };
-            return r.map_err(|e| errno(&e));
+        if ino == INodeNo::ROOT {
+            return sys::fstat(self.root()).map_err(|e| errno(&e));
+        }
+        if let Some(pin) = st.tree.pin(ino.0) {
+            return sys::fstat(pin.as_fd()).map_err(|e| errno(&e));
         }
         let fd = Self::open_fd(st, ino, fh).ok_or(Errno::ENOENT)?;
         sys::fstat(fd.as_fd()).map_err(|e| errno(&e))
@@ -542,6 +558,17 @@ impl ReplicatedFs {
             return sys::stat_at(e.dir.as_fd(), &e.name).map_err(|e| errno(&e));
         }
         Ok(st)
+    }
+
+    /// The `O_PATH` handle pinning a node just created as `e` (whose stat
+    /// is `stat`).
+    fn pin_new(e: &Entry, stat: &Stat) -> Result<OwnedFd, Errno> {
+        let (pin, now) = sys::pin_at(e.dir.as_fd(), &e.name).map_err(|e| errno(&e))?;
+        if now.st_ino != stat.st_ino {
+            // Replaced beneath the mount between the two calls: not ours.
+            return Err(Errno::from_i32(libc::ESTALE));
+        }
+        Ok(pin)
     }
 
     fn dir_mtime(e: &Entry) -> Result<Timestamp, Errno> {
@@ -810,12 +837,12 @@ impl Filesystem for ReplicatedFs {
         let mut st = self.lock();
         let r = (|| {
             let (_, dir) = self.dir_of(&st, parent)?;
-            sys::stat_at(dir.as_fd(), name).map_err(|e| errno(&e))
+            sys::pin_at(dir.as_fd(), name).map_err(|e| errno(&e))
         })();
         match r {
-            Ok(stat) => {
+            Ok((pin, stat)) => {
                 let attr = self.attr(&stat);
-                st.tree.learn(attr.ino.0, parent.0, name);
+                st.tree.learn(attr.ino.0, parent.0, name, pin);
                 drop(st);
                 reply.entry(&TTL, &attr, Generation(0));
             }
@@ -933,7 +960,8 @@ impl Filesystem for ReplicatedFs {
                 dir_mtime: Self::dir_mtime(&e)?,
             };
             let attr = self.attr(&stat);
-            st.tree.learn(attr.ino.0, parent.0, name);
+            let pin = Self::pin_new(&e, &stat)?;
+            st.tree.learn(attr.ino.0, parent.0, name, pin);
             Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
@@ -972,7 +1000,8 @@ impl Filesystem for ReplicatedFs {
                 dir_mtime: Self::dir_mtime(&e)?,
             };
             let attr = self.attr(&stat);
-            st.tree.learn(attr.ino.0, parent.0, name);
+            let pin = Self::pin_new(&e, &stat)?;
+            st.tree.learn(attr.ino.0, parent.0, name, pin);
             Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
@@ -1018,7 +1047,8 @@ impl Filesystem for ReplicatedFs {
                 dir_mtime: Self::dir_mtime(&e)?,
             };
             let attr = self.attr(&stat);
-            st.tree.learn(attr.ino.0, parent.0, link_name);
+            let pin = Self::pin_new(&e, &stat)?;
+            st.tree.learn(attr.ino.0, parent.0, link_name, pin);
             Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
@@ -1096,14 +1126,14 @@ impl Filesystem for ReplicatedFs {
             let path = Self::child(&pb, newname)?;
             rustix::fs::linkat(&src.dir, &src.name, &db, newname, AtFlags::empty())
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
-            let stat = sys::stat_at(db.as_fd(), newname).map_err(|e| errno(&e))?;
+            let (pin, stat) = sys::pin_at(db.as_fd(), newname).map_err(|e| errno(&e))?;
             let op = Op::Link {
                 existing,
                 path: path.clone(),
                 dir_mtime: sys::mtime(&sys::fstat(&db).map_err(|e| errno(&e))?),
             };
             let attr = self.attr(&stat);
-            st.tree.learn(attr.ino.0, newparent.0, newname);
+            st.tree.learn(attr.ino.0, newparent.0, newname, pin);
             Ok((attr, self.submit(&op, &[(path, Change::Tree)])))
         })();
         drop(st);
@@ -1116,6 +1146,11 @@ impl Filesystem for ReplicatedFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mut st = self.lock();
         let r = (|| {
+            // Through the node's own handle: the inode the kernel means,
+            // an unlinked one included (as a local filesystem reopens it).
+            if let Some(pin) = st.tree.pin(ino.0) {
+                return sys::reopen(pin.as_fd(), real_open_flags(flags.0)).map_err(|e| errno(&e));
+            }
             let p = Self::path(&st, ino)?;
             let fd = sys::open_beneath(self.root(), p.as_bytes(), real_open_flags(flags.0))
                 .map_err(|e| errno(&e))?;
@@ -1526,7 +1561,8 @@ impl Filesystem for ReplicatedFs {
                 dir_mtime: Self::dir_mtime(&e)?,
             };
             let attr = self.attr(&stat);
-            st.tree.learn(attr.ino.0, parent.0, name);
+            let pin = Self::pin_new(&e, &stat)?;
+            st.tree.learn(attr.ino.0, parent.0, name, pin);
             let fh = st.next_fh;
             st.next_fh += 1;
             st.files.insert(
@@ -1623,31 +1659,38 @@ mod tests {
 
     #[test]
     fn tree_tracks_names_through_renames_and_unlinks() {
+        // Any O_PATH handle stands for the node's pin here.
+        let pin = || {
+            rustix::fs::open(".", OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).expect("O_PATH")
+        };
         let mut t = Tree::default();
-        t.learn(10, 1, OsStr::new("d"));
-        t.learn(11, 10, OsStr::new("f"));
+        t.learn(10, 1, OsStr::new("d"), pin());
+        t.learn(11, 10, OsStr::new("f"), pin());
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("d/f".into()));
         t.rename((1, OsStr::new("d")), (1, OsStr::new("e")), false);
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("e/f".into()));
         // Hard link, then the first name goes: the other one remains.
-        t.learn(11, 1, OsStr::new("h"));
+        t.learn(11, 1, OsStr::new("h"), pin());
         t.unlearn(10, OsStr::new("f"));
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("h".into()));
         t.unlearn(1, OsStr::new("h"));
         assert_eq!(t.path(11), None);
         // Rename over an existing entry: the target loses its name.
-        t.learn(12, 1, OsStr::new("a"));
-        t.learn(13, 1, OsStr::new("b"));
+        t.learn(12, 1, OsStr::new("a"), pin());
+        t.learn(13, 1, OsStr::new("b"), pin());
         t.rename((1, OsStr::new("a")), (1, OsStr::new("b")), false);
         assert_eq!(t.path(12).map(|p| p.to_string()), Some("b".into()));
         assert_eq!(t.path(13), None);
         // Exchange swaps.
-        t.learn(14, 1, OsStr::new("c"));
+        t.learn(14, 1, OsStr::new("c"), pin());
         t.rename((1, OsStr::new("b")), (1, OsStr::new("c")), true);
         assert_eq!(t.path(12).map(|p| p.to_string()), Some("c".into()));
         assert_eq!(t.path(14).map(|p| p.to_string()), Some("b".into()));
+        assert!(t.pin(14).is_some());
         t.forget(14, 1);
         assert!(t.path(14).is_none() && !t.by_name.values().any(|&i| i == 14));
+        // Forgotten: the handle that pinned the inode is released.
+        assert!(t.pin(14).is_none());
         assert_eq!(t.path(1).map(|p| p.to_string()), Some(".".into()));
     }
 

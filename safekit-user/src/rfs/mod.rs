@@ -278,6 +278,8 @@ impl Primary {
         let key = ChannelKey::from_cluster_key(key).map_err(RfsError::Key)?;
         let (events_tx, events) = unbounded_channel();
         recover_dead_mount(dir);
+        // One O_PATH handle per inode the kernel knows (see `fs`).
+        sys::raise_fd_limit();
         let open_root = || {
             mounts::open_dir(dir).map_err(|source| RfsError::Open {
                 path: dir.to_path_buf(),

@@ -70,6 +70,45 @@ pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io)
 }
 
+/// Opens `dir/name` itself with `O_PATH` (a symlink is not followed) and
+/// stats it through that fd: the handle that pins the inode for as long as
+/// the kernel knows it (its number cannot be reused meanwhile), and the
+/// attributes of exactly that inode.
+pub(crate) fn pin_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<(OwnedFd, Stat)> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    let st = fstat(&fd)?;
+    Ok((fd, st))
+}
+
+/// Opens the inode an `O_PATH` handle pins, with `flags`, through
+/// `/proc/self/fd` (the way a process reopens a handle of its own): it
+/// reaches the inode whatever its names are now, an unlinked one included.
+pub(crate) fn reopen(pin: BorrowedFd<'_>, flags: OFlags) -> io::Result<OwnedFd> {
+    rustix::fs::open(proc_fd(pin), flags | OFlags::CLOEXEC, Mode::empty()).map_err(io)
+}
+
+/// Raises this process's soft limit of open files to its hard limit: the
+/// primary holds one `O_PATH` handle per inode the kernel knows under its
+/// mount, as many as the kernel caches.
+pub(crate) fn raise_fd_limit() {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if lim.current < lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
+
 /// `fstat(fd)`.
 pub(crate) fn fstat(fd: impl AsFd) -> io::Result<Stat> {
     rustix::fs::fstat(fd).map_err(io)
