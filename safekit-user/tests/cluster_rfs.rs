@@ -1366,3 +1366,198 @@ fn resync_progress_is_visible_in_state_and_metrics() {
     );
     let _ = wait_equal(&rig, Duration::from_secs(10), "after the resync");
 }
+
+// ---- a replicated directory that is a mount point of its own ----
+
+/// The operator's filesystem mounted on each node's replicated directory.
+#[derive(Debug, Clone, Copy)]
+enum OwnFs {
+    Tmpfs,
+    Ext4,
+}
+
+impl OwnFs {
+    fn fstype(self) -> &'static str {
+        match self {
+            Self::Tmpfs => "tmpfs",
+            Self::Ext4 => "ext4",
+        }
+    }
+
+    fn magic(self) -> i64 {
+        match self {
+            Self::Tmpfs => 0x0102_1994,
+            Self::Ext4 => 0xEF53,
+        }
+    }
+}
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mounts the operator's filesystem on node `i`'s replicated directory (in
+/// the test's mount namespace, before the daemon starts, so the daemon's
+/// namespace inherits it), with a marker file left underneath it.
+fn mount_own_fs(rig: &Rig, i: usize, kind: OwnFs) {
+    let dir = rig.disk(i);
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("underneath"), b"on the parent filesystem").expect("marker");
+    match kind {
+        OwnFs::Tmpfs => run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+                .arg(&dir),
+        ),
+        OwnFs::Ext4 => {
+            let image = rig.dir.join(format!("node{i}.ext4"));
+            File::create(&image)
+                .and_then(|f| f.set_len(64 << 20))
+                .expect("image");
+            run_ok(
+                std::process::Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&image),
+            );
+            run_ok(
+                std::process::Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(&image)
+                    .arg(&dir),
+            );
+        }
+    }
+}
+
+/// The filesystem types stacked on `dir` in the mount namespace of `pid`,
+/// bottom first (in mountinfo order).
+fn stacked_types(pid: u32, dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let dir = dir.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+        .filter_map(|l| l.split(" - ").nth(1)?.split(' ').next().map(str::to_owned))
+        .collect()
+}
+
+/// The operator's filesystem is on node `i`'s directory as the test sees
+/// it, and still mounted under whatever the daemon stacked there.
+fn assert_still_mounted(rig: &Rig, i: usize, kind: OwnFs, when: &str) {
+    let disk = rig.disk(i);
+    assert_eq!(
+        rustix::fs::statfs(&disk).map(|s| s.f_type).ok(),
+        Some(kind.magic()),
+        "{when}: node{i}'s {} is no longer the operator's {}",
+        disk.display(),
+        kind.fstype()
+    );
+    if let Some(pid) = rig.lab.daemon_pid(i) {
+        let types = stacked_types(pid, &disk);
+        assert_eq!(
+            types.first().map(String::as_str),
+            Some(kind.fstype()),
+            "{when}: in node{i}'s daemon, the mounts on {} are {types:?}\n{}",
+            disk.display(),
+            rig.diagnose()
+        );
+    }
+}
+
+/// Writes `name` through node `i`'s mount (the application) and syncs it.
+/// The state shows PRIM/ALONE a few ms before the FUSE mount is up (an
+/// application started by `start_prim` always finds it): wait for it.
+fn app_write(rig: &Rig, i: usize, name: &str, data: &[u8]) {
+    wait_for(Duration::from_secs(5), || is_fuse(&rig.view(i)))
+        .unwrap_or_else(|| panic!("node{i}: no FUSE mount\n{}", rig.diagnose()));
+    let mut f = File::create(rig.view(i).join(name)).unwrap_or_else(|e| {
+        panic!(
+            "node{i}: create {name} through the mount: {e}; mounts there: {:?}\n{}",
+            rig.lab
+                .daemon_pid(i)
+                .map(|pid| stacked_types(pid, &rig.disk(i))),
+            rig.diagnose()
+        )
+    });
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+fn a_mount_point_of_its_own(prefix: &str, subnet: u8, kind: OwnFs) {
+    let _serial = serial();
+    let mut rig = Rig::new(prefix, subnet, "");
+    for i in 1..=2 {
+        mount_own_fs(&rig, i, kind);
+    }
+    rig.start_both();
+    rig.wait_in_sync(1, 2, Duration::from_secs(20), "start");
+    for i in 1..=2 {
+        assert_still_mounted(&rig, i, kind, "after start");
+    }
+    app_write(&rig, 1, "a", b"written by node1 as primary");
+
+    // kill -9 of the primary's daemon: node2 takes over on its copy.
+    rig.lab.kill_daemon(1);
+    rig.wait_state(2, ModuleState::Alone, Duration::from_secs(10), "takeover");
+    assert_still_mounted(&rig, 2, kind, "after the takeover");
+    app_write(&rig, 2, "b", b"written by node2 alone");
+
+    // node1's daemon restarted: back as SECOND, resynchronised.
+    rig.start_daemon(1);
+    rig.module_cmd(1, "start");
+    rig.wait_in_sync(2, 1, Duration::from_secs(30), "node1 back");
+    assert_still_mounted(&rig, 1, kind, "after node1's restart");
+
+    // swap: node1 primary again.
+    rig.module_cmd(2, "swap");
+    rig.wait_in_sync(1, 2, Duration::from_secs(30), "swap");
+    app_write(&rig, 1, "c", b"written by node1 after the swap");
+
+    // kill -9 and restart of the secondary's daemon.
+    rig.lab.kill_daemon(2);
+    rig.start_daemon(2);
+    rig.module_cmd(2, "start");
+    rig.wait_in_sync(1, 2, Duration::from_secs(30), "node2 restarted");
+    app_write(&rig, 1, "d", b"written by node1 at the end");
+
+    let tree = wait_equal(&rig, Duration::from_secs(20), "at the end");
+    for i in 1..=2 {
+        assert_still_mounted(&rig, i, kind, "at the end");
+        // Every byte is on the operator's filesystem: what the test sees
+        // there (its top mount) is what the application wrote, and the
+        // marker left underneath is hidden by it.
+        for (name, want) in [
+            ("a", &b"written by node1 as primary"[..]),
+            ("b", b"written by node2 alone"),
+            ("c", b"written by node1 after the swap"),
+            ("d", b"written by node1 at the end"),
+        ] {
+            assert_eq!(
+                fs::read(rig.disk(i).join(name)).ok().as_deref(),
+                Some(want),
+                "node{i}: {name} on the operator's {}",
+                kind.fstype()
+            );
+        }
+        assert!(!rig.disk(i).join("underneath").exists());
+    }
+    println!(
+        "{}: {} entries equal on both nodes, the operator's filesystem mounted throughout",
+        kind.fstype(),
+        tree.len()
+    );
+}
+
+#[test]
+fn a_replicated_directory_on_its_own_tmpfs_stays_mounted() {
+    a_mount_point_of_its_own("skrf6", 66, OwnFs::Tmpfs);
+}
+
+#[test]
+fn a_replicated_directory_on_its_own_ext4_disk_stays_mounted() {
+    a_mount_point_of_its_own("skrf7", 67, OwnFs::Ext4);
+}

@@ -200,11 +200,9 @@ fn an_absent_secondary_starts_alone() {
     assert_eq!(fs::read(d.a().join("f")).expect("read"), b"served anyway");
 }
 
-#[test]
-fn a_dead_fuse_mount_is_recovered() {
-    let d = Dirs::new("dead");
-    fs::write(d.a().join("existing"), b"under the mount").expect("write");
-    // What a crashed daemon leaves: a FUSE mount whose /dev/fuse is closed.
+/// Mounts a FUSE filesystem over `dir` and closes its `/dev/fuse`: what a
+/// crashed FUSE daemon leaves (ENOTCONN). `None` without `/dev/fuse`.
+fn dead_fuse_mount(dir: &Path, source: &str, fstype: &str) -> Option<()> {
     let fuse = match fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -213,7 +211,7 @@ fn a_dead_fuse_mount_is_recovered() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("skipped: /dev/fuse unavailable ({e})");
-            return;
+            return None;
         }
     };
     let data = std::ffi::CString::new(format!(
@@ -222,17 +220,27 @@ fn a_dead_fuse_mount_is_recovered() {
     ))
     .expect("no NUL");
     rustix::mount::mount(
-        "dead",
-        d.a(),
-        "fuse.dead",
+        source,
+        dir,
+        fstype,
         rustix::mount::MountFlags::empty(),
         Some(data.as_c_str()),
     )
     .expect("mount a FUSE to kill");
     drop(fuse);
-    let e = fs::metadata(d.a()).expect_err("dead mount");
+    let e = fs::metadata(dir).expect_err("dead mount");
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    Some(())
+}
 
+#[test]
+fn a_dead_fuse_mount_is_recovered() {
+    let d = Dirs::new("dead");
+    fs::write(d.a().join("existing"), b"under the mount").expect("write");
+    // What a crashed safekitd leaves: its FUSE mount, source "safekit-rfs".
+    if dead_fuse_mount(&d.a(), "safekit-rfs", "fuse").is_none() {
+        return;
+    }
     let (primary, _events) = Primary::start(
         &d.a(),
         None,
@@ -245,4 +253,32 @@ fn a_dead_fuse_mount_is_recovered() {
         b"under the mount"
     );
     drop(primary);
+}
+
+#[test]
+fn someone_elses_dead_fuse_mount_is_left_alone() {
+    let d = Dirs::new("foreign");
+    fs::write(d.a().join("existing"), b"under the mount").expect("write");
+    // A dead sshfs (say) of the operator's on the directory: not ours to
+    // detach. The start fails, naming the directory and the error, and the
+    // mount is still there.
+    if dead_fuse_mount(&d.a(), "host:/export", "fuse.sshfs").is_none() {
+        return;
+    }
+    let r = Primary::start(
+        &d.a(),
+        None,
+        &KEY,
+        params(&d.0.join("journal"), Duration::from_secs(1)),
+    );
+    let e = r
+        .map(|_| ())
+        .expect_err("started over someone else's mount");
+    let text = safekit::rfs::error_chain(&e);
+    assert!(
+        text.contains(&d.a().display().to_string()) && text.contains("not connected"),
+        "{text}"
+    );
+    let still = fs::metadata(d.a()).expect_err("the foreign mount is still there");
+    assert_eq!(still.raw_os_error(), Some(libc::ENOTCONN));
 }

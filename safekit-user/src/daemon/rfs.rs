@@ -260,10 +260,19 @@ pub(super) fn mount_primaries(
     Ok(out)
 }
 
-/// Whatever is mounted over the directory detached; the directory and its
+impl RfsDir {
+    /// Where this node records the read-only bind mount it puts over the
+    /// directory while SECOND.
+    fn bind_record(&self) -> mounts::BindRecord {
+        mounts::BindRecord(self.state.dir().join("bind-mount"))
+    }
+}
+
+/// What this daemon (or a crashed one) left mounted over the directory
+/// detached — never anything else mounted there; the directory and its
 /// state directory created.
 fn prepare(d: &RfsDir) -> Result<(), String> {
-    let _ = mounts::detach_all(&d.local);
+    let _ = mounts::detach_ours(&d.local, Some(&d.bind_record()), true);
     std::fs::create_dir_all(&d.local).map_err(|e| format!("create {}: {e}", d.local.display()))?;
     d.state
         .create()
@@ -294,7 +303,7 @@ pub(super) fn become_secondary(
     for d in dirs {
         prepare(d)?;
         let root = if d.read_only {
-            mounts::bind_read_only(&d.local)
+            mounts::bind_read_only(&d.local, &d.bind_record())
                 .map_err(|e| format!("read-only bind mount over {}: {e}", d.local.display()))?
         } else {
             mounts::open_dir(&d.local).map_err(|e| format!("open {}: {e}", d.local.display()))?
@@ -319,7 +328,7 @@ pub(super) fn leave_secondary(dirs: &[RfsDir], registry: &Registry) {
     for d in dirs {
         registry.remove(&d.wire);
         // Not a FUSE mount: this node may have become primary meanwhile.
-        let _ = mounts::detach_binds(&d.local);
+        let _ = mounts::detach_ours(&d.local, Some(&d.bind_record()), false);
     }
 }
 
@@ -332,7 +341,7 @@ impl RfsRt {
 /// Detaches mounts a crashed daemon left over the module's directories.
 pub(super) fn clean_leftovers(dirs: &[RfsDir], log: &crate::modlog::ModuleLog) {
     for d in dirs {
-        let n = mounts::detach_all(&d.local);
+        let n = mounts::detach_ours(&d.local, Some(&d.bind_record()), true);
         if n > 0 {
             log.info(&format!(
                 "{} mount(s) left over {} by a previous daemon detached",

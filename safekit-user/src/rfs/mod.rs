@@ -303,8 +303,8 @@ impl Primary {
         )?;
         let mut config = fuser::Config::default();
         config.mount_options = vec![
-            fuser::MountOption::FSName("safekit-rfs".into()),
-            fuser::MountOption::Subtype("safekit".into()),
+            fuser::MountOption::FSName(mounts::FUSE_SOURCE.into()),
+            fuser::MountOption::Subtype(mounts::FUSE_SUBTYPE.into()),
             fuser::MountOption::DefaultPermissions,
         ];
         config.acl = fuser::SessionACL::All;
@@ -473,16 +473,14 @@ impl Verifier {
 
 /// Detaches dead FUSE mounts stacked over `dir` (ENOTCONN on stat).
 fn recover_dead_mount(dir: &Path) {
-    for _ in 0..8 {
-        match std::fs::metadata(dir) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                tracing::warn!(dir = %dir.display(), "dead FUSE mount over the directory; detaching it");
-                if let Err(e) = sys::lazy_unmount(dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "lazy unmount failed");
-                    return;
-                }
-            }
-            _ => return,
+    if let Err(e) = std::fs::metadata(dir)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        // Only a FUSE mount of our own; someone else's dead filesystem on
+        // the directory is theirs to deal with (opening it fails below).
+        let n = mounts::detach_ours(dir, None, true);
+        if n > 0 {
+            tracing::warn!(dir = %dir.display(), "dead FUSE mount of a previous daemon over the directory detached");
         }
     }
 }
