@@ -176,12 +176,13 @@ pub struct ModuleStatus {
 }
 
 /// Every value of [`RfsDirStatus::link`].
-pub const RFS_LINKS: [&str; 6] = [
+pub const RFS_LINKS: [&str; 7] = [
     "alone",
     "resyncing",
     "connected",
     "receiving",
     "in sync",
+    "failed",
     "idle",
 ];
 
@@ -191,8 +192,14 @@ pub struct RfsDirStatus {
     /// The configured path.
     pub path: String,
     /// Primary: `alone`, `resyncing`, `connected`; secondary: `receiving`,
-    /// `in sync`; `idle` otherwise.
+    /// `in sync`, `failed` (this copy could not be written); `idle`
+    /// otherwise.
     pub link: String,
+    /// Secondary: why this copy could not be written (disk full, I/O
+    /// error), until it is in sync again; primary: why the secondary
+    /// failed, until it is connected again.
+    #[serde(default)]
+    pub failure: Option<String>,
     /// File data sent by resynchronisations from this node (cumulative).
     pub resync_bytes_sent: u64,
     /// Times the secondary was lost.

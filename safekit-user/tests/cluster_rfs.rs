@@ -1561,3 +1561,128 @@ fn a_replicated_directory_on_its_own_tmpfs_stays_mounted() {
 fn a_replicated_directory_on_its_own_ext4_disk_stays_mounted() {
     a_mount_point_of_its_own("skrf7", 67, OwnFs::Ext4);
 }
+
+// ---- a secondary that cannot write ----
+
+/// The module log of node `i`, through the CLI.
+fn module_log(rig: &Rig, i: usize, n: usize) -> String {
+    rig.cli(i, &["log", "-m", MODULE, "-n", &n.to_string()]).1
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: fill, fail, back off, primary dies, room, resync"
+)]
+fn a_secondary_whose_disk_fills_never_takes_over_and_resyncs_once_there_is_room() {
+    const FILE: &str = "records.log";
+    let _serial = serial();
+    let mut rig = Rig::new("skrf8", 68, "");
+    // node2's copy on a small filesystem of its own.
+    let d2 = rig.disk(2);
+    fs::create_dir_all(&d2).expect("mkdir");
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&d2),
+    );
+    rig.start_both();
+    rig.wait_in_sync(1, 2, Duration::from_secs(20), "start");
+    let ack_log = rig.dir.join("acked.log");
+    app_write(&rig, 1, FILE, b"");
+    let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), None]));
+    let writer = Writer::start(&rig, &views, FILE, ack_log);
+    wait_for(Duration::from_secs(10), || writer.count() > 50).expect("the writer writes");
+
+    // More than node2 can hold, through the primary's mount.
+    app_write(&rig, 1, "filler", &noise("filler", 6 * MIB));
+    rig.wait_state(1, ModuleState::Alone, Duration::from_secs(10), "disk full");
+    let failed = wait_for(Duration::from_secs(5), || {
+        rig.status(2).is_some_and(|m| {
+            m.rfs.iter().any(|d| {
+                d.link == "failed" && d.failure.as_deref().is_some_and(|f| f.contains("ENOSPC"))
+            })
+        })
+    });
+    assert!(
+        failed.is_some(),
+        "node2 does not show its copy failed with ENOSPC\n{}",
+        rig.diagnose()
+    );
+    let state_v = rig.cli(2, &["state", "-m", MODULE, "-v"]).1;
+    assert!(
+        state_v.contains("failed (ENOSPC"),
+        "state -v on node2:\n{state_v}"
+    );
+    assert_eq!(
+        rig.rfs_metric(2, "safekit_rfs_link", &[("state", "failed")]),
+        Some(1.0),
+        "node2's /metrics"
+    );
+    // The primary keeps serving alone.
+    let before = writer.count();
+    wait_for(Duration::from_secs(5), || writer.count() > before + 50)
+        .unwrap_or_else(|| panic!("the primary stopped serving\n{}", rig.diagnose()));
+    // Resynchronisation attempts back off (each fails the same way).
+    std::thread::sleep(Duration::from_secs(8));
+    let log1 = module_log(&rig, 1, 400);
+    let attempts: Vec<&str> = log1
+        .lines()
+        .filter(|l| l.contains("could not apply"))
+        .collect();
+    assert!(
+        attempts.len() >= 2 && attempts.len() <= 5,
+        "resync attempts in ~10 s: {attempts:#?}"
+    );
+    assert!(
+        attempts.iter().any(|l| l.contains("next attempt in 4s")),
+        "{attempts:#?}"
+    );
+
+    // The primary dies: node2 must not take over on its incomplete copy.
+    let acked = writer.acked();
+    let errors = writer.finish();
+    rig.lab.kill_daemon(1);
+    let limit = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < limit {
+        let s = rig.state(2);
+        assert!(
+            !matches!(s, Some(ModuleState::Alone | ModuleState::Prim)),
+            "node2 took over on a copy it could not write: {s:?}\n{}",
+            rig.diagnose()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rig.state(2), Some(ModuleState::Wait));
+    let state_v = rig.cli(2, &["state", "-m", MODULE, "-v"]).1;
+    assert!(state_v.contains("ENOSPC"), "state -v on node2:\n{state_v}");
+
+    // Room again, node1 back: the resynchronisation completes.
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-o", "remount,size=256m"])
+            .arg(&d2),
+    );
+    rig.start_daemon(1);
+    rig.module_cmd(1, "start");
+    let took = wait_for(Duration::from_secs(60), || {
+        matches!(rig.state(1), Some(ModuleState::Prim)) && rig.in_sync(1, 2)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no PRIM/SECOND in sync after room came back\n{}",
+            rig.diagnose()
+        )
+    });
+    let (missing, n, found, bad) = missing_on(&rig, 2, FILE, &acked);
+    assert!(
+        missing.is_empty(),
+        "{} of {n} acknowledged records missing on node2 (found {found}, bad {bad}): {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    wait_equal(&rig, Duration::from_secs(20), "after the resync");
+    println!(
+        "disk full: {n} acknowledged records all on node2 after the resync ({took:?}); writer errors {errors:?}"
+    );
+}

@@ -1125,6 +1125,11 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
     if let Some(r) = m.mirror.as_ref().and_then(|r| r.rfs.as_ref()) {
         for st in r.status() {
             let mut v = st.link.clone();
+            if let Some(why) = &st.failure {
+                v.push_str(" (");
+                v.push_str(why);
+                v.push(')');
+            }
             if !st.progress.is_empty() {
                 v.push_str("; ");
                 v.push_str(&st.progress);

@@ -34,6 +34,21 @@ pub(super) struct MirrorRt {
     pub(super) seq: Sequencer,
 }
 
+/// The symbolic name of the errors a copy can meet (`errno N` otherwise).
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EDQUOT => "EDQUOT".into(),
+        libc::EIO => "EIO".into(),
+        libc::EROFS => "EROFS".into(),
+        libc::EFBIG => "EFBIG".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::ENOENT => "ENOENT".into(),
+        e => format!("errno {e}"),
+    }
+}
+
 pub(super) fn to_state(s: MState) -> ModuleState {
     match s {
         MState::Stop => ModuleState::Stop,
@@ -776,6 +791,8 @@ impl Engine {
             RfsEvent::Connected { dir } => {
                 if let Some(i) = r.index(&dir) {
                     r.links[i] = Link::Connected;
+                    r.failure[i] = None;
+                    r.retry = rfsfx::FIRST_RETRY;
                     log.info(&format!(
                         "{}: secondary in sync, live replication",
                         r.dirs[i].path
@@ -791,15 +808,22 @@ impl Engine {
                     r.lost[i] += 1;
                     log.info(&format!("{}: secondary lost ({reason})", r.dirs[i].path));
                 }
-                r.next_try = now + Duration::from_secs(1);
+                r.next_try = now + r.retry;
                 rt.core.replication_lost(now);
             }
             RfsEvent::SecondaryFailed {
                 dir, seq, detail, ..
             } => {
+                // Each attempt would fail the same way until the secondary
+                // has room (or a working disk) again: back off.
+                r.retry = (r.retry * 2).min(rfsfx::MAX_RETRY);
                 log.error(&format!(
-                    "{dir}: the secondary could not apply #{seq} ({detail}): full resynchronisation of the tree"
+                    "{dir}: the secondary could not apply #{seq} ({detail}): full resynchronisation of the tree, next attempt in {:?}",
+                    r.retry
                 ));
+                if let Some(i) = r.index(&dir) {
+                    r.failure[i] = Some(format!("secondary could not write: {detail}"));
+                }
             }
             RfsEvent::JournalFailed { dir, error } => {
                 log.error(&format!(
@@ -844,6 +868,7 @@ impl Engine {
             }
             S::InSync { .. } => {
                 r.in_sync[i] = true;
+                r.failure[i] = None;
                 log.info(&format!("{path}: in sync, receiving every write"));
                 if r.in_sync.iter().all(|s| *s) {
                     rt.core.replication_synced(now);
@@ -856,8 +881,21 @@ impl Engine {
             S::Disconnected { reason, .. } => {
                 log.info(&format!("{path}: replication connection ended ({reason})"));
             }
-            S::Failed { seq, detail, .. } => {
-                log.error(&format!("{path}: cannot apply #{seq}: {detail}"));
+            S::Failed {
+                seq, errno, detail, ..
+            } => {
+                // This copy is behind what the primary sent: never take
+                // over on it, until a resynchronisation completes.
+                r.in_sync[i] = false;
+                let why = match errno {
+                    0 => detail,
+                    e => format!("{}: {detail}", errno_name(e)),
+                };
+                log.error(&format!(
+                    "{path}: cannot write this copy (#{seq}, {why}): not in sync, this node will not take over on it"
+                ));
+                r.failure[i] = Some(why.clone());
+                rt.core.copy_failed(now, &format!("{path}: {why}"));
             }
             S::Refused { .. } => {}
         }

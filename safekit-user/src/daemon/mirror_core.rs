@@ -412,6 +412,20 @@ impl MirrorCore {
         }
     }
 
+    /// This node's copy could not be written (disk full, I/O error, a failed
+    /// sync) while SECOND: it is behind what the primary sent, so it is no
+    /// longer in sync — on the primary's loss this node waits rather than
+    /// take over on it — until a resynchronisation completes
+    /// ([`Self::replication_synced`]).
+    pub(crate) fn copy_failed(&mut self, _now: Instant, why: &str) {
+        if self.state == MState::Second && self.synced {
+            self.synced = false;
+            self.log(format!(
+                "copy not written ({why}): not in sync, no takeover on it"
+            ));
+        }
+    }
+
     /// The module's `wait` checkers on this node: `down` names one that is
     /// down, `None` when all are up (the engine passes it after every
     /// checker result; idempotent).
@@ -2057,6 +2071,28 @@ mod tests {
         stays_waiting(&mut p.b, &mut p.now, None);
         p.exchange();
         assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Second));
+    }
+
+    #[test]
+    fn a_secondary_whose_copy_could_not_be_written_never_takes_over() {
+        // PRIM/SECOND in sync; node2's disk fills: its copy is behind. The
+        // primary is killed before node2 hears anything else: node2 waits.
+        let mut p = Pair::in_sync(true);
+        p.b.copy_failed(p.now, "/srv/data: ENOSPC");
+        assert!(!p.b.synced());
+        assert_eq!(p.b.state(), MState::Second);
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        let acts = drain(&mut p.b, p.now);
+        assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        assert_eq!(p.b.state(), MState::Wait);
+        assert!(!p.b.data().uptodate);
+        stays_waiting(&mut p.b, &mut p.now, None);
+        // A resynchronisation completes later: in sync again.
+        let mut p = Pair::in_sync(true);
+        p.b.copy_failed(p.now, "/srv/data: EIO");
+        p.b.replication_synced(p.now);
+        assert!(p.b.synced());
     }
 
     #[test]

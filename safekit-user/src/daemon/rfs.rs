@@ -66,7 +66,20 @@ pub(super) struct RfsRt {
     pub(super) full_next: bool,
     /// Times a secondary was lost, per directory.
     pub(super) lost: Vec<u64>,
+    /// Why a copy could not be written, per directory (see
+    /// [`RfsDirStatus::failure`]).
+    pub(super) failure: Vec<Option<String>>,
+    /// Wait before the next resynchronisation attempt: 1 s, doubled after
+    /// each secondary that failed to write (up to [`MAX_RETRY`]), back to
+    /// 1 s once connected.
+    pub(super) retry: Duration,
 }
+
+/// The longest wait between resynchronisation attempts to a secondary that
+/// keeps failing to write its copy.
+pub(super) const MAX_RETRY: Duration = Duration::from_secs(60);
+/// The first wait.
+pub(super) const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Wire name of a module's directory.
 fn wire_name(module: &str, path: &str) -> String {
@@ -121,6 +134,8 @@ impl RfsRt {
             next_try: Instant::now(),
             full_next: false,
             lost: vec![0; n],
+            failure: vec![None; n],
+            retry: FIRST_RETRY,
         })
     }
 
@@ -149,7 +164,7 @@ impl RfsRt {
                 n += 1;
             }
         }
-        self.next_try = now + Duration::from_secs(1);
+        self.next_try = now + self.retry;
         n
     }
 
@@ -164,6 +179,8 @@ impl RfsRt {
                 let link = if self.secondary {
                     if self.in_sync[i] {
                         "in sync"
+                    } else if self.failure[i].is_some() {
+                        "failed"
                     } else {
                         "receiving"
                     }
@@ -180,6 +197,7 @@ impl RfsRt {
                 RfsDirStatus {
                     path: d.path.clone(),
                     link: link.to_string(),
+                    failure: self.failure[i].clone(),
                     resync_bytes_sent: counters.map_or(0, |c| {
                         c.resync_bytes.load(std::sync::atomic::Ordering::Relaxed)
                     }),

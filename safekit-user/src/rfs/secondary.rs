@@ -112,6 +112,8 @@ pub enum SecondaryEvent {
         dir: String,
         /// The operation's sequence number.
         seq: Seq,
+        /// The error number (0 when not a system error).
+        errno: i32,
         /// What failed.
         detail: String,
     },
@@ -595,6 +597,7 @@ impl Link<'_> {
         self.ctx.event(SecondaryEvent::Failed {
             dir: self.dir.to_string(),
             seq,
+            errno,
             detail: detail.clone(),
         });
         let _ = lock(self.tx).send(&Message::Failed { seq, errno, detail });
