@@ -140,6 +140,9 @@ struct Module {
     mirror: Option<MirrorRt>,
     /// `stopstart`: start again once stopped.
     restart_after_stop: bool,
+    /// A start arrived during a stop: start once the stop (and, for a
+    /// mirror, `poststop`) completed.
+    start_after_stop: bool,
     /// Next evaluation of the `[[check.module]]` checkers.
     next_module_check: Instant,
 }
@@ -157,6 +160,15 @@ impl Module {
             ModuleState::Alone | ModuleState::Prim | ModuleState::Up | ModuleState::Second => {
                 Colour::Green
             }
+        }
+    }
+
+    /// A stop is under way (busy with the module wanted stopped, or a
+    /// mirror whose core already stopped and whose effects still run).
+    fn state_is_stopping(&self) -> bool {
+        match &self.mirror {
+            Some(rt) => rt.core.state() == crate::daemon::mirror_core::MState::Stop,
+            None => true,
         }
     }
 
@@ -274,6 +286,7 @@ impl Engine {
                     mirror: (cfg.mode() == ConfigMode::Mirror)
                         .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
                     restart_after_stop: false,
+                    start_after_stop: false,
                     next_module_check: now,
                     cfg,
                 },
@@ -577,8 +590,17 @@ impl Engine {
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
         let m = self.module_mut(name)?;
+        if m.busy && !m.wanted && m.state_is_stopping() {
+            // A start during a stop: as `waitstop; start`, the module starts
+            // again once its stop has completed.
+            m.log
+                .info("start requested while stopping: starting once stopped");
+            m.wanted = true;
+            m.start_after_stop = true;
+            return Ok(format!("module {name} starting once its stop completes"));
+        }
         if m.busy {
-            return Err(format!("module {name} is busy ({}), try again", m.state));
+            return Err(format!("module {name} is already starting ({})", m.state));
         }
         if m.state != ModuleState::Stop {
             return Err(format!("module {name} is already started ({})", m.state));
@@ -591,8 +613,9 @@ impl Engine {
                 m.busy = true;
                 m.failing.clear();
                 let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
-                m.checks =
-                    checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
+                // `when = "both"` checkers start once `start_both` succeeded
+                // (effect_done); `pre` ones cover the start itself.
+                m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
                 let module = name.to_owned();
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
@@ -614,6 +637,7 @@ impl Engine {
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
+        m.start_after_stop = false;
         if m.mirror.is_some() {
             m.wanted = false;
             m.restart_after_stop = false;
@@ -680,6 +704,11 @@ impl Engine {
             return;
         }
         let shutting_down = self.shutting_down;
+        let me = self.me.clone();
+        let root = self.paths.root().to_path_buf();
+        let module_dir = self.paths.module_dir(name);
+        let tx = self.events.clone();
+        let dataplane = self.dataplane.clone();
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -693,6 +722,11 @@ impl Engine {
                     self.begin_stop(name);
                     return;
                 }
+                // Checkers of the running service: from now until before
+                // `stop_both` (begin_stop aborts them first).
+                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane).env;
+                let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
+                m.checks.extend(both);
                 let state = if m.failing.is_empty() {
                     ModuleState::Up
                 } else {
@@ -720,7 +754,13 @@ impl Engine {
                 if m.wanted && !shutting_down {
                     // A start arrived while stopping.
                     m.wanted = false;
-                    let _ = self.start_module(name);
+                    m.start_after_stop = false;
+                    m.log.info("stopped: starting as requested during the stop");
+                    if let Err(e) = self.start_module(name) {
+                        if let Some(m) = self.modules.get_mut(name) {
+                            m.log.error(&format!("start after stop: {e}"));
+                        }
+                    }
                 }
             }
         }
