@@ -36,6 +36,68 @@ pub const PROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
 
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod tcp_flag {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// Linux TCP socket states as `bpf_sock.state` reports them.
+pub mod tcp_state {
+    /// `TCP_TIME_WAIT`.
+    pub const TIME_WAIT: u32 = 6;
+    /// `TCP_LISTEN`.
+    pub const LISTEN: u32 = 10;
+}
+
+/// How a farm node treats a TCP segment of a balanced rule, given the TCP
+/// flags, whether it owns the bucket, and the state of the local socket
+/// holding the connection (`None`: no socket; a listener does not hold a
+/// connection). A SYN opening a connection follows bucket ownership; any
+/// other segment goes to the node whose socket holds the connection, so
+/// established connections stay where they are when buckets move. A
+/// `TIME_WAIT` socket holds only the FIN or RST its peer may still send
+/// (anything else there would be a new connection reusing the ports, which
+/// follows ownership). Returns the verdict counter: `ACCEPT`, `ACCEPT_FLOW`,
+/// `DROP_NOT_OWNER` or `DROP_NO_FLOW`.
+#[inline(always)]
+#[must_use]
+pub fn tcp_verdict(flags: u8, owned: bool, socket_state: Option<u32>) -> u32 {
+    let syn = flags & tcp_flag::SYN != 0 && flags & tcp_flag::ACK == 0;
+    let held = match socket_state {
+        None | Some(tcp_state::LISTEN) => false,
+        Some(tcp_state::TIME_WAIT) => flags & (tcp_flag::FIN | tcp_flag::RST) != 0,
+        Some(_) => true,
+    };
+    if syn {
+        if owned {
+            counter::ACCEPT
+        } else {
+            counter::DROP_NOT_OWNER
+        }
+    } else if held {
+        counter::ACCEPT_FLOW
+    } else if owned {
+        counter::DROP_NO_FLOW
+    } else {
+        counter::DROP_NOT_OWNER
+    }
+}
+
+/// True when the filter needs the local socket lookup for this segment
+/// (every TCP segment but a SYN opening a connection).
+#[inline(always)]
+#[must_use]
+pub fn tcp_needs_lookup(flags: u8) -> bool {
+    !(flags & tcp_flag::SYN != 0 && flags & tcp_flag::ACK == 0)
+}
+
 /// Indices of the per-CPU verdict counters (`COUNTERS` map).
 pub mod counter {
     /// Frame not addressed to a VIP (or not IPv4/ARP): passed untouched.
@@ -58,8 +120,16 @@ pub mod counter {
     /// the IPv4 header up to the destination address): passed untouched, the
     /// stack discards it.
     pub const PASS_UNPARSED: u32 = 7;
+    /// TCP segment (not a SYN) of a connection a local socket holds:
+    /// accepted whoever owns its bucket now, so established connections
+    /// stay on their node when buckets move.
+    pub const ACCEPT_FLOW: u32 = 8;
+    /// TCP segment (not a SYN) in a bucket this node owns, of a connection
+    /// no local socket holds: left to the node that holds it (a previous
+    /// owner), dropped here.
+    pub const DROP_NO_FLOW: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 }
 
 /// Key of the VIP map: an IPv4 address in network byte order, as the bytes
@@ -298,6 +368,44 @@ mod tests {
         // 65536 keys over 256 buckets: 256 each on average; a sane hash keeps
         // every bucket well populated.
         assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+    }
+
+    #[test]
+    fn tcp_segments_follow_ownership_only_when_they_open_a_connection() {
+        use counter::{ACCEPT, ACCEPT_FLOW, DROP_NO_FLOW, DROP_NOT_OWNER};
+        use tcp_flag::{ACK, FIN, RST, SYN};
+        const EST: Option<u32> = Some(1);
+        const TW: Option<u32> = Some(tcp_state::TIME_WAIT);
+        const LISTENER: Option<u32> = Some(tcp_state::LISTEN);
+        let table = [
+            // (flags, owned, socket, verdict)
+            (SYN, true, None, ACCEPT),
+            (SYN, false, None, DROP_NOT_OWNER),
+            (SYN, true, LISTENER, ACCEPT),
+            (ACK, true, EST, ACCEPT_FLOW),
+            (ACK, false, EST, ACCEPT_FLOW),
+            (SYN | ACK, false, EST, ACCEPT_FLOW),
+            (ACK, true, None, DROP_NO_FLOW),
+            (ACK, true, LISTENER, DROP_NO_FLOW),
+            (ACK, false, None, DROP_NOT_OWNER),
+            (RST, true, None, DROP_NO_FLOW),
+            (RST | ACK, false, EST, ACCEPT_FLOW),
+            (FIN | ACK, false, EST, ACCEPT_FLOW),
+            (FIN | ACK, false, TW, ACCEPT_FLOW),
+            (RST, false, TW, ACCEPT_FLOW),
+            (ACK, false, TW, DROP_NOT_OWNER),
+            (ACK, true, TW, DROP_NO_FLOW),
+            // new connection on the ports of a TIME_WAIT: by ownership
+            (SYN, false, TW, DROP_NOT_OWNER),
+        ];
+        for (flags, owned, sock, want) in table {
+            assert_eq!(
+                tcp_verdict(flags, owned, sock),
+                want,
+                "flags {flags:#x} owned {owned} socket {sock:?}"
+            );
+            assert_eq!(tcp_needs_lookup(flags), flags != SYN);
+        }
     }
 
     #[test]

@@ -22,7 +22,11 @@
 )]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    EbpfContext as _,
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, xdp_action,
+    },
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -31,7 +35,8 @@ use aya_log_ebpf::warn;
 use safekit_common::{
     BUCKETS, FILTER_CLIENT_IP, FilterConfig, MAX_RULES, MAX_VIPS, OWNED_ENTRIES, PROTO_TCP,
     PROTO_UDP, RuleKey, RuleValue, SlotRules, VIP_FLAG_IP_ONLY, VIP_INDEX_ENTRIES, VipIndex,
-    VipKey, VipValue, bucket_client_ip, bucket_client_ip_port, counter, vip_index,
+    VipKey, VipValue, bucket_client_ip, bucket_client_ip_port, counter, tcp_needs_lookup,
+    tcp_verdict, vip_index,
 };
 
 /// VIPs of the farm modules on this node.
@@ -296,15 +301,92 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         }
     };
     let slot = vip.slot;
-    if slot >= MAX_VIPS || OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) == 0 {
+    let owned = slot < MAX_VIPS && OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) != 0;
+    if l4proto == PROTO_TCP && frag == 0 {
+        // TCP: a SYN follows bucket ownership, every other segment the
+        // local socket that holds its connection (if any).
+        let Ok(hdr) = ptr_at(ctx, l4, 14) else {
+            count(counter::DROP_MALFORMED);
+            return Ok(xdp_action::XDP_DROP);
+        };
+        // SAFETY: 14 bytes of TCP header are inside the frame (checked).
+        let (ports, flags) =
+            unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
+        let socket = if tcp_needs_lookup(flags) {
+            tcp_socket_state(ctx, saddr, daddr, ports)
+        } else {
+            None
+        };
+        let verdict = tcp_verdict(flags, owned, socket);
+        count(verdict);
+        if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
+            return Ok(xdp_action::XDP_DROP);
+        }
+        return accept(ctx, cfg);
+    }
+    if !owned {
         count(counter::DROP_NOT_OWNER);
         return Ok(xdp_action::XDP_DROP);
     }
+    count(counter::ACCEPT);
+    accept(ctx, cfg)
+}
+
+/// Hands an accepted frame to the local stack: destination MAC set to the
+/// interface's own.
+#[inline(always)]
+fn accept(ctx: &XdpContext, cfg: &FilterConfig) -> Result<u32, ()> {
     let e = ptr_at(ctx, 0, 6)?;
     // SAFETY: the destination MAC is inside the frame (checked above).
     unsafe { core::slice::from_raw_parts_mut(e, 6).copy_from_slice(&cfg.ifmac) };
-    count(counter::ACCEPT);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// State of the local TCP socket (of this network namespace) that would
+/// receive the segment saddr:sport -> daddr:dport: an established socket,
+/// a request socket (handshake in progress), a `TIME_WAIT` one, or the
+/// listener when no connection matches; `None` when there is none.
+#[inline(always)]
+fn tcp_socket_state(
+    ctx: &XdpContext,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    ports: [u8; 4],
+) -> Option<u32> {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(saddr),
+                daddr: u32::from_ne_bytes(daddr),
+                sport: u16::from_ne_bytes([ports[0], ports[1]]),
+                dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            },
+        },
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "size of a 12-byte struct; the netns id is the kernel's -1 as u64"
+    )]
+    // SAFETY: the helper reads `size` bytes of the tuple on this stack; the
+    // socket it returns (if any) is released below before returning.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &raw mut tuple,
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket from the lookup: `state` is readable on a
+    // socket common; released once, right after.
+    let state = unsafe { (*sk).state };
+    // SAFETY: the reference taken by the lookup above.
+    unsafe { bpf_sk_release(sk.cast()) };
+    Some(state)
 }
 
 /// Benchmark baseline: passes every frame (`cargo xtask bench farm`

@@ -11,7 +11,7 @@ use safekit::ebpf;
 use safekit_common::{
     BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, FilterConfig, InlineRule, PROTO_TCP,
     PROTO_UDP, RuleKey, RuleValue, SlotRules, VipIndex, VipKey, VipValue, bucket_client_ip,
-    bucket_client_ip_port, counter, vip_index,
+    bucket_client_ip_port, counter, tcp_flag, vip_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -36,10 +36,19 @@ fn tcp_to(daddr: [u8; 4], saddr: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     ip.extend_from_slice(&saddr);
     ip.extend_from_slice(&daddr);
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&[0; 16]);
+    f.extend_from_slice(&tcp_seg(sport, dport, tcp_flag::SYN));
     f
+}
+
+/// A 20-byte TCP header with these flags.
+fn tcp_seg(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.resize(20, 0);
+    l4[12] = 0x50; // data offset: 5 words
+    l4[13] = flags;
+    l4
 }
 
 struct Filter {
@@ -222,11 +231,23 @@ fn cases() -> Vec<Case> {
     let p_foreign = (1024u16..).find(|p| !owned(*p)).unwrap();
     let tcp_own = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_own, 80, tcp_flag::SYN),
+        ),
     );
     let tcp_foreign = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_foreign, 80, tcp_flag::SYN),
+        ),
     );
     // The UDP rule hashes the client IP only: one client of each class.
     let udp_client = |owned: bool| {
@@ -251,12 +272,18 @@ fn cases() -> Vec<Case> {
             CLIENT,
             [10, 9, 0, 1],
             0,
-            &l4_ports(p_foreign, 80, 20),
+            &tcp_seg(p_foreign, 80, tcp_flag::SYN),
         ),
     );
     let tcp_other_port = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 22, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_foreign, 22, tcp_flag::SYN),
+        ),
     );
     // Non-first fragment (offset 8 * 185 bytes) to the TCP rule VIP: no
     // ports, and that VIP hashes ports, so it cannot be placed.
@@ -264,7 +291,13 @@ fn cases() -> Vec<Case> {
     // First fragment (MF set, offset 0) carries the ports: placed normally.
     let frag_head = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0x2000, &l4_ports(p_own, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0x2000,
+            &tcp_seg(p_own, 80, tcp_flag::SYN),
+        ),
     );
     let arp_req = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], VIP));
     let mut arp_reply_out = Vec::new();
@@ -278,18 +311,92 @@ fn cases() -> Vec<Case> {
     let vlan_own = vlan(
         &[10],
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_own, 80, tcp_flag::SYN),
+        ),
     );
     let qinq_foreign = vlan(
         &[10, 20],
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_foreign, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_foreign, 80, tcp_flag::SYN),
+        ),
     );
+    // Segments of connections (no SYN) that no local socket holds: the
+    // owner of the bucket leaves them to the node holding the connection
+    // (a previous owner), the others drop them as before.
+    let seg = |port: u16, flags: u8| {
+        frame(
+            0x0800,
+            &ipv4(PROTO_TCP, CLIENT, VIP, 0, &tcp_seg(port, 80, flags)),
+        )
+    };
+    use tcp_flag::{ACK, FIN, RST};
+    let mut tcp_cut_flags = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
+    tcp_cut_flags.extend_from_slice(&tcp_seg(p_own, 80, ACK)[..12]);
+    let mut moved = vec![
+        Case {
+            name: "TCP ACK, owned bucket, no local socket: another node's flow, left alone",
+            frame: seg(p_own, ACK),
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NO_FLOW,
+        },
+        Case {
+            name: "TCP ACK, foreign bucket, no local socket",
+            frame: seg(p_foreign, ACK),
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "TCP RST, owned bucket, no local socket",
+            frame: seg(p_own, RST),
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NO_FLOW,
+        },
+        Case {
+            name: "TCP FIN+ACK, foreign bucket, no local socket",
+            frame: seg(p_foreign, FIN | ACK),
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "TCP SYN+ACK to the VIP, owned bucket, no local socket: not a new connection",
+            frame: seg(p_own, tcp_flag::SYN | ACK),
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NO_FLOW,
+        },
+        Case {
+            name: "TCP to the VIP cut before the flags",
+            frame: tcp_cut_flags,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+    ];
     let mut truncated_l4 = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
     truncated_l4.extend_from_slice(&[0x12]);
     let mut bad_ihl = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_own, 80, tcp_flag::SYN),
+        ),
     );
     bad_ihl[14] = 0x43; // IHL 3 words < 20 bytes
     let runt = eth(VMAC, 0x0800)[..13].to_vec();
@@ -300,16 +407,16 @@ fn cases() -> Vec<Case> {
     vlan_cut.extend_from_slice(&[0, 10]);
     let mut arp_cut = frame(0x0806, &arp(1, CLIENT_MAC, CLIENT, [0; 6], VIP));
     arp_cut.truncate(14 + 20); // before the target address
-    vec![
+    let mut table = vec![
         Case {
-            name: "TCP, owned bucket",
+            name: "TCP SYN, owned bucket",
             output: Some(with_dst(tcp_own.clone(), IFMAC)),
             frame: tcp_own,
             verdict: XDP_PASS,
             counter: ACCEPT,
         },
         Case {
-            name: "TCP, foreign bucket",
+            name: "TCP SYN, foreign bucket",
             frame: tcp_foreign,
             verdict: XDP_DROP,
             output: None,
@@ -441,7 +548,9 @@ fn cases() -> Vec<Case> {
             output: None,
             counter: PASS_UNPARSED,
         },
-    ]
+    ];
+    table.append(&mut moved);
+    table
 }
 
 /// The UDP rule of the packet table: any port, hashing the client IP only.
@@ -635,7 +744,13 @@ fn the_filters_log_records_reach_user_space() {
     let p_own = (1024u16..2048).find(|p| owned(*p)).unwrap();
     let mut bad_ihl = frame(
         0x0800,
-        &ipv4(PROTO_TCP, CLIENT, VIP, 0, &l4_ports(p_own, 80, 20)),
+        &ipv4(
+            PROTO_TCP,
+            CLIENT,
+            VIP,
+            0,
+            &tcp_seg(p_own, 80, tcp_flag::SYN),
+        ),
     );
     bad_ihl[14] = 0x43;
     let (verdict, _) = f.run(&bad_ihl).unwrap();
@@ -647,4 +762,197 @@ fn the_filters_log_records_reach_user_space() {
     assert_eq!(log.records(), 1, "one record for one malformed frame");
     let last = log.last().unwrap_or_default();
     assert!(last.contains("malformed IPv4 header"), "{last:?}");
+}
+
+/// Network namespace of the socket test (`skfl6`: issue 13's prefix),
+/// removed on drop.
+struct TestNetns(&'static str);
+
+impl TestNetns {
+    fn new(name: &'static str) -> Self {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", name])
+            .output();
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ip(&["-n", name, "addr", "add", "10.9.0.100/32", "dev", "lo"]);
+        ip(&["-n", name, "addr", "add", "10.9.0.250/32", "dev", "lo"]);
+        Self(name)
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd as _;
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns of this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", self.0])
+            .output();
+    }
+}
+
+/// A connection from CLIENT:`port` to VIP:80 on loopback: (client, server).
+fn connect_from(
+    listener: &std::net::TcpListener,
+    port: u16,
+) -> (std::net::TcpStream, std::net::TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&std::net::SocketAddr::from((CLIENT, port)).into())
+        .unwrap();
+    s.connect(&std::net::SocketAddr::from((VIP, 80)).into())
+        .unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (s.into(), server)
+}
+
+/// Flow keeping with real sockets (issue 13): the program asks the kernel
+/// whether a local socket holds the connection. Bucket ownership decides
+/// SYNs only; any other segment of a connection this node holds is
+/// accepted in a bucket it no longer owns (it was its previous owner), and
+/// the segments of a connection it does not hold are left alone even in a
+/// bucket it owns now. A listener holds no connection; a `TIME_WAIT`
+/// socket holds only the FIN or RST its peer may still send.
+#[test]
+#[expect(
+    clippy::maybe_infinite_iter,
+    reason = "a port in each bucket class exists within 1024.."
+)]
+fn established_flows_stay_with_the_node_that_holds_them() {
+    use std::io::Read as _;
+    use tcp_flag::{ACK, FIN, RST, SYN};
+    let ns = TestNetns::new("skfl6");
+    let failures = ns.run(|| {
+        let mut f = Filter::new();
+        f.own_even_buckets();
+        let listener = std::net::TcpListener::bind(std::net::SocketAddr::from((VIP, 80))).unwrap();
+        let foreign = |from: u16| (from..).find(|p| !owned(*p)).unwrap();
+        let own = |from: u16| (from..).find(|p| owned(*p)).unwrap();
+        // An established connection in a bucket this node does not own
+        // (moved away) and one in a bucket it owns.
+        let p_moved = foreign(20000);
+        let _c1 = connect_from(&listener, p_moved);
+        let p_kept = own(20000);
+        let _c2 = connect_from(&listener, p_kept);
+        // A connection the server closed first: its socket is in TIME_WAIT.
+        let p_tw = foreign(p_moved + 1);
+        {
+            let (mut client, server) = connect_from(&listener, p_tw);
+            drop(server);
+            let mut buf = [0u8; 1];
+            assert_eq!(client.read(&mut buf).unwrap(), 0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // No connection on these ports: only the listener matches.
+        let p_none_own = own(30000);
+        let p_none_foreign = foreign(30000);
+        let seg = |port: u16, flags: u8| {
+            frame(
+                0x0800,
+                &ipv4(PROTO_TCP, CLIENT, VIP, 0, &tcp_seg(port, 80, flags)),
+            )
+        };
+        let accept = |frame: Vec<u8>| Some(with_dst(frame, IFMAC));
+        let table = vec![
+            Case {
+                name: "ACK of an established connection in a bucket moved away: kept",
+                output: accept(seg(p_moved, ACK)),
+                frame: seg(p_moved, ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "FIN+ACK of an established connection in a bucket moved away: kept",
+                output: accept(seg(p_moved, FIN | ACK)),
+                frame: seg(p_moved, FIN | ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "RST of an established connection in a bucket moved away: kept",
+                output: accept(seg(p_moved, RST | ACK)),
+                frame: seg(p_moved, RST | ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "SYN on the ports of a held connection, bucket moved away: new owner's",
+                frame: seg(p_moved, SYN),
+                verdict: XDP_DROP,
+                output: None,
+                counter: counter::DROP_NOT_OWNER,
+            },
+            Case {
+                name: "ACK of an established connection in an owned bucket",
+                output: accept(seg(p_kept, ACK)),
+                frame: seg(p_kept, ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "ACK, owned bucket, only the listener: another node's flow",
+                frame: seg(p_none_own, ACK),
+                verdict: XDP_DROP,
+                output: None,
+                counter: counter::DROP_NO_FLOW,
+            },
+            Case {
+                name: "SYN, owned bucket, only the listener: new connection",
+                output: accept(seg(p_none_own, SYN)),
+                frame: seg(p_none_own, SYN),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT,
+            },
+            Case {
+                name: "ACK, foreign bucket, only the listener",
+                frame: seg(p_none_foreign, ACK),
+                verdict: XDP_DROP,
+                output: None,
+                counter: counter::DROP_NOT_OWNER,
+            },
+            Case {
+                name: "FIN to a TIME_WAIT socket, bucket moved away: kept",
+                output: accept(seg(p_tw, FIN | ACK)),
+                frame: seg(p_tw, FIN | ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "ACK to a TIME_WAIT socket, bucket moved away: not held",
+                frame: seg(p_tw, ACK),
+                verdict: XDP_DROP,
+                output: None,
+                counter: counter::DROP_NOT_OWNER,
+            },
+        ];
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_table(&f, table)))
+            .err()
+            .map(|e| {
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "panic".into())
+            })
+    });
+    assert!(failures.is_none(), "{}", failures.unwrap_or_default());
 }

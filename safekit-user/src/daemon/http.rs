@@ -70,6 +70,8 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         (counter::ARP_REPLY, "arp_reply"),
         (counter::DROP_FRAGMENT, "drop_fragment"),
         (counter::PASS_UNPARSED, "pass_unparsed"),
+        (counter::ACCEPT_FLOW, "accept_flow"),
+        (counter::DROP_NO_FLOW, "drop_no_flow"),
     ];
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {
