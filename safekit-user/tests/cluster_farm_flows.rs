@@ -185,29 +185,47 @@ fn exchange(s: &mut TcpStream, close: bool) -> std::io::Result<(String, bool)> {
     Ok((String::from_utf8_lossy(&body).trim().to_owned(), closing))
 }
 
+/// A failed request.
+#[derive(Debug)]
+struct Failure {
+    /// When its connection started, relative to the load's mark (`None`:
+    /// before the mark, or no mark).
+    started: Option<Duration>,
+    /// The node that answered the previous request of its connection
+    /// (`None`: a new connection).
+    node: Option<String>,
+    what: String,
+}
+
 /// What a load worker saw.
 #[derive(Debug, Default)]
 struct LoadStats {
     requests: u64,
     connections: u64,
-    failed: Vec<String>,
+    failed: Vec<Failure>,
     resets: u64,
     by_node: BTreeMap<String, u64>,
 }
 
 impl LoadStats {
-    fn fail(&mut self, what: &str, e: &std::io::Error) {
+    fn fail(
+        &mut self,
+        what: &str,
+        e: &std::io::Error,
+        started: Option<Duration>,
+        node: Option<&String>,
+    ) {
         if matches!(
             e.kind(),
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
         ) {
             self.resets += 1;
         }
-        if self.failed.len() < 20 {
-            self.failed.push(format!("{what}: {e}"));
-        } else {
-            self.failed.push(String::new());
-        }
+        self.failed.push(Failure {
+            started,
+            node: node.cloned(),
+            what: format!("{what}: {e}"),
+        });
     }
 
     fn merge(&mut self, o: LoadStats) {
@@ -226,23 +244,35 @@ impl LoadStats {
 /// open one connection per request (`Connection: close`).
 struct Load {
     stop: Arc<AtomicBool>,
+    mark: Arc<std::sync::OnceLock<std::time::Instant>>,
     workers: Vec<(bool, JoinHandle<LoadStats>)>,
 }
 
 impl Load {
     fn start(lab: &Lab, vip: SocketAddr, keepalive: usize, close: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let mark = Arc::new(std::sync::OnceLock::new());
         let ns = lab.spec().client_ns();
         let mut workers = Vec::new();
         for i in 0..keepalive + close {
             let keep = i < keepalive;
             let stop = stop.clone();
+            let mark = mark.clone();
             workers.push((
                 keep,
-                spawn_in_netns(&ns, move || load_worker(vip, keep, &stop)),
+                spawn_in_netns(&ns, move || load_worker(vip, keep, &stop, &mark)),
             ));
         }
-        Self { stop, workers }
+        Self {
+            stop,
+            mark,
+            workers,
+        }
+    }
+
+    /// Failures are timed from now on.
+    fn mark(&self) {
+        let _ = self.mark.set(std::time::Instant::now());
     }
 
     /// Stops the workers: (keep-alive stats, `Connection: close` stats).
@@ -257,35 +287,45 @@ impl Load {
     }
 }
 
-fn load_worker(vip: SocketAddr, keepalive: bool, stop: &AtomicBool) -> LoadStats {
+fn load_worker(
+    vip: SocketAddr,
+    keepalive: bool,
+    stop: &AtomicBool,
+    mark: &std::sync::OnceLock<std::time::Instant>,
+) -> LoadStats {
     let mut st = LoadStats::default();
     while !stop.load(Ordering::SeqCst) {
+        let started = mark
+            .get()
+            .map(|m| std::time::Instant::now().saturating_duration_since(*m));
         let mut s = match TcpStream::connect_timeout(&vip, Duration::from_secs(3)) {
             Ok(s) => s,
             Err(e) => {
-                st.fail("connect", &e);
+                st.fail("connect", &e, started, None);
                 continue;
             }
         };
         st.connections += 1;
         let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
         let _ = s.set_nodelay(true);
+        let mut last: Option<String> = None;
         loop {
             match exchange(&mut s, !keepalive) {
                 Ok((node, closing)) => {
                     st.requests += 1;
-                    *st.by_node.entry(node).or_default() += 1;
+                    *st.by_node.entry(node.clone()).or_default() += 1;
                     if closing {
                         // Read the server's FIN, then close: no reset.
                         let mut rest = Vec::new();
                         if let Err(e) = s.read_to_end(&mut rest) {
-                            st.fail("reading the close", &e);
+                            st.fail("reading the close", &e, started, Some(&node));
                         }
                         break;
                     }
+                    last = Some(node);
                 }
                 Err(e) => {
-                    st.fail("request", &e);
+                    st.fail("request", &e, started, last.as_ref());
                     break;
                 }
             }
@@ -722,4 +762,89 @@ fn established_connections_survive_leave_join_and_power_change() {
             "{key}\n{body}"
         );
     }
+}
+
+/// Issue 13: `kill -9` of node3's safekitd under the same load. Its filter
+/// goes with it, so the connections node3 held are lost (nobody else
+/// answers them: they are not theirs), and only those: every request that
+/// failed on an established connection had been answered by node3, and
+/// every connection opened once the loss timeout (10 pulses of 100 ms) and
+/// a few pulses more had passed succeeded.
+#[test]
+fn a_killed_daemon_loses_only_its_own_connections() {
+    let _serial = serial();
+    let subnet = 103;
+    let mut lab = common::lab(
+        "skfl3",
+        subnet,
+        3,
+        vec![front(subnet, "", "--keepalive 20", "0")],
+    );
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        assert!(
+            lab.safekit(i, &["start", "-m", "front"])
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    let equal: BTreeMap<String, u32> = BTreeMap::new();
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "the farm never settled"
+    );
+    let vip = SocketAddr::from((Ipv4Addr::new(10, 77, subnet, 200), 80));
+    let load = Load::start(&lab, vip, 4, 2);
+    std::thread::sleep(Duration::from_secs(1));
+    load.mark();
+    lab.kill_daemon(3);
+    assert!(
+        wait_for(Duration::from_secs(5), || settled_as(
+            &lab,
+            &[1, 2],
+            &["node1", "node2"],
+            &equal
+        ))
+        .is_some(),
+        "node1 and node2 never took node3's buckets"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let (keep, close) = load.finish();
+    // Loss after 10 pulses, then views agree and buckets are written
+    // within a few pulses.
+    let grace = Duration::from_millis(1500);
+    let mut lost_of_node3 = 0;
+    for f in keep.failed.iter().chain(&close.failed) {
+        match (&f.node, f.started) {
+            (Some(n), _) => {
+                assert_eq!(n, "node3", "a connection of {n} was lost: {f:?}");
+                lost_of_node3 += 1;
+            }
+            (None, Some(at)) => assert!(
+                at < grace,
+                "a new connection failed {at:?} after the kill: {f:?}"
+            ),
+            (None, None) => panic!("a connection failed before the kill: {f:?}"),
+        }
+    }
+    eprintln!(
+        "after the kill: {} keep-alive and {} close requests served; {lost_of_node3} of node3's connections lost, {} new connections failed within {grace:?}",
+        keep.requests,
+        close.requests,
+        keep.failed.len() + close.failed.len() - lost_of_node3
+    );
+    assert!(
+        keep.by_node.contains_key("node3"),
+        "node3 served before the kill"
+    );
 }
