@@ -128,8 +128,11 @@ pub mod counter {
     /// no local socket holds: left to the node that holds it (a previous
     /// owner), dropped here.
     pub const DROP_NO_FLOW: u32 = 9;
+    /// IPv6 Neighbour Solicitation for a VIP answered with the virtual MAC
+    /// (`XDP_TX`).
+    pub const NS_REPLY: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Key of the VIP map: an IPv4 address in network byte order, as the bytes
@@ -252,8 +255,35 @@ pub struct FilterConfig {
     pub enabled: u32,
 }
 
+/// Key of the IPv6 VIP map (`VIPS6`): the address bytes (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vip6Key {
+    /// The sixteen address bytes.
+    pub addr: [u8; 16],
+}
+
+/// Key of the IPv6 rule map (`RULES6`), as [`RuleKey`] for an IPv6 VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule6Key {
+    /// VIP address bytes.
+    pub vip: [u8; 16],
+    /// Destination port in network byte order; 0 = any.
+    pub port_be: u16,
+    /// IP protocol (`PROTO_TCP` or `PROTO_UDP`).
+    pub proto: u8,
+    /// Explicit padding.
+    pub pad: u8,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: `#[repr(C)]`, `Copy`, integers and byte arrays only, no
+    // implicit padding: every bit pattern is valid.
+    unsafe impl aya::Pod for super::Vip6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Rule6Key {}
     // SAFETY: all these are `#[repr(C)]`, `Copy`, made only of integers and
     // byte arrays, with explicit padding: every bit pattern is valid.
     unsafe impl aya::Pod for super::VipKey {}
@@ -311,6 +341,85 @@ pub fn jhash_8(k: [u8; 8], seed: u32) -> u32 {
     let a = init.wrapping_add(u32::from_le_bytes([k[0], k[1], k[2], k[3]]));
     let b = init.wrapping_add(u32::from_le_bytes([k[4], k[5], k[6], k[7]]));
     jhash_final(a, b, init)
+}
+
+#[inline(always)]
+fn jhash_mix(mut a: u32, mut b: u32, mut c: u32) -> (u32, u32, u32) {
+    a = a.wrapping_sub(c);
+    a ^= c.rotate_left(4);
+    c = c.wrapping_add(b);
+    b = b.wrapping_sub(a);
+    b ^= a.rotate_left(6);
+    a = a.wrapping_add(c);
+    c = c.wrapping_sub(b);
+    c ^= b.rotate_left(8);
+    b = b.wrapping_add(a);
+    a = a.wrapping_sub(c);
+    a ^= c.rotate_left(16);
+    c = c.wrapping_add(b);
+    b = b.wrapping_sub(a);
+    b ^= a.rotate_left(19);
+    a = a.wrapping_add(c);
+    c = c.wrapping_sub(b);
+    c ^= b.rotate_left(4);
+    b = b.wrapping_add(a);
+    (a, b, c)
+}
+
+#[inline(always)]
+fn word(k: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([k[i], k[i + 1], k[i + 2], k[i + 3]])
+}
+
+/// The kernel's `jhash(key, 16, seed)`: an IPv6 address.
+#[inline(always)]
+#[must_use]
+pub fn jhash_16(k: [u8; 16], seed: u32) -> u32 {
+    let init = JHASH_INITVAL.wrapping_add(16).wrapping_add(seed);
+    let (a, b, c) = jhash_mix(
+        init.wrapping_add(word(&k, 0)),
+        init.wrapping_add(word(&k, 4)),
+        init.wrapping_add(word(&k, 8)),
+    );
+    jhash_final(a.wrapping_add(word(&k, 12)), b, c)
+}
+
+/// The kernel's `jhash(key, 20, seed)`: an IPv6 address and a port padded
+/// to a 32-bit word.
+#[inline(always)]
+#[must_use]
+pub fn jhash_20(k: [u8; 20], seed: u32) -> u32 {
+    let init = JHASH_INITVAL.wrapping_add(20).wrapping_add(seed);
+    let (a, b, c) = jhash_mix(
+        init.wrapping_add(word(&k, 0)),
+        init.wrapping_add(word(&k, 4)),
+        init.wrapping_add(word(&k, 8)),
+    );
+    jhash_final(
+        a.wrapping_add(word(&k, 12)),
+        b.wrapping_add(word(&k, 16)),
+        c,
+    )
+}
+
+/// Bucket of an IPv6 client under `FILTER_CLIENT_IP`: hash of its address
+/// bytes, into the same 256 buckets as IPv4 clients.
+#[inline(always)]
+#[must_use]
+pub fn bucket_client_ip6(saddr: [u8; 16], seed: u32) -> u32 {
+    bucket_of_hash(jhash_16(saddr, seed))
+}
+
+/// Bucket of an IPv6 client under `FILTER_CLIENT_IP_PORT`: hash of its
+/// address followed by the source port (network order) padded to a word.
+#[inline(always)]
+#[must_use]
+pub fn bucket_client_ip6_port(saddr: [u8; 16], sport_be: [u8; 2], seed: u32) -> u32 {
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&saddr);
+    k[16] = sport_be[0];
+    k[17] = sport_be[1];
+    bucket_of_hash(jhash_20(k, seed))
 }
 
 /// Bucket of a hash: the kernel's `reciprocal_scale(hash, BUCKETS)`, i.e. the
@@ -416,5 +525,17 @@ mod tests {
         assert_eq!(jhash_8([0; 8], 0), 0x58c1_84bf);
         assert_eq!(jhash_4([10, 0, 0, 1], 7), 0xe004_c104);
         assert_eq!(jhash_8([10, 0, 0, 1, 0x1f, 0x90, 0, 0], 7), 0x8233_2ca1);
+        assert_eq!(jhash_16([0; 16], 0), 0xbaf9_078c);
+        assert_eq!(jhash_20([0; 20], 0), 0x690f_ad70);
+        let v6 = [0xfd, 0x77, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfa];
+        assert_eq!(jhash_16(v6, 7), 0x66ab_b272);
+        let mut k = [0u8; 20];
+        k[..16].copy_from_slice(&v6);
+        k[16..18].copy_from_slice(&[0x9c, 0x40]);
+        assert_eq!(jhash_20(k, 7), 0x2aa0_39b8);
+        assert_eq!(
+            bucket_client_ip6_port(v6, [0x9c, 0x40], 7),
+            bucket_of_hash(0x2aa0_39b8)
+        );
     }
 }

@@ -542,6 +542,7 @@ fn counter_name(i: u32) -> &'static str {
         counter::PASS_UNPARSED => "pass_unparsed",
         counter::ACCEPT_FLOW => "accept_flow",
         counter::DROP_NO_FLOW => "drop_no_flow",
+        counter::NS_REPLY => "ns_reply",
         _ => "?",
     }
 }

@@ -10,8 +10,9 @@ use aya::{
 use safekit::ebpf;
 use safekit_common::{
     BUCKETS, FILTER_CLIENT_IP, FILTER_CLIENT_IP_PORT, FilterConfig, InlineRule, PROTO_TCP,
-    PROTO_UDP, RuleKey, RuleValue, SlotRules, VipIndex, VipKey, VipValue, bucket_client_ip,
-    bucket_client_ip_port, counter, tcp_flag, vip_index,
+    PROTO_UDP, Rule6Key, RuleKey, RuleValue, SlotRules, Vip6Key, VipIndex, VipKey, VipValue,
+    bucket_client_ip, bucket_client_ip_port, bucket_client_ip6, bucket_client_ip6_port, counter,
+    tcp_flag, vip_index,
 };
 
 const XDP_DROP: u32 = 1;
@@ -21,6 +22,9 @@ const VIP: [u8; 4] = [10, 9, 0, 100];
 const VMAC: [u8; 6] = [0x5a, 0xfe, 10, 9, 0, 100];
 const IFMAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xcc];
+const VIP6: [u8; 16] = [0xfd, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+const VMAC6: [u8; 6] = [0x5a, 0xfe, 0x06, 0, 0, 0x64];
+const CLIENT6: [u8; 16] = [0xfd, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfa];
 
 fn eth(dst: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::new();
@@ -105,6 +109,39 @@ impl Filter {
             0,
         )
         .unwrap();
+        // The IPv6 VIP shares slot 0 (its buckets) with the IPv4 one.
+        let mut vips6: HashMap<_, Vip6Key, VipValue> =
+            HashMap::try_from(bpf.map_mut("VIPS6").unwrap()).unwrap();
+        vips6
+            .insert(
+                &Vip6Key { addr: VIP6 },
+                &VipValue {
+                    vmac: VMAC6,
+                    flags: 0,
+                    slot: 0,
+                },
+                0,
+            )
+            .unwrap();
+        let mut rules6: HashMap<_, Rule6Key, RuleValue> =
+            HashMap::try_from(bpf.map_mut("RULES6").unwrap()).unwrap();
+        for (proto, port, filter) in [
+            (PROTO_TCP, 80u16, FILTER_CLIENT_IP_PORT),
+            (PROTO_UDP, 0, FILTER_CLIENT_IP),
+        ] {
+            rules6
+                .insert(
+                    &Rule6Key {
+                        vip: VIP6,
+                        port_be: port.to_be(),
+                        proto,
+                        pad: 0,
+                    },
+                    &RuleValue { filter },
+                    0,
+                )
+                .unwrap();
+        }
         Self { bpf }
     }
 
@@ -784,6 +821,26 @@ impl TestNetns {
         ip(&["-n", name, "link", "set", "lo", "up"]);
         ip(&["-n", name, "addr", "add", "10.9.0.100/32", "dev", "lo"]);
         ip(&["-n", name, "addr", "add", "10.9.0.250/32", "dev", "lo"]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            "fd09::64/128",
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            "fd09::fa/128",
+            "dev",
+            "lo",
+            "nodad",
+        ]);
         Self(name)
     }
 
@@ -816,13 +873,23 @@ fn connect_from(
     listener: &std::net::TcpListener,
     port: u16,
 ) -> (std::net::TcpStream, std::net::TcpStream) {
+    connect_between(
+        listener,
+        std::net::SocketAddr::from((CLIENT, port)),
+        std::net::SocketAddr::from((VIP, 80)),
+    )
+}
+
+fn connect_between(
+    listener: &std::net::TcpListener,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+) -> (std::net::TcpStream, std::net::TcpStream) {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let s = Socket::new(Domain::for_address(from), Type::STREAM, None).unwrap();
     s.set_reuse_address(true).unwrap();
-    s.bind(&std::net::SocketAddr::from((CLIENT, port)).into())
-        .unwrap();
-    s.connect(&std::net::SocketAddr::from((VIP, 80)).into())
-        .unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into()).unwrap();
     let (server, _) = listener.accept().unwrap();
     (s.into(), server)
 }
@@ -864,6 +931,22 @@ fn established_flows_stay_with_the_node_that_holds_them() {
             assert_eq!(client.read(&mut buf).unwrap(), 0);
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
+        // The same over IPv6: a connection in a bucket moved away.
+        let listener6 =
+            std::net::TcpListener::bind(std::net::SocketAddr::from((VIP6, 80))).unwrap();
+        let p6 = (20000u16..).find(|p| !owned6(*p)).unwrap();
+        let _c6 = connect_between(
+            &listener6,
+            std::net::SocketAddr::from((CLIENT6, p6)),
+            std::net::SocketAddr::from((VIP6, 80)),
+        );
+        let p6_none = (30000u16..).find(|p| owned6(*p)).unwrap();
+        let seg6 = |port: u16, flags: u8| {
+            frame(
+                0x86dd,
+                &ipv6(PROTO_TCP, CLIENT6, VIP6, 64, &tcp_seg(port, 80, flags)),
+            )
+        };
         // No connection on these ports: only the listener matches.
         let p_none_own = own(30000);
         let p_none_foreign = foreign(30000);
@@ -875,6 +958,20 @@ fn established_flows_stay_with_the_node_that_holds_them() {
         };
         let accept = |frame: Vec<u8>| Some(with_dst(frame, IFMAC));
         let table = vec![
+            Case {
+                name: "IPv6: ACK of an established connection in a bucket moved away: kept",
+                output: accept(seg6(p6, ACK)),
+                frame: seg6(p6, ACK),
+                verdict: XDP_PASS,
+                counter: counter::ACCEPT_FLOW,
+            },
+            Case {
+                name: "IPv6: ACK, owned bucket, only the listener",
+                frame: seg6(p6_none, ACK),
+                verdict: XDP_DROP,
+                output: None,
+                counter: counter::DROP_NO_FLOW,
+            },
             Case {
                 name: "ACK of an established connection in a bucket moved away: kept",
                 output: accept(seg(p_moved, ACK)),
@@ -955,4 +1052,289 @@ fn established_flows_stay_with_the_node_that_holds_them() {
             })
     });
     assert!(failures.is_none(), "{}", failures.unwrap_or_default());
+}
+
+// ------------------------------------------------------------------ IPv6
+
+/// An IPv6 packet: header (hop limit 64, or 255 for ND) and payload.
+fn ipv6(next: u8, saddr: [u8; 16], daddr: [u8; 16], hop: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    p.push(next);
+    p.push(hop);
+    p.extend_from_slice(&saddr);
+    p.extend_from_slice(&daddr);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An extension header (hop-by-hop, routing, destination options) of 8
+/// bytes followed by `rest`.
+fn ext(next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut e = vec![next, 0, 1, 4, 0, 0, 0, 0];
+    e.extend_from_slice(rest);
+    e
+}
+
+/// A fragment header at `offset` (8-byte units), more fragments set.
+fn frag6(next: u8, offset: u16, rest: &[u8]) -> Vec<u8> {
+    let mut e = vec![next, 0];
+    e.extend_from_slice(&((offset << 3) | 1).to_be_bytes());
+    e.extend_from_slice(&[0, 0, 0, 9]);
+    e.extend_from_slice(rest);
+    e
+}
+
+fn csum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for p in parts {
+        for c in p.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap()
+}
+
+/// A Neighbour Solicitation for `target` from `src` (with its link-layer
+/// address option unless `src` is unspecified).
+fn ns(src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target);
+    if src != [0; 16] {
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&CLIENT_MAC);
+    }
+    let mut dst = [0u8; 16];
+    dst[..2].copy_from_slice(&[0xff, 0x02]);
+    dst[11] = 1;
+    dst[12] = 0xff;
+    dst[13..].copy_from_slice(&target[13..]);
+    let len = u32::try_from(icmp.len()).unwrap().to_be_bytes();
+    let c = csum(&[&src, &dst, &len, &[0, 0, 0, 58], &icmp]);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = eth(
+        [0x33, 0x33, 0xff, target[13], target[14], target[15]],
+        0x86dd,
+    );
+    f.extend_from_slice(&ipv6(58, src, dst, 255, &icmp));
+    f
+}
+
+/// The advertisement the filter must send for `ns(src, VIP6)`.
+fn na(src: [u8; 16]) -> Vec<u8> {
+    let dad = src == [0; 16];
+    let mut all = [0u8; 16];
+    all[..2].copy_from_slice(&[0xff, 0x02]);
+    all[15] = 1;
+    let (dst, dst_mac, flags) = if dad {
+        (all, [0x33, 0x33, 0, 0, 0, 1], 0x20)
+    } else {
+        (src, CLIENT_MAC, 0x60)
+    };
+    let mut icmp = vec![136, 0, 0, 0, flags, 0, 0, 0];
+    icmp.extend_from_slice(&VIP6);
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&VMAC6);
+    let c = csum(&[&VIP6, &dst, &[0, 0, 0, 32], &[0, 0, 0, 58], &icmp]);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&IFMAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&ipv6(58, VIP6, dst, 255, &icmp));
+    f
+}
+
+fn owned6(port: u16) -> bool {
+    bucket_client_ip6_port(CLIENT6, port.to_be_bytes(), 0).is_multiple_of(2)
+}
+
+#[expect(clippy::too_many_lines, reason = "the packet table")]
+#[expect(
+    clippy::maybe_infinite_iter,
+    reason = "a port in each bucket class exists within 1024.."
+)]
+fn cases6() -> Vec<Case> {
+    use counter::*;
+    use tcp_flag::{ACK, SYN};
+    let p_own = (1024u16..).find(|p| owned6(*p)).unwrap();
+    let p_foreign = (1024u16..).find(|p| !owned6(*p)).unwrap();
+    let v6 = |payload: Vec<u8>, next: u8| frame(0x86dd, &ipv6(next, CLIENT6, VIP6, 64, &payload));
+    let tcp = |port: u16, flags: u8| tcp_seg(port, 80, flags);
+    let udp_client = |owned: bool| {
+        (1u8..=254)
+            .map(|i| {
+                let mut c = CLIENT6;
+                c[15] = i;
+                c
+            })
+            .find(|c| bucket_client_ip6(*c, 0).is_multiple_of(2) == owned)
+            .unwrap()
+    };
+    let udp = |client: [u8; 16]| {
+        frame(
+            0x86dd,
+            &ipv6(PROTO_UDP, client, VIP6, 64, &l4_ports(5353, 9999, 8)),
+        )
+    };
+    let pass = |f: &Vec<u8>| Some(with_dst(f.clone(), IFMAC));
+    let tcp_own = v6(tcp(p_own, SYN), PROTO_TCP);
+    let tcp_foreign = v6(tcp(p_foreign, SYN), PROTO_TCP);
+    let ack_own = v6(tcp(p_own, ACK), PROTO_TCP);
+    let hbh = v6(ext(PROTO_TCP, &tcp(p_own, SYN)), 0);
+    let chain = v6(ext(43, &ext(PROTO_TCP, &tcp(p_own, SYN))), 60);
+    let first_frag = v6(frag6(PROTO_TCP, 0, &tcp(p_own, SYN)), 44);
+    let tail_frag = v6(frag6(PROTO_TCP, 185, &[0; 24]), 44);
+    let too_many = v6(
+        ext(
+            0,
+            &ext(0, &ext(0, &ext(0, &ext(PROTO_TCP, &tcp(p_own, SYN))))),
+        ),
+        0,
+    );
+    let mut cut_ext = v6(ext(PROTO_TCP, &[]), 0);
+    cut_ext.truncate(14 + 40 + 1);
+    let mut cut_ports = v6(Vec::new(), PROTO_TCP);
+    cut_ports.push(0x12);
+    let mut cut_dst = v6(Vec::new(), PROTO_TCP);
+    cut_dst.truncate(14 + 30);
+    let echo = v6(vec![128, 0, 0, 0, 0, 1, 0, 1], 58);
+    let mut other_target = VIP6;
+    other_target[15] = 0x65;
+    let u_own = udp(udp_client(true));
+    let u_foreign = udp(udp_client(false));
+    vec![
+        Case {
+            name: "IPv6 TCP SYN, owned bucket",
+            output: pass(&tcp_own),
+            frame: tcp_own,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "IPv6 TCP SYN, foreign bucket",
+            frame: tcp_foreign,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "IPv6 TCP ACK, owned bucket, no local socket",
+            frame: ack_own,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NO_FLOW,
+        },
+        Case {
+            name: "IPv6 UDP, any-port rule hashing the client address, owned",
+            output: pass(&u_own),
+            frame: u_own,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "IPv6 UDP, any-port rule hashing the client address, foreign",
+            frame: u_foreign,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_NOT_OWNER,
+        },
+        Case {
+            name: "ICMPv6 echo request to the VIP: no rule, untouched",
+            frame: echo,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_NO_RULE,
+        },
+        Case {
+            name: "Neighbour Solicitation for the VIP: advertisement of the virtual MAC",
+            frame: ns(CLIENT6, VIP6),
+            verdict: XDP_TX,
+            output: Some(na(CLIENT6)),
+            counter: NS_REPLY,
+        },
+        Case {
+            name: "Neighbour Solicitation for the VIP from :: (DAD): advertisement to all nodes",
+            frame: ns([0; 16], VIP6),
+            verdict: XDP_TX,
+            output: Some(na([0; 16])),
+            counter: NS_REPLY,
+        },
+        Case {
+            name: "Neighbour Solicitation for another address, untouched",
+            frame: ns(CLIENT6, other_target),
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_OTHER,
+        },
+        Case {
+            name: "IPv6 hop-by-hop header, then TCP SYN, owned",
+            output: pass(&hbh),
+            frame: hbh,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "IPv6 destination options and routing headers, then TCP SYN, owned",
+            output: pass(&chain),
+            frame: chain,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "IPv6 first fragment (offset 0), TCP SYN, owned",
+            output: pass(&first_frag),
+            frame: first_frag,
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        },
+        Case {
+            name: "IPv6 non-first fragment under a port rule",
+            frame: tail_frag,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_FRAGMENT,
+        },
+        Case {
+            name: "IPv6 with five extension headers (more than the filter walks)",
+            frame: too_many,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+        Case {
+            name: "IPv6 cut inside an extension header",
+            frame: cut_ext,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+        Case {
+            name: "IPv6 TCP cut inside the ports",
+            frame: cut_ports,
+            verdict: XDP_DROP,
+            output: None,
+            counter: DROP_MALFORMED,
+        },
+        Case {
+            name: "IPv6 cut before the destination address",
+            frame: cut_dst,
+            verdict: XDP_PASS,
+            output: None,
+            counter: PASS_UNPARSED,
+        },
+    ]
+}
+
+/// IPv6 (issue 13): the same buckets and rules as IPv4 for TCP and UDP,
+/// Neighbour Discovery for the VIP answered with the virtual MAC,
+/// extension headers walked, fragments and truncated packets handled.
+#[test]
+fn packet_table_ipv6() {
+    let mut f = Filter::new();
+    f.own_even_buckets();
+    run_table(&f, cases6());
 }

@@ -98,6 +98,7 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         (counter::PASS_UNPARSED, "pass_unparsed"),
         (counter::ACCEPT_FLOW, "accept_flow"),
         (counter::DROP_NO_FLOW, "drop_no_flow"),
+        (counter::NS_REPLY, "ns_reply"),
     ];
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {
