@@ -236,6 +236,9 @@ pub struct FarmStatus {
     /// node computes): what each node serves once the members agree.
     #[serde(default)]
     pub assignment: BTreeMap<String, Vec<u32>>,
+    /// Draining (graceful stop): the connections left to serve.
+    #[serde(default)]
+    pub draining: Option<u32>,
 }
 
 /// Sorted bucket numbers as ranges, "0-3,7,9-10" ("none" when empty).

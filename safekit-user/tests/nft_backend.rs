@@ -540,6 +540,9 @@ fn counter_name(i: u32) -> &'static str {
         counter::ARP_REPLY => "arp_reply",
         counter::DROP_FRAGMENT => "drop_fragment",
         counter::PASS_UNPARSED => "pass_unparsed",
+        counter::ACCEPT_FLOW => "accept_flow",
+        counter::DROP_NO_FLOW => "drop_no_flow",
+        counter::NS_REPLY => "ns_reply",
         _ => "?",
     }
 }

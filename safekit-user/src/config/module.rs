@@ -46,6 +46,9 @@ pub const DEFAULT_FARM_PULSE: Duration = Duration::from_millis(100);
 pub const DEFAULT_FARM_LOST_AFTER: u32 = 10;
 /// Default `farm.power` of a node.
 pub const DEFAULT_FARM_POWER: u32 = 1;
+/// Default `farm.drain_timeout`: how long a graceful stop keeps serving
+/// the node's established connections.
+pub const DEFAULT_FARM_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `vip.arp_reroute`.
 pub const DEFAULT_ARP_REROUTE: bool = false;
 /// Default `vip.arp_interval`.
@@ -223,6 +226,10 @@ pub struct Farm {
     pub power: BTreeMap<String, u32>,
     /// Which filter implements the buckets.
     pub filter: FarmFilterBackend,
+    /// A graceful stop serves the node's established connections until
+    /// they close or this long has passed, then runs `stop_both` (0: no
+    /// drain).
+    pub drain_timeout: Duration,
 }
 
 /// `farm.filter`: the data plane of the farm filter.
@@ -418,6 +425,7 @@ struct RawFarm {
     lans: Spans<Name>,
     power: Option<Spanned<RawPower>>,
     filter: Option<Spanned<FarmFilterBackend>>,
+    drain_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -895,10 +903,18 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         return None;
     }
     let raw = raw.map(Spanned::into_inner);
-    let (raw_pulse, raw_lost, raw_lans, raw_power, raw_filter) = match raw {
-        Some(r) => (r.pulse, r.lost_after, r.lans, r.power, r.filter),
-        None => (None, None, None, None, None),
+    let (raw_pulse, raw_lost, raw_lans, raw_power, raw_filter, raw_drain) = match raw {
+        Some(r) => (
+            r.pulse,
+            r.lost_after,
+            r.lans,
+            r.power,
+            r.filter,
+            r.drain_timeout,
+        ),
+        None => (None, None, None, None, None, None),
     };
+    let drain_timeout = dur(raw_drain, DEFAULT_FARM_DRAIN_TIMEOUT).0;
     let filter = raw_filter.map_or(DEFAULT_FARM_FILTER, Spanned::into_inner);
     let pulse = dur(raw_pulse, DEFAULT_FARM_PULSE).0;
     let lost_after = raw_lost.map_or(DEFAULT_FARM_LOST_AFTER, |l| l.get_ref().0);
@@ -933,6 +949,7 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         lans,
         power,
         filter,
+        drain_timeout,
     })
 }
 

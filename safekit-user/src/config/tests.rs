@@ -254,6 +254,7 @@ fn appendix_farm_module_parses_into_expected_values() {
             lans: vec!["default".into()],
             power: BTreeMap::from([("node1".into(), 1), ("node2".into(), 1)]),
             filter: super::FarmFilterBackend::Auto,
+            drain_timeout: secs(30),
         })
     );
     assert_eq!(

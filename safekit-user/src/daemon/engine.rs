@@ -58,6 +58,8 @@ pub enum Event {
     },
     /// SIGTERM or SIGINT: stop everything and exit.
     Signal,
+    /// SIGHUP: reload the configuration (what can change while running).
+    Reload,
     /// An effect run off the engine task finished.
     Effect {
         /// Module.
@@ -140,6 +142,9 @@ struct Module {
     mirror: Option<MirrorRt>,
     /// `stopstart`: start again once stopped.
     restart_after_stop: bool,
+    /// A start arrived during a stop: start once the stop (and, for a
+    /// mirror, `poststop`) completed.
+    start_after_stop: bool,
     /// Next evaluation of the `[[check.module]]` checkers.
     next_module_check: Instant,
 }
@@ -157,6 +162,15 @@ impl Module {
             ModuleState::Alone | ModuleState::Prim | ModuleState::Up | ModuleState::Second => {
                 Colour::Green
             }
+        }
+    }
+
+    /// A stop is under way (busy with the module wanted stopped, or a
+    /// mirror whose core already stopped and whose effects still run).
+    fn state_is_stopping(&self) -> bool {
+        match &self.mirror {
+            Some(rt) => rt.core.state() == crate::daemon::mirror_core::MState::Stop,
+            None => true,
         }
     }
 
@@ -274,6 +288,7 @@ impl Engine {
                     mirror: (cfg.mode() == ConfigMode::Mirror)
                         .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
                     restart_after_stop: false,
+                    start_after_stop: false,
                     next_module_check: now,
                     cfg,
                 },
@@ -354,6 +369,9 @@ impl Engine {
             if let Some(t) = m.mirror.as_ref().and_then(|rt| rt.core.poll_timeout()) {
                 next = next.min(t);
             }
+            if let Some(d) = m.farm.as_ref().and_then(|f| f.drain) {
+                next = next.min(d.next_check);
+            }
             for p in m.peers.values() {
                 if let Some(last) = p.last_seen.values().max()
                     && !p.lost
@@ -385,6 +403,7 @@ impl Engine {
                 self.stop_all();
                 self.shutting_down = true;
             }
+            Event::Reload => self.reload(),
             Event::Effect { module, done } => self.effect_done(&module, done),
             Event::RfsPrimary { module, ev } => self.rfs_primary_event(&module, ev),
             Event::RfsSecondary(ev) => self.rfs_secondary_event(ev),
@@ -498,6 +517,9 @@ impl Engine {
                     M::PrimForce => self.mirror_command(&module, Cmd::PrimForce),
                     M::Swap => self.mirror_command(&module, Cmd::Swap),
                     M::Restart => self.mirror_command(&module, Cmd::Restart),
+                    M::ForceStop if self.modules.get(&module).is_some_and(|m| m.farm.is_some()) => {
+                        self.farm_forcestop(&module)
+                    }
                     M::ForceStop => self.mirror_forcestop(&module),
                     M::StopStart => {
                         let r = self.mirror_command(&module, Cmd::Stop);
@@ -577,8 +599,17 @@ impl Engine {
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
         let m = self.module_mut(name)?;
+        if m.busy && !m.wanted && m.state_is_stopping() {
+            // A start during a stop: as `waitstop; start`, the module starts
+            // again once its stop has completed.
+            m.log
+                .info("start requested while stopping: starting once stopped");
+            m.wanted = true;
+            m.start_after_stop = true;
+            return Ok(format!("module {name} starting once its stop completes"));
+        }
         if m.busy {
-            return Err(format!("module {name} is busy ({}), try again", m.state));
+            return Err(format!("module {name} is already starting ({})", m.state));
         }
         if m.state != ModuleState::Stop {
             return Err(format!("module {name} is already started ({})", m.state));
@@ -591,8 +622,9 @@ impl Engine {
                 m.busy = true;
                 m.failing.clear();
                 let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
-                m.checks =
-                    checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
+                // `when = "both"` checkers start once `start_both` succeeded
+                // (effect_done); `pre` ones cover the start itself.
+                m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
                 let module = name.to_owned();
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
@@ -614,6 +646,7 @@ impl Engine {
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
+        m.start_after_stop = false;
         if m.mirror.is_some() {
             m.wanted = false;
             m.restart_after_stop = false;
@@ -628,14 +661,60 @@ impl Engine {
             // The running start completes, then effect_done stops it.
             return Ok(format!("module {name} stopping after its start completes"));
         }
-        self.begin_stop(name);
+        self.begin_stop(name, true);
         Ok(format!("module {name} stopping"))
     }
 
-    /// Releases everything the module holds, in a safe order: buckets first
-    /// (synchronously, so no bucket stays owned once STOP is announced),
-    /// then the effects.
-    fn begin_stop(&mut self, name: &str) {
+    /// Releases everything the module holds, in a safe order: checkers and
+    /// buckets first (synchronously, so no bucket stays owned once WAIT is
+    /// announced: the peers take them and every new connection goes
+    /// there), then — after the drain when `drain` and the module serves
+    /// connections — the effects (`stop_both`, VIPs, filter).
+    fn begin_stop(&mut self, name: &str, drain: bool) {
+        let dataplane = self.dataplane.clone();
+        let now = Instant::now();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        for h in m.checks.drain(..) {
+            h.abort();
+        }
+        m.failing.clear();
+        let Some(f) = m.farm.as_mut() else {
+            m.set_state(ModuleState::Stop);
+            return;
+        };
+        if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize]) {
+            m.log.error(&format!("releasing buckets: {e}"));
+        }
+        f.view.clear();
+        let drains = drain && f.iface.is_some() && !f.drain_timeout.is_zero() && f.drain.is_none();
+        if drains {
+            f.drain = Some(farm::Drain {
+                until: now + f.drain_timeout,
+                next_check: now,
+                left: 0,
+            });
+        }
+        let timeout = f.drain_timeout;
+        m.busy = true;
+        m.set_state(ModuleState::Wait);
+        self.pending += 1;
+        if drains {
+            // The filter stays: it keeps passing the segments of the
+            // connections this node's sockets hold, whoever owns their
+            // buckets now.
+            m.log.info(&format!(
+                "draining: no new connection here; established ones served until they close or for {timeout:?} at most, then stop_both"
+            ));
+            return;
+        }
+        self.farm_down(name);
+    }
+
+    /// The effects of a farm stop (after its drain): filter forgets the
+    /// VIPs, `stop_both`, VIPs removed.
+    fn farm_down(&mut self, name: &str) {
         let me = self.me.clone();
         let root = self.paths.root().to_path_buf();
         let module_dir = self.paths.module_dir(name);
@@ -644,21 +723,10 @@ impl Engine {
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
-        for h in m.checks.drain(..) {
-            h.abort();
-        }
-        m.failing.clear();
         if let Some(f) = m.farm.as_mut() {
-            if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize])
-            {
-                m.log.error(&format!("releasing buckets: {e}"));
-            }
-            f.view.clear();
+            f.drain = None;
             let iface = f.iface.take();
             let job = farm_job(m, &me, &root, module_dir, dataplane);
-            m.busy = true;
-            m.set_state(ModuleState::Wait);
-            self.pending += 1;
             let module = name.to_owned();
             tokio::spawn(async move {
                 let r = farm::down(job, iface).await;
@@ -669,9 +737,63 @@ impl Engine {
                     })
                     .await;
             });
-        } else {
-            m.set_state(ModuleState::Stop);
         }
+    }
+
+    /// Draining farm modules: counts the connections left; once none is
+    /// left or the drain timeout passed, the stop goes on.
+    fn farm_drains(&mut self, now: Instant) {
+        let mut done = Vec::new();
+        for (name, m) in &mut self.modules {
+            let Some(f) = m.farm.as_mut() else { continue };
+            let Some(d) = f.drain.as_mut() else { continue };
+            if now < d.next_check {
+                continue;
+            }
+            let vips: Vec<std::net::IpAddr> = f.vips.iter().map(|v| (*v).into()).collect();
+            let left = match farm::count_connections(&vips) {
+                Ok(n) => n,
+                Err(e) => {
+                    m.log
+                        .error(&format!("counting connections: {e}: drain ends"));
+                    0
+                }
+            };
+            d.left = left;
+            d.next_check = now + farm::DRAIN_CHECK;
+            if left == 0 {
+                m.log.info("drained: no connection left");
+                done.push(name.clone());
+            } else if now >= d.until {
+                m.log.info(&format!(
+                    "drain timeout: {left} connection(s) left, stopping anyway"
+                ));
+                done.push(name.clone());
+            }
+        }
+        for name in done {
+            self.farm_down(&name);
+        }
+    }
+
+    /// `forcestop` of a farm module: no drain (a drain under way ends now).
+    fn farm_forcestop(&mut self, name: &str) -> Result<String, String> {
+        let m = self.module_mut(name)?;
+        m.start_after_stop = false;
+        m.wanted = false;
+        m.log.info("forcestop requested");
+        if m.farm.as_ref().is_some_and(|f| f.drain.is_some()) {
+            self.farm_down(name);
+            return Ok(format!("module {name}: drain cut short, stopping"));
+        }
+        if m.state == ModuleState::Stop && !m.busy {
+            return Err(format!("module {name} is already stopped"));
+        }
+        if m.busy {
+            return Ok(format!("module {name} stopping after its current step"));
+        }
+        self.begin_stop(name, false);
+        Ok(format!("module {name} stopping (no drain)"))
     }
 
     fn effect_done(&mut self, name: &str, done: EffectDone) {
@@ -680,6 +802,11 @@ impl Engine {
             return;
         }
         let shutting_down = self.shutting_down;
+        let me = self.me.clone();
+        let root = self.paths.root().to_path_buf();
+        let module_dir = self.paths.module_dir(name);
+        let tx = self.events.clone();
+        let dataplane = self.dataplane.clone();
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -690,9 +817,14 @@ impl Engine {
                     f.iface = Some(iface);
                 }
                 if !m.wanted || shutting_down {
-                    self.begin_stop(name);
+                    self.begin_stop(name, true);
                     return;
                 }
+                // Checkers of the running service: from now until before
+                // `stop_both` (begin_stop aborts them first).
+                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane).env;
+                let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
+                m.checks.extend(both);
                 let state = if m.failing.is_empty() {
                     ModuleState::Up
                 } else {
@@ -704,7 +836,7 @@ impl Engine {
             EffectDone::FarmUp(Err(e)) => {
                 m.log.error(&format!("start failed: {e}"));
                 m.wanted = false;
-                self.begin_stop(name);
+                self.begin_stop(name, false);
             }
             EffectDone::PrimaryUp(_)
             | EffectDone::PrimaryDown(_)
@@ -720,7 +852,13 @@ impl Engine {
                 if m.wanted && !shutting_down {
                     // A start arrived while stopping.
                     m.wanted = false;
-                    let _ = self.start_module(name);
+                    m.start_after_stop = false;
+                    m.log.info("stopped: starting as requested during the stop");
+                    if let Err(e) = self.start_module(name) {
+                        if let Some(m) = self.modules.get_mut(name) {
+                            m.log.error(&format!("start after stop: {e}"));
+                        }
+                    }
                 }
             }
         }
@@ -796,7 +934,7 @@ impl Engine {
         if m.state == ModuleState::Up {
             view.insert(me.clone());
         }
-        let peer_views: Vec<View> = m
+        let peer_views: Vec<membership::PeerView> = m
             .peers
             .values()
             .filter(|p| up(p))
@@ -932,6 +1070,52 @@ impl Engine {
         }
     }
 
+    /// SIGHUP: reads the configuration again and applies what can change
+    /// while a module runs: a farm's `power` (the buckets move, releases
+    /// first; peers judge this node under the powers its heartbeats
+    /// advertise, so no bucket has two owners while the nodes disagree) and
+    /// `drain_timeout`. Other changes take effect when safekitd restarts.
+    fn reload(&mut self) {
+        let config = match crate::config::load(&self.paths.etc()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload refused, configuration unchanged:\n{e}");
+                return;
+            }
+        };
+        let mut changed = Vec::new();
+        for (name, cfg) in config.modules {
+            let Some(m) = self.modules.get_mut(&name) else {
+                continue;
+            };
+            let (Some(f), Some(new)) = (m.farm.as_mut(), cfg.farm.as_ref()) else {
+                continue;
+            };
+            f.drain_timeout = new.drain_timeout;
+            if f.powers != new.power {
+                m.log.info(&format!(
+                    "reload: farm power {}",
+                    new.power
+                        .iter()
+                        .map(|(n, p)| format!("{n}={p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                f.powers.clone_from(&new.power);
+                m.next_pulse = Instant::now();
+                changed.push(name.clone());
+            }
+            if let Some(fc) = m.cfg.farm.as_mut() {
+                fc.power.clone_from(&new.power);
+                fc.drain_timeout = new.drain_timeout;
+            }
+        }
+        tracing::info!(modules = ?changed, "configuration reloaded (farm power, drain_timeout)");
+        for name in changed {
+            self.farm_refresh(&name);
+        }
+    }
+
     fn stop_all(&mut self) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
@@ -948,13 +1132,14 @@ impl Engine {
             }
             if m.state != ModuleState::Stop && !m.busy {
                 m.log.info("stopping: safekitd shutdown");
-                self.begin_stop(&name);
+                self.begin_stop(&name, true);
             }
         }
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         self.mirror_timeouts(now);
+        self.farm_drains(now);
         self.module_checks(now);
         // Peers silent on every LAN for the timeout are lost.
         let mut refresh = Vec::new();
@@ -1020,7 +1205,7 @@ impl Engine {
                     epoch: self.epoch,
                     counter: m.counter,
                     payload: match (&m.farm, &m.mirror) {
-                        (Some(f), _) => membership::encode_view(&f.view),
+                        (Some(f), _) => membership::encode_view(&f.view, &f.powers),
                         (_, Some(rt)) => rt.payload(),
                         _ => Vec::new(),
                     },
@@ -1105,6 +1290,7 @@ impl Engine {
                                 .iter()
                                 .map(|n| (n.clone(), assignment.buckets_of(n)))
                                 .collect(),
+                            draining: f.drain.map(|d| d.left),
                         }
                     }),
                 })
@@ -1159,6 +1345,16 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
         ));
         if let Some(i) = &f.iface {
             d.push(("interface".into(), i.name.clone()));
+        }
+        if let Some(dr) = f.drain {
+            d.push((
+                "draining".into(),
+                format!(
+                    "{} connection(s) left; stop_both in {:?} at most",
+                    dr.left,
+                    dr.until.saturating_duration_since(Instant::now())
+                ),
+            ));
         }
     }
     d

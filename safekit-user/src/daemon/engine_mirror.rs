@@ -283,6 +283,21 @@ impl Engine {
                 rt.core.wait_checker(Instant::now(), None);
             }
             self.mirror_end(name);
+            // A start that arrived during the stop: once `poststop` is done
+            // too (mirror_end queued it: busy again until it finishes).
+            if let Some(m) = self.modules.get_mut(name)
+                && m.start_after_stop
+                && !m.busy
+                && !self.shutting_down
+            {
+                m.start_after_stop = false;
+                m.log.info("stopped: starting as requested during the stop");
+                if let Err(e) = self.mirror_command(name, Cmd::Start)
+                    && let Some(m) = self.modules.get_mut(name)
+                {
+                    m.log.error(&format!("start after stop: {e}"));
+                }
+            }
         }
     }
 

@@ -104,6 +104,7 @@ impl Engine {
         }
         m.wanted = false;
         m.restart_after_stop = false;
+        m.start_after_stop = false;
         rt.seq.force.send_replace(true);
         m.log.info("forcestop requested");
         self.mirror_command(name, Cmd::Stop)

@@ -41,6 +41,104 @@ pub(super) struct FarmRt {
     pub(super) view: View,
     /// Buckets written to the filter.
     pub(super) owned: Vec<bool>,
+    /// A graceful stop in progress: buckets released, the service still
+    /// serving the node's established connections.
+    pub(super) drain: Option<Drain>,
+    /// `farm.drain_timeout`.
+    pub(super) drain_timeout: Duration,
+}
+
+/// A farm module draining (graceful stop).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Drain {
+    /// `stop_both` runs at this time at the latest.
+    pub(super) until: std::time::Instant,
+    /// Next count of the connections left.
+    pub(super) next_check: std::time::Instant,
+    /// Connections left at the last count.
+    pub(super) left: u32,
+}
+
+/// How often a draining module counts its connections.
+pub(super) const DRAIN_CHECK: Duration = Duration::from_millis(200);
+
+/// TCP connections of this network namespace whose local address is one of
+/// `vips`, in `/proc/net/tcp` and `/proc/net/tcp6` text: every state but
+/// listening, `TIME_WAIT` and closed (a connection still to serve or to
+/// finish closing).
+#[must_use]
+pub(super) fn connections_to(vips: &[IpAddr], tcp: &str, tcp6: &str) -> u32 {
+    let local = |hex: &str| -> Option<IpAddr> {
+        let (addr, _port) = hex.split_once(':')?;
+        match addr.len() {
+            8 => {
+                let v = u32::from_str_radix(addr, 16).ok()?;
+                Some(IpAddr::V4(Ipv4Addr::from(v.to_ne_bytes())))
+            }
+            32 => {
+                let mut b = [0u8; 16];
+                for i in 0..4 {
+                    let v = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                    b[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+                }
+                Some(IpAddr::V6(std::net::Ipv6Addr::from(b)))
+            }
+            _ => None,
+        }
+    };
+    let mut n = 0u32;
+    for line in tcp.lines().skip(1).chain(tcp6.lines().skip(1)) {
+        let mut fields = line.split_whitespace();
+        let (Some(_sl), Some(l), Some(_remote), Some(st)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        // 06 TIME_WAIT, 07 CLOSE, 0A LISTEN.
+        if matches!(st, "06" | "07" | "0A") {
+            continue;
+        }
+        if local(l).is_some_and(|a| vips.contains(&a)) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// [`connections_to`] on this namespace's `/proc/net/tcp{,6}`.
+pub(super) fn count_connections(vips: &[IpAddr]) -> std::io::Result<u32> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp")?;
+    let tcp6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    Ok(connections_to(vips, &tcp, &tcp6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_left_count_only_live_connections_of_the_vips() {
+        // Lines as the kernel prints them (little-endian host): VIP
+        // 10.77.101.200 is C8654D0A, port 80 is 0050.
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: C8654D0A:0050 FA654D0A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+   2: C8654D0A:0050 FA654D0A:9C41 06 00000000:00000000 03:00000F9B 00000000     0        0 0 3 0000000000000000
+   3: C8654D0A:0050 FA654D0A:9C42 08 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
+   4: 0100007F:0050 0100007F:9C43 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 20 4 30 10 -1
+";
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 010177FD0000000000000000C8000000:0050 010177FD0000000000000000FA000000:A000 01 00000000:00000000 00:00000000 00000000     0        0 5 1 0000000000000000 20 4 30 10 -1
+";
+        let v4: IpAddr = "10.77.101.200".parse().unwrap();
+        let v6: IpAddr = "fd77:101::c8".parse().unwrap();
+        // ESTABLISHED and CLOSE_WAIT count; LISTEN, TIME_WAIT and other
+        // addresses do not.
+        assert_eq!(connections_to(&[v4], tcp, tcp6), 2);
+        assert_eq!(connections_to(&[v6], tcp, tcp6), 1);
+        assert_eq!(connections_to(&[v4, v6], tcp, tcp6), 3);
+        assert_eq!(connections_to(&[], tcp, tcp6), 0);
+    }
 }
 
 impl FarmRt {
@@ -85,6 +183,11 @@ impl FarmRt {
             iface: None,
             view: View::new(),
             owned: vec![false; BUCKETS as usize],
+            drain: None,
+            drain_timeout: cfg
+                .farm
+                .as_ref()
+                .map_or(Duration::ZERO, |f| f.drain_timeout),
         }
     }
 

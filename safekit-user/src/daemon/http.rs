@@ -59,6 +59,32 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         }
     }
     out.push_str(
+        "# HELP safekit_farm_draining 1 while the farm module drains (graceful stop).\n# TYPE safekit_farm_draining gauge\n",
+    );
+    for m in &status.modules {
+        if let Some(f) = &m.farm {
+            let _ = writeln!(
+                out,
+                "safekit_farm_draining{{node=\"{node}\",module=\"{}\"}} {}",
+                m.name,
+                u8::from(f.draining.is_some())
+            );
+        }
+    }
+    out.push_str(
+        "# HELP safekit_farm_drain_connections Connections the draining farm module still serves.\n# TYPE safekit_farm_drain_connections gauge\n",
+    );
+    for m in &status.modules {
+        if let Some(f) = &m.farm {
+            let _ = writeln!(
+                out,
+                "safekit_farm_drain_connections{{node=\"{node}\",module=\"{}\"}} {}",
+                m.name,
+                f.draining.unwrap_or(0)
+            );
+        }
+    }
+    out.push_str(
         "# HELP safekit_xdp_packets_total Frames seen by the XDP farm filter, by verdict.\n# TYPE safekit_xdp_packets_total counter\n",
     );
     let names = [
@@ -70,6 +96,9 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         (counter::ARP_REPLY, "arp_reply"),
         (counter::DROP_FRAGMENT, "drop_fragment"),
         (counter::PASS_UNPARSED, "pass_unparsed"),
+        (counter::ACCEPT_FLOW, "accept_flow"),
+        (counter::DROP_NO_FLOW, "drop_no_flow"),
+        (counter::NS_REPLY, "ns_reply"),
     ];
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {

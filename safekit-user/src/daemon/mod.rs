@@ -192,6 +192,21 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     }
     tokio::spawn(net::serve_control(control, tx.clone()));
     tokio::spawn(http::serve(http_listener, shared.clone()));
+    let hangups = tx.clone();
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            if hangups.send(engine::Event::Reload).await.is_err() {
+                return;
+            }
+        }
+    });
     let signals = tx.clone();
     tokio::spawn(async move {
         let mut term =

@@ -132,12 +132,24 @@ pub fn demo_bin() -> PathBuf {
 /// `start_both`/`stop_both` (or `start_prim`/`stop_prim`) scripts running
 /// the demo service on `listen`, answering with the node name.
 pub fn demo_scripts(start: &str, stop: &str, listen: &str) -> Vec<(String, String)> {
+    demo_scripts_with(start, stop, listen, "")
+}
+
+/// Like [`demo_scripts`], with extra arguments for the demo service (e.g.
+/// `--keepalive 20`). The start script returns once the service listens
+/// (its pidfile is written then), as a real start script should.
+pub fn demo_scripts_with(
+    start: &str,
+    stop: &str,
+    listen: &str,
+    extra: &str,
+) -> Vec<(String, String)> {
     let demo = demo_bin();
     vec![
         (
             start.to_owned(),
             format!(
-                "#!/bin/sh\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\n",
+                "#!/bin/sh\nrm -f \"$SAFE_ROOT/demo.pid\"\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" {extra} >/dev/null 2>&1 &\ni=0\nwhile [ ! -s \"$SAFE_ROOT/demo.pid\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\necho \"demo service started on $SAFE_NODE\"\n",
                 demo.display()
             ),
         ),
