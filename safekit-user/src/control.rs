@@ -53,6 +53,16 @@ pub enum Request {
         /// Up (true) or down.
         up: bool,
     },
+    /// `config apply` (`rollback`: the previous configuration): check this
+    /// node's configuration and send it to every node.
+    ConfigApply {
+        /// Only this module's directory (with `cluster.toml`).
+        #[serde(default)]
+        module: Option<String>,
+        /// Apply the version kept before the last change instead.
+        #[serde(default)]
+        rollback: bool,
+    },
     /// Which node of a farm serves a client.
     FarmWhich {
         /// Farm module.
@@ -63,6 +73,29 @@ pub enum Request {
         port: Option<u16>,
         /// Destination port selecting the rule (default: the first rule).
         dport: Option<u16>,
+    },
+}
+
+/// What `config apply` did on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ApplyOutcome {
+    /// Written and reloaded; what the operator should know per module.
+    Applied {
+        /// Notes (changes applied now, or at the next start).
+        notes: Vec<String>,
+    },
+    /// The node has this configuration already.
+    Unchanged,
+    /// Refused: nothing written.
+    Refused {
+        /// Why (file, line, key for an invalid configuration).
+        error: String,
+    },
+    /// No answer.
+    Unreachable {
+        /// What failed.
+        error: String,
     },
 }
 
@@ -110,6 +143,11 @@ pub enum Response {
     Verified {
         /// (directory, entries on the primary, differences).
         dirs: Vec<(String, usize, Vec<String>)>,
+    },
+    /// Answer to `ConfigApply`: each node's outcome.
+    Applied {
+        /// (node, outcome), in the cluster's order.
+        nodes: Vec<(String, ApplyOutcome)>,
     },
     /// Answer to `FarmWhich`.
     Which {

@@ -11,6 +11,7 @@
 //!
 //! [`ModuleState::exit_code`]: crate::status::ModuleState::exit_code
 
+mod config_apply;
 mod config_check;
 mod farm;
 mod firewall;
@@ -131,6 +132,18 @@ pub enum ConfigCommand {
     /// Validate cluster.toml and every module.toml without touching a
     /// running module.
     Check,
+    /// Check this node's configuration, then send cluster.toml and the
+    /// module directories (module.toml, bin/) to every node, which checks,
+    /// installs (keeping the previous version) and reloads it; a running
+    /// module takes what can change at once, the rest at its next start.
+    Apply {
+        /// Only this module's directory (with cluster.toml).
+        #[arg(short = 'm', long = "module")]
+        module: Option<String>,
+    },
+    /// Apply, on every node, the configuration this node had before its
+    /// last change.
+    Rollback,
 }
 
 /// `safekit set -m AM -r custom.NAME -v up|down`.
@@ -216,6 +229,12 @@ pub fn main() -> i32 {
         Command::Config {
             command: ConfigCommand::Check,
         } => config_check::run(&paths),
+        Command::Config {
+            command: ConfigCommand::Apply { module },
+        } => config_apply::run(&paths, module, false),
+        Command::Config {
+            command: ConfigCommand::Rollback,
+        } => config_apply::run(&paths, None, true),
         Command::Farm { command } => farm::run(&paths, command),
         Command::Snapshot(a) => snapshot::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),

@@ -19,6 +19,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+pub mod bundle;
 mod checkers;
 mod cluster;
 mod error;

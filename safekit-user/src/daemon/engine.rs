@@ -58,8 +58,12 @@ pub enum Event {
     },
     /// SIGTERM or SIGINT: stop everything and exit.
     Signal,
-    /// SIGHUP: reload the configuration (what can change while running).
-    Reload,
+    /// SIGHUP or `config apply`: reload the configuration (see
+    /// [`Engine::reload`]); the outcome goes to `reply` when given.
+    Reload {
+        /// Notes per module, or why the configuration was refused.
+        reply: Option<oneshot::Sender<Result<Vec<String>, String>>>,
+    },
     /// An effect run off the engine task finished.
     Effect {
         /// Module.
@@ -119,6 +123,10 @@ struct Peer {
 
 /// One module on this node.
 #[derive(Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent flags of the module's run: busy, wanted, restart and start after stop"
+)]
 struct Module {
     cfg: ModuleConfig,
     log: ModuleLog,
@@ -147,6 +155,11 @@ struct Module {
     start_after_stop: bool,
     /// Next evaluation of the `[[check.module]]` checkers.
     next_module_check: Instant,
+    /// Which checker classes run now (restarted as they are by a reload).
+    checks_when: Vec<When>,
+    /// A configuration applied while the module ran whose changes need a
+    /// restart: taken at the next start.
+    pending: Option<Box<ModuleConfig>>,
 }
 
 impl Module {
@@ -205,6 +218,8 @@ pub struct Engine {
     pub(super) registry: std::sync::Arc<crate::rfs::Registry>,
     /// After a stall of this process: no peer is judged lost before this.
     stall_grace: Option<Instant>,
+    /// `config apply` on this node.
+    apply: Option<Arc<super::config_apply::ApplyCtx>>,
 }
 
 /// A gap between two turns of the main loop (which turns at least once a
@@ -252,47 +267,10 @@ impl Engine {
                 tracing::info!(module = %name, "not configured on this node");
                 continue;
             }
-            let (pulse, timeout, lan_names) = cfg.heartbeat();
-            let (pulse, timeout, lan_names) = (pulse, timeout, lan_names.to_vec());
-            let lans = sockets
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| lan_names.contains(&s.lan))
-                .map(|(i, _)| i)
-                .collect();
-            let peers = cfg
-                .service
-                .nodes
-                .iter()
-                .filter(|n| **n != me)
-                .map(|n| (n.clone(), Peer::default()))
-                .collect();
-            let log = ModuleLog::new(paths.module_log(&name));
-            log.info(&format!("safekitd epoch {epoch}: module loaded on {me}"));
-            modules.insert(
-                name,
-                Module {
-                    log: log.clone(),
-                    state: ModuleState::Stop,
-                    peers,
-                    lans,
-                    pulse,
-                    timeout,
-                    next_pulse: now,
-                    counter: 0,
-                    busy: false,
-                    wanted: false,
-                    failing: BTreeMap::new(),
-                    checks: Vec::new(),
-                    farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
-                    mirror: (cfg.mode() == ConfigMode::Mirror)
-                        .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
-                    restart_after_stop: false,
-                    start_after_stop: false,
-                    next_module_check: now,
-                    cfg,
-                },
-            );
+            let m = new_module(&paths, &me, &sockets, cfg, now);
+            m.log
+                .info(&format!("safekitd epoch {epoch}: module loaded on {me}"));
+            modules.insert(name, m);
         }
         tracing::info!(node = %me, epoch, modules = modules.len(), "safekitd started");
         Ok(Self {
@@ -311,7 +289,26 @@ impl Engine {
             pending: 0,
             registry: crate::rfs::Registry::new(),
             stall_grace: None,
+            apply: None,
         })
+    }
+
+    /// Records the configuration just loaded as the one this daemon runs
+    /// (what `config apply` keeps as the previous version when it changes).
+    fn record_applied(&self) {
+        let applied = self
+            .paths
+            .state_dir()
+            .join(super::config_apply::APPLIED_DIR);
+        if let Err(e) = crate::config::bundle::snapshot(&self.paths.etc(), &applied) {
+            tracing::warn!(error = %e, "cannot record the configuration in use");
+        }
+    }
+
+    /// What `config apply` needs (set before [`Self::run`]).
+    pub(super) fn set_apply(&mut self, ctx: Arc<super::config_apply::ApplyCtx>) {
+        self.apply = Some(ctx);
+        self.record_applied();
     }
 
     /// The main loop: wait for an event or the next deadline, step, publish.
@@ -395,6 +392,10 @@ impl Engine {
                 req: Request::RfsVerify { module },
                 reply,
             } => self.rfs_verify(&module, reply),
+            Event::Control {
+                req: Request::ConfigApply { module, rollback },
+                reply,
+            } => self.config_apply(module, rollback, reply),
             Event::Control { req, reply } => {
                 let resp = self.handle_request(now, req);
                 let _ = reply.send(resp);
@@ -403,7 +404,15 @@ impl Engine {
                 self.stop_all();
                 self.shutting_down = true;
             }
-            Event::Reload => self.reload(),
+            Event::Reload { reply } => {
+                let r = self.reload();
+                if let Err(e) = &r {
+                    tracing::error!("reload refused, configuration unchanged:\n{e}");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
             Event::Effect { module, done } => self.effect_done(&module, done),
             Event::RfsPrimary { module, ev } => self.rfs_primary_event(&module, ev),
             Event::RfsSecondary(ev) => self.rfs_secondary_event(ev),
@@ -477,6 +486,7 @@ impl Engine {
         Ok(())
     }
 
+    #[expect(clippy::too_many_lines, reason = "one arm per request")]
     fn handle_request(&mut self, now: Instant, req: Request) -> Response {
         match req {
             Request::State => Response::State {
@@ -499,8 +509,8 @@ impl Engine {
                 Ok(r) => r,
                 Err(error) => Response::Error { error },
             },
-            Request::RfsVerify { .. } => Response::Error {
-                error: "verify is answered asynchronously".into(),
+            Request::RfsVerify { .. } | Request::ConfigApply { .. } => Response::Error {
+                error: "answered asynchronously".into(),
             },
             Request::Mirror {
                 module,
@@ -593,6 +603,7 @@ impl Engine {
     }
 
     fn start_module(&mut self, name: &str) -> Result<String, String> {
+        self.take_pending(name);
         let me = self.me.clone();
         let root = self.paths.root().to_path_buf();
         let module_dir = self.paths.module_dir(name);
@@ -625,6 +636,7 @@ impl Engine {
                 // `when = "both"` checkers start once `start_both` succeeded
                 // (effect_done); `pre` ones cover the start itself.
                 m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
+                m.checks_when = vec![When::Pre];
                 let module = name.to_owned();
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
@@ -642,6 +654,62 @@ impl Engine {
                 self.mirror_command(name, Cmd::Start)
             }
         }
+    }
+
+    /// `config apply` / `config rollback`: runs off the engine task (which
+    /// reloads when the configuration arrives here) and answers when every
+    /// node has.
+    fn config_apply(
+        &mut self,
+        module: Option<String>,
+        rollback: bool,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let Some(ctx) = self.apply.clone() else {
+            let _ = reply.send(Response::Error {
+                error: "configuration apply is not available".into(),
+            });
+            return;
+        };
+        if let Some(m) = &module
+            && !self.modules.contains_key(m)
+            && !self.paths.module_dir(m).join("module.toml").is_file()
+        {
+            let _ = reply.send(Response::Error {
+                error: format!("no module {m:?} in this node's configuration"),
+            });
+            return;
+        }
+        let source = if rollback {
+            super::config_apply::Source::Previous
+        } else {
+            super::config_apply::Source::Current(module)
+        };
+        tokio::spawn(async move {
+            let nodes = super::config_apply::apply(ctx, source).await;
+            let _ = reply.send(Response::Applied { nodes });
+        });
+    }
+
+    /// A stopped module with a configuration waiting for its restart
+    /// takes it now.
+    fn take_pending(&mut self, name: &str) {
+        let now = Instant::now();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        if m.state != ModuleState::Stop || m.busy {
+            return;
+        }
+        let Some(cfg) = m.pending.take() else {
+            return;
+        };
+        let fresh = new_module(&self.paths, &self.me, &self.sockets, *cfg, now);
+        *m = Module {
+            counter: m.counter,
+            ..fresh
+        };
+        m.log.info("configuration applied at this start");
     }
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
@@ -679,6 +747,7 @@ impl Engine {
         for h in m.checks.drain(..) {
             h.abort();
         }
+        m.checks_when.clear();
         m.failing.clear();
         let Some(f) = m.farm.as_mut() else {
             m.set_state(ModuleState::Stop);
@@ -825,6 +894,7 @@ impl Engine {
                 let env = farm_job(m, &me, &root, module_dir.clone(), dataplane).env;
                 let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
                 m.checks.extend(both);
+                m.checks_when.push(When::Both);
                 let state = if m.failing.is_empty() {
                     ModuleState::Up
                 } else {
@@ -854,10 +924,10 @@ impl Engine {
                     m.wanted = false;
                     m.start_after_stop = false;
                     m.log.info("stopped: starting as requested during the stop");
-                    if let Err(e) = self.start_module(name) {
-                        if let Some(m) = self.modules.get_mut(name) {
-                            m.log.error(&format!("start after stop: {e}"));
-                        }
+                    if let Err(e) = self.start_module(name)
+                        && let Some(m) = self.modules.get_mut(name)
+                    {
+                        m.log.error(&format!("start after stop: {e}"));
                     }
                 }
             }
@@ -1070,50 +1140,114 @@ impl Engine {
         }
     }
 
-    /// SIGHUP: reads the configuration again and applies what can change
-    /// while a module runs: a farm's `power` (the buckets move, releases
-    /// first; peers judge this node under the powers its heartbeats
-    /// advertise, so no bucket has two owners while the nodes disagree) and
-    /// `drain_timeout`. Other changes take effect when safekitd restarts.
-    fn reload(&mut self) {
-        let config = match crate::config::load(&self.paths.etc()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("reload refused, configuration unchanged:\n{e}");
-                return;
-            }
-        };
-        let mut changed = Vec::new();
-        for (name, cfg) in config.modules {
-            let Some(m) = self.modules.get_mut(&name) else {
-                continue;
-            };
-            let (Some(f), Some(new)) = (m.farm.as_mut(), cfg.farm.as_ref()) else {
-                continue;
-            };
-            f.drain_timeout = new.drain_timeout;
-            if f.powers != new.power {
-                m.log.info(&format!(
-                    "reload: farm power {}",
-                    new.power
-                        .iter()
-                        .map(|(n, p)| format!("{n}={p}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+    /// Reads the configuration again (SIGHUP, `config apply`) and applies
+    /// it without any state change of its own: a stopped module takes its
+    /// new configuration whole; a running one takes at once what can change
+    /// while it runs — heartbeat pulse and timeout, checkers (restarted as
+    /// they were), gratuitous ARP settings, farm power and `drain_timeout`
+    /// (scripts are read at each run) — and the rest at its next start.
+    /// Returns what the operator should know, per module; an invalid
+    /// configuration changes nothing.
+    pub(super) fn reload(&mut self) -> Result<Vec<String>, String> {
+        let config = crate::config::load(&self.paths.etc()).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let mut notes = Vec::new();
+        let mut farm_changed = Vec::new();
+        for name in self.modules.keys() {
+            if !config.modules.contains_key(name) {
+                notes.push(format!(
+                    "{name}: no longer configured: stays loaded until safekitd restarts"
                 ));
-                f.powers.clone_from(&new.power);
-                m.next_pulse = Instant::now();
-                changed.push(name.clone());
-            }
-            if let Some(fc) = m.cfg.farm.as_mut() {
-                fc.power.clone_from(&new.power);
-                fc.drain_timeout = new.drain_timeout;
             }
         }
-        tracing::info!(modules = ?changed, "configuration reloaded (farm power, drain_timeout)");
-        for name in changed {
+        for (name, new) in config.modules {
+            if !new.service.nodes.contains(&self.me) {
+                if self.modules.contains_key(&name) {
+                    notes.push(format!(
+                        "{name}: no longer on this node: stays loaded until safekitd restarts"
+                    ));
+                }
+                continue;
+            }
+            let Some(m) = self.modules.get_mut(&name) else {
+                notes.push(format!("{name}: new module: loaded when safekitd restarts"));
+                continue;
+            };
+            let current = m.pending.as_deref().unwrap_or(&m.cfg);
+            if *current == new {
+                continue;
+            }
+            if m.state == ModuleState::Stop && !m.busy {
+                let log = m.log.clone();
+                let fresh = new_module(&self.paths, &self.me, &self.sockets, new, now);
+                *m = Module {
+                    counter: m.counter,
+                    ..fresh
+                };
+                log.info("configuration reloaded");
+                notes.push(format!("{name}: reloaded"));
+                continue;
+            }
+            let (in_place, later) = hot_changes(&m.cfg, &new);
+            if hot_apply(m, &new, &in_place) {
+                farm_changed.push(name.clone());
+            }
+            if later.is_empty() {
+                m.pending = None;
+            } else {
+                m.pending = Some(Box::new(new));
+            }
+            let mut parts = Vec::new();
+            if !in_place.is_empty() {
+                parts.push(format!("applied now: {}", in_place.join(", ")));
+            }
+            if !later.is_empty() {
+                parts.push(format!(
+                    "needs a restart (applied at the next start): {}",
+                    later.join(", ")
+                ));
+            }
+            let line = format!("{name}: {}", parts.join("; "));
+            m.log.info(&format!(
+                "configuration reloaded: {}",
+                &line[name.len() + 2..]
+            ));
+            notes.push(line);
+            if in_place.iter().any(|c| c == "checkers") {
+                self.respawn_checks(&name);
+            }
+        }
+        tracing::info!(?notes, "configuration reloaded");
+        self.record_applied();
+        for name in farm_changed {
             self.farm_refresh(&name);
         }
+        Ok(notes)
+    }
+
+    /// Restarts the module's checkers with its configuration, the same
+    /// classes as were running; results of checkers that no longer exist
+    /// are forgotten.
+    fn respawn_checks(&mut self, name: &str) {
+        let tx = self.events.clone();
+        let dir = self.paths.module_dir(name);
+        let me = self.me.clone();
+        let root = self.paths.root().to_path_buf();
+        let dataplane = self.dataplane.clone();
+        let env = match self.modules.get(name) {
+            Some(m) if m.mirror.is_some() => self.mirror_env(m),
+            Some(m) => farm_job(m, &me, &root, dir.clone(), dataplane).env,
+            None => return,
+        };
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        for h in m.checks.drain(..) {
+            h.abort();
+        }
+        let cfg = &m.cfg;
+        m.failing.retain(|id, _| checks::meta(cfg, id).is_some());
+        m.checks = checks::spawn(&m.cfg, &m.checks_when, &tx, &env, &dir);
     }
 
     fn stop_all(&mut self) {
@@ -1299,14 +1433,222 @@ impl Engine {
     }
 }
 
+/// What differs between a running module's configuration and `new`: the
+/// groups applied at once, and the fields that wait for the next start.
+fn hot_changes(old: &ModuleConfig, new: &ModuleConfig) -> (Vec<String>, Vec<String>) {
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    let farm_beat = |c: &ModuleConfig| c.farm.as_ref().map(|f| (f.pulse, f.lost_after));
+    if old.heartbeat().0 != new.heartbeat().0
+        || old.heartbeat().1 != new.heartbeat().1
+        || farm_beat(old) != farm_beat(new)
+    {
+        now.push("heartbeat pulse/timeout".to_owned());
+    }
+    if old.heartbeat().2 != new.heartbeat().2 {
+        later.push("heartbeat LANs".to_owned());
+    }
+    if old.errd_poll_interval != new.errd_poll_interval
+        || old.errd != new.errd
+        || old.check_tcp != new.check_tcp
+        || old.check_ping != new.check_ping
+        || old.check_intf != new.check_intf
+        || old.check_ip != new.check_ip
+        || old.check_custom != new.check_custom
+        || old.check_module != new.check_module
+    {
+        now.push("checkers".to_owned());
+    }
+    match (&old.vip, &new.vip) {
+        (Some(a), Some(b)) if a == b => {}
+        (Some(a), Some(b)) => {
+            let mut a2 = a.clone();
+            a2.garp_count = b.garp_count;
+            a2.garp_interval = b.garp_interval;
+            a2.arp_reroute = b.arp_reroute;
+            a2.arp_interval = b.arp_interval;
+            a2.arp_elapse = b.arp_elapse;
+            a2.tcp_reset = b.tcp_reset;
+            if a2 == *b {
+                now.push("gratuitous ARP settings".to_owned());
+            } else {
+                later.push("vip".to_owned());
+            }
+        }
+        (None, None) => {}
+        _ => later.push("vip".to_owned()),
+    }
+    match (&old.farm, &new.farm) {
+        (Some(a), Some(b)) => {
+            let mut a2 = a.clone();
+            a2.power.clone_from(&b.power);
+            a2.drain_timeout = b.drain_timeout;
+            a2.pulse = b.pulse;
+            a2.lost_after = b.lost_after;
+            if a.power != b.power || a.drain_timeout != b.drain_timeout {
+                now.push("farm power/drain_timeout".to_owned());
+            }
+            if a2 != *b {
+                later.push("farm".to_owned());
+            }
+        }
+        (None, None) => {}
+        _ => later.push("farm".to_owned()),
+    }
+    if old.service != new.service {
+        later.push("service".to_owned());
+    }
+    if old.rfs != new.rfs {
+        later.push("rfs".to_owned());
+    }
+    if old.splitbrain != new.splitbrain {
+        later.push("check.splitbrain".to_owned());
+    }
+    if old.user != new.user {
+        later.push("user".to_owned());
+    }
+    if old.heart != new.heart && !now.iter().any(|c| c.starts_with("heartbeat")) {
+        later.push("heart".to_owned());
+    }
+    (now, later)
+}
+
+/// Applies the groups `what` of `new` to running module `m`; true when the
+/// farm's power changed (its buckets are to be recomputed).
+fn hot_apply(m: &mut Module, new: &ModuleConfig, what: &[String]) -> bool {
+    let mut farm = false;
+    for w in what {
+        match w.as_str() {
+            "heartbeat pulse/timeout" => {
+                let (pulse, timeout, _) = new.heartbeat();
+                m.pulse = pulse;
+                m.timeout = timeout;
+                m.cfg.heart.pulse = new.heart.pulse;
+                m.cfg.heart.timeout = new.heart.timeout;
+                if let (Some(f), Some(n)) = (m.cfg.farm.as_mut(), new.farm.as_ref()) {
+                    f.pulse = n.pulse;
+                    f.lost_after = n.lost_after;
+                }
+                if let Some(rt) = m.mirror.as_mut() {
+                    rt.core.set_timeout(timeout);
+                }
+            }
+            "checkers" => {
+                m.cfg.errd_poll_interval = new.errd_poll_interval;
+                m.cfg.errd.clone_from(&new.errd);
+                m.cfg.check_tcp.clone_from(&new.check_tcp);
+                m.cfg.check_ping.clone_from(&new.check_ping);
+                m.cfg.check_intf.clone_from(&new.check_intf);
+                m.cfg.check_ip.clone_from(&new.check_ip);
+                m.cfg.check_custom.clone_from(&new.check_custom);
+                m.cfg.check_module.clone_from(&new.check_module);
+            }
+            "gratuitous ARP settings" => {
+                if let (Some(v), Some(n)) = (m.cfg.vip.as_mut(), new.vip.as_ref()) {
+                    v.garp_count = n.garp_count;
+                    v.garp_interval = n.garp_interval;
+                    v.arp_reroute = n.arp_reroute;
+                    v.arp_interval = n.arp_interval;
+                    v.arp_elapse = n.arp_elapse;
+                    v.tcp_reset = n.tcp_reset;
+                }
+            }
+            "farm power/drain_timeout" => {
+                if let (Some(fc), Some(n)) = (m.cfg.farm.as_mut(), new.farm.as_ref()) {
+                    fc.power.clone_from(&n.power);
+                    fc.drain_timeout = n.drain_timeout;
+                }
+                if let (Some(f), Some(n)) = (m.farm.as_mut(), new.farm.as_ref()) {
+                    f.drain_timeout = n.drain_timeout;
+                    if f.powers != n.power {
+                        f.powers.clone_from(&n.power);
+                        m.next_pulse = Instant::now();
+                        farm = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    farm
+}
+
+/// A module as loaded (STOP), from its configuration.
+fn new_module(
+    paths: &Paths,
+    me: &str,
+    sockets: &[LanSocket],
+    cfg: ModuleConfig,
+    now: Instant,
+) -> Module {
+    let (pulse, timeout, lan_names) = cfg.heartbeat();
+    let (pulse, timeout, lan_names) = (pulse, timeout, lan_names.to_vec());
+    let lans = sockets
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| lan_names.contains(&s.lan))
+        .map(|(i, _)| i)
+        .collect();
+    let peers = cfg
+        .service
+        .nodes
+        .iter()
+        .filter(|n| *n != me)
+        .map(|n| (n.clone(), Peer::default()))
+        .collect();
+    let log = ModuleLog::new(paths.module_log(&cfg.name));
+    Module {
+        log: log.clone(),
+        state: ModuleState::Stop,
+        peers,
+        lans,
+        pulse,
+        timeout,
+        next_pulse: now,
+        counter: 0,
+        busy: false,
+        wanted: false,
+        failing: BTreeMap::new(),
+        checks: Vec::new(),
+        farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
+        mirror: (cfg.mode() == ConfigMode::Mirror).then(|| MirrorRt::new(&cfg, me, paths, &log)),
+        restart_after_stop: false,
+        start_after_stop: false,
+        next_module_check: now,
+        checks_when: Vec::new(),
+        pending: None,
+        cfg,
+    }
+}
+
 fn module_details(m: &Module) -> Vec<(String, String)> {
     let mut d = vec![
         ("pulse".into(), format!("{:?}", m.pulse)),
         ("timeout".into(), format!("{:?}", m.timeout)),
         ("heartbeat counter".into(), m.counter.to_string()),
     ];
+    for (id, what, every) in checks::describe(&m.cfg) {
+        let state = match m.failing.get(&id) {
+            Some(why) => format!("down: {why}"),
+            None if m.checks_when.is_empty() => "not running".to_owned(),
+            None => "up".to_owned(),
+        };
+        let every = every.map_or_else(String::new, |d| {
+            format!(" every {}", crate::config::format_duration(d))
+        });
+        d.push((format!("checker {id}"), format!("{what}{every}: {state}")));
+    }
     for (id, why) in &m.failing {
-        d.push((format!("checker {id}"), format!("down: {why}")));
+        if checks::meta(&m.cfg, id).is_none() {
+            d.push((format!("checker {id}"), format!("down: {why}")));
+        }
+    }
+    if let Some(p) = &m.pending {
+        let (_, later) = hot_changes(&m.cfg, p);
+        d.push((
+            "configuration".into(),
+            format!("changed, applied at the next start: {}", later.join(", ")),
+        ));
     }
     if let Some(r) = m.mirror.as_ref().and_then(|r| r.rfs.as_ref()) {
         for st in r.status() {

@@ -230,6 +230,7 @@ impl Engine {
                         &env,
                         &dir,
                     );
+                    m.checks_when = vec![When::Pre, When::Prim, When::Second, When::Both];
                 }
             }
         }
@@ -237,7 +238,7 @@ impl Engine {
         Ok(format!("{name}: {cmd:?} accepted"))
     }
 
-    fn mirror_env(&self, m: &Module) -> ScriptEnv {
+    pub(super) fn mirror_env(&self, m: &Module) -> ScriptEnv {
         self.mirror_job(m).env
     }
 
@@ -278,6 +279,7 @@ impl Engine {
             for h in m.checks.drain(..) {
                 h.abort();
             }
+            m.checks_when.clear();
             m.failing.clear();
             if let Some(rt) = m.mirror.as_mut() {
                 rt.core.wait_checker(Instant::now(), None);

@@ -19,6 +19,10 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/var/modules/{module}/ready.txt", get(ready))
         .route("/metrics", get(metrics))
+        .route(
+            super::config_apply::PATH,
+            axum::routing::post(super::config_apply::receive),
+        )
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "HTTP server stopped");

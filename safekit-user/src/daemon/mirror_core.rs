@@ -412,6 +412,12 @@ impl MirrorCore {
         }
     }
 
+    /// The peer-loss timeout, changed by a configuration reload: from the
+    /// next judgement on.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.p.timeout = timeout;
+    }
+
     /// This node's copy could not be written (disk full, I/O error, a failed
     /// sync) while SECOND: it is behind what the primary sent, so it is no
     /// longer in sync — on the primary's loss this node waits rather than

@@ -12,6 +12,7 @@
 //!   the published snapshot without touching the engine.
 
 mod checks;
+pub(crate) mod config_apply;
 pub mod engine;
 mod farm;
 mod http;
@@ -36,6 +37,8 @@ pub struct Shared {
     /// The XDP filters (their per-CPU verdict counters are read at scrape
     /// time).
     pub(crate) dataplane: farm::Dataplane,
+    /// `config apply` on this node.
+    pub(crate) apply: Option<Arc<config_apply::ApplyCtx>>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -132,8 +135,28 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     mirror::remove_leftover_vips(&leftovers).await;
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
+    let apply_ctx = Arc::new(config_apply::ApplyCtx::new(
+        me.clone(),
+        config.cluster.key.clone(),
+        paths.etc(),
+        paths.state_dir().join(config_apply::PREVIOUS_DIR),
+        config
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let addrs = n
+                    .addrs
+                    .values()
+                    .map(|ip| SocketAddr::new(*ip, config.cluster.ports.http))
+                    .collect();
+                (n.name.clone(), addrs)
+            })
+            .collect(),
+        tx.clone(),
+    ));
     let dataplane = farm::Dataplane::default();
-    let engine = engine::Engine::new(
+    let mut engine = engine::Engine::new(
         paths,
         config,
         me,
@@ -142,6 +165,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         tx.clone(),
         dataplane.clone(),
     )?;
+    engine.set_apply(Arc::clone(&apply_ctx));
     // Replication listener (TCP 5600 on the replication LAN) when a mirror
     // module replicates directories.
     if engine.replicates() {
@@ -182,6 +206,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,
         dataplane,
+        apply: Some(apply_ctx),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
@@ -202,7 +227,11 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             }
         };
         while hup.recv().await.is_some() {
-            if hangups.send(engine::Event::Reload).await.is_err() {
+            if hangups
+                .send(engine::Event::Reload { reply: None })
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -116,6 +116,26 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> (u16, String) {
     })
 }
 
+/// `POST path` with `body` from namespace `ns`: the raw response text.
+pub fn http_post_raw(ns: &str, addr: SocketAddr, path: &str, body: &[u8]) -> String {
+    let path = path.to_owned();
+    let body = body.to_vec();
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    })
+}
+
 /// The value of a metrics sample `name{labels}` in a /metrics body.
 pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
     body.lines()
