@@ -667,8 +667,29 @@ impl MirrorCore {
         self.peer = Some(v);
         self.peer_in_sync = v.state == MState::Second && v.synced;
         self.outdated_by(&v);
-        if before != Some(v) {
+        // A stopped peer is judged on a heartbeat heard late enough after
+        // our WAIT (see `stop_heard_after_our_wait`): the same view again
+        // may decide.
+        if before != Some(v) || (self.state == MState::Wait && v.state == MState::Stop) {
             self.decide(now);
+        }
+    }
+
+    /// How long after going WAIT a peer's STOP heartbeat must arrive to
+    /// count: longer than any heartbeat takes to travel and be read. Two
+    /// nodes started within that time each hear the other's STOP sent
+    /// before its start; counting those, both would go ALONE.
+    fn stop_settle(&self) -> Duration {
+        (self.p.timeout / 2).min(Duration::from_secs(1))
+    }
+
+    /// The last heartbeat (a STOP) arrived [`Self::stop_settle`] or more
+    /// after this node went WAIT: the peer knew we were waiting and stayed
+    /// stopped.
+    fn stop_heard_after_our_wait(&self) -> bool {
+        match (self.last_peer, self.wait_since) {
+            (Some(heard), Some(waiting)) => heard >= waiting + self.stop_settle(),
+            _ => false,
         }
     }
 
@@ -1114,6 +1135,12 @@ impl MirrorCore {
             // its data is not newer. (`outdated_by` has already marked our
             // copy outdated in that case; the rule is kept explicit here.)
             Some(v) => {
+                if !self.stop_heard_after_our_wait() {
+                    // A STOP sent before the peer could know we wait: it
+                    // may be starting too, with our own stale STOP in
+                    // hand. A later heartbeat decides.
+                    return;
+                }
                 if self.compare_data(&v) == std::cmp::Ordering::Less {
                     self.tell_why_waiting(format!(
                         "{} (stopped) holds newer data: WAIT for it, or an operator's prim",
@@ -2007,6 +2034,28 @@ mod tests {
     }
 
     #[test]
+    fn two_nodes_started_together_never_both_go_alone_on_each_others_old_stop() {
+        // Both stopped, both started within a few ms: each hears the
+        // other's STOP sent before that one's start. Neither goes ALONE on
+        // it; once they hear each other WAIT, one becomes primary.
+        let mut p = Pair::new();
+        let (sa, sb) = (p.a.view(), p.b.view());
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.now += Duration::from_millis(30);
+        p.a.handle_peer(p.now, sb);
+        p.b.handle_peer(p.now, sa);
+        assert!(!drain(&mut p.a, p.now).contains(&Act::StartPrimary));
+        assert!(!drain(&mut p.b, p.now).contains(&Act::StartPrimary));
+        p.exchange();
+        let primaries = [p.a.state(), p.b.state()]
+            .iter()
+            .filter(|s| matches!(s, MState::Prim | MState::Alone))
+            .count();
+        assert_eq!(primaries, 1, "{:?} {:?}", p.a.state(), p.b.state());
+    }
+
+    #[test]
     fn a_former_prim_hearing_its_secondary_stopped_without_taking_over_goes_alone() {
         for replicated in [false, true] {
             let mut p = Pair::in_sync(replicated);
@@ -2014,6 +2063,12 @@ mod tests {
             p.b.handle_command(p.now, Cmd::Stop).unwrap();
             run_actions(&mut p.b, p.now);
             let mut a = restart(&p.a, p.now);
+            // A STOP heard at once may predate the peer's own start: not
+            // yet; the same STOP a settle later counts.
+            a.handle_peer(p.now, p.b.view());
+            assert!(!drain(&mut a, p.now).contains(&Act::StartPrimary));
+            assert_eq!(a.state(), MState::Wait);
+            p.now += Duration::from_secs(1);
             a.handle_peer(p.now, p.b.view());
             assert!(drain(&mut a, p.now).contains(&Act::StartPrimary));
             assert_eq!(a.state(), MState::Alone);
