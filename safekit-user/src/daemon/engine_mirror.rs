@@ -394,7 +394,21 @@ impl Engine {
                     nonce: 0,
                 };
                 let key = crate::witness::codec::WitnessKey::derive(&self.cluster.key);
+                // When both sides of a cut reach the arbiter, the running
+                // primary should keep its role (no failover for a cut
+                // heartbeat link): a node that is not primary asks a pulse
+                // later, after the primary's claim.
+                let primary = m
+                    .mirror
+                    .as_ref()
+                    .is_some_and(|rt| matches!(rt.core.state(), MState::Prim | MState::Alone));
+                let delay = if primary || arbiters.is_empty() {
+                    Duration::ZERO
+                } else {
+                    m.cfg.heart.pulse + Duration::from_millis(100)
+                };
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     let mut ok = false;
                     for w in &witness {
                         if checks::ping(&w.to_string(), timeout).await.is_ok() {
