@@ -21,6 +21,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -152,7 +153,7 @@ impl Rig {
             .expect("spawn safekit witness");
         let pids = self.dir.join("pids");
         let mut text = fs::read_to_string(&pids).unwrap_or_default();
-        text.push_str(&format!("{}\n", child.id()));
+        let _ = writeln!(text, "{}", child.id());
         fs::write(&pids, text).expect("record the witness pid");
         self.witness = Some(child);
         // Listening once the log says so.
@@ -257,14 +258,16 @@ impl Rig {
         for i in 1..=2 {
             let state = self.cli(i, &["state", "-m", MODULE, "-v"]).1;
             let log = self.cli(i, &["log", "-m", MODULE, "-n", "40"]).1;
-            out.push_str(&format!(
+            let _ = write!(
+                out,
                 "--- node{i} state -v:\n{state}\n--- node{i} module log (end):\n{log}\n"
-            ));
+            );
         }
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "--- witness:\n{}",
             fs::read_to_string(self.dir.join("witness.out")).unwrap_or_default()
-        ));
+        );
         out
     }
 }
@@ -380,7 +383,7 @@ fn full_partition_healed_the_client_is_answered_by_the_kept_primary_within_a_sec
     // The client probes the VIP every 20 ms from here on.
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
-    let prober = {
+    let probe_thread = {
         let stop = Arc::clone(&stop);
         let src_ip = rig.lab.spec().client_addr();
         let dst = SocketAddr::from((vip(subnet), PORT));
@@ -421,7 +424,7 @@ fn full_partition_healed_the_client_is_answered_by_the_kept_primary_within_a_sec
     );
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
-    let probes = prober.join().expect("prober");
+    let probes = probe_thread.join().expect("prober");
     let answered_by = |from: Duration, to: Duration, node: &str| {
         probes
             .iter()
@@ -435,12 +438,12 @@ fn full_partition_healed_the_client_is_answered_by_the_kept_primary_within_a_sec
     let first_node1 = probes
         .iter()
         .find(|(at, r)| *at >= healed && r.as_deref() == Ok("node1"))
-        .map(|(at, _)| *at - healed);
+        .map(|(at, _)| at.saturating_sub(healed));
     let last_other = probes
         .iter()
-        .filter(|(at, r)| *at >= healed && r.as_deref() != Ok("node1"))
-        .map(|(at, r)| (*at - healed, r.clone()))
-        .last();
+        .rev()
+        .find(|(at, r)| *at >= healed && r.as_deref() != Ok("node1"))
+        .map(|(at, r)| (at.saturating_sub(healed), r.clone()));
     let after = probes.iter().filter(|(at, _)| *at >= healed).count();
     eprintln!(
         "{after} probes after the heal: first answer by node1 {first_node1:?} after it, last probe not answered by node1: {last_other:?}"

@@ -851,7 +851,7 @@ fn splitbrain_arbiter_is_checked() {
     )
     .unwrap();
     let sb = m.splitbrain.unwrap();
-    assert!(sb.witness.is_empty());
+    assert_eq!(sb.witness, Vec::<std::net::IpAddr>::new());
     assert_eq!(
         sb.arbiter,
         vec![

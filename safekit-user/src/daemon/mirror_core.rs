@@ -2842,6 +2842,10 @@ mod sim {
         deadline: u64,
     }
 
+    #[expect(
+        clippy::struct_excessive_bools,
+        reason = "independent facts of the simulated world (network, witness)"
+    )]
     struct World {
         rng: Rng,
         base: Instant,

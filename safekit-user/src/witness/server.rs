@@ -155,3 +155,91 @@ pub fn serve(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::witness::codec::{Request, Verdict};
+
+    /// A witness on a loopback port in a thread; stopped on drop.
+    struct Running {
+        addr: std::net::SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<Result<(), WitnessError>>>,
+    }
+
+    impl Running {
+        fn start(key: &WitnessKey, state: &Path) -> Self {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = socket.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (k, s, st) = (key.clone(), state.to_path_buf(), Arc::clone(&stop));
+            let thread = Some(std::thread::spawn(move || serve(&socket, &k, &s, &st)));
+            Self { addr, stop, thread }
+        }
+
+        fn stop(mut self) -> Result<(), WitnessError> {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn ask(w: &Running, key: &WitnessKey, node: &str, generation: u64) -> Option<Verdict> {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let r = Request {
+            cluster: "lab".into(),
+            module: "web".into(),
+            node: node.into(),
+            generation,
+            nonce: 42,
+        };
+        c.send_to(&codec::encode_request(&r, key).unwrap(), w.addr)
+            .unwrap();
+        let mut buf = [0u8; codec::MAX_LEN];
+        let (n, _) = c.recv_from(&mut buf).ok()?;
+        match codec::decode(&buf[..n], key) {
+            Ok(Message::Answer(a)) if a.request == r => Some(a.verdict),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grants_survive_a_restart_and_other_keys_get_no_answer() {
+        let dir = std::env::temp_dir().join(format!("safekit-witness-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = dir.join("witness.json");
+        let key = WitnessKey::derive(&[1; 32]);
+        let w = Running::start(&key, &state);
+        assert_eq!(ask(&w, &key, "node2", 3), Some(Verdict::Granted));
+        assert_eq!(ask(&w, &key, "node1", 3), Some(Verdict::Refused));
+        // Not the cluster key: dropped, no answer.
+        assert_eq!(ask(&w, &WitnessKey::derive(&[2; 32]), "node1", 9), None);
+        w.stop().unwrap();
+        // Restarted: it still refuses generation 3 to node1.
+        let w = Running::start(&key, &state);
+        assert_eq!(ask(&w, &key, "node1", 3), Some(Verdict::Refused));
+        assert_eq!(ask(&w, &key, "node1", 4), Some(Verdict::Granted));
+        w.stop().unwrap();
+        // A corrupt state refuses to start instead of granting afresh.
+        std::fs::write(&state, "{not json").unwrap();
+        let e = load(&state).unwrap_err().to_string();
+        assert!(
+            e.contains("corrupt") && e.contains("refusing to start"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
