@@ -30,7 +30,6 @@ fn module(name: &str, subnet: u8, host: u8, extra: &str, scripts: &[(&str, &str)
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]

@@ -65,7 +65,6 @@ fn module(subnet: u8, rfs: bool, extra: &str) -> LabModule {
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]
@@ -326,6 +325,18 @@ fn write_files(rig: &Rig, i: usize, prefix: &str, n: usize) {
     }
 }
 
+/// Waits until node `i`'s application runs (`start_prim` ran: the
+/// replicated directory is served). The state shows ALONE as soon as the
+/// node decides, before its effects (mount, VIP, `start_prim`) complete.
+fn wait_application(rig: &Rig, i: usize) {
+    let pid = rig.lab.root(i).join("demo.pid");
+    rig.wait(
+        &format!("node{i}'s application running"),
+        Duration::from_secs(10),
+        || pid.exists(),
+    );
+}
+
 /// Samples both states every 50 ms for `window`; returns the samples.
 fn sample(
     rig: &Rig,
@@ -362,9 +373,14 @@ fn heals_to_prim_second_equal(rig: &Rig, prim: usize, what: &str) {
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "{what}: copies differ: node1 {} entries, node2 {}\n{}",
+            "{what}: copies differ: node1 {} entries, node2 {}; different: {:?}\n{}",
             a.len(),
             b.len(),
+            a.iter()
+                .filter(|(p, h)| b.get(*p) != Some(*h))
+                .map(|(p, _)| p)
+                .chain(b.keys().filter(|p| !a.contains_key(*p)))
+                .collect::<Vec<_>>(),
             rig.diagnose()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -580,7 +596,72 @@ fn ping_witness_from_node2_only_node1_waits_then_becomes_second_by_itself() {
         "{}",
         rig.diagnose()
     );
+    wait_application(&rig, 2);
     write_files(&rig, 2, "during", 10);
     rig.cut(false, Some(1));
     heals_to_prim_second_equal(&rig, 2, "ping witness");
+}
+
+#[test]
+fn defaultprim_swaps_back_once_the_preferred_node_is_back_in_sync() {
+    let _serial = serial();
+    let subnet = 135;
+    let mut m = module(subnet, true, "");
+    m.toml = m.toml.replace(
+        "nodes = [\"node1\", \"node2\"]",
+        "nodes = [\"node1\", \"node2\"]\ndefaultprim = \"node1\"",
+    );
+    let mut rig = Rig::new("skwt5", subnet, m);
+    rig.start_both();
+    rig.wait(
+        "node1 PRIM, node2 SECOND in sync",
+        Duration::from_secs(30),
+        || rig.in_sync(1, 2),
+    );
+    write_files(&rig, 1, "before", 10);
+    // kill -9 of node1's daemon and its service: node2 takes over.
+    let pid = fs::read_to_string(rig.lab.root(1).join("demo.pid")).unwrap_or_default();
+    rig.lab.kill_daemon(1);
+    if let Ok(p) = pid.trim().parse::<i32>() {
+        // SAFETY: kill(2) of the demo service pid node1's script recorded.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    unmount_under(&rig.disk(1));
+    rig.wait("node2 ALONE", Duration::from_secs(10), || {
+        rig.state(2) == Some(ModuleState::Alone)
+    });
+    wait_application(&rig, 2);
+    write_files(&rig, 2, "while-node1-away", 10);
+    // node1 returns: SECOND, resynchronised, then the pair swaps back to it
+    // by itself.
+    rig.lab.start_daemon(1).expect("restart safekitd");
+    let (ok, text) = rig.cli(1, &["start", "-m", MODULE]);
+    assert!(ok, "start on node1: {text}");
+    heals_to_prim_second_equal(&rig, 1, "defaultprim swap back");
+    let log = rig.cli(2, &["log", "-m", MODULE, "-n", "200"]).1;
+    assert!(
+        log.contains("defaultprim: node1 is back and in sync: swapping back to it"),
+        "node2's log does not say why it handed over:\n{log}"
+    );
+    let dst = SocketAddr::from((vip(subnet), PORT));
+    let src = SocketAddr::from((rig.lab.spec().client_addr(), 41_000));
+    let answer = common::ask_from(&rig.lab.spec().client_ns(), src, dst);
+    assert_eq!(
+        answer.as_deref(),
+        Ok("node1"),
+        "the client's answer through the VIP"
+    );
+    // An operator's swap afterwards stands: no swap back from it.
+    let (ok, text) = rig.cli(1, &["swap", "-m", MODULE]);
+    assert!(ok, "swap: {text}");
+    rig.wait("node2 PRIM after the swap", Duration::from_secs(30), || {
+        rig.in_sync(2, 1)
+    });
+    let samples = sample(&rig, Duration::from_secs(3));
+    assert!(
+        samples
+            .iter()
+            .all(|(_, a, b)| *a == Some(ModuleState::Second) && *b == Some(ModuleState::Prim)),
+        "the operator's swap was undone: {samples:?}"
+    );
 }

@@ -784,6 +784,11 @@ impl MirrorCore {
         }
         if ok {
             self.app = App::Up;
+            // A preferred peer that came back in sync while this node was
+            // starting: hand back now.
+            if let Some(v) = self.peer {
+                self.swap_back_to_defaultprim(&v);
+            }
         } else {
             self.app = App::Up;
             self.log("start_prim failed: stopping the module here".into());
@@ -1127,6 +1132,35 @@ impl MirrorCore {
         self.become_primary(true);
     }
 
+    /// `defaultprim = "<peer>"` (the default primary server of `SafeKit`): a node
+    /// that took over from the preferred one, PRIM with it back as a SECOND
+    /// in sync (reintegrated), hands the role back to it at once, as `swap`
+    /// does (its application stops here and starts
+    /// there). Not while the application is starting or stopping, nor with
+    /// a `wait` checker down (that hands over by itself).
+    fn swap_back_to_defaultprim(&mut self, v: &View) {
+        let preferred_peer = matches!(&self.p.prefer, Prefer::Node(n) if *n == self.p.peer);
+        // Only a primary that took the role over by failover: after a
+        // `swap` (or a hand-over by a wait checker) the operator's choice
+        // stands.
+        if preferred_peer
+            && self.data.took_over
+            && self.state == MState::Prim
+            && v.state == MState::Second
+            && v.synced
+            && self.app == App::Up
+            && !self.handoff
+            && self.checker_down.is_none()
+        {
+            self.log(format!(
+                "defaultprim: {} is back and in sync: swapping back to it",
+                self.p.peer
+            ));
+            self.handoff = true;
+            self.stop_to(MState::Wait);
+        }
+    }
+
     /// This node's data against the peer's (advertised in `v`): up to date
     /// first, then the generation. At the same generation, both up to
     /// date, a node whose peer may have taken over yields to a peer that
@@ -1388,6 +1422,7 @@ impl MirrorCore {
                         self.log(format!("{} is secondary: PRIM", self.p.peer));
                     }
                     self.state = MState::Prim;
+                    self.swap_back_to_defaultprim(&v);
                 } else if self.state == MState::Prim {
                     // PRIM sees its secondary not in sync (restarted).
                     self.lose_link(&format!("secondary {} not in sync any more", self.p.peer));
@@ -1460,7 +1495,9 @@ mod tests {
             peer: peer.into(),
             timeout: Duration::from_secs(1),
             failover: true,
-            prefer: Prefer::Node("node1".into()),
+            // No preferred node (node1 still wins ties by name): with one,
+            // the pair swaps back to it (see `defaultprim_swaps_back`).
+            prefer: Prefer::None,
             keep: Keep::FormerPrim,
             witness: Witness::None,
             witness_grace: Duration::from_millis(500),
@@ -2290,12 +2327,70 @@ mod tests {
                     p.resync_b();
                     p.exchange();
                 }
+                if prefer == "node2" {
+                    // node1 was primary on the reference data; once node2
+                    // held it in sync, defaultprim swapped back to node2
+                    // (never to node2's stale copy: the swap needs it in
+                    // sync).
+                    p.exchange();
+                    assert!(
+                        matches!(p.b.state(), MState::Alone | MState::Prim),
+                        "replicated {replicated}: {:?}",
+                        p.b.state()
+                    );
+                    assert_eq!(p.a.state(), MState::Second, "replicated {replicated}");
+                    assert!(p.b.data().generation > g);
+                    continue;
+                }
                 assert_eq!(
                     (p.a.state(), p.b.state()),
                     (MState::Prim, MState::Second),
                     "prefer {prefer}, replicated {replicated}"
                 );
             }
+        }
+    }
+
+    /// `defaultprim = "node1"`: node1 fails, node2 takes over; node1
+    /// returns as SECOND and, once in sync, the pair swaps back to it by
+    /// itself — not before (a SECOND resynchronising is not handed the
+    /// role).
+    #[test]
+    fn defaultprim_swaps_back_once_the_preferred_node_is_in_sync() {
+        for replicated in [false, true] {
+            let mut p = Pair::in_sync(replicated);
+            p.a.p.prefer = Prefer::Node("node1".into());
+            p.b.p.prefer = Prefer::Node("node1".into());
+            p.a_dies_b_takes_over();
+            assert_eq!(p.b.state(), MState::Alone);
+            p.a = restart(&p.a, p.now);
+            p.exchange();
+            if replicated {
+                // node2 ALONE while node1 resynchronises: no swap yet.
+                assert_eq!((p.a.state(), p.b.state()), (MState::Second, MState::Alone));
+                assert!(!p.b.view().handoff);
+                p.b.replication_synced(p.now);
+                run_actions(&mut p.b, p.now);
+                p.a.replication_synced(p.now);
+                run_actions(&mut p.a, p.now);
+                let va = p.a.view();
+                p.b.handle_peer(p.now, va);
+                let acts = drain(&mut p.b, p.now);
+                assert!(
+                    acts.iter()
+                        .any(|a| matches!(a, Act::Log(l) if l.starts_with("defaultprim: "))),
+                    "{acts:?}"
+                );
+                p.exchange();
+            }
+            // (Without replication node1 is in sync as soon as it follows:
+            // the swap back happened within the exchange.)
+            assert!(
+                matches!(p.a.state(), MState::Alone | MState::Prim),
+                "replicated {replicated}: {:?}",
+                p.a.state()
+            );
+            assert_eq!(p.b.state(), MState::Second, "replicated {replicated}");
         }
     }
 
@@ -2809,6 +2904,8 @@ mod sim {
         /// A primary asked the arbiter because its secondary stopped
         /// hearing it, and so did the secondary (a cut, not a crash).
         arbitrated_cuts: u64,
+        /// Automatic swaps back to `defaultprim`.
+        swaps_back: u64,
     }
 
     impl Stats {
@@ -2827,6 +2924,7 @@ mod sim {
             self.witness_refusals += s.witness_refusals;
             self.witness_silent += s.witness_silent;
             self.arbitrated_cuts += s.arbitrated_cuts;
+            self.swaps_back += s.swaps_back;
         }
     }
 
@@ -2872,6 +2970,8 @@ mod sim {
         /// environment: it stays down across crashes and restarts).
         checker_down: [Option<u64>; 2],
         witness: Witness,
+        /// `defaultprim = "n1"` (automatic swap back), else no preference.
+        prefer_n1: bool,
         /// Node i cannot reach the witness (nor it node i).
         witness_cut: [bool; 2],
         witness_down: bool,
@@ -2887,13 +2987,17 @@ mod sim {
     /// How long a node waits for the witness.
     const WITNESS_TIMEOUT: u64 = 500;
 
-    fn params(me: &str, peer: &str, replicated: bool, witness: Witness) -> Params {
+    fn params(me: &str, peer: &str, replicated: bool, witness: Witness, prefer: bool) -> Params {
         Params {
             me: me.into(),
             peer: peer.into(),
             timeout: Duration::from_millis(TIMEOUT),
             failover: true,
-            prefer: Prefer::Node("n1".into()),
+            prefer: if prefer {
+                Prefer::Node("n1".into())
+            } else {
+                Prefer::None
+            },
             keep: Keep::FormerPrim,
             witness,
             // As the engine computes it.
@@ -2937,6 +3041,7 @@ mod sim {
             let replicated = seed % 2 == 1;
             let witness = [Witness::None, Witness::Ping, Witness::Arbiter]
                 [usize::try_from(seed / 2 % 3).unwrap_or(0)];
+            let prefer_n1 = (seed / 6).is_multiple_of(2);
             let send_timeout = 100 + rng.below(TIMEOUT * 3 / 2);
             Self {
                 rng,
@@ -2954,6 +3059,7 @@ mod sim {
                 resync: None,
                 checker_down: [None; 2],
                 witness,
+                prefer_n1,
                 witness_cut: [false; 2],
                 witness_down: false,
                 deaf: None,
@@ -2961,7 +3067,7 @@ mod sim {
                 checks: [None; 2],
                 stats: Stats::default(),
                 trace: vec![format!(
-                    "replicated: {replicated}, send timeout {send_timeout} ms, witness {witness:?}"
+                    "replicated: {replicated}, send timeout {send_timeout} ms, witness {witness:?}, defaultprim n1: {prefer_n1}"
                 )],
             }
         }
@@ -2998,7 +3104,13 @@ mod sim {
             }
             let n = &mut self.nodes[i];
             let mut c = MirrorCore::new(
-                params(name(i), name(1 - i), self.replicated, self.witness),
+                params(
+                    name(i),
+                    name(1 - i),
+                    self.replicated,
+                    self.witness,
+                    self.prefer_n1,
+                ),
                 n.disk,
             );
             let _ = c.handle_command(now, Cmd::Start);
@@ -3421,6 +3533,9 @@ mod sim {
                         if l.contains(PEER_MAY_BE_NEWER) {
                             self.stats.waits_peer_may_be_newer += 1;
                         }
+                        if l.starts_with("defaultprim: ") {
+                            self.stats.swaps_back += 1;
+                        }
                         if l.contains("does not hear this node: asking the arbiter") {
                             self.stats.arbitrated_cuts += 1;
                         }
@@ -3690,6 +3805,12 @@ mod sim {
             if prim != 1 || stuck || !second_in_sync || !states.contains(&MState::Prim) {
                 return Err(self.fail(&format!("after heal: {states:?} (stuck: {stuck})")));
             }
+            // defaultprim: back on the preferred node once it is in sync.
+            if self.prefer_n1 && states[0] != MState::Prim {
+                return Err(self.fail(&format!(
+                    "after heal: {states:?}, not swapped back to defaultprim n1"
+                )));
+            }
             Ok(())
         }
     }
@@ -3778,11 +3899,12 @@ mod sim {
             total.checker_downs_on_second
         );
         eprintln!(
-            "arbiter: {} grants, {} refusals; {} witness checks unanswered; {} primaries asked for a secondary that stopped hearing them",
+            "arbiter: {} grants, {} refusals; {} witness checks unanswered; {} primaries asked for a secondary that stopped hearing them; {} swaps back to defaultprim",
             total.witness_grants,
             total.witness_refusals,
             total.witness_silent,
-            total.arbitrated_cuts
+            total.arbitrated_cuts,
+            total.swaps_back
         );
         if seeds >= 100 {
             // The replicated paths are explored, and so are restarts of a
@@ -3793,7 +3915,7 @@ mod sim {
             assert!(total.waits_peer_may_be_newer > 0);
             assert!(total.checker_downs_on_primary > 0 && total.checker_downs_on_second > 0);
             assert!(total.witness_grants > 0 && total.witness_refusals > 0);
-            assert!(total.witness_silent > 0);
+            assert!(total.witness_silent > 0 && total.swaps_back > 0);
         }
     }
 }

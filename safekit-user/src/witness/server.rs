@@ -196,22 +196,24 @@ mod tests {
     }
 
     fn ask(w: &Running, key: &WitnessKey, node: &str, generation: u64) -> Option<Verdict> {
-        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(500)))
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        let r = Request {
+        let request = Request {
             cluster: "lab".into(),
             module: "web".into(),
             node: node.into(),
             generation,
             nonce: 42,
         };
-        c.send_to(&codec::encode_request(&r, key).unwrap(), w.addr)
+        client
+            .send_to(&codec::encode_request(&request, key).unwrap(), w.addr)
             .unwrap();
         let mut buf = [0u8; codec::MAX_LEN];
-        let (n, _) = c.recv_from(&mut buf).ok()?;
-        match codec::decode(&buf[..n], key) {
-            Ok(Message::Answer(a)) if a.request == r => Some(a.verdict),
+        let (len, _) = client.recv_from(&mut buf).ok()?;
+        match codec::decode(&buf[..len], key) {
+            Ok(Message::Answer(a)) if a.request == request => Some(a.verdict),
             other => panic!("unexpected answer {other:?}"),
         }
     }
