@@ -24,3 +24,4 @@ pub mod rfs;
 pub mod script;
 pub mod status;
 pub mod sys;
+pub mod witness;

@@ -30,7 +30,6 @@ fn module(name: &str, subnet: u8, host: u8, extra: &str, scripts: &[(&str, &str)
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]
@@ -300,8 +299,14 @@ fn prestart_completes_before_start_prim_and_poststop_follows_stop_prim() {
         !text.contains("prestart has not finished"),
         "start_prim ran before prestart finished:\n{text}"
     );
+    // node2's prestart (1 s) runs beside node1's: SECOND does not wait for
+    // it, so it may still run when node1 is PRIM.
     assert!(
-        lab.root(2).join("prestart.done").exists(),
+        wait_for(Duration::from_secs(5), || lab
+            .root(2)
+            .join("prestart.done")
+            .exists())
+        .is_some(),
         "node2's prestart"
     );
 
@@ -369,7 +374,15 @@ fn a_script_not_owned_by_root_is_refused_and_a_failing_stop_prim_is_forced_withi
         subnet,
         100,
         "\n[user]\nforce_stop_timeout = \"1s\"\n",
-        &[("start_prim", &start_demo()), ("stop_prim", &stop_prim)],
+        &[
+            ("start_prim", &start_demo()),
+            ("stop_prim", &stop_prim),
+            // Holds start_prim back until node1 is PRIM with node2 in sync
+            // (a heartbeat exchange): a SECOND its primary never counted
+            // does not take over (SPEC §5), and start_prim no longer waits
+            // for the gratuitous ARP burst that used to give that time.
+            ("prestart", "#!/bin/sh\nsleep 0.5\n"),
+        ],
     );
     let mut lab = common::lab("skme3", subnet, 2, vec![m]);
     // node1's start_prim belongs to nobody.

@@ -82,7 +82,6 @@ fn mirror_module(spec: &LabSpec) -> LabModule {
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]

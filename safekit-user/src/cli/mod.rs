@@ -21,6 +21,7 @@ mod rfs;
 mod snapshot;
 mod state;
 mod wait;
+mod witness;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -118,6 +119,9 @@ pub enum Command {
         #[command(subcommand)]
         command: rfs::RfsCommand,
     },
+    /// Run the arbitrating witness of `[check.splitbrain] arbiter` (on a
+    /// third machine; UDP, authenticated with the cluster key).
+    Witness(witness::WitnessArgs),
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -237,6 +241,7 @@ pub fn main() -> i32 {
         } => config_apply::run(&paths, None, true),
         Command::Farm { command } => farm::run(&paths, command),
         Command::Snapshot(a) => snapshot::run(&paths, &a),
+        Command::Witness(a) => witness::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),
     }
 }

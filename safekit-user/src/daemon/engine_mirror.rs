@@ -12,7 +12,9 @@ use crate::{
     daemon::{
         checks,
         mirror::{self as fx, MirrorJob, PrimaryUp},
-        mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
+        mirror_core::{
+            Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View, Witness,
+        },
         rfs::{self as rfsfx, Link, RfsRt},
     },
     modlog::ModuleLog,
@@ -92,14 +94,22 @@ impl MirrorRt {
                 SplitBrainKeep::FormerPrim => Keep::FormerPrim,
                 SplitBrainKeep::Node(n) => Keep::Node(n.clone()),
             },
-            witness: cfg
-                .splitbrain
-                .as_ref()
-                .is_some_and(|s| !s.witness.is_empty()),
-            witness_grace: cfg
-                .splitbrain
-                .as_ref()
-                .map_or(Duration::ZERO, |s| s.timeout + Duration::from_millis(500)),
+            witness: match &cfg.splitbrain {
+                Some(s) if !s.arbiter.is_empty() => Witness::Arbiter,
+                Some(s) if !s.witness.is_empty() => Witness::Ping,
+                _ => Witness::None,
+            },
+            witness_grace: cfg.splitbrain.as_ref().map_or(Duration::ZERO, |s| {
+                // With an arbiter the primary may detect the loss up to a
+                // heartbeat timeout after the secondary did (see
+                // `Params::witness_grace`).
+                let detect = if s.arbiter.is_empty() {
+                    Duration::ZERO
+                } else {
+                    cfg.heart.timeout
+                };
+                detect + s.timeout + Duration::from_millis(500)
+            }),
             replicated: cfg.rfs.is_some(),
         };
         let rfs = RfsRt::new(cfg, paths);
@@ -396,20 +406,61 @@ impl Engine {
                         .await;
                 });
             }
-            Act::CheckWitness => {
-                let (witness, timeout) = m
+            Act::Announce => {
+                if let Some(up) = m.mirror.as_ref().and_then(|rt| rt.primary.as_ref()) {
+                    fx::reannounce(&job, up);
+                }
+            }
+            Act::CheckWitness { generation } => {
+                let (witness, arbiters, timeout) = m
                     .cfg
                     .splitbrain
                     .as_ref()
-                    .map(|s| (s.witness.clone(), s.timeout))
+                    .map(|s| (s.witness.clone(), s.arbiter.clone(), s.timeout))
                     .unwrap_or_default();
+                let request = crate::witness::codec::Request {
+                    cluster: self.cluster.name.clone(),
+                    module: module.clone(),
+                    node: self.me.clone(),
+                    generation,
+                    nonce: 0,
+                };
+                let key = crate::witness::codec::WitnessKey::derive(&self.cluster.key);
+                // When both sides of a cut reach the arbiter, the running
+                // primary should keep its role (no failover for a cut
+                // heartbeat link): a node that is not primary asks a pulse
+                // later, after the primary's claim.
+                let primary = m
+                    .mirror
+                    .as_ref()
+                    .is_some_and(|rt| matches!(rt.core.state(), MState::Prim | MState::Alone));
+                let delay = if primary || arbiters.is_empty() {
+                    Duration::ZERO
+                } else {
+                    m.cfg.heart.pulse + Duration::from_millis(100)
+                };
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     let mut ok = false;
                     for w in &witness {
                         if checks::ping(&w.to_string(), timeout).await.is_ok() {
                             ok = true;
                             break;
                         }
+                    }
+                    if !arbiters.is_empty() {
+                        let answer =
+                            crate::daemon::arbiter::ask(&arbiters, request, &key, timeout).await;
+                        job.log.info(&format!(
+                            "arbiter: {} ({})",
+                            if answer.granted {
+                                "granted"
+                            } else {
+                                "not granted"
+                            },
+                            answer.detail
+                        ));
+                        ok = answer.granted;
                     }
                     let _ = tx
                         .send(Event::Effect {

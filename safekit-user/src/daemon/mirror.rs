@@ -134,9 +134,11 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
             job.log
                 .info(&format!("VIP {v}/{} set on {}", i.prefix, i.name));
         }
-        announce(&i, &job.vips, job.garp_count, job.garp_interval, &job.log).await;
         iface = Some(i);
     }
+    // The gratuitous ARP burst runs beside `start_prim`: the first
+    // announcement goes out now, the rest while the application starts.
+    let burst = iface.as_ref().map(|i| spawn_announce(&job, i));
     let reroute = match (&iface, job.reroute) {
         (Some(i), Some((every, elapse))) => {
             let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
@@ -152,7 +154,7 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     };
     if let Err(e) = script(&job, "start_prim", &[], "prim", job.nice_timeout, true).await {
         // Nothing is handed to the engine: release what was taken here.
-        if let Some(h) = &reroute {
+        for h in reroute.iter().chain(&burst) {
             h.abort();
         }
         let mut errors = vec![e];
@@ -252,6 +254,42 @@ pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Opti
 }
 
 /// Gratuitous ARPs for every VIP from the interface's MAC.
+/// Announces the VIPs by a gratuitous ARP burst (`garp_count` frames,
+/// `garp_interval` apart) in a task of its own; the first frames are sent
+/// before this returns.
+pub(super) fn spawn_announce(job: &MirrorJob, i: &vip::Interface) -> JoinHandle<()> {
+    for v in &job.vips {
+        if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
+            job.log
+                .error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+        }
+    }
+    let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
+    let (count, interval) = (job.garp_count.saturating_sub(1), job.garp_interval);
+    tokio::spawn(async move {
+        if count > 0 {
+            tokio::time::sleep(interval).await;
+            announce(&i, &vips, count, interval, &log).await;
+        }
+    })
+}
+
+/// A primary that kept its role across a partition or a split brain
+/// announces its VIPs again at once (clients may hold the other node's MAC).
+pub(super) fn reannounce(job: &MirrorJob, up: &PrimaryUp) {
+    if let Some(i) = &up.iface {
+        job.log.info(&format!(
+            "announcing {} again by gratuitous ARP (this node keeps the primary role)",
+            job.vips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        drop(spawn_announce(job, i));
+    }
+}
+
 async fn announce(
     i: &vip::Interface,
     vips: &[Ipv4Addr],

@@ -11,6 +11,7 @@
 //! - the **HTTP server** (port 9010) answers `ready.txt` and `/metrics` from
 //!   the published snapshot without touching the engine.
 
+mod arbiter;
 mod checks;
 pub(crate) mod config_apply;
 pub mod engine;
