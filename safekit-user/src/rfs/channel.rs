@@ -275,17 +275,7 @@ fn handshake(
             },
             pending: Vec::new(),
         },
-        ChannelReceiver {
-            stream: rx,
-            noise,
-            nonce: 0,
-            raw: vec![0u8; RAW_BUF],
-            raw_start: 0,
-            raw_end: 0,
-            plain: Vec::new(),
-            pos: 0,
-            end: 0,
-        },
+        ChannelReceiver::new(rx, noise),
     ))
 }
 
@@ -477,9 +467,10 @@ impl ShutdownHandle {
 /// Ciphertext read buffer: room for a few frames per `read`.
 const RAW_BUF: usize = 4 * (2 + MAX_FRAME);
 
-/// The receiving half of a channel.
-pub struct ChannelReceiver {
-    stream: TcpStream,
+/// The receiving half of a channel. `S` is the byte stream it reads: the
+/// TCP connection, or (fuzzing) a byte slice.
+pub struct ChannelReceiver<S = TcpStream> {
+    stream: S,
     noise: Arc<StatelessTransportState>,
     nonce: u64,
     /// Ciphertext read; `raw[raw_start..raw_end]` is not yet decrypted.
@@ -495,7 +486,7 @@ pub struct ChannelReceiver {
     end: usize,
 }
 
-impl std::fmt::Debug for ChannelReceiver {
+impl<S> std::fmt::Debug for ChannelReceiver<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChannelReceiver")
             .field("nonce", &self.nonce)
@@ -510,6 +501,22 @@ impl ChannelReceiver {
         self.stream
             .set_read_timeout(t)
             .map_err(io_err("set read timeout"))
+    }
+}
+
+impl<S: Read> ChannelReceiver<S> {
+    fn new(stream: S, noise: Arc<StatelessTransportState>) -> Self {
+        Self {
+            stream,
+            noise,
+            nonce: 0,
+            raw: vec![0u8; RAW_BUF],
+            raw_start: 0,
+            raw_end: 0,
+            plain: Vec::new(),
+            pos: 0,
+            end: 0,
+        }
     }
 
     /// Whether a whole message is already decrypted (the next
@@ -620,6 +627,81 @@ impl ChannelReceiver {
             self.raw_end = 0;
         }
         Ok(())
+    }
+}
+
+/// For the fuzz targets (`fuzz/`): a channel's two ends without sockets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzzing {
+    use super::{
+        Arc, ChannelError, ChannelKey, ChannelReceiver, MAX_FRAME, PROLOGUE,
+        StatelessTransportState, handshake_err, params,
+    };
+
+    /// Largest plaintext in one frame.
+    pub(crate) const MAX_PLAIN: usize = super::MAX_PLAIN;
+
+    /// The initiator's and the responder's transport states after a
+    /// handshake run in memory.
+    pub(crate) fn transport_pair(
+        key: &ChannelKey,
+    ) -> Result<(StatelessTransportState, StatelessTransportState), ChannelError> {
+        let builder = || {
+            snow::Builder::new(params())
+                .psk(0, &key.0)
+                .and_then(|b| b.prologue(PROLOGUE))
+                .map_err(handshake_err)
+        };
+        let mut initiator = builder()?.build_initiator().map_err(handshake_err)?;
+        let mut responder = builder()?.build_responder().map_err(handshake_err)?;
+        let (mut wire, mut payload) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
+        let n = initiator
+            .write_message(&[], &mut wire)
+            .map_err(handshake_err)?;
+        responder
+            .read_message(&wire[..n], &mut payload)
+            .map_err(handshake_err)?;
+        let n = responder
+            .write_message(&[], &mut wire)
+            .map_err(handshake_err)?;
+        initiator
+            .read_message(&wire[..n], &mut payload)
+            .map_err(handshake_err)?;
+        Ok((
+            initiator
+                .into_stateless_transport_mode()
+                .map_err(handshake_err)?,
+            responder
+                .into_stateless_transport_mode()
+                .map_err(handshake_err)?,
+        ))
+    }
+
+    /// Appends `plain` (at most a frame's plaintext) sealed as frame number
+    /// `nonce`, with its length, as a sender puts it on the wire.
+    pub(crate) fn seal(
+        noise: &StatelessTransportState,
+        nonce: u64,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        let mut frame = vec![0u8; MAX_FRAME];
+        let n = noise
+            .write_message(nonce, plain, &mut frame)
+            .map_err(|e| ChannelError::Handshake(format!("seal: {e}")))?;
+        let len = u16::try_from(n).map_err(|_| ChannelError::TooLarge(n))?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&frame[..n]);
+        Ok(())
+    }
+
+    /// A receiver reading the wire bytes `stream` with the responder's
+    /// transport state.
+    pub(crate) fn receiver(
+        noise: Arc<StatelessTransportState>,
+        stream: &[u8],
+    ) -> ChannelReceiver<&[u8]> {
+        ChannelReceiver::new(stream, noise)
     }
 }
 
