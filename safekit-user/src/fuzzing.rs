@@ -21,9 +21,12 @@ use snow::StatelessTransportState;
 use crate::{
     config::{self, ClusterConfig},
     control::Request,
-    daemon::mirror_core::{MState, View},
+    daemon::{
+        engine::{parse_epoch, parse_persisted},
+        mirror_core::{MState, View},
+    },
     farm::membership,
-    heartbeat::{self, HeartbeatKey, ReplayWindow},
+    heartbeat::{self, HeartbeatKey, PeerEpochs, ReplayWindow},
     nft::arp_responder,
     rfs::{
         channel::{self, ChannelError, ChannelKey},
@@ -36,7 +39,7 @@ pub type Harness = fn(&[u8]);
 
 /// Every target: its name (a `fuzz/fuzz_targets/<name>.rs` and a
 /// `fuzz/corpus/<name>/` seed corpus) and its harness.
-pub const TARGETS: [(&str, Harness); 8] = [
+pub const TARGETS: [(&str, Harness); 9] = [
     ("heartbeat", heartbeat),
     ("farm_view", farm_view),
     ("rfs_message", rfs_message),
@@ -45,6 +48,7 @@ pub const TARGETS: [(&str, Harness); 8] = [
     ("arp", arp),
     ("control", control),
     ("config", config),
+    ("state_files", state_files),
 ];
 
 /// The key every harness authenticates with.
@@ -254,6 +258,24 @@ pub fn config(data: &[u8]) {
         text,
         cluster(),
     );
+}
+
+/// The node's own state files: `mirror.json`, `epoch`, `peer_epochs.json`.
+pub fn state_files(data: &[u8]) {
+    if let Ok(p) = parse_persisted(data) {
+        let text = serde_json::to_vec(&p).expect("a record serialises");
+        assert_eq!(
+            parse_persisted(&text).ok(),
+            Some(p),
+            "record re-encoding differs"
+        );
+    }
+    if let Ok(e) = parse_epoch(data) {
+        assert_eq!(parse_epoch(format!("{e}\n").as_bytes()), Ok(e));
+    }
+    if let Ok(p) = PeerEpochs::parse(data) {
+        assert_eq!(PeerEpochs::parse(&p.encode()).ok(), Some(p));
+    }
 }
 
 #[cfg(test)]

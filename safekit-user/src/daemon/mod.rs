@@ -69,6 +69,16 @@ pub enum StartError {
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
     AlreadyRunning(String),
+    /// The epoch file exists but does not hold an epoch.
+    #[error(
+        "the epoch file {path} is unreadable ({why}): safekitd will not start with a guessed epoch (its peers would refuse an epoch below the last one they saw). Write a number above this node's last epoch into it (each peer keeps it in var/lib/safekit/peer_epochs.json), then start again"
+    )]
+    Epoch {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// File system error on the daemon's own files.
     #[error("{op} {path}: {source}")]
     Io {
