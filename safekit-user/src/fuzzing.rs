@@ -221,9 +221,10 @@ pub fn arp(data: &[u8]) {
     }
 }
 
-/// Control socket requests (one JSON line each).
+/// Control socket requests (one JSON line each, as the daemon decodes
+/// them).
 pub fn control(data: &[u8]) {
-    if let Ok(req) = serde_json::from_slice::<Request>(data) {
+    if let Ok(req) = crate::control::decode_request(data) {
         let text = serde_json::to_string(&req).expect("a request serialises");
         assert_eq!(
             serde_json::from_str::<Request>(&text).ok(),

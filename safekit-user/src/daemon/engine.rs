@@ -197,6 +197,9 @@ pub struct Engine {
     pub(super) registry: std::sync::Arc<crate::rfs::Registry>,
     /// After a stall of this process: no peer is judged lost before this.
     stall_grace: Option<Instant>,
+    /// The last replication refusal logged, and when (the same one is
+    /// logged once a minute).
+    last_refusal: Option<(String, Instant)>,
 }
 
 /// The last epoch of each peer, in the state directory.
@@ -308,6 +311,7 @@ impl Engine {
             pending: 0,
             registry: crate::rfs::Registry::new(),
             stall_grace: None,
+            last_refusal: None,
         })
     }
 

@@ -881,7 +881,15 @@ impl Engine {
             | S::Disconnected { dir, .. }
             | S::Failed { dir, .. } => dir.clone(),
             S::Refused { peer, reason } => {
-                tracing::warn!(%peer, %reason, "replication connection refused");
+                // A primary retries every second: the same refusal is
+                // logged once a minute.
+                let repeat = self.last_refusal.as_ref().is_some_and(|(r, t)| {
+                    r == reason && now < *t + std::time::Duration::from_secs(60)
+                });
+                if !repeat {
+                    tracing::warn!(%peer, %reason, "replication connection refused");
+                    self.last_refusal = Some((reason.clone(), now));
+                }
                 return;
             }
         };

@@ -36,6 +36,9 @@ pub struct Shared {
     /// The XDP filters (their per-CPU verdict counters are read at scrape
     /// time).
     pub(crate) dataplane: farm::Dataplane,
+    /// The replicated directories this node receives, and what the
+    /// replication listener refused.
+    pub(crate) registry: Arc<crate::rfs::Registry>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -192,6 +195,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,
         dataplane,
+        registry: Arc::clone(&engine.registry),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
