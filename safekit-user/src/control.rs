@@ -160,6 +160,18 @@ pub enum Response {
     },
 }
 
+/// Longest control request the daemon reads (one JSON line); a longer one
+/// is answered with an error and its connection closed.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Decodes one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request longer than {MAX_REQUEST} bytes: refused"));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
+
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

@@ -15,6 +15,8 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod farm;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod metrics;
 pub mod modlog;

@@ -185,12 +185,13 @@ impl Rig {
         assert!(ok, "safekit {cmd} -m {MODULE} on node{i}: {text}");
     }
 
-    /// Starts both daemons, then the module on node1 and node2: node1 wins
-    /// the tie (same generation, no preferred primary).
+    /// Starts both daemons, then the module: a first start of a replicated
+    /// module (neither copy known up to date), so as an operator does,
+    /// `prim` on node1, the reference, then `start` on node2.
     fn start_both(&mut self) {
         self.start_daemon(1);
         self.start_daemon(2);
-        self.module_cmd(1, "start");
+        self.module_cmd(1, "prim");
         self.module_cmd(2, "start");
     }
 

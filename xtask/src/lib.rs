@@ -2,6 +2,7 @@
 //! cluster tests in `xtask/tests/`.
 
 pub mod demo;
+pub mod fuzz;
 pub mod lab;
 pub mod setup;
 

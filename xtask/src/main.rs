@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{demo, run, setup, workspace_root};
+use xtask::{demo, fuzz, run, setup, workspace_root};
 
 #[derive(Parser)]
 #[command(about = "safekit developer tasks")]
@@ -33,6 +33,17 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Build the cargo-fuzz targets (pinned nightly) and run each one.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, conflicts_with = "runs")]
+        seconds: u64,
+        /// Executions per target instead of a time.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (default: every one).
+        target: Option<String>,
     },
     /// Benchmarks: figures and ratios measured side by side in one run.
     Bench {
@@ -81,6 +92,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Fuzz {
+            seconds,
+            runs,
+            target,
+        } => {
+            setup::setup()?;
+            let budget = runs.map_or(fuzz::Budget::Seconds(seconds), fuzz::Budget::Runs);
+            let outcomes = fuzz::fuzz(budget, target.as_deref())?;
+            let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} fuzz target(s) crashed (inputs in target/fuzz/artifacts/)");
+            }
+            Ok(())
+        }
         Task::Bench { what } => bench::bench(&what),
     }
 }
@@ -130,10 +155,40 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    // A short run of every fuzz target (the whole suite only: not when a
+    // test filter is given), each counted as a test.
+    let fuzz_seconds = std::env::var("SAFEKIT_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FUZZ_SMOKE_SECONDS);
+    if args.is_empty() && fuzz_seconds > 0 {
+        match fuzz::fuzz(fuzz::Budget::Seconds(fuzz_seconds), None) {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    if o.failure.is_some() {
+                        failed += 1;
+                    } else {
+                        passed += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                println!("fuzz: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     // One closing line for the whole suite.
     println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         anyhow::bail!("cargo test failed: {status}");
     }
+    if failed > 0 {
+        anyhow::bail!("{failed} failed");
+    }
     Ok(())
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`
+/// (`SAFEKIT_FUZZ_SECONDS`, 0 to skip).
+const FUZZ_SMOKE_SECONDS: u64 = 3;

@@ -5,6 +5,8 @@
 //!    (`safekit-ebpf/rust-toolchain.toml`) with `rust-src`.
 //! 3. `bpf-linker`, built against that nightly's own libLLVM, installed in a
 //!    per-nightly directory that `safekit-user/build.rs` puts first in PATH.
+//! 4. `cargo-fuzz`, which builds the fuzz targets of `fuzz/` with that
+//!    nightly (`cargo xtask fuzz`).
 
 use std::{
     path::{Path, PathBuf},
@@ -67,8 +69,12 @@ pub fn setup() -> Result<()> {
     toolchain(stable, &["clippy", "rustfmt"])?;
     toolchain(&nightly, &["rust-src"])?;
     bpf_linker(stable, &nightly)?;
+    crate::fuzz::install_cargo_fuzz(stable)?;
     override_workspace(&root, stable)?;
-    eprintln!("setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION})");
+    eprintln!(
+        "setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz {})",
+        crate::fuzz::CARGO_FUZZ_VERSION
+    );
     Ok(())
 }
 

@@ -16,6 +16,8 @@ mod mirror_glue;
 mod mirror_seq;
 
 use mirror_glue::MirrorRt;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use mirror_glue::parse_persisted;
 
 use super::{
     Shared, StartError, checks,
@@ -25,9 +27,9 @@ use super::{
 use crate::{
     config::{ClusterConfig, Config, FarmFilterBackend, Mode as ConfigMode, ModuleConfig, When},
     control::{Request, Response},
-    daemon::mirror_core::Cmd,
+    daemon::mirror_core::{Cmd, MState},
     farm::membership::{self, View},
-    heartbeat::{self, Heartbeat, HeartbeatKey, Rejected, ReplayWindow},
+    heartbeat::{self, Heartbeat, HeartbeatKey, PeerEpochs, Rejected, ReplayWindow},
     metrics::Metrics,
     modlog::ModuleLog,
     paths::Paths,
@@ -208,6 +210,10 @@ pub struct Engine {
     sockets: Vec<LanSocket>,
     modules: BTreeMap<String, Module>,
     replay: HashMap<(String, String), ReplayWindow>,
+    /// The last epoch of each peer, persisted (`peer_epochs.json`).
+    peer_epochs: PeerEpochs,
+    /// Peers' older epochs already reported in the log (once each).
+    told_old_epoch: std::collections::BTreeSet<(String, u64)>,
     metrics: Arc<Metrics>,
     shutting_down: bool,
     events: mpsc::Sender<Event>,
@@ -220,7 +226,13 @@ pub struct Engine {
     stall_grace: Option<Instant>,
     /// `config apply` on this node.
     apply: Option<Arc<super::config_apply::ApplyCtx>>,
+    /// The last replication refusal logged, and when (the same one is
+    /// logged once a minute).
+    last_refusal: Option<(String, Instant)>,
 }
+
+/// The last epoch of each peer, in the state directory.
+const PEER_EPOCHS: &str = "peer_epochs.json";
 
 /// A gap between two turns of the main loop (which turns at least once a
 /// second) longer than this means the daemon was not running.
@@ -273,6 +285,7 @@ impl Engine {
             modules.insert(name, m);
         }
         tracing::info!(node = %me, epoch, modules = modules.len(), "safekitd started");
+        let peer_epochs = load_peer_epochs(&paths.state_dir().join(PEER_EPOCHS));
         Ok(Self {
             paths,
             cluster: config.cluster,
@@ -282,6 +295,8 @@ impl Engine {
             sockets,
             modules,
             replay: HashMap::new(),
+            peer_epochs,
+            told_old_epoch: std::collections::BTreeSet::new(),
             metrics,
             shutting_down: false,
             events,
@@ -290,6 +305,7 @@ impl Engine {
             registry: crate::rfs::Registry::new(),
             stall_grace: None,
             apply: None,
+            last_refusal: None,
         })
     }
 
@@ -453,12 +469,36 @@ impl Engine {
             .peers
             .get_mut(&hb.node)
             .ok_or(Rejected::UnknownModule)?;
+        if self.peer_epochs.is_older(&hb.node, hb.epoch) {
+            // Once per (peer, epoch): a peer whose state directory was
+            // wiped would be refused for ever, the operator must see why.
+            if self.told_old_epoch.len() < 64
+                && self.told_old_epoch.insert((hb.node.clone(), hb.epoch))
+            {
+                tracing::warn!(
+                    "heartbeat of {} with epoch {}, below its last epoch {}: refused as a replay (if {}'s var/lib/safekit was wiped, write a number above {} into its var/lib/safekit/epoch)",
+                    hb.node,
+                    hb.epoch,
+                    self.peer_epochs.last(&hb.node).unwrap_or_default(),
+                    hb.node,
+                    self.peer_epochs.last(&hb.node).unwrap_or_default(),
+                );
+            }
+            return Err(Rejected::Replay);
+        }
         let window = self
             .replay
             .entry((hb.node.clone(), hb.module.clone()))
             .or_default();
         if !window.check_and_record(hb.epoch, hb.counter) {
             return Err(Rejected::Replay);
+        }
+        if self.peer_epochs.record(&hb.node, hb.epoch) {
+            // A peer's new incarnation: once per restart of a peer.
+            let file = self.paths.state_dir().join(PEER_EPOCHS);
+            if let Err(e) = crate::paths::write_durably(&file, &self.peer_epochs.encode()) {
+                tracing::error!("persisting {}: {e}", file.display());
+            }
         }
         if let Some(c) = self.metrics.modules.get(&hb.module) {
             c.heartbeats_received.fetch_add(1, Ordering::Relaxed);
@@ -1650,6 +1690,24 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
             format!("changed, applied at the next start: {}", later.join(", ")),
         ));
     }
+    if let Some(rt) = &m.mirror {
+        let data = rt.core.data();
+        let v = match &rt.why_not_uptodate {
+            Some(why) => why.clone(),
+            None if data.uptodate => format!(
+                "up to date, the reference copy (generation {})",
+                data.generation
+            ),
+            None if rt.core.state() == MState::Second => {
+                format!("the primary's copy (generation {})", data.generation)
+            }
+            None => format!(
+                "not known up to date (generation {}): this node does not become primary by itself",
+                data.generation
+            ),
+        };
+        d.push(("data".into(), v));
+    }
     if let Some(r) = m.mirror.as_ref().and_then(|r| r.rfs.as_ref()) {
         for st in r.status() {
             let mut v = st.link.clone();
@@ -1735,30 +1793,111 @@ fn farm_job(
     }
 }
 
-/// Reads, increments and durably writes the daemon epoch.
+/// Reads, increments and durably writes the daemon epoch. A missing file
+/// is a first start (epoch 1); one that cannot be read or parsed stops the
+/// start: restarting at 1 would make every peer refuse this node.
 fn bump_epoch(paths: &Paths) -> Result<u64, StartError> {
-    let dir = paths.state_dir();
-    let file = dir.join("epoch");
+    let file = paths.state_dir().join("epoch");
     let io = |op, source| StartError::Io {
         op,
         path: file.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| io("creating the directory of", e))?;
-    let previous = match std::fs::read_to_string(&file) {
-        Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+    let previous = match std::fs::read(&file) {
+        Ok(bytes) => parse_epoch(&bytes).map_err(|why| StartError::Epoch {
+            path: file.display().to_string(),
+            why,
+        })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(io("reading", e)),
+        Err(e) => {
+            return Err(StartError::Epoch {
+                path: file.display().to_string(),
+                why: e.to_string(),
+            });
+        }
     };
-    let epoch = previous + 1;
-    let tmp = dir.join("epoch.tmp");
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("writing", e))?;
-        f.write_all(format!("{epoch}\n").as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io("writing", e))?;
-    }
-    std::fs::rename(&tmp, &file).map_err(|e| io("renaming", e))?;
+    let epoch = previous.checked_add(1).ok_or_else(|| StartError::Epoch {
+        path: file.display().to_string(),
+        why: "no epoch after u64::MAX".into(),
+    })?;
+    crate::paths::write_durably(&file, format!("{epoch}\n").as_bytes())
+        .map_err(|e| io("writing", e))?;
     Ok(epoch)
+}
+
+/// Decodes the epoch file: one decimal number (and a newline).
+pub(crate) fn parse_epoch(bytes: &[u8]) -> Result<u64, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_owned())?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty".into());
+    }
+    t.parse::<u64>()
+        .map_err(|e| format!("{t:.40?} is not an epoch: {e}"))
+}
+
+/// The last epoch of each peer, as persisted. A file that cannot be used is
+/// reported and replaced by what this run sees: the protection it gives
+/// (against heartbeats of a peer's older incarnation replayed before the
+/// peer is heard again) then starts afresh, as it did before it existed.
+fn load_peer_epochs(file: &std::path::Path) -> PeerEpochs {
+    match std::fs::read(file) {
+        Ok(bytes) => PeerEpochs::parse(&bytes).unwrap_or_else(|e| {
+            tracing::error!(
+                "{} is corrupt ({e}): the peers' last epochs are learnt again",
+                file.display()
+            );
+            PeerEpochs::default()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PeerEpochs::default(),
+        Err(e) => {
+            tracing::error!(
+                "{} is unreadable ({e}): the peers' last epochs are learnt again",
+                file.display()
+            );
+            PeerEpochs::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_files_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_epoch(b"41\n"), Ok(41));
+        assert_eq!(parse_epoch(b" 7 "), Ok(7));
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"-1",
+            b"1.5",
+            b"x",
+            b"\xff\xfe",
+            b"99999999999999999999999",
+        ] {
+            assert!(parse_epoch(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_epoch_file_stops_the_start_and_is_left_alone() {
+        let root = std::env::temp_dir().join(format!("safekit-epoch-{}", std::process::id()));
+        let paths = Paths::new(&root);
+        assert_eq!(bump_epoch(&paths).unwrap(), 1, "first start");
+        assert_eq!(bump_epoch(&paths).unwrap(), 2);
+        let file = paths.state_dir().join("epoch");
+        std::fs::write(&file, b"garbage").unwrap();
+        let e = bump_epoch(&paths).unwrap_err().to_string();
+        assert!(e.contains("will not start") && e.contains("garbage"), "{e}");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"garbage",
+            "left for the operator"
+        );
+        std::fs::write(&file, b"41\n").unwrap();
+        assert_eq!(bump_epoch(&paths).unwrap(), 42);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

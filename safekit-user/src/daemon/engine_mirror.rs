@@ -34,6 +34,10 @@ pub(super) struct MirrorRt {
     pub(super) loops: Vec<Instant>,
     /// Its effects, one at a time.
     pub(super) seq: Sequencer,
+    /// The state record could not be used at start (missing with
+    /// replicated directories, unreadable, corrupt): why the data is not
+    /// known up to date, shown by `state -v` until a new record is written.
+    pub(super) why_not_uptodate: Option<String>,
 }
 
 /// The symbolic name of the errors a copy can meet (`errno N` otherwise).
@@ -119,8 +123,17 @@ impl MirrorRt {
         if cfg.rfs.as_ref().is_some_and(|r| !r.exclude.is_empty()) {
             log.error("rfs.exclude is not applied yet: every file of the replicated directories is replicated");
         }
+        let loaded = load_persisted(
+            &persisted_file(paths, &cfg.name),
+            cfg.rfs.is_some(),
+            &cfg.name,
+        );
+        if let Some(why) = &loaded.why_not_uptodate {
+            log.error(why);
+        }
         Self {
-            core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
+            core: MirrorCore::new(params, loaded.data),
+            why_not_uptodate: loaded.why_not_uptodate,
             primary: None,
             rfs,
             loops: Vec::new(),
@@ -148,39 +161,71 @@ fn persisted_file(paths: &Paths, module: &str) -> std::path::PathBuf {
     paths.module_state_dir(module).join("mirror.json")
 }
 
-/// The persisted record (absent: a node that never ran the module).
-fn load_persisted(paths: &Paths, module: &str, log: &ModuleLog) -> Persisted {
-    let f = persisted_file(paths, module);
-    match std::fs::read_to_string(&f) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-            log.error(&format!(
-                "{} unreadable ({e}): data treated as stale",
-                f.display()
-            ));
-            Persisted {
-                uptodate: false,
-                ..Persisted::default()
+/// What a node knows of its data at start: the persisted record, and why
+/// the data is not known up to date when the record could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Loaded {
+    pub(super) data: Persisted,
+    pub(super) why_not_uptodate: Option<String>,
+}
+
+/// Reads the persisted record. It fails safe: a record that cannot be read
+/// (I/O error, permissions, not a record) never means "up to date", nor
+/// does a missing one for a module with replicated directories — its copy
+/// may be anything (the reference product's first start needs `prim` too). Only a module
+/// without replicated directories that never ran starts from the default
+/// (empty data, consistent with an empty peer).
+pub(super) fn load_persisted(file: &std::path::Path, replicated: bool, module: &str) -> Loaded {
+    let remedy = format!(
+        "it will not become primary by itself: run `safekit prim -m {module}` on the node holding the reference data"
+    );
+    let unknown = |why: String| Loaded {
+        data: Persisted {
+            uptodate: false,
+            ..Persisted::default()
+        },
+        why_not_uptodate: Some(why),
+    };
+    match std::fs::read(file) {
+        Ok(bytes) => match parse_persisted(&bytes) {
+            Ok(data) => Loaded {
+                data,
+                why_not_uptodate: None,
+            },
+            Err(e) => unknown(format!(
+                "state record {} is corrupt ({e}): this node's data is not known up to date; {remedy}",
+                file.display()
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if replicated {
+                unknown(format!(
+                    "no state record ({}): first start of this module on this node, its data is not known up to date; {remedy}",
+                    file.display()
+                ))
+            } else {
+                Loaded {
+                    data: Persisted::default(),
+                    why_not_uptodate: None,
+                }
             }
-        }),
-        Err(_) => Persisted::default(),
+        }
+        Err(e) => unknown(format!(
+            "state record {} is unreadable ({e}): this node's data is not known up to date; {remedy}",
+            file.display()
+        )),
     }
+}
+
+/// Decodes the bytes of `mirror.json`.
+pub(crate) fn parse_persisted(bytes: &[u8]) -> Result<Persisted, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 /// Writes the record durably (write, fsync, rename, fsync the directory).
 fn store_persisted(paths: &Paths, module: &str, data: &Persisted) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = paths.module_state_dir(module);
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join("mirror.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(
-        serde_json::to_string_pretty(data)
-            .map_err(std::io::Error::other)?
-            .as_bytes(),
-    )?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, persisted_file(paths, module))?;
-    std::fs::File::open(&dir)?.sync_all()
+    let text = serde_json::to_string_pretty(data).map_err(std::io::Error::other)?;
+    crate::paths::write_durably(&persisted_file(paths, module), text.as_bytes())
 }
 
 impl Engine {
@@ -333,7 +378,21 @@ impl Engine {
         match action {
             Act::Persist(data) => {
                 if let Err(e) = store_persisted(&self.paths, name, &data) {
-                    m.log.error(&format!("persisting the data generation: {e}"));
+                    // Fail safe: an older record must not say "up to date"
+                    // when the new one does not.
+                    let removed = !data.uptodate
+                        && std::fs::remove_file(persisted_file(&self.paths, name)).is_ok();
+                    m.log.error(&format!(
+                        "persisting the data generation: {e}{}",
+                        if removed {
+                            " (the previous record is removed: this node's data will not be taken as up to date at its next start)"
+                        } else {
+                            ""
+                        }
+                    ));
+                } else if let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut())
+                {
+                    rt.why_not_uptodate = None;
                 }
             }
             Act::Log(text) => m.log.info(&text),
@@ -914,7 +973,15 @@ impl Engine {
             | S::Disconnected { dir, .. }
             | S::Failed { dir, .. } => dir.clone(),
             S::Refused { peer, reason } => {
-                tracing::warn!(%peer, %reason, "replication connection refused");
+                // A primary retries every second: the same refusal is
+                // logged once a minute.
+                let repeat = self.last_refusal.as_ref().is_some_and(|(r, t)| {
+                    r == reason && now < *t + std::time::Duration::from_secs(60)
+                });
+                if !repeat {
+                    tracing::warn!(%peer, %reason, "replication connection refused");
+                    self.last_refusal = Some((reason.clone(), now));
+                }
                 return;
             }
         };
@@ -968,5 +1035,77 @@ impl Engine {
             S::Refused { .. } => {}
         }
         self.mirror_drain(&name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory, removed on drop.
+    struct Dir(std::path::PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir()
+                .join(format!("safekit-mirror-json-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_used_never_means_up_to_date() {
+        let d = Dir::new("unusable");
+        let f = d.0.join("mirror.json");
+        // Missing, with replicated directories: first start, needs prim.
+        let l = load_persisted(&f, true, "web");
+        assert!(!l.data.uptodate);
+        let why = l.why_not_uptodate.unwrap();
+        assert!(why.contains("no state record"), "{why}");
+        assert!(why.contains("safekit prim -m web"), "{why}");
+        // Missing, nothing replicated: a node that never ran, empty data.
+        assert_eq!(
+            load_persisted(&f, false, "web"),
+            Loaded {
+                data: Persisted::default(),
+                why_not_uptodate: None
+            }
+        );
+        // Corrupt, either way.
+        std::fs::write(&f, b"{\"generation\": 3, \"uptodate\": tr").unwrap();
+        for replicated in [true, false] {
+            let l = load_persisted(&f, replicated, "web");
+            assert!(!l.data.uptodate);
+            assert!(l.why_not_uptodate.unwrap().contains("corrupt"));
+        }
+        // Unreadable (an I/O error: here EISDIR).
+        std::fs::remove_file(&f).unwrap();
+        std::fs::create_dir(&f).unwrap();
+        let l = load_persisted(&f, false, "web");
+        assert!(!l.data.uptodate);
+        assert!(l.why_not_uptodate.unwrap().contains("unreadable"));
+        // A good record is used as it is.
+        std::fs::remove_dir(&f).unwrap();
+        let good = Persisted {
+            generation: 7,
+            uptodate: true,
+            took_over: true,
+            was_primary: true,
+            peer_may_have_taken_over: false,
+        };
+        std::fs::write(&f, serde_json::to_vec(&good).unwrap()).unwrap();
+        assert_eq!(
+            load_persisted(&f, true, "web"),
+            Loaded {
+                data: good,
+                why_not_uptodate: None
+            }
+        );
     }
 }

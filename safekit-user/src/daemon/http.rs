@@ -15,14 +15,23 @@ use tokio::net::TcpListener;
 
 use super::Shared;
 
+/// Largest request body a handler may read.
+const MAX_BODY: usize = 64 * 1024;
+
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let app = Router::new()
         .route("/var/modules/{module}/ready.txt", get(ready))
         .route("/metrics", get(metrics))
         .route(
             super::config_apply::PATH,
-            axum::routing::post(super::config_apply::receive),
+            axum::routing::post(super::config_apply::receive).layer(
+                axum::extract::DefaultBodyLimit::max(
+                    crate::config::bundle::MAX_BUNDLE + 64 * 1024,
+                ),
+            ),
         )
+        // Other routes read no body; any that will gets at most this.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "HTTP server stopped");
@@ -41,14 +50,31 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let status = shared.status.read().await;
     let mut body = shared.metrics.render(&status);
     body.push_str(&farm_metrics(&shared, &status));
+    body.push_str(&listener_metrics(&shared, &status));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Replication connections turned away before authentication.
+fn listener_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
+    use std::fmt::Write as _;
+    let node = crate::metrics::Label(&status.node);
+    let mut out = String::from(
+        "# HELP safekit_rfs_connections_refused_total Replication connections turned away before the peer proved it holds the cluster key, by reason (accept_error: accept failed, retried).\n# TYPE safekit_rfs_connections_refused_total counter\n",
+    );
+    for (reason, n) in shared.registry.counters().by_reason() {
+        let _ = writeln!(
+            out,
+            "safekit_rfs_connections_refused_total{{node=\"{node}\",reason=\"{reason}\"}} {n}"
+        );
+    }
+    out
 }
 
 /// Buckets owned per farm module, and the XDP filters' verdict counters.
 fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
     use safekit_common::counter;
     use std::fmt::Write as _;
-    let node = &status.node;
+    let node = crate::metrics::Label(&status.node);
     let mut out = String::from(
         "# HELP safekit_farm_buckets_owned Buckets of the farm VIP this node accepts.\n# TYPE safekit_farm_buckets_owned gauge\n",
     );
@@ -57,7 +83,7 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
             let _ = writeln!(
                 out,
                 "safekit_farm_buckets_owned{{node=\"{node}\",module=\"{}\"}} {}",
-                m.name,
+                crate::metrics::Label(&m.name),
                 f.buckets.len()
             );
         }
@@ -107,6 +133,7 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {
             let Ok(c) = f.counters() else { continue };
+            let iface = crate::metrics::Label(iface);
             for (i, name) in names {
                 let v = c.get(i as usize).copied().unwrap_or(0);
                 let _ = writeln!(

@@ -224,10 +224,10 @@ async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<Strin
     match vip::connect() {
         Ok(handle) => {
             for v in &job.vips {
-                if let Err(e) = vip::remove(&handle, i, *v).await {
-                    errors.push(e.to_string());
-                } else {
-                    job.log.info(&format!("VIP {v} removed from {}", i.name));
+                match vip::remove(&handle, i, *v).await {
+                    Err(e) => errors.push(e.to_string()),
+                    Ok(true) => job.log.info(&format!("VIP {v} removed from {}", i.name)),
+                    Ok(false) => {}
                 }
             }
         }
@@ -246,8 +246,15 @@ pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Opti
             continue;
         };
         for v in vips {
-            if vip::remove(&handle, &i, *v).await.is_ok() {
-                tracing::info!(module = %name, vip = %v, "leftover VIP removed at start");
+            match vip::remove(&handle, &i, *v).await {
+                // Only when a daemon that died left it there.
+                Ok(true) => {
+                    tracing::info!(module = %name, vip = %v, "leftover VIP removed at start");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(module = %name, vip = %v, error = %e, "cannot remove a leftover VIP");
+                }
             }
         }
     }

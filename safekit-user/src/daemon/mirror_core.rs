@@ -388,7 +388,7 @@ impl MirrorCore {
         matches!(self.app, App::Starting | App::Stopping) || self.witness_pending
     }
 
-    #[cfg(test)]
+    /// The record this node persists (as last persisted).
     pub(crate) fn data(&self) -> Persisted {
         self.data
     }

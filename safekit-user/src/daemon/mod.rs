@@ -40,6 +40,9 @@ pub struct Shared {
     pub(crate) dataplane: farm::Dataplane,
     /// `config apply` on this node.
     pub(crate) apply: Option<Arc<config_apply::ApplyCtx>>,
+    /// The replicated directories this node receives, and what the
+    /// replication listener refused.
+    pub(crate) registry: Arc<crate::rfs::Registry>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -73,6 +76,16 @@ pub enum StartError {
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
     AlreadyRunning(String),
+    /// The epoch file exists but does not hold an epoch.
+    #[error(
+        "the epoch file {path} is unreadable ({why}): safekitd will not start with a guessed epoch (its peers would refuse an epoch below the last one they saw). Write a number above this node's last epoch into it (each peer keeps it in var/lib/safekit/peer_epochs.json), then start again"
+    )]
+    Epoch {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// File system error on the daemon's own files.
     #[error("{op} {path}: {source}")]
     Io {
@@ -208,6 +221,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         metrics,
         dataplane,
         apply: Some(apply_ctx),
+        registry: Arc::clone(&engine.registry),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(

@@ -97,7 +97,7 @@
 //! released (one transaction) before the buckets it gains are taken (a
 //! second one), as [`crate::farm::filter::FarmFilter::set_owned`] does.
 
-mod arp_responder;
+pub(crate) mod arp_responder;
 pub mod dataplane;
 mod expr;
 mod farm;
