@@ -99,6 +99,81 @@ pub enum ApplyOutcome {
     },
 }
 
+impl Request {
+    /// The command as `safekit` spells it (`start -m web`, `prim -m web
+    /// fullsync`), for the commands log; `None` for the read-only queries
+    /// (`state`, `farm which-node`), which `waitstate` and monitoring poll
+    /// and which change nothing.
+    #[must_use]
+    pub fn command_line(&self) -> Option<String> {
+        Some(match self {
+            Request::State | Request::FarmWhich { .. } => return None,
+            Request::Start { module } => format!("start -m {module}"),
+            Request::Stop { module } => format!("stop -m {module}"),
+            Request::Shutdown => "shutdown".to_owned(),
+            Request::Mirror {
+                module,
+                cmd,
+                fullsync,
+            } => format!(
+                "{} -m {module}{}",
+                cmd.name(),
+                if *fullsync { " fullsync" } else { "" }
+            ),
+            Request::RfsVerify { module } => format!("rfs verify -m {module}"),
+            Request::ConfigApply {
+                module: _,
+                rollback: true,
+            } => "config rollback".to_owned(),
+            Request::ConfigApply {
+                module,
+                rollback: false,
+            } => match module {
+                Some(m) => format!("config apply -m {m}"),
+                None => "config apply".to_owned(),
+            },
+            Request::SetResource {
+                module,
+                resource,
+                up,
+            } => format!(
+                "set -m {module} -r {resource} -v {}",
+                if *up { "up" } else { "down" }
+            ),
+        })
+    }
+}
+
+impl Response {
+    /// One line for the commands log: `ok: ...` or `error: ...`.
+    #[must_use]
+    pub fn outcome(&self) -> String {
+        let text = match self {
+            Response::Ok { message } => format!("ok: {message}"),
+            Response::Error { error } => format!("error: {error}"),
+            Response::State { .. } | Response::Which { .. } => "ok".to_owned(),
+            Response::Applied { nodes } => nodes
+                .iter()
+                .map(|(n, o)| match o {
+                    ApplyOutcome::Applied { .. } => format!("{n} applied"),
+                    ApplyOutcome::Unchanged => format!("{n} unchanged"),
+                    ApplyOutcome::Refused { error } => format!("{n} refused: {error}"),
+                    ApplyOutcome::Unreachable { error } => format!("{n} unreachable: {error}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Response::Verified { dirs } => {
+                let differences: usize = dirs.iter().map(|(_, _, d)| d.len()).sum();
+                format!(
+                    "ok: {} directories compared, {differences} differences",
+                    dirs.len()
+                )
+            }
+        };
+        text.replace('\n', " / ")
+    }
+}
+
 /// Mirror commands (SPEC §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,6 +192,22 @@ pub enum MirrorCmd {
     StopStart,
     /// Stop at once, with `stop_prim force`.
     ForceStop,
+}
+
+impl MirrorCmd {
+    /// The `safekit` subcommand.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorCmd::Prim => "prim",
+            MirrorCmd::Second => "second",
+            MirrorCmd::PrimForce => "primforce",
+            MirrorCmd::Swap => "swap",
+            MirrorCmd::Restart => "restart",
+            MirrorCmd::StopStart => "stopstart",
+            MirrorCmd::ForceStop => "forcestop",
+        }
+    }
 }
 
 /// The daemon's answer.

@@ -95,25 +95,29 @@ fn mirror_view(payload: &[u8]) {
 
 /// A farm heartbeat's view, and the bucket ownership computed from it.
 pub fn farm_view(payload: &[u8]) {
-    let Some(view) = membership::decode_view(payload) else {
+    let Some(peer) = membership::decode_view(payload) else {
         return;
     };
-    assert_eq!(
-        membership::decode_view(&membership::encode_view(&view)).as_ref(),
-        Some(&view),
-        "view re-encoding differs"
-    );
+    let again = membership::decode_view(&membership::encode_view(&peer.view, &peer.powers))
+        .expect("a re-encoded view decodes");
+    assert_eq!(again.view, peer.view, "view re-encoding differs");
+    for (name, power) in &peer.powers {
+        assert_eq!(
+            again.powers.get(name),
+            Some(power),
+            "power re-encoding differs"
+        );
+    }
     // The buckets owned against a peer with this view. A farm has a few
     // nodes; past 16 names the cost (256 rendezvous hashes per name) would
     // only slow the fuzzer down, the decoding above is what is fuzzed.
-    if view.len() > 16 {
+    if peer.view.len() > 16 {
         return;
     }
-    let me = view.iter().next().cloned().unwrap_or_default();
-    let mut mine = view.clone();
+    let me = peer.view.iter().next().cloned().unwrap_or_default();
+    let mut mine = peer.view.clone();
     mine.insert(me.clone());
-    let powers = BTreeMap::new();
-    let owned = membership::owned(&me, &powers, &mine, std::slice::from_ref(&view));
+    let owned = membership::owned(&me, &peer.powers, &mine, std::slice::from_ref(&peer));
     assert_eq!(owned.len(), safekit_common::BUCKETS as usize);
 }
 

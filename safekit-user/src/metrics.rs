@@ -282,6 +282,7 @@ mod tests {
                 rfs: vec![RfsDirStatus {
                     path: "/srv/we\"ird\ndir\\".into(),
                     link: "connected".into(),
+                    failure: None,
                     resync_bytes_sent: 0,
                     lost: 0,
                     progress: String::new(),

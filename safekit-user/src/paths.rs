@@ -86,6 +86,12 @@ impl Paths {
         self.root.join("var/log/safekit")
     }
 
+    /// `/var/log/safekit/commands.log`: every command safekitd received.
+    #[must_use]
+    pub fn commands_log(&self) -> PathBuf {
+        self.log_dir().join("commands.log")
+    }
+
     /// `/var/log/safekit/<AM>.log`.
     #[must_use]
     pub fn module_log(&self, module: &str) -> PathBuf {

@@ -292,6 +292,12 @@ impl Lab {
 
     /// Starts safekitd on node `i`; its stderr goes to `<root>/safekitd.out`.
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        self.start_daemon_with_env(i, &[])
+    }
+
+    /// [`Self::start_daemon`] with extra environment variables (e.g. the
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` systemd would set).
+    pub fn start_daemon_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
         let root = self.root(i);
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -302,6 +308,7 @@ impl Lab {
             .arg(bin_dir().join("safekitd"))
             .arg("--root")
             .arg(&root)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -93,8 +93,10 @@ pub enum Command {
     Waitstop(wait::WaitArgs),
     /// Wait until the module is in one of the given states.
     Waitstate(wait::WaitStateArgs),
-    /// Print a module's log.
-    Log(log::LogArgs),
+    /// Print a module's log, newest last (`-n N`: the last N lines; `-f`:
+    /// then follow it, across log rotations).
+    #[command(visible_alias = "log")]
+    Logview(log::LogArgs),
     /// Write an information line into a module's log (for scripts).
     Printi(log::PrintArgs),
     /// Write an error line into a module's log (for scripts).
@@ -227,7 +229,7 @@ pub fn main() -> i32 {
             a.timeout,
         ),
         Command::Waitstate(a) => wait::wait(&paths, &a.module, &a.states, a.timeout),
-        Command::Log(args) => log::show(&paths, &args),
+        Command::Logview(args) => log::show(&paths, &args),
         Command::Printi(args) => log::print(&paths, &args, crate::modlog::Level::Info),
         Command::Printe(args) => log::print(&paths, &args, crate::modlog::Level::Error),
         Command::Config {

@@ -23,6 +23,7 @@ use super::{
     Shared, StartError, checks,
     farm::{self, Dataplane, FarmRt},
     net::LanSocket,
+    notify::ServiceManager,
 };
 use crate::{
     config::{ClusterConfig, Config, FarmFilterBackend, Mode as ConfigMode, ModuleConfig, When},
@@ -229,6 +230,8 @@ pub struct Engine {
     /// The last replication refusal logged, and when (the same one is
     /// logged once a minute).
     last_refusal: Option<(String, Instant)>,
+    /// systemd: readiness, status, watchdog.
+    service: ServiceManager,
 }
 
 /// The last epoch of each peer, in the state directory.
@@ -252,6 +255,11 @@ impl Engine {
         let lan = self.cluster.replication_lan()?;
         let ip = *self.cluster.node(&self.me)?.addrs.get(&lan.name)?;
         Some(SocketAddr::new(ip, self.cluster.ports.replication))
+    }
+
+    /// Where the control server records commands.
+    pub(super) fn commands_log(&self) -> std::path::PathBuf {
+        self.paths.commands_log()
     }
 
     /// The cluster key.
@@ -306,6 +314,7 @@ impl Engine {
             stall_grace: None,
             apply: None,
             last_refusal: None,
+            service: ServiceManager::from_env(now),
         })
     }
 
@@ -327,13 +336,44 @@ impl Engine {
         self.record_applied();
     }
 
-    /// The main loop: wait for an event or the next deadline, step, publish.
+    /// `boot = true`: each such module is started as `safekit start` would
+    /// (a mirror module by the usual rules: it waits rather than start the
+    /// application on data that may be stale).
+    fn start_boot_modules(&mut self) {
+        let boot: Vec<String> = self
+            .modules
+            .values()
+            .filter(|m| m.cfg.service.boot)
+            .map(|m| m.cfg.name.clone())
+            .collect();
+        for name in boot {
+            if let Some(m) = self.modules.get(&name) {
+                m.log.info("boot = true: starting the module");
+            }
+            if let Err(e) = self.start_module(&name)
+                && let Some(m) = self.modules.get(&name)
+            {
+                m.log.error(&format!("boot = true: start refused: {e}"));
+            }
+        }
+    }
+
+    /// The main loop: start the `boot = true` modules, tell systemd the
+    /// daemon is ready, then wait for an event or the next deadline, step,
+    /// publish (and ping the watchdog: only a turning loop pings it).
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>, shared: Arc<Shared>) {
+        self.start_boot_modules();
+        let status = self.status(Instant::now());
+        self.service.ready(&status);
+        *shared.status.write().await = status;
         let mut last = Instant::now();
         loop {
             // During a stall grace, only events and its end wake the loop
             // (other deadlines are past and would spin it).
-            let deadline = self.stall_grace.unwrap_or_else(|| self.next_deadline());
+            let mut deadline = self.stall_grace.unwrap_or_else(|| self.next_deadline());
+            if let Some(ping) = self.service.deadline() {
+                deadline = deadline.min(ping);
+            }
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(ev) => self.handle_event(Instant::now(), ev),
@@ -362,7 +402,10 @@ impl Engine {
                     self.handle_timeout(now);
                 }
             }
-            *shared.status.write().await = self.status(now);
+            self.service.tick(now);
+            let status = self.status(now);
+            self.service.status(&status);
+            *shared.status.write().await = status;
             if self.shutting_down && self.pending == 0 {
                 tracing::info!("safekitd stopped");
                 let _ = std::fs::remove_file(self.paths.control_socket());
@@ -416,10 +459,7 @@ impl Engine {
                 let resp = self.handle_request(now, req);
                 let _ = reply.send(resp);
             }
-            Event::Signal => {
-                self.stop_all();
-                self.shutting_down = true;
-            }
+            Event::Signal => self.shutdown(),
             Event::Reload { reply } => {
                 let r = self.reload();
                 if let Err(e) = &r {
@@ -623,8 +663,7 @@ impl Engine {
                 }
             }
             Request::Shutdown => {
-                self.stop_all();
-                self.shutting_down = true;
+                self.shutdown();
                 Response::Ok {
                     message: format!("safekitd on {} is shutting down", self.me),
                 }
@@ -1288,6 +1327,17 @@ impl Engine {
         let cfg = &m.cfg;
         m.failing.retain(|id, _| checks::meta(cfg, id).is_some());
         m.checks = checks::spawn(&m.cfg, &m.checks_when, &tx, &env, &dir);
+    }
+
+    /// SIGTERM (`systemctl stop`), SIGINT or `safekit shutdown`: every
+    /// module stops (stop scripts, VIP removed), then the loop exits.
+    fn shutdown(&mut self) {
+        if !self.shutting_down {
+            tracing::info!("shutdown: stopping every module");
+            ServiceManager::stopping();
+        }
+        self.stop_all();
+        self.shutting_down = true;
     }
 
     fn stop_all(&mut self) {

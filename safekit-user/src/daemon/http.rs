@@ -25,9 +25,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route(
             super::config_apply::PATH,
             axum::routing::post(super::config_apply::receive).layer(
-                axum::extract::DefaultBodyLimit::max(
-                    crate::config::bundle::MAX_BUNDLE + 64 * 1024,
-                ),
+                axum::extract::DefaultBodyLimit::max(crate::config::bundle::MAX_BUNDLE + 64 * 1024),
             ),
         )
         // Other routes read no body; any that will gets at most this.

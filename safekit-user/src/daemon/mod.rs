@@ -20,6 +20,7 @@ mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
+mod notify;
 mod rfs;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -27,6 +28,32 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::sync::{RwLock, mpsc};
 
 use crate::{config::Config, metrics::Metrics, paths::Paths, status::NodeStatus};
+
+/// `safekitd`'s command line (its man page, safekitd(8), is generated from
+/// it).
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "safekitd",
+    version,
+    about = "The safekit daemon: runs this node's application modules",
+    long_about = "The safekit daemon of one node: runs this node's application modules \
+(mirror and farm), sends and checks the authenticated heartbeats, serves the control socket \
+of the safekit command, the health check, the metrics and replication. Configuration: \
+/etc/safekit/cluster.toml and /etc/safekit/modules/<AM>/module.toml \
+(safekit-cluster.toml(5), safekit-module.toml(5)); state in /var/lib/safekit, the control \
+socket in /run/safekit, logs in /var/log/safekit. Installed as the systemd service \
+safekitd.service (Type=notify, watchdog): SIGTERM stops every module cleanly before exit. \
+Environment: SAFEKIT_ROOT (as --root), SAFEKIT_LOG (log filter, default info)."
+)]
+pub struct Args {
+    /// Root of every path (config, state, runtime, logs); default `/`.
+    #[arg(long, env = "SAFEKIT_ROOT")]
+    pub root: Option<std::path::PathBuf>,
+    /// This node's name in cluster.toml (default: the node whose address is
+    /// configured on this host).
+    #[arg(long)]
+    pub node: Option<String>,
+}
 
 /// What the HTTP server and the control server read.
 #[derive(Debug)]
@@ -230,7 +257,11 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             tx.clone(),
         ));
     }
-    tokio::spawn(net::serve_control(control, tx.clone()));
+    tokio::spawn(net::serve_control(
+        control,
+        tx.clone(),
+        engine.commands_log(),
+    ));
     tokio::spawn(http::serve(http_listener, shared.clone()));
     let hangups = tx.clone();
     tokio::spawn(async move {

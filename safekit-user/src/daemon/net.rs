@@ -118,7 +118,15 @@ pub(super) fn bind_control_socket(paths: &Paths) -> Result<UnixListener, StartEr
     Ok(listener)
 }
 
-pub(super) async fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event>) {
+/// Serves `safekit` connections; every command (not the read-only queries)
+/// is recorded in `commands_log` with the caller's uid and pid, taken from
+/// the socket (`SO_PEERCRED`), and its result.
+pub(super) async fn serve_control(
+    listener: UnixListener,
+    tx: mpsc::Sender<Event>,
+    commands_log: std::path::PathBuf,
+) {
+    let commands_log = Arc::new(commands_log);
     let mut backoff = crate::sys::accept::AcceptBackoff::new("control");
     loop {
         let stream = match listener.accept().await {
@@ -132,6 +140,15 @@ pub(super) async fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event
             }
         };
         let tx = tx.clone();
+        let caller = match stream.peer_cred() {
+            Ok(c) => format!(
+                "uid {} pid {}",
+                c.uid(),
+                c.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
+            ),
+            Err(e) => format!("uid ? ({e})"),
+        };
+        let commands_log = Arc::clone(&commands_log);
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut reader = BufReader::new(read);
@@ -142,13 +159,18 @@ pub(super) async fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event
                 let too_long = line.len() > MAX_REQUEST;
                 let response = match decode_request(&line) {
                     Ok(req) => {
+                        let command = req.command_line();
                         let (reply, answer) = oneshot::channel();
                         if tx.send(Event::Control { req, reply }).await.is_err() {
                             return;
                         }
-                        answer.await.unwrap_or(Response::Error {
+                        let response = answer.await.unwrap_or(Response::Error {
                             error: "safekitd is shutting down".into(),
-                        })
+                        });
+                        if let Some(command) = command {
+                            record_command(&commands_log, &caller, &command, &response.outcome());
+                        }
+                        response
                     }
                     Err(error) => Response::Error { error },
                 };
@@ -180,6 +202,29 @@ async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
         line.pop();
     }
     Ok(Some(line))
+}
+
+/// Appends `time | uid U pid P | command | result` to the commands log; a
+/// failure to write it is reported and never fails the command.
+fn record_command(path: &std::path::Path, caller: &str, command: &str, outcome: &str) {
+    let line = format!(
+        "{} | {caller} | {command} | {outcome}\n",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(line.as_bytes())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the commands log");
+    }
 }
 
 #[cfg(test)]
