@@ -131,12 +131,12 @@ fn alive(pid: i32) -> bool {
     })
 }
 
-/// The VIP is on node `node`'s eth0.
+/// The VIP is on one of node `node`'s interfaces (a mirror VIP lives on lo).
 fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
     let out = lab
         .exec(
             &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+            &["ip", "-4", "-o", "addr", "show"],
         )
         .expect("ip addr");
     String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))

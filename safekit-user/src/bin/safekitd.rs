@@ -18,6 +18,10 @@ struct Args {
     /// configured on this host).
     #[arg(long)]
     node: Option<String>,
+    /// Internal: run as the guard of the daemon that started this process
+    /// (cleans after it if it dies; see `safekit::daemon::guard`).
+    #[arg(long, hide = true, requires = "node")]
+    guard: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +34,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let paths = Paths::from_arg_or_env(args.root);
+    if args.guard {
+        let me = args.node.unwrap_or_default();
+        return daemon::guard::run_guard(&paths, &me).context("safekitd guard");
+    }
     let config = match config::load(&paths.etc()) {
         Ok(c) => c,
         Err(errors) => {

@@ -191,6 +191,8 @@ pub struct Engine {
     pub(super) registry: std::sync::Arc<crate::rfs::Registry>,
     /// After a stall of this process: no peer is judged lost before this.
     stall_grace: Option<Instant>,
+    /// The module cgroups scripts run in (`None`: cgroup v2 unavailable).
+    cgroups: Option<crate::sys::cgroup::Cgroups>,
 }
 
 /// A gap between two turns of the main loop (which turns at least once a
@@ -220,6 +222,10 @@ impl Engine {
 
     /// Builds the engine; persists a new epoch (incarnation) first, so the
     /// heartbeat counters that restart at 0 are never taken as replays.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the engine's dependencies, each built by daemon::run; a struct would only rename them"
+    )]
     pub(super) fn new(
         paths: Paths,
         config: Config,
@@ -228,6 +234,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         events: mpsc::Sender<Event>,
         dataplane: Dataplane,
+        cgroups: Option<crate::sys::cgroup::Cgroups>,
     ) -> Result<Self, StartError> {
         let epoch = bump_epoch(&paths)?;
         let now = Instant::now();
@@ -296,6 +303,7 @@ impl Engine {
             pending: 0,
             registry: crate::rfs::Registry::new(),
             stall_grace: None,
+            cgroups,
         })
     }
 
@@ -576,6 +584,7 @@ impl Engine {
         let module_dir = self.paths.module_dir(name);
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let m = self.module_mut(name)?;
         if m.busy {
             return Err(format!("module {name} is busy ({}), try again", m.state));
@@ -590,7 +599,7 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
+                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane, cgroup);
                 m.checks =
                     checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
                 let module = name.to_owned();
@@ -641,6 +650,7 @@ impl Engine {
         let module_dir = self.paths.module_dir(name);
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -655,7 +665,7 @@ impl Engine {
             }
             f.view.clear();
             let iface = f.iface.take();
-            let job = farm_job(m, &me, &root, module_dir, dataplane);
+            let job = farm_job(m, &me, &root, module_dir, dataplane, cgroup);
             m.busy = true;
             m.set_state(ModuleState::Wait);
             self.pending += 1;
@@ -1170,6 +1180,7 @@ fn farm_job(
     root: &std::path::Path,
     module_dir: std::path::PathBuf,
     dataplane: Dataplane,
+    cgroup: Option<std::path::PathBuf>,
 ) -> farm::FarmJob {
     let f = m.farm.as_ref();
     farm::FarmJob {
@@ -1185,6 +1196,7 @@ fn farm_job(
             bin_dir: std::env::current_exe()
                 .ok()
                 .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+            cgroup,
         },
         script_timeout: m.cfg.user.nice_stop_timeout,
         log: m.log.clone(),

@@ -14,6 +14,7 @@
 mod checks;
 pub mod engine;
 mod farm;
+pub mod guard;
 mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
@@ -114,22 +115,22 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             source,
         })?;
     let control = net::bind_control_socket(&paths)?;
-    // Before any command can start a module: VIPs a crashed daemon left.
-    let leftovers: Vec<_> = config
-        .modules
-        .values()
-        .filter(|m| m.mode() == crate::config::Mode::Mirror)
-        .filter_map(|m| {
-            m.vip.as_ref().map(|v| {
-                (
-                    m.name.clone(),
-                    mirror::MirrorJob::ipv4(&v.addrs),
-                    v.interface.clone(),
-                )
-            })
-        })
-        .collect();
-    mirror::remove_leftover_vips(&leftovers).await;
+    // Before any command can start a module: what a daemon that died left
+    // (applications in the module cgroups, VIPs), then the guard that
+    // cleans after this one if it dies.
+    let cgroups = match crate::sys::cgroup::Cgroups::open(
+        paths.root(),
+        &guard::cgroup_fallback(&paths),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "no module cgroups: an application is not stopped if safekitd dies");
+            None
+        }
+    };
+    guard::wait_previous_guard(&paths);
+    guard::clean_leftovers(&paths, &config, &me, cgroups.as_ref(), "safekitd start").await;
+    let guard = guard::GuardHandle::start(&paths, &me);
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
     let dataplane = farm::Dataplane::default();
@@ -141,6 +142,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         metrics.clone(),
         tx.clone(),
         dataplane.clone(),
+        cgroups.clone(),
     )?;
     // Replication listener (TCP 5600 on the replication LAN) when a mirror
     // module replicates directories.
@@ -209,5 +211,10 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         let _ = signals.send(engine::Event::Signal).await;
     });
     engine.run(rx, shared).await;
+    // Stopped cleanly: the modules' scripts ran, the guard has nothing to do.
+    guard.stop().await;
+    if let Some(c) = &cgroups {
+        c.remove_empty();
+    }
     Ok(())
 }

@@ -1,5 +1,8 @@
 //! The I/O edge towards the kernel's network stack, one job per module:
-//! virtual IPs over netlink, gratuitous ARP over `AF_PACKET`.
+//! virtual IPs over netlink, gratuitous ARP over `AF_PACKET`, the mirror
+//! VIP lease (tcx ARP responder held by a BPF link).
 
 pub mod arp;
+pub mod cgroup;
+pub mod lease;
 pub mod vip;

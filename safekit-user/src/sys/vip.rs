@@ -199,8 +199,9 @@ pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<()
     }
 }
 
-/// Removes `vip` from `iface` (no error if absent).
-pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
+/// Removes `vip` from `iface` (no error if absent); how many were removed.
+pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<usize, VipError> {
+    let mut removed = 0;
     let mut addrs = handle
         .address()
         .get()
@@ -212,7 +213,7 @@ pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result
         source,
     })? {
         match handle.address().del(msg).execute().await {
-            Ok(()) => {}
+            Ok(()) => removed += 1,
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
             Err(source) => {
                 return Err(VipError::Netlink {
@@ -222,7 +223,7 @@ pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 #[cfg(test)]
