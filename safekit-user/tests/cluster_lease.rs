@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask_within, demo_bin, serial, spawn_in_netns, status, wait_for};
+use common::{
+    Lab, LabModule, alive, ask_within, demo_bin, has_vip, pid_in, serial, spawn_in_netns, state_of,
+    wait_for,
+};
 use safekit::status::ModuleState;
 
 const PORT: u16 = 7000;
@@ -67,12 +70,6 @@ garp_interval = "50ms"
     }
 }
 
-fn state_of(lab: &Lab, node: usize, name: &str) -> Option<ModuleState> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| status(lab, node)))
-        .ok()
-        .and_then(|s| s.module(name).map(|m| m.state))
-}
-
 fn wait_state(lab: &Lab, node: usize, name: &str, want: ModuleState, limit: Duration) -> bool {
     wait_for(limit, || state_of(lab, node, name) == Some(want)).is_some()
 }
@@ -119,31 +116,6 @@ fn neigh_mac(lab: &Lab, ip: Ipv4Addr) -> Option<[u8; 6]> {
     let mut words = text.split_whitespace();
     words.find(|w| *w == "lladdr")?;
     parse_mac(words.next()?)
-}
-
-/// The VIP is on one of node `node`'s interfaces.
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
-}
-
-fn pid_in(lab: &Lab, node: usize, file: &str) -> Option<i32> {
-    std::fs::read_to_string(lab.root(node).join(file))
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
 }
 
 fn log(lab: &Lab, node: usize, module: &str) -> String {

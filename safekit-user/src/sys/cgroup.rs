@@ -64,27 +64,8 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         let root = f.nth(3)?;
         let point = f.next()?;
         // A bind of a sub-cgroup would not show the whole hierarchy.
-        (root == "/").then(|| PathBuf::from(unescape(point)))
+        (root == "/").then(|| crate::rfs::mounts::unescape(point))
     })
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup name of the daemon whose root is `root`: `host` for `/`,
