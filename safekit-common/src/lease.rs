@@ -4,6 +4,13 @@
 //! link that safekitd alone holds, answers ARP requests for them. When the
 //! daemon dies the kernel drops the link and nobody on that node answers.
 
+/// Bit the lease program sets in `skb->mark` of every IPv4 packet to a
+/// leased VIP; a persistent nftables rule drops VIP traffic without it, so
+/// the VIP's traffic too is admitted only while the lease holds. Bit 24:
+/// clear of the low 16 bits (kube-proxy, Cilium, `WireGuard`) and of the
+/// bits Tailscale uses (16-23).
+pub const LEASE_MARK: u32 = 0x0100_0000;
+
 /// Capacity of the lease map (VIPs of the mirror modules on one interface).
 pub const MAX_LEASE_VIPS: u32 = 64;
 

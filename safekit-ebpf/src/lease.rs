@@ -1,8 +1,10 @@
 //! The mirror VIP lease (tcx ingress on the LAN interface): an ARP request
 //! for a VIP in `LEASE_VIPS` is rewritten into the reply — sender the VIP at
 //! the interface's own MAC, to the requester — and sent back out of the
-//! interface it came in on (`bpf_redirect` to its egress). Every other frame
-//! goes on to the next program or the stack (`TCX_NEXT`).
+//! interface it came in on (`bpf_redirect` to its egress). An IPv4 packet
+//! to such a VIP gets `LEASE_MARK` in its mark, the pass a persistent
+//! nftables rule asks of VIP traffic. Every frame but the ARP requests goes
+//! on to the next program or the stack (`TCX_NEXT`).
 //!
 //! The VIP itself sits on loopback and the interface has `arp_ignore = 1`,
 //! so this program is the only thing on the node that answers ARP for it.
@@ -11,6 +13,8 @@
 //! answering for the VIP.
 
 use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
     helpers::bpf_redirect,
     macros::{classifier, map},
     maps::HashMap,
@@ -18,7 +22,7 @@ use aya_ebpf::{
 };
 use safekit_common::{
     VipKey,
-    lease::{LeaseValue, MAX_LEASE_VIPS},
+    lease::{LEASE_MARK, LeaseValue, MAX_LEASE_VIPS},
 };
 
 /// VIPs whose ARP this node answers, with the MAC and interface to answer
@@ -32,6 +36,7 @@ const TCX_NEXT: i32 = -1;
 const TCX_REDIRECT: i32 = 7;
 const ETH_HLEN: usize = 14;
 const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 /// Ethernet, IPv4, hlen 6, plen 4, request.
 const ARP_REQUEST: [u8; 8] = [0, 1, 0x08, 0x00, 6, 4, 0, 1];
 
@@ -47,6 +52,17 @@ fn safekit_lease(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_lease(ctx: &TcContext) -> Result<i32, ()> {
     let proto: [u8; 2] = ctx.load(12).map_err(|_| ())?;
+    if proto == ETH_P_IP {
+        let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
+        // SAFETY: read-only lookup.
+        if unsafe { LEASE_VIPS.get(&VipKey { addr: daddr }) }.is_some() {
+            let skb = ctx.as_ptr().cast::<__sk_buff>();
+            // SAFETY: the program's own skb, valid for its run; `mark` is
+            // readable and writable by tc programs.
+            unsafe { (*skb).mark |= LEASE_MARK };
+        }
+        return Ok(TCX_NEXT);
+    }
     if proto != ETH_P_ARP {
         return Ok(TCX_NEXT);
     }

@@ -505,6 +505,38 @@ filter = "client_ip_port"
         replies(&arp_for(Duration::from_millis(500))) > 0,
         "node1's lease answers no ARP for the mirror VIP"
     );
+    // A client that keeps node1's MAC for the VIP (as one whose entry the
+    // peer's gratuitous ARP has not replaced yet): served while the lease
+    // holds.
+    let mac_text: Vec<String> = mac1.iter().map(|b| format!("{b:02x}")).collect();
+    let pin = lab
+        .exec(
+            &client_ns,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &v.to_string(),
+                "lladdr",
+                &mac_text.join(":"),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+    assert!(pin.status.success(), "{pin:?}");
+    let ask_vip = |port: u16| {
+        common::in_netns(&client_ns, move || {
+            ask_within(
+                SocketAddr::from((client, port)),
+                SocketAddr::from((v, PORT)),
+                Duration::from_secs(1),
+            )
+        })
+    };
+    assert_eq!(ask_vip(42_001).as_deref(), Ok("node1"));
 
     // The daemon and its guard die together (the guard first, the daemon
     // stopped so that it cannot start another).
@@ -528,6 +560,16 @@ filter = "client_ip_port"
         replies(&after),
         0,
         "node1 answered ARP for the VIP with no daemon: {after:?}"
+    );
+    // Nor is its traffic admitted: the lease program's mark is gone.
+    let late = ask_vip(42_002);
+    assert!(
+        late.is_err(),
+        "node1 served the VIP with no daemon: {late:?}"
+    );
+    let _ = lab.exec(
+        &client_ns,
+        &["ip", "neigh", "del", &v.to_string(), "dev", "eth0"],
     );
 
     // Restarted: the leftovers are cleaned before anything starts (before

@@ -59,6 +59,16 @@ fn module_vips(config: &Config, me: &str) -> Vec<(String, bool, Vec<Ipv4Addr>, O
         .collect()
 }
 
+/// The IPv4 VIPs of this node's mirror modules (the lease table's set).
+#[must_use]
+pub fn mirror_vips(config: &Config, me: &str) -> Vec<Ipv4Addr> {
+    module_vips(config, me)
+        .into_iter()
+        .filter(|(_, mirror, _, _)| *mirror)
+        .flat_map(|(_, _, vips, _)| vips)
+        .collect()
+}
+
 /// Kills the applications left in this node's module cgroups and removes
 /// the VIPs of its modules; `why` says who cleans (in the logs).
 pub async fn clean_leftovers(

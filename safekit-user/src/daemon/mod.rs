@@ -130,6 +130,11 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     };
     guard::wait_previous_guard(&paths);
     guard::clean_leftovers(&paths, &config, &me, cgroups.as_ref(), "safekitd start").await;
+    // Mirror VIP traffic admitted only with the lease program's mark (a
+    // table that outlives the daemon).
+    if let Err(e) = crate::nft::lease::install(&guard::mirror_vips(&config, &me)) {
+        tracing::error!(error = %e, "mirror VIP traffic is not tied to the lease");
+    }
     let guard = guard::GuardHandle::start(&paths, &me);
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
