@@ -618,3 +618,60 @@ filter = "client_ip_port"
         "the farm module's cgroup holds its new service only"
     );
 }
+
+#[test]
+fn a_clean_shutdown_leaves_the_guard_nothing_to_do() {
+    let _serial = serial();
+    let subnet = 163;
+    let _cg = CgroupGuard(vec![cgroup_base_of(&lab_dir("sklz3"), 1)]);
+    // start_prim also leaves a helper running that stop_prim does not stop:
+    // as before the guard existed, a clean shutdown leaves it alone.
+    let mut m = mirror_module(subnet, "1s");
+    m.scripts[0]
+        .1
+        .push_str("sleep 300 >/dev/null 2>&1 &\necho $! > \"$SAFE_ROOT/helper.pid\"\n");
+    let mut lab = common::lab("sklz3", subnet, 2, vec![m]);
+    lab.start_daemon(1).unwrap();
+    cli(&lab, 1, &["start", "-m", "web"]);
+    if !wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(5)) {
+        cli(&lab, 1, &["prim", "-m", "web"]);
+    }
+    assert!(
+        wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(10)),
+        "web not ALONE on node1: {:?}",
+        state_of(&lab, 1, "web")
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || pid_in(&lab, 1, "demo.pid")
+            .is_some()
+            && pid_in(&lab, 1, "helper.pid").is_some())
+        .is_some()
+    );
+    let demo = pid_in(&lab, 1, "demo.pid").unwrap();
+    let helper = pid_in(&lab, 1, "helper.pid").unwrap();
+    let guard = pid_in(&lab, 1, "run/safekit/guard.pid").expect("guard.pid");
+    assert!(alive(guard));
+    let daemon = i32::try_from(lab.daemon_pid(1).unwrap()).unwrap();
+    // SAFETY: kill(2) of the daemon this lab started.
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    assert!(
+        lab.wait_daemon(1, Duration::from_secs(20)).is_some(),
+        "safekitd did not stop on SIGTERM"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || !alive(guard)).is_some(),
+        "the guard outlived a clean shutdown"
+    );
+    assert!(!alive(demo), "stop_prim did not stop the service");
+    assert!(
+        alive(helper),
+        "the guard killed what a clean stop left running"
+    );
+    assert!(!has_vip(&lab, 1, vip(subnet)), "the VIP stayed on node1");
+    assert!(!lab.root(1).join("run/safekit/guard.pid").exists());
+    assert!(
+        !log(&lab, 1, "web").contains("safekitd died"),
+        "{}",
+        log(&lab, 1, "web")
+    );
+}
