@@ -243,37 +243,13 @@ fn cgroup_procs(lab: &Lab, node: usize, module: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `<cgroup2>/safekit/<instance>` of node `node` (the lab removes it).
 fn cgroup_base(lab: &Lab, node: usize) -> std::path::PathBuf {
-    cgroup_base_of(lab.dir(), node)
-}
-
-/// `<cgroup2>/safekit/<instance>` of node `node` of the lab in `dir`.
-fn cgroup_base_of(dir: &std::path::Path, node: usize) -> std::path::PathBuf {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mount = safekit::sys::cgroup::cgroup2_mount(&mountinfo).expect("a cgroup2 mount");
     mount
         .join("safekit")
-        .join(safekit::sys::cgroup::instance_name(
-            &dir.join(format!("node{node}")),
-        ))
-}
-
-fn lab_dir(prefix: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("/tmp/safekit-test-{prefix}"))
-}
-
-/// Removes the test's module cgroups (killing what is left in them), after
-/// the lab (declared before it).
-struct CgroupGuard(Vec<std::path::PathBuf>);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        for base in &self.0 {
-            let cg = safekit::sys::cgroup::Cgroups::at(base.clone());
-            let _ = cg.kill_all();
-            cg.remove_empty();
-        }
-    }
+        .join(safekit::sys::cgroup::instance_name(&lab.root(node)))
 }
 
 #[test]
@@ -284,10 +260,6 @@ impl Drop for CgroupGuard {
 fn kill_9_of_the_primary_daemon_leaves_no_claim() {
     let _serial = serial();
     let subnet = 161;
-    let _cg = CgroupGuard(vec![
-        cgroup_base_of(&lab_dir("sklz1"), 1),
-        cgroup_base_of(&lab_dir("sklz1"), 2),
-    ]);
     let mut lab = common::lab("sklz1", subnet, 2, vec![mirror_module(subnet, "2s")]);
     lab.start_daemon(1).unwrap();
     lab.start_daemon(2).unwrap();
@@ -459,7 +431,6 @@ filter = "client_ip_port"
         ),
         scripts: vec![("start_both".into(), start_both)],
     };
-    let _cg = CgroupGuard(vec![cgroup_base_of(&lab_dir("sklz2"), 1)]);
     let mut lab = common::lab("sklz2", subnet, 2, vec![farm, mirror_module(subnet, "1s")]);
     lab.start_daemon(1).unwrap();
     cli(&lab, 1, &["start", "-m", "farm"]);
@@ -623,7 +594,6 @@ filter = "client_ip_port"
 fn a_clean_shutdown_leaves_the_guard_nothing_to_do() {
     let _serial = serial();
     let subnet = 163;
-    let _cg = CgroupGuard(vec![cgroup_base_of(&lab_dir("sklz3"), 1)]);
     // start_prim also leaves a helper running that stop_prim does not stop:
     // as before the guard existed, a clean shutdown leaves it alone.
     let mut m = mirror_module(subnet, "1s");
