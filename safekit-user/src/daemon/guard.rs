@@ -216,9 +216,14 @@ impl GuardHandle {
                             status = child.wait() => {
                                 tracing::error!(?status, "the guard exited: starting it again");
                             }
-                            _ = &mut rx => {
+                            stop = &mut rx => {
                                 use std::io::Write as _;
-                                let _ = writer.write_all(STOP);
+                                // Only an explicit clean stop says so: a
+                                // handle dropped by a panic unwinding says
+                                // nothing, and the guard cleans.
+                                if stop.is_ok() {
+                                    let _ = writer.write_all(STOP);
+                                }
                                 drop(writer);
                                 let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
                                 let _ = std::fs::remove_file(guard_pid_file(&paths));

@@ -142,10 +142,16 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
             .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", i.name))?;
         let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
         for v in &job.vips {
-            vip::add(&handle, &lo, *v)
-                .await
-                .map_err(|e| e.to_string())?;
-            l.add(*v).map_err(|e| e.to_string())?;
+            let added = match vip::add(&handle, &lo, *v).await {
+                Ok(()) => l.add(*v).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = added {
+                // Nothing is handed to the engine: release what was taken.
+                let mut errors = vec![e];
+                remove_vips(&job, &i, &mut errors).await;
+                return Err(errors.join("; "));
+            }
             job.log.info(&format!(
                 "VIP {v} set (lo), ARP answered on {} while safekitd lives",
                 i.name
