@@ -252,6 +252,31 @@ fn cgroup_base(lab: &Lab, node: usize) -> std::path::PathBuf {
         .join(safekit::sys::cgroup::instance_name(&lab.root(node)))
 }
 
+/// Mirror module `web` (started on node1, its peer silent) ALONE there:
+/// after the heartbeat timeout, or forced with `prim` (no state record yet).
+fn alone_on_node1(lab: &Lab) {
+    if !wait_state(lab, 1, "web", ModuleState::Alone, Duration::from_secs(5)) {
+        cli(lab, 1, &["prim", "-m", "web"]);
+    }
+    assert!(
+        wait_state(lab, 1, "web", ModuleState::Alone, Duration::from_secs(10)),
+        "web not ALONE on node1: {:?}",
+        state_of(lab, 1, "web")
+    );
+}
+
+/// The pids node1's scripts wrote in these files (waiting up to 5 s).
+fn pids<const N: usize>(lab: &Lab, files: [&str; N]) -> [i32; N] {
+    assert!(
+        wait_for(Duration::from_secs(5), || files
+            .iter()
+            .all(|f| pid_in(lab, 1, f).is_some()))
+        .is_some(),
+        "no pid in one of {files:?}"
+    );
+    files.map(|f| pid_in(lab, 1, f).unwrap_or_default())
+}
+
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -444,22 +469,8 @@ filter = "client_ip_port"
         ModuleState::Up,
         Duration::from_secs(10)
     ));
-    if !wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(5)) {
-        cli(&lab, 1, &["prim", "-m", "web"]);
-    }
-    assert!(
-        wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(10)),
-        "web not ALONE on node1: {:?}",
-        state_of(&lab, 1, "web")
-    );
-    assert!(
-        wait_for(Duration::from_secs(5), || pid_in(&lab, 1, "farm.pid")
-            .is_some()
-            && pid_in(&lab, 1, "demo.pid").is_some())
-        .is_some()
-    );
-    let farm1 = pid_in(&lab, 1, "farm.pid").unwrap();
-    let web1 = pid_in(&lab, 1, "demo.pid").unwrap();
+    alone_on_node1(&lab);
+    let [farm1, web1] = pids(&lab, ["farm.pid", "demo.pid"]);
     let mac1 = mac_of(&lab, &lab.spec().node_ns(1));
     let client = lab.spec().client_addr();
     let v = vip(subnet);
@@ -605,22 +616,8 @@ fn a_clean_shutdown_leaves_the_guard_nothing_to_do() {
     let mut lab = common::lab("sklz3", subnet, 2, vec![m]);
     lab.start_daemon(1).unwrap();
     cli(&lab, 1, &["start", "-m", "web"]);
-    if !wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(5)) {
-        cli(&lab, 1, &["prim", "-m", "web"]);
-    }
-    assert!(
-        wait_state(&lab, 1, "web", ModuleState::Alone, Duration::from_secs(10)),
-        "web not ALONE on node1: {:?}",
-        state_of(&lab, 1, "web")
-    );
-    assert!(
-        wait_for(Duration::from_secs(5), || pid_in(&lab, 1, "demo.pid")
-            .is_some()
-            && pid_in(&lab, 1, "helper.pid").is_some())
-        .is_some()
-    );
-    let demo = pid_in(&lab, 1, "demo.pid").unwrap();
-    let helper = pid_in(&lab, 1, "helper.pid").unwrap();
+    alone_on_node1(&lab);
+    let [demo, helper] = pids(&lab, ["demo.pid", "helper.pid"]);
     let guard = pid_in(&lab, 1, "run/safekit/guard.pid").expect("guard.pid");
     assert!(alive(guard));
     let daemon = i32::try_from(lab.daemon_pid(1).unwrap()).unwrap();
