@@ -11,6 +11,8 @@
     reason = "called from the XDP program: kept inline so the verifier sees straight-line code"
 )]
 
+pub mod lease;
+
 /// Number of farm buckets. Every UP node owns a subset; each bucket has
 /// exactly one owner.
 pub const BUCKETS: u32 = 256;

@@ -21,6 +21,8 @@
     reason = "helpers of the XDP program: kept inline so the verifier sees straight-line code"
 )]
 
+mod lease;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask, demo_bin, in_netns, serial, spawn_in_netns, status, wait_for};
+use common::{
+    Lab, LabModule, alive, ask, demo_bin, has_vip, in_netns, pid_in, serial, spawn_in_netns,
+    state_of, wait_for,
+};
 use safekit::status::ModuleState;
 
 const PORT: u16 = 7000;
@@ -62,12 +65,6 @@ fn start_demo() -> String {
 /// Shell lines killing the demo service.
 const KILL_DEMO: &str = "[ -f \"$SAFE_ROOT/demo.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo.pid\"\n";
 
-fn state_of(lab: &Lab, node: usize, name: &str) -> Option<ModuleState> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| status(lab, node)))
-        .ok()
-        .and_then(|s| s.module(name).map(|m| m.state))
-}
-
 fn wait_states(lab: &Lab, want: &[(usize, ModuleState)], limit: Duration) -> bool {
     wait_for(limit, || {
         want.iter()
@@ -112,33 +109,6 @@ fn serves(lab: &Lab, subnet: u8, src_port: u16, node: usize) -> bool {
 /// The module log of node `node`.
 fn log(lab: &Lab, node: usize) -> String {
     std::fs::read_to_string(lab.root(node).join("var/log/safekit/web.log")).unwrap_or_default()
-}
-
-/// A pid a script wrote in `$SAFE_ROOT/<file>`.
-fn pid_in(lab: &Lab, node: usize, file: &str) -> Option<i32> {
-    std::fs::read_to_string(lab.root(node).join(file))
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-}
-
-fn alive(pid: i32) -> bool {
-    // A reaped process has no /proc entry; a zombie is not running either.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
-/// The VIP is on node `node`'s eth0.
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
 }
 
 #[test]

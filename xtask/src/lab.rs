@@ -165,6 +165,7 @@ pub fn cleanup(prefix: &str, dir: &Path) {
             }
         }
     }
+    remove_module_cgroups(dir);
     if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // "12: skt1br: <...": the name may carry "@peer".
@@ -176,6 +177,45 @@ pub fn cleanup(prefix: &str, dir: &Path) {
                 ip_quiet(&["link", "del", name]);
             }
         }
+    }
+}
+
+/// Removes the module cgroups the lab's daemons made
+/// (`<cgroup2>/safekit/<lab dir with / as ->-node<i>.<hash>/<module>`, see
+/// `safekit::sys::cgroup`), once the processes in them are killed: a
+/// daemon's guard killed by [`cleanup`] may not have removed them.
+fn remove_module_cgroups(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Some(mount) = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
+    }) else {
+        return;
+    };
+    let lab = format!(
+        "{}-node",
+        dir.to_string_lossy().trim_matches('/').replace('/', "-")
+    );
+    let Ok(instances) = std::fs::read_dir(mount.join("safekit")) else {
+        return;
+    };
+    for instance in instances.flatten() {
+        if !instance.file_name().to_string_lossy().starts_with(&lab) {
+            continue;
+        }
+        if let Ok(modules) = std::fs::read_dir(instance.path()) {
+            for m in modules.flatten().filter(|m| m.path().is_dir()) {
+                let _ = std::fs::write(m.path().join("cgroup.kill"), "1");
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while std::fs::remove_dir(m.path()).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(instance.path());
     }
 }
 

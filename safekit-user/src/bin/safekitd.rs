@@ -14,6 +14,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let paths = Paths::from_arg_or_env(args.root);
+    if args.guard {
+        let me = args.node.unwrap_or_default();
+        return daemon::guard::run_guard(&paths, &me).context("safekitd guard");
+    }
     let config = match config::load(&paths.etc()) {
         Ok(c) => c,
         Err(errors) => {

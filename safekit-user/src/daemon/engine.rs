@@ -232,6 +232,8 @@ pub struct Engine {
     last_refusal: Option<(String, Instant)>,
     /// systemd: readiness, status, watchdog.
     service: ServiceManager,
+    /// The module cgroups scripts run in (`None`: cgroup v2 unavailable).
+    cgroups: Option<crate::sys::cgroup::Cgroups>,
 }
 
 /// The last epoch of each peer, in the state directory.
@@ -269,6 +271,10 @@ impl Engine {
 
     /// Builds the engine; persists a new epoch (incarnation) first, so the
     /// heartbeat counters that restart at 0 are never taken as replays.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the engine's dependencies, each built by daemon::run; a struct would only rename them"
+    )]
     pub(super) fn new(
         paths: Paths,
         config: Config,
@@ -277,6 +283,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         events: mpsc::Sender<Event>,
         dataplane: Dataplane,
+        cgroups: Option<crate::sys::cgroup::Cgroups>,
     ) -> Result<Self, StartError> {
         let epoch = bump_epoch(&paths)?;
         let now = Instant::now();
@@ -315,6 +322,7 @@ impl Engine {
             apply: None,
             last_refusal: None,
             service: ServiceManager::from_env(now),
+            cgroups,
         })
     }
 
@@ -688,6 +696,7 @@ impl Engine {
         let module_dir = self.paths.module_dir(name);
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let m = self.module_mut(name)?;
         if m.busy && !m.wanted && m.state_is_stopping() {
             // A start during a stop: as `waitstop; start`, the module starts
@@ -711,7 +720,7 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
+                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane, cgroup);
                 // `when = "both"` checkers start once `start_both` succeeded
                 // (effect_done); `pre` ones cover the start itself.
                 m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
@@ -868,13 +877,14 @@ impl Engine {
         let module_dir = self.paths.module_dir(name);
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
         if let Some(f) = m.farm.as_mut() {
             f.drain = None;
             let iface = f.iface.take();
-            let job = farm_job(m, &me, &root, module_dir, dataplane);
+            let job = farm_job(m, &me, &root, module_dir, dataplane, cgroup);
             let module = name.to_owned();
             tokio::spawn(async move {
                 let r = farm::down(job, iface).await;
@@ -955,6 +965,7 @@ impl Engine {
         let module_dir = self.paths.module_dir(name);
         let tx = self.events.clone();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -970,7 +981,7 @@ impl Engine {
                 }
                 // Checkers of the running service: from now until before
                 // `stop_both` (begin_stop aborts them first).
-                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane).env;
+                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane, cgroup).env;
                 let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
                 m.checks.extend(both);
                 m.checks_when.push(When::Both);
@@ -1313,9 +1324,10 @@ impl Engine {
         let me = self.me.clone();
         let root = self.paths.root().to_path_buf();
         let dataplane = self.dataplane.clone();
+        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
         let env = match self.modules.get(name) {
             Some(m) if m.mirror.is_some() => self.mirror_env(m),
-            Some(m) => farm_job(m, &me, &root, dir.clone(), dataplane).env,
+            Some(m) => farm_job(m, &me, &root, dir.clone(), dataplane, cgroup).env,
             None => return,
         };
         let Some(m) = self.modules.get_mut(name) else {
@@ -1816,6 +1828,7 @@ fn farm_job(
     root: &std::path::Path,
     module_dir: std::path::PathBuf,
     dataplane: Dataplane,
+    cgroup: Option<std::path::PathBuf>,
 ) -> farm::FarmJob {
     let f = m.farm.as_ref();
     farm::FarmJob {
@@ -1831,6 +1844,7 @@ fn farm_job(
             bin_dir: std::env::current_exe()
                 .ok()
                 .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+            cgroup,
         },
         script_timeout: m.cfg.user.nice_stop_timeout,
         log: m.log.clone(),

@@ -248,6 +248,7 @@ impl Engine {
                 bin_dir: std::env::current_exe()
                     .ok()
                     .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+                cgroup: self.cgroups.as_ref().map(|c| c.module(&m.cfg.name)),
             },
             nice_timeout: m.cfg.user.nice_stop_timeout,
             force_timeout: m.cfg.user.force_stop_timeout,

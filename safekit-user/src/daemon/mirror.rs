@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::{
     modlog::ModuleLog,
     script::{self, ScriptEnv},
-    sys::{arp, vip},
+    sys::{arp, lease::Lease, vip},
 };
 
 /// What the effects need to know.
@@ -53,6 +53,9 @@ impl MirrorJob {
 #[derive(Debug)]
 pub struct PrimaryUp {
     pub(super) iface: Option<vip::Interface>,
+    /// The ARP responder for the VIPs (tcx, held by a BPF link): dropped
+    /// after the VIPs are removed; the kernel drops it if safekitd dies.
+    pub(super) lease: Option<Box<Lease>>,
     /// Periodic gratuitous ARP (`arp_reroute`), stopped with the primary.
     pub(super) reroute: Option<JoinHandle<()>>,
     /// The replicated directories, mounted before `start_prim`.
@@ -117,24 +120,45 @@ pub(super) async fn poststop(job: MirrorJob) -> Result<(), String> {
     script(&job, "poststop", &[], "none", job.nice_timeout, false).await
 }
 
-/// Becomes primary: VIP added on the interface of its subnet, announced by
-/// gratuitous ARP from this node's MAC, then `start_prim`.
+/// Becomes primary: VIPs on loopback (/32), answered for on the LAN
+/// interface of their subnet only by the lease (the tcx ARP responder held
+/// by this process: `sys::lease`), announced by gratuitous ARP from this
+/// node's MAC, then `start_prim`.
 pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     if job.forced() {
         return Err("forcestop asked: not becoming primary".to_owned());
     }
     let mut iface = None;
+    let mut lease = None;
     if let Some(first) = job.vips.first().copied() {
         let handle = vip::connect().map_err(|e| e.to_string())?;
         let i = vip::find_interface(&handle, first, job.interface.as_deref())
             .await
             .map_err(|e| e.to_string())?;
+        let mut l = Lease::attach(&i).map_err(|e| e.to_string())?;
+        // The LAN interface answers ARP only for its own addresses: the VIP
+        // is answered by the lease alone.
+        vip::arp_only_own_addresses(&i.name)
+            .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", i.name))?;
+        let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
         for v in &job.vips {
-            vip::add(&handle, &i, *v).await.map_err(|e| e.to_string())?;
-            job.log
-                .info(&format!("VIP {v}/{} set on {}", i.prefix, i.name));
+            let added = match vip::add(&handle, &lo, *v).await {
+                Ok(()) => l.add(*v).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = added {
+                // Nothing is handed to the engine: release what was taken.
+                let mut errors = vec![e];
+                remove_vips(&job, &i, &mut errors).await;
+                return Err(errors.join("; "));
+            }
+            job.log.info(&format!(
+                "VIP {v} set (lo), ARP answered on {} while safekitd lives",
+                i.name
+            ));
         }
         iface = Some(i);
+        lease = Some(Box::new(l));
     }
     // The gratuitous ARP burst runs beside `start_prim`: the first
     // announcement goes out now, the rest while the application starts.
@@ -165,6 +189,7 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     }
     Ok(PrimaryUp {
         iface,
+        lease,
         reroute,
         rfs: Vec::new(),
     })
@@ -203,7 +228,7 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
             errors.push(e);
         }
     }
-    let iface = up.and_then(|u| u.iface);
+    let (iface, lease) = up.map_or((None, None), |u| (u.iface, u.lease));
     if let Some(i) = &iface {
         if job.tcp_reset {
             for v in &job.vips {
@@ -212,6 +237,8 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
         }
         remove_vips(&job, i, &mut errors).await;
     }
+    // No ARP answered for the VIPs any more.
+    drop(lease);
     if errors.is_empty() {
         Ok(())
     } else {
@@ -219,42 +246,25 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
     }
 }
 
-/// Removes the module's VIPs from `i`, collecting failures in `errors`.
+/// Removes the module's VIPs from loopback (and from `i`, where an older
+/// safekitd put them), collecting failures in `errors`.
 async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<String>) {
-    match vip::connect() {
-        Ok(handle) => {
-            for v in &job.vips {
-                match vip::remove(&handle, i, *v).await {
-                    Err(e) => errors.push(e.to_string()),
-                    Ok(true) => job.log.info(&format!("VIP {v} removed from {}", i.name)),
-                    Ok(false) => {}
-                }
-            }
-        }
-        Err(e) => errors.push(e.to_string()),
-    }
-}
-
-/// At daemon start: VIPs of mirror modules left on this node by a daemon
-/// that died while primary are removed (the module starts in STOP here, so
-/// the node must not answer for them).
-pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Option<String>)]) {
-    let Ok(handle) = vip::connect() else { return };
-    for (name, vips, interface) in modules {
-        let Some(first) = vips.first() else { continue };
-        let Ok(i) = vip::find_interface(&handle, *first, interface.as_deref()).await else {
-            continue;
-        };
-        for v in vips {
-            match vip::remove(&handle, &i, *v).await {
-                // Only when a daemon that died left it there.
-                Ok(true) => {
-                    tracing::info!(module = %name, vip = %v, "leftover VIP removed at start");
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(module = %name, vip = %v, error = %e, "cannot remove a leftover VIP");
-                }
+    let handle = match vip::connect() {
+        Ok(h) => h,
+        Err(e) => return errors.push(e.to_string()),
+    };
+    let lo = match vip::loopback(&handle).await {
+        Ok(lo) => lo,
+        Err(e) => return errors.push(e.to_string()),
+    };
+    for v in &job.vips {
+        for place in [&lo, i] {
+            match vip::remove(&handle, place, *v).await {
+                Ok(0) => {}
+                Ok(_) => job
+                    .log
+                    .info(&format!("VIP {v} removed from {}", place.name)),
+                Err(e) => errors.push(e.to_string()),
             }
         }
     }

@@ -16,6 +16,7 @@ mod checks;
 pub(crate) mod config_apply;
 pub mod engine;
 mod farm;
+pub mod guard;
 mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
@@ -53,6 +54,10 @@ pub struct Args {
     /// configured on this host).
     #[arg(long)]
     pub node: Option<String>,
+    /// Internal: run as the guard of the daemon that started this process
+    /// (cleans after it if it dies; see `safekit::daemon::guard`).
+    #[arg(long, hide = true, requires = "node")]
+    pub guard: bool,
 }
 
 /// What the HTTP server and the control server read.
@@ -158,22 +163,27 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             source,
         })?;
     let control = net::bind_control_socket(&paths)?;
-    // Before any command can start a module: VIPs a crashed daemon left.
-    let leftovers: Vec<_> = config
-        .modules
-        .values()
-        .filter(|m| m.mode() == crate::config::Mode::Mirror)
-        .filter_map(|m| {
-            m.vip.as_ref().map(|v| {
-                (
-                    m.name.clone(),
-                    mirror::MirrorJob::ipv4(&v.addrs),
-                    v.interface.clone(),
-                )
-            })
-        })
-        .collect();
-    mirror::remove_leftover_vips(&leftovers).await;
+    // Before any command can start a module: what a daemon that died left
+    // (applications in the module cgroups, VIPs), then the guard that
+    // cleans after this one if it dies.
+    let cgroups = match crate::sys::cgroup::Cgroups::open(
+        paths.root(),
+        &guard::cgroup_fallback(&paths),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "no module cgroups: an application is not stopped if safekitd dies");
+            None
+        }
+    };
+    guard::wait_previous_guard(&paths);
+    guard::clean_leftovers(&paths, &config, &me, cgroups.as_ref(), "safekitd start").await;
+    // Mirror VIP traffic admitted only with the lease program's mark (a
+    // table that outlives the daemon).
+    if let Err(e) = crate::nft::lease::install(&guard::mirror_vips(&config, &me)) {
+        tracing::error!(error = %e, "mirror VIP traffic is not tied to the lease");
+    }
+    let guard = guard::GuardHandle::start(&paths, &me);
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
     let apply_ctx = Arc::new(config_apply::ApplyCtx::new(
@@ -205,6 +215,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         metrics.clone(),
         tx.clone(),
         dataplane.clone(),
+        cgroups.clone(),
     )?;
     engine.set_apply(Arc::clone(&apply_ctx));
     // Replication listener (TCP 5600 on the replication LAN) when a mirror
@@ -299,5 +310,10 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         let _ = signals.send(engine::Event::Signal).await;
     });
     engine.run(rx, shared).await;
+    // Stopped cleanly: the modules' scripts ran, the guard has nothing to do.
+    guard.stop().await;
+    if let Some(c) = &cgroups {
+        c.remove_empty();
+    }
     Ok(())
 }

@@ -102,6 +102,7 @@ pub mod dataplane;
 mod expr;
 mod farm;
 pub mod firewall;
+pub mod lease;
 mod netlink;
 
 pub use dataplane::{Backend, FarmDataplane};

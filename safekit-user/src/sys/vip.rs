@@ -199,9 +199,9 @@ pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<()
     }
 }
 
-/// Removes `vip` from `iface` (no error if absent); true when it was there.
-pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<bool, VipError> {
-    let mut removed = false;
+/// Removes `vip` from `iface` (no error if absent); how many were removed.
+pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<usize, VipError> {
+    let mut removed = 0;
     let mut addrs = handle
         .address()
         .get()
@@ -213,7 +213,7 @@ pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result
         source,
     })? {
         match handle.address().del(msg).execute().await {
-            Ok(()) => removed = true,
+            Ok(()) => removed += 1,
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
             Err(source) => {
                 return Err(VipError::Netlink {

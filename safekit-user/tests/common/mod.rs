@@ -323,3 +323,38 @@ pub fn send_spoofed(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
         libc::close(fd);
     }
 }
+
+/// Node `node`'s state of module `name` (`None` when it cannot be asked).
+pub fn state_of(lab: &Lab, node: usize, name: &str) -> Option<safekit::status::ModuleState> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| status(lab, node)))
+        .ok()
+        .and_then(|s| s.module(name).map(|m| m.state))
+}
+
+/// A pid a script wrote in `$SAFE_ROOT/<file>`.
+pub fn pid_in(lab: &Lab, node: usize, file: &str) -> Option<i32> {
+    std::fs::read_to_string(lab.root(node).join(file))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// The process runs (a reaped process has no /proc entry; a zombie is not
+/// running either).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The VIP is on one of node `node`'s interfaces (a mirror VIP lives on lo).
+pub fn has_vip(lab: &Lab, node: usize, v: std::net::Ipv4Addr) -> bool {
+    let out = lab
+        .exec(
+            &lab.spec().node_ns(node),
+            &["ip", "-4", "-o", "addr", "show"],
+        )
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
+}
