@@ -478,9 +478,21 @@ impl MirrorCore {
     /// longer in sync — on the primary's loss this node waits rather than
     /// take over on it — until a resynchronisation completes
     /// ([`Self::replication_synced`]).
+    ///
+    /// Also while waiting after the primary's loss (a witness asked, the
+    /// grace running): the takeover is cancelled. A node already primary
+    /// learns it from the mount of its directories, which refuses a copy
+    /// that failed (`daemon::rfs::mount_primaries`).
     pub(crate) fn copy_failed(&mut self, _now: Instant, why: &str) {
-        if self.state == MState::Second && self.synced {
-            self.synced = false;
+        if !matches!(self.state, MState::Second | MState::Wait) {
+            return;
+        }
+        let mattered = self.synced || self.lost_primary_in_sync || self.takeover_at.is_some();
+        self.synced = false;
+        self.lost_primary_in_sync = false;
+        self.takeover_at = None;
+        self.persist(|d| d.uptodate = false);
+        if mattered {
             self.log(format!(
                 "copy not written ({why}): not in sync, no takeover on it"
             ));
@@ -1730,6 +1742,30 @@ mod tests {
         p.b.handle_timeout(p.now);
         run_actions(&mut p.b, p.now);
         assert_eq!(p.b.state(), MState::Alone);
+    }
+
+    #[test]
+    fn a_copy_that_fails_during_the_takeover_grace_cancels_the_takeover() {
+        // Replicated pair in sync with a ping witness; the primary is lost,
+        // node2 reaches the witness and waits for the grace: its applier
+        // then reports a write it could not make. No takeover.
+        let mut p = Pair::in_sync(true);
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.b.poll_action()).count();
+        p.b.witness(p.now, true);
+        assert_ne!(p.b.state(), MState::Alone, "waits for the grace period");
+        p.b.copy_failed(p.now, "/srv/data: ENOSPC");
+        for _ in 0..5 {
+            p.now += Duration::from_secs(2);
+            p.b.handle_timeout(p.now);
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert!(!matches!(p.b.state(), MState::Alone | MState::Prim));
+        }
+        assert!(!p.b.data().uptodate);
     }
 
     /// Heartbeat link cut, both reach the arbiter: both ask for the same

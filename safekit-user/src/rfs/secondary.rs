@@ -131,6 +131,8 @@ struct DirSlot {
     dir: SecondaryDir,
     applier: Mutex<Option<Applier>>,
     current: Mutex<Option<ShutdownHandle>>,
+    /// The copy failed to apply something since it was last in sync.
+    failed: AtomicBool,
 }
 
 /// The directories this node currently receives, by name. The daemon adds a
@@ -226,22 +228,26 @@ impl Registry {
                 dir,
                 applier: Mutex::new(None),
                 current: Mutex::new(None),
+                failed: AtomicBool::new(false),
             }),
         );
     }
 
     /// Stops receiving `name`: the current connection is shut down and its
     /// applier finishes what it received. Blocking (call from
-    /// `spawn_blocking` in async code).
-    pub fn remove(&self, name: &str) {
+    /// `spawn_blocking` in async code). Returns true when the copy failed to
+    /// apply something since it was last in sync (it lacks what the
+    /// primary sent: nobody may start on it).
+    pub fn remove(&self, name: &str) -> bool {
         let Some(slot) = lock(&self.dirs).remove(name) else {
-            return;
+            return false;
         };
         if let Some(h) = lock(&slot.current).take() {
             h.shutdown();
         }
         // Wait for the applier (held by the connection while it runs).
         drop(lock(&slot.applier).take());
+        slot.failed.load(Ordering::Acquire)
     }
 
     /// Names served.
@@ -729,6 +735,7 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
         insync: &insync,
         activity: &activity,
         backlog: &backlog,
+        failed: &slot.failed,
     };
     let reason = thread::scope(|scope| {
         let applier = guard.as_mut();
@@ -807,6 +814,8 @@ struct Link<'a> {
     insync: &'a AtomicBool,
     activity: &'a Mutex<Activity>,
     backlog: &'a Backlog,
+    /// The slot's "failed since in sync" flag.
+    failed: &'a AtomicBool,
 }
 
 impl Link<'_> {
@@ -815,6 +824,7 @@ impl Link<'_> {
     }
 
     fn fail(&self, seq: Seq, errno: i32, detail: String) {
+        self.failed.store(true, Ordering::Release);
         self.ctx.event(SecondaryEvent::Failed {
             dir: self.dir.to_string(),
             seq,
@@ -842,6 +852,7 @@ impl Link<'_> {
                 log.reset_fast().map_err(|e| e.to_string())?;
             }
         }
+        self.failed.store(false, Ordering::Release);
         self.insync.store(true, Ordering::Release);
         self.ctx.event(SecondaryEvent::InSync {
             dir: self.dir.to_string(),
