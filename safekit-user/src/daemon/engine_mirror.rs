@@ -161,6 +161,34 @@ fn persisted_file(paths: &Paths, module: &str) -> std::path::PathBuf {
     paths.module_state_dir(module).join("mirror.json")
 }
 
+/// Beside the record: present when its last write failed (whatever record
+/// is there, if any, is not this node's latest knowledge).
+fn failed_marker(file: &std::path::Path) -> std::path::PathBuf {
+    file.with_file_name("mirror.json.failed")
+}
+
+/// The record could not be written: a marker says so (an empty file, made
+/// even on a full disk while inodes remain) and the older record goes, the
+/// directory synced — so that a restart never takes an older record, nor
+/// the absence of one, for this node's knowledge. Returns what was done.
+fn fail_record(file: &std::path::Path) -> String {
+    let marked = std::fs::File::create(failed_marker(file)).and_then(|f| f.sync_all());
+    let removed = match std::fs::remove_file(file) {
+        Ok(()) => "the previous record removed",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no previous record",
+        Err(_) => "the previous record could not be removed",
+    };
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    match marked {
+        Ok(()) => format!(
+            "marked as failed, {removed}: at its next start this node's data is not taken as up to date"
+        ),
+        Err(e) => format!("{removed}; the failure marker could not be written either ({e})"),
+    }
+}
+
 /// What a node knows of its data at start: the persisted record, and why
 /// the data is not known up to date when the record could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +214,12 @@ pub(super) fn load_persisted(file: &std::path::Path, replicated: bool, module: &
         },
         why_not_uptodate: Some(why),
     };
+    if failed_marker(file).exists() {
+        return unknown(format!(
+            "the last write of the state record {} failed: this node's data is not known up to date; {remedy}",
+            file.display()
+        ));
+    }
     match std::fs::read(file) {
         Ok(bytes) => match parse_persisted(&bytes) {
             Ok(data) => Loaded {
@@ -225,7 +259,13 @@ pub(crate) fn parse_persisted(bytes: &[u8]) -> Result<Persisted, serde_json::Err
 /// Writes the record durably (write, fsync, rename, fsync the directory).
 fn store_persisted(paths: &Paths, module: &str, data: &Persisted) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(data).map_err(std::io::Error::other)?;
-    crate::paths::write_durably(&persisted_file(paths, module), text.as_bytes())
+    let file = persisted_file(paths, module);
+    crate::paths::write_durably(&file, text.as_bytes())?;
+    // Written: the record is this node's knowledge again.
+    match std::fs::remove_file(failed_marker(&file)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 impl Engine {
@@ -379,17 +419,11 @@ impl Engine {
         match action {
             Act::Persist(data) => {
                 if let Err(e) = store_persisted(&self.paths, name, &data) {
-                    // Fail safe: an older record must not say "up to date"
-                    // when the new one does not.
-                    let removed = !data.uptodate
-                        && std::fs::remove_file(persisted_file(&self.paths, name)).is_ok();
+                    // Fail safe: an older record (or none, read as a first
+                    // start) must not stand for what this node knows now.
+                    let done = fail_record(&persisted_file(&self.paths, name));
                     m.log.error(&format!(
-                        "persisting the data generation: {e}{}",
-                        if removed {
-                            " (the previous record is removed: this node's data will not be taken as up to date at its next start)"
-                        } else {
-                            ""
-                        }
+                        "persisting the data generation: {e} (the record is {done})"
                     ));
                 } else if let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut())
                 {
@@ -1108,5 +1142,15 @@ mod tests {
                 why_not_uptodate: None
             }
         );
+        // A write that failed: neither the older record nor its absence
+        // stands for this node's knowledge, replicated or not.
+        let done = fail_record(&f);
+        assert!(done.contains("marked as failed"), "{done}");
+        assert!(!f.exists());
+        for replicated in [true, false] {
+            let l = load_persisted(&f, replicated, "web");
+            assert!(!l.data.uptodate);
+            assert!(l.why_not_uptodate.unwrap().contains("failed"));
+        }
     }
 }
