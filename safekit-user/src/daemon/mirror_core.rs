@@ -784,6 +784,15 @@ impl MirrorCore {
                 Some("the peer is primary")
             } else if self.peer.is_some_and(|v| v.state != MState::Stop) {
                 Some("the peer is heard again")
+            } else if self
+                .peer
+                .is_some_and(|v| v.generation > self.data.generation)
+            {
+                // Stopped, at a generation above ours: it wrote without us
+                // (e.g. ALONE after the replication link broke) before it
+                // stopped; our copy lacks that.
+                self.lost_primary_in_sync = false;
+                Some("the peer, stopped, holds newer data")
             } else if !(self.data.uptodate || self.lost_primary_in_sync) {
                 Some("this node's copy is outdated")
             } else {
@@ -1742,6 +1751,31 @@ mod tests {
         p.b.handle_timeout(p.now);
         run_actions(&mut p.b, p.now);
         assert_eq!(p.b.state(), MState::Alone);
+    }
+
+    #[test]
+    fn a_stopped_peer_heard_with_newer_data_during_the_grace_cancels_the_takeover() {
+        let mut p = Pair::in_sync(true);
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.b.poll_action()).count();
+        p.b.witness(p.now, true);
+        // node1's daemon restarted with the module stopped, at a generation
+        // above node2's (it went ALONE before it vanished).
+        let mut stopped = p.a.view();
+        stopped.state = MState::Stop;
+        stopped.generation = p.b.data().generation + 1;
+        p.b.handle_peer(p.now, stopped);
+        for _ in 0..5 {
+            p.now += Duration::from_secs(2);
+            p.b.handle_peer(p.now, stopped);
+            p.b.handle_timeout(p.now);
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        }
+        assert!(!matches!(p.b.state(), MState::Alone | MState::Prim));
     }
 
     #[test]
