@@ -430,10 +430,14 @@ fn capture(lab: &Lab, vip: Ipv4Addr, stop: Arc<AtomicBool>) -> JoinHandle<Captur
 
 /// A keep-alive connection held by the test from a chosen client port.
 fn hold(lab: &Lab, vip: SocketAddr, port: u16) -> (TcpStream, String) {
-    let src = SocketAddr::from((lab.spec().client_addr(), port));
+    hold_from(lab, vip, SocketAddr::from((lab.spec().client_addr(), port)))
+}
+
+/// A keep-alive connection held by the test from `src`.
+fn hold_from(lab: &Lab, vip: SocketAddr, src: SocketAddr) -> (TcpStream, String) {
     spawn_in_netns(&lab.spec().client_ns(), move || {
         use socket2::{Domain, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let s = Socket::new(Domain::for_address(src), Type::STREAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
         s.bind(&src.into()).unwrap();
         s.connect_timeout(&vip.into(), Duration::from_secs(3))
@@ -847,4 +851,299 @@ fn a_killed_daemon_loses_only_its_own_connections() {
         keep.by_node.contains_key("node3"),
         "node3 served before the kill"
     );
+}
+
+// ------------------------------------------------------------------ IPv6
+
+/// The lab's nodes and client get IPv6 addresses `fd77:<subnet>::<i>/64`
+/// (client `::fa`) on their LAN interface, and the cluster's node
+/// addresses become those: heartbeats travel over IPv6. Before the
+/// daemons start.
+fn ipv6_lab(lab: &Lab, subnet: u8, nodes: usize) {
+    let spec = lab.spec().clone();
+    let add = |ns: &str, host: &str| {
+        let out = lab
+            .exec(
+                ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd77:{subnet}::{host}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    for i in 1..=nodes {
+        add(&spec.node_ns(i), &i.to_string());
+    }
+    add(&spec.client_ns(), "fa");
+    for i in 1..=nodes {
+        let path = lab.root(i).join("etc/safekit/cluster.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for j in 1..=nodes {
+            text = text.replace(
+                &format!("\"10.77.{subnet}.{j}\""),
+                &format!("\"fd77:{subnet}::{j}\""),
+            );
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+fn which6(lab: &Lab, node: usize, client: std::net::Ipv6Addr, port: u16) -> String {
+    let sock = lab.root(node).join("run/safekit/safekitd.sock");
+    let req = safekit::control::Request::FarmWhich {
+        module: "front".into(),
+        client: client.into(),
+        port: Some(port),
+        dport: Some(80),
+    };
+    match safekit::control::call(&sock, &req, Duration::from_secs(5)).unwrap() {
+        safekit::control::Response::Which { node: Some(n), .. } => n,
+        other => panic!("which-node: {other:?}"),
+    }
+}
+
+/// Issue 13, item 5: a farm on IPv6 only (VIP, client, heartbeats). 600
+/// connections from distinct client ports, each answered by exactly the
+/// node `which-node` predicts (every node a share); the client's neighbour
+/// entry for the VIP is the virtual MAC (Neighbour Discovery answered by
+/// the XDP filters); a connection held on node3 survives node3's graceful
+/// leave (flow keeping over IPv6).
+#[test]
+fn an_ipv6_farm_serves_each_client_from_the_predicted_node() {
+    let _serial = serial();
+    let subnet = 104;
+    let mut module = front(subnet, "", "--keepalive 1000", "0");
+    module.toml = module.toml.replace(
+        &format!("10.77.{subnet}.200"),
+        &format!("fd77:{subnet}::c8"),
+    );
+    for (_, text) in &mut module.scripts {
+        *text = text.replace("0.0.0.0:80", "[::]:80");
+    }
+    let mut lab = common::lab("skfl4", subnet, 3, vec![module]);
+    ipv6_lab(&lab, subnet, 3);
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        let out = lab.safekit(i, &["start", "-m", "front"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let equal: BTreeMap<String, u32> = BTreeMap::new();
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "the IPv6 farm never settled:\n{}",
+        module_log(&lab, 1)
+    );
+    let vip6: std::net::Ipv6Addr = format!("fd77:{subnet}::c8").parse().unwrap();
+    let client6: std::net::Ipv6Addr = format!("fd77:{subnet}::fa").parse().unwrap();
+    let dst = SocketAddr::from((vip6, 80));
+    // First contact: the client resolves the VIP (Neighbour Discovery,
+    // answered by the filters) and connects.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            common::in_netns(&lab.spec().client_ns(), move || {
+                common::ask(SocketAddr::from((client6, 29999)), dst).is_ok()
+            })
+        })
+        .is_some(),
+        "the IPv6 VIP never answered"
+    );
+    let answers: Vec<(u16, Result<String, String>)> =
+        common::in_netns(&lab.spec().client_ns(), move || {
+            (30000..30600)
+                .map(|p| (p, common::ask(SocketAddr::from((client6, p)), dst)))
+                .collect()
+        });
+    let mut shares: BTreeMap<String, usize> = BTreeMap::new();
+    for (port, answer) in &answers {
+        let got = answer
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connection from [{client6}]:{port}: {e}"));
+        assert_eq!(got, &which6(&lab, 2, client6, *port), "source port {port}");
+        *shares.entry(got.clone()).or_default() += 1;
+    }
+    eprintln!("IPv6 shares over 600 connections: {shares:?}");
+    assert_eq!(shares.len(), 3, "every node served a share");
+    // Neighbour Discovery for the VIP was answered with the virtual MAC.
+    let neigh = lab
+        .exec(
+            &lab.spec().client_ns(),
+            &["ip", "-6", "neigh", "show", &vip6.to_string()],
+        )
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&neigh.stdout).to_lowercase();
+    assert!(
+        neigh.contains("5a:fe:00:00:00:c8"),
+        "client's neighbour entry: {neigh}"
+    );
+    let body = metrics(&lab, 1);
+    let key = "safekit_xdp_packets_total{node=\"node1\",interface=\"eth0\",verdict=\"ns_reply\"}";
+    assert!(
+        common::metric(&body, key).is_some_and(|v| v > 0.0),
+        "{key}\n{body}"
+    );
+
+    // Flow keeping over IPv6: node3 leaves gracefully while the test holds
+    // one of its connections.
+    let p3 = (31000..32000)
+        .find(|p| which6(&lab, 1, client6, *p) == "node3")
+        .unwrap();
+    let (mut held, who) = hold_from(&lab, dst, SocketAddr::from((client6, p3)));
+    assert_eq!(who, "node3");
+    assert!(
+        lab.safekit(3, &["stop", "-m", "front"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || settled_as(
+            &lab,
+            &[1, 2],
+            &["node1", "node2"],
+            &equal
+        ))
+        .is_some(),
+        "node1 and node2 never took node3's buckets"
+    );
+    assert!(state_v(&lab, 3).contains("DRAINING ("));
+    let (who, _) = exchange(&mut held, false).expect("held IPv6 connection after node3 left");
+    assert_eq!(who, "node3", "the held IPv6 connection moved");
+    drop(held);
+    assert!(
+        wait_for(Duration::from_secs(15), || state(&lab, 3)
+            == ModuleState::Stop)
+        .is_some(),
+        "node3 never finished draining"
+    );
+}
+
+/// Issue 13, item 5: a mirror module on an IPv6 VIP fails over, and the
+/// client's neighbour entry for the VIP moves to the new primary's MAC by
+/// its unsolicited neighbour advertisements alone (read before the client
+/// sends anything to the VIP again).
+#[test]
+fn an_ipv6_mirror_vip_moves_by_unsolicited_advertisement() {
+    let _serial = serial();
+    let subnet = 105;
+    let module = LabModule {
+        name: "web".into(),
+        toml: format!(
+            r#"[service]
+mode = "mirror"
+defaultprim = "node1"
+nodes = ["node1", "node2"]
+
+[heart]
+pulse = "100ms"
+timeout = "1s"
+
+[vip]
+addrs = ["fd77:{subnet}::64"]
+garp_count = 3
+garp_interval = "50ms"
+"#
+        ),
+        scripts: common::demo_scripts("start_prim", "stop_prim", "[::]:7000"),
+    };
+    let mut lab = common::lab("skfl5", subnet, 2, vec![module]);
+    ipv6_lab(&lab, subnet, 2);
+    for i in 1..=2 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=2 {
+        assert!(
+            lab.safekit(i, &["start", "-m", "web"])
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    let web = |n: usize| status(&lab, n).module("web").map(|m| m.state);
+    assert!(
+        wait_for(Duration::from_secs(15), || web(1)
+            == Some(ModuleState::Prim)
+            || web(1) == Some(ModuleState::Alone))
+        .is_some(),
+        "node1 never primary"
+    );
+    let vip6: std::net::Ipv6Addr = format!("fd77:{subnet}::64").parse().unwrap();
+    let client6: std::net::Ipv6Addr = format!("fd77:{subnet}::fa").parse().unwrap();
+    let dst = SocketAddr::from((vip6, 7000));
+    let ask = |port: u16| {
+        common::in_netns(&lab.spec().client_ns(), move || {
+            common::ask(SocketAddr::from((client6, port)), dst)
+        })
+    };
+    let mac_of = |n: usize| {
+        let out = lab
+            .exec(
+                &lab.spec().node_ns(n),
+                &["cat", "/sys/class/net/eth0/address"],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_lowercase()
+    };
+    let (mac1, mac2) = (mac_of(1), mac_of(2));
+
+    let neigh = || {
+        let out = lab
+            .exec(
+                &lab.spec().client_ns(),
+                &["ip", "-6", "neigh", "show", &vip6.to_string()],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(40000).as_deref()
+            == Ok("node1"))
+        .is_some(),
+        "node1 never answered on the IPv6 VIP"
+    );
+    assert!(neigh().contains(&mac1), "before: {}", neigh());
+    // Failover: node1 stops, node2 takes the VIP over.
+    assert!(
+        lab.safekit(1, &["stop", "-m", "web"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || web(2)
+            == Some(ModuleState::Alone))
+        .is_some(),
+        "node2 never took over"
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || neigh().contains(&mac2)).is_some(),
+        "the client's neighbour entry did not move to node2 ({mac2}): {}",
+        neigh()
+    );
+    // (`start_prim` runs once the state is ALONE: the service may take a
+    // moment.)
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(40001).as_deref()
+            == Ok("node2"))
+        .is_some(),
+        "node2 never answered on the IPv6 VIP"
+    );
+    let log = std::fs::read_to_string(lab.root(2).join("var/log/safekit/web.log")).unwrap();
+    assert!(log.contains(&format!("VIP {vip6}/64 set on eth0")), "{log}");
 }

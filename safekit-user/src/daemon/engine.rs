@@ -750,8 +750,7 @@ impl Engine {
             if now < d.next_check {
                 continue;
             }
-            let vips: Vec<std::net::IpAddr> = f.vips.iter().map(|v| (*v).into()).collect();
-            let left = match farm::count_connections(&vips) {
+            let left = match farm::count_connections(&f.vips) {
                 Ok(n) => n,
                 Err(e) => {
                     m.log
@@ -986,9 +985,7 @@ impl Engine {
             .farm
             .as_ref()
             .ok_or_else(|| format!("module {name} is not a farm module"))?;
-        let std::net::IpAddr::V4(ip) = client else {
-            return Err("farm filters are IPv4 only".into());
-        };
+
         let rule = match dport {
             Some(d) => f
                 .rules
@@ -999,16 +996,10 @@ impl Engine {
             None => f.rules.first().ok_or("module has no rule")?,
         };
         let (bucket, filter) = if rule.filter == safekit_common::FILTER_CLIENT_IP {
-            (
-                safekit_common::bucket_client_ip(ip.octets(), 0),
-                "client_ip",
-            )
+            (farm::client_bucket(client, None), "client_ip")
         } else {
             let p = port.ok_or("this rule hashes the client port too: give IP:PORT")?;
-            (
-                safekit_common::bucket_client_ip_port(ip.octets(), p.to_be_bytes(), 0),
-                "client_ip_port",
-            )
+            (farm::client_bucket(client, Some(p)), "client_ip_port")
         };
         let node = membership::assignment(&f.view, &f.powers)
             .owner(bucket)

@@ -164,7 +164,7 @@ impl Engine {
         MirrorJob {
             module_dir: self.paths.module_dir(&m.cfg.name),
             interface: vip.and_then(|v| v.interface.clone()),
-            vips: vip.map(|v| MirrorJob::ipv4(&v.addrs)).unwrap_or_default(),
+            vips: vip.map(|v| v.addrs.clone()).unwrap_or_default(),
             garp_count: vip.map_or(3, |v| v.garp_count),
             garp_interval: vip.map_or(std::time::Duration::from_millis(100), |v| v.garp_interval),
             reroute: vip

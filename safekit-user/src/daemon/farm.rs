@@ -31,7 +31,7 @@ pub(crate) type Dataplane = Arc<Mutex<BTreeMap<String, FarmDataplane>>>;
 /// Runtime of one farm module on this node.
 #[derive(Debug)]
 pub(super) struct FarmRt {
-    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) vips: Vec<IpAddr>,
     pub(super) vmac: [u8; 6],
     pub(super) rules: Vec<FilterRule>,
     pub(super) powers: BTreeMap<String, u32>,
@@ -145,13 +145,7 @@ impl FarmRt {
     pub(super) fn new(cfg: &ModuleConfig) -> Self {
         let (vips, vmac, rules) = match &cfg.vip {
             Some(v) => (
-                v.addrs
-                    .iter()
-                    .filter_map(|a| match a {
-                        IpAddr::V4(v4) => Some(*v4),
-                        IpAddr::V6(_) => None,
-                    })
-                    .collect(),
+                v.addrs.clone(),
                 v.mac.unwrap_or([0x5a, 0xfe, 0, 0, 0, 0]),
                 v.rules
                     .iter()
@@ -214,12 +208,27 @@ impl FarmRt {
     }
 }
 
+/// Bucket of a client (IPv4 or IPv6), by address or address and port, as
+/// the filter computes it (hash seed 0).
+#[must_use]
+pub(super) fn client_bucket(client: IpAddr, port: Option<u16>) -> u32 {
+    use safekit_common::{
+        bucket_client_ip, bucket_client_ip_port, bucket_client_ip6, bucket_client_ip6_port,
+    };
+    match (client, port) {
+        (IpAddr::V4(a), None) => bucket_client_ip(a.octets(), 0),
+        (IpAddr::V4(a), Some(p)) => bucket_client_ip_port(a.octets(), p.to_be_bytes(), 0),
+        (IpAddr::V6(a), None) => bucket_client_ip6(a.octets(), 0),
+        (IpAddr::V6(a), Some(p)) => bucket_client_ip6_port(a.octets(), p.to_be_bytes(), 0),
+    }
+}
+
 /// What the effects need to know.
 #[derive(Debug, Clone)]
 pub(super) struct FarmJob {
     pub(super) module_dir: PathBuf,
     pub(super) interface: Option<String>,
-    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) vips: Vec<IpAddr>,
     pub(super) vmac: [u8; 6],
     pub(super) rules: Vec<FilterRule>,
     pub(super) env: ScriptEnv,
@@ -233,7 +242,7 @@ pub(super) struct FarmJob {
 /// attached there (shared), VIPs declared to it with no bucket owned, VIP
 /// addresses added so the stack accepts the traffic, then `start_both`.
 pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
-    let first = *job.vips.first().ok_or("no IPv4 VIP configured")?;
+    let first = *job.vips.first().ok_or("no VIP configured")?;
     let handle = vip::connect().map_err(|e| e.to_string())?;
     let iface = vip::find_interface(&handle, first, job.interface.as_deref())
         .await
@@ -273,7 +282,7 @@ pub(super) async fn up(job: FarmJob) -> Result<vip::Interface, String> {
         .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", iface.name))?;
     let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
     for v in &job.vips {
-        vip::add(&handle, &lo, *v)
+        vip::add(&handle, &lo, *v, vip::host_prefix(*v))
             .await
             .map_err(|e| e.to_string())?;
         job.log
@@ -352,11 +361,12 @@ pub(super) async fn down(job: FarmJob, iface: Option<vip::Interface>) -> Result<
     }
 }
 
-/// Announces the VIPs at the virtual MAC: `count` gratuitous ARPs spaced by
-/// `interval`, sent from the interface's own MAC.
+/// Announces the VIPs at the virtual MAC: `count` gratuitous ARPs (IPv4)
+/// or unsolicited neighbour advertisements (IPv6) spaced by `interval`,
+/// sent from the interface's own MAC.
 pub(super) async fn announce(
     iface: vip::Interface,
-    vips: Vec<Ipv4Addr>,
+    vips: Vec<IpAddr>,
     vmac: [u8; 6],
     count: u32,
     interval: Duration,
@@ -364,9 +374,9 @@ pub(super) async fn announce(
 ) {
     for i in 0..count.max(1) {
         for v in &vips {
-            let frame = arp::garp_frame(iface.mac, vmac, *v);
+            let frame = arp::announcement(iface.mac, vmac, *v);
             if let Err(e) = arp::send_frame(iface.index, &frame) {
-                log.error(&format!("gratuitous ARP for {v} on {}: {e}", iface.name));
+                log.error(&format!("announcing {v} on {}: {e}", iface.name));
                 return;
             }
         }

@@ -2,11 +2,7 @@
 //! stopping being primary (VIP, gratuitous ARP, scripts), run off the engine
 //! task; the decisions are the pure core's (`crate::mirror`).
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use tokio::task::JoinHandle;
 
@@ -21,7 +17,8 @@ use crate::{
 pub(super) struct MirrorJob {
     pub(super) module_dir: PathBuf,
     pub(super) interface: Option<String>,
-    pub(super) vips: Vec<Ipv4Addr>,
+    /// IPv4 and IPv6 VIPs.
+    pub(super) vips: Vec<IpAddr>,
     pub(super) garp_count: u32,
     pub(super) garp_interval: Duration,
     /// `Some((interval, elapse))` when `arp_reroute` is on.
@@ -35,18 +32,6 @@ pub(super) struct MirrorJob {
     /// nice `stop_prim` is killed, and the stop goes straight to `stop_prim
     /// force`.
     pub(super) force: tokio::sync::watch::Receiver<bool>,
-}
-
-impl MirrorJob {
-    pub(super) fn ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
-        addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v) => Some(*v),
-                IpAddr::V6(_) => None,
-            })
-            .collect()
-    }
 }
 
 /// The module's VIPs are up on this node.
@@ -130,9 +115,18 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
             .await
             .map_err(|e| e.to_string())?;
         for v in &job.vips {
-            vip::add(&handle, &i, *v).await.map_err(|e| e.to_string())?;
-            job.log
-                .info(&format!("VIP {v}/{} set on {}", i.prefix, i.name));
+            // Each VIP with the prefix of its own family's subnet there.
+            let prefix = if v.is_ipv6() == first.is_ipv6() {
+                i.prefix
+            } else {
+                vip::find_interface(&handle, *v, Some(&i.name))
+                    .await
+                    .map_or(vip::host_prefix(*v), |o| o.prefix)
+            };
+            vip::add(&handle, &i, *v, prefix)
+                .await
+                .map_err(|e| e.to_string())?;
+            job.log.info(&format!("VIP {v}/{prefix} set on {}", i.name));
         }
         announce(&i, &job.vips, job.garp_count, job.garp_interval, &job.log).await;
         iface = Some(i);
@@ -236,7 +230,7 @@ async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<Strin
 /// At daemon start: VIPs of mirror modules left on this node by a daemon
 /// that died while primary are removed (the module starts in STOP here, so
 /// the node must not answer for them).
-pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Option<String>)]) {
+pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<IpAddr>, Option<String>)]) {
     let Ok(handle) = vip::connect() else { return };
     for (name, vips, interface) in modules {
         let Some(first) = vips.first() else { continue };
@@ -251,18 +245,19 @@ pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Opti
     }
 }
 
-/// Gratuitous ARPs for every VIP from the interface's MAC.
+/// Gratuitous ARPs (IPv4) and unsolicited neighbour advertisements (IPv6)
+/// for every VIP at the interface's MAC.
 async fn announce(
     i: &vip::Interface,
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     count: u32,
     interval: Duration,
     log: &ModuleLog,
 ) {
     for n in 0..count.max(1) {
         for v in vips {
-            if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
-                log.error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+            if let Err(e) = arp::send_frame(i.index, &arp::announcement(i.mac, i.mac, *v)) {
+                log.error(&format!("announcing {v} on {}: {e}", i.name));
                 return;
             }
         }
@@ -275,7 +270,7 @@ async fn announce(
 /// `tcp_reset`: kills the sockets still bound to the VIP (`ss -K`, through
 /// the kernel's `SOCK_DESTROY`), so clients reconnect at once to the new
 /// primary instead of waiting for a timeout.
-async fn reset_connections(v: Ipv4Addr, log: &ModuleLog) {
+async fn reset_connections(v: IpAddr, log: &ModuleLog) {
     let out = tokio::process::Command::new("ss")
         .args(["-K", "src", &v.to_string()])
         .output()

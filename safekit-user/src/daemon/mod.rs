@@ -120,13 +120,9 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         .values()
         .filter(|m| m.mode() == crate::config::Mode::Mirror)
         .filter_map(|m| {
-            m.vip.as_ref().map(|v| {
-                (
-                    m.name.clone(),
-                    mirror::MirrorJob::ipv4(&v.addrs),
-                    v.interface.clone(),
-                )
-            })
+            m.vip
+                .as_ref()
+                .map(|v| (m.name.clone(), v.addrs.clone(), v.interface.clone()))
         })
         .collect();
     mirror::remove_leftover_vips(&leftovers).await;

@@ -5,7 +5,7 @@
 //! and the VIP index with each VIP's rules inline: the program's fast path).
 //! Reads the per-CPU verdict counters.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -13,8 +13,8 @@ use aya::{
     programs::{Xdp, XdpMode, links::FdLink},
 };
 use safekit_common::{
-    BUCKETS, FilterConfig, InlineRule, MAX_VIPS, RuleKey, RuleValue, SlotRules, VIP_FLAG_IP_ONLY,
-    VipIndex, VipKey, VipValue, counter, vip_index,
+    BUCKETS, FilterConfig, InlineRule, MAX_VIPS, Rule6Key, RuleKey, RuleValue, SlotRules,
+    VIP_FLAG_IP_ONLY, Vip6Key, VipIndex, VipKey, VipValue, counter, vip_index,
 };
 
 use crate::ebpf;
@@ -122,6 +122,8 @@ pub struct FarmFilter {
     interface: String,
     vips: HashMap<MapData, VipKey, VipValue>,
     rules: HashMap<MapData, RuleKey, RuleValue>,
+    vips6: HashMap<MapData, Vip6Key, VipValue>,
+    rules6: HashMap<MapData, Rule6Key, RuleValue>,
     owned: Array<MapData, u32>,
     config: Array<MapData, FilterConfig>,
     counters: PerCpuArray<MapData, u64>,
@@ -134,7 +136,7 @@ pub struct FarmFilter {
 /// What this process wrote for one VIP slot.
 #[derive(Debug, Clone)]
 struct Slot {
-    vip: Ipv4Addr,
+    vip: IpAddr,
     owned: Vec<bool>,
     /// Its rules inline in `SLOT_RULES` (None: too many, found in `RULES`).
     inline: Option<SlotRules>,
@@ -227,6 +229,8 @@ impl FarmFilter {
             log,
             vips: take(&mut bpf, "VIPS")?,
             rules: take(&mut bpf, "RULES")?,
+            vips6: take(&mut bpf, "VIPS6")?,
+            rules6: take(&mut bpf, "RULES6")?,
             owned: take(&mut bpf, "OWNED")?,
             config: take(&mut bpf, "CONFIG")?,
             counters: take(&mut bpf, "COUNTERS")?,
@@ -253,10 +257,11 @@ impl FarmFilter {
     /// bucket owned yet).
     pub fn add_vip(
         &mut self,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         vmac: [u8; 6],
         rules: &[FilterRule],
     ) -> Result<u32, FilterError> {
+        let vip = vip.into();
         let slot = match self.slot_of(vip) {
             Some(s) => s,
             None => self
@@ -285,6 +290,28 @@ impl FarmFilter {
             .iter()
             .all(|r| r.filter == safekit_common::FILTER_CLIENT_IP);
         let flags = if ip_only { VIP_FLAG_IP_ONLY } else { 0 };
+        let vip = match vip {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(v6) => {
+                // IPv6 VIPs: hash maps only (no index fast path).
+                for r in rules {
+                    let key = Rule6Key {
+                        vip: v6.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    };
+                    self.rules6
+                        .insert(&key, &RuleValue { filter: r.filter }, 0)
+                        .map_err(Self::map_err("RULES6"))?;
+                }
+                let value = VipValue { vmac, flags, slot };
+                self.vips6
+                    .insert(&Vip6Key { addr: v6.octets() }, &value, 0)
+                    .map_err(Self::map_err("VIPS6"))?;
+                return Ok(slot);
+            }
+        };
         for r in rules {
             let key = RuleKey {
                 vip: vip.octets(),
@@ -319,17 +346,19 @@ impl FarmFilter {
         let Some(s) = self.slots[slot as usize].as_ref() else {
             return Ok(());
         };
-        let pos = vip_index(s.vip.octets());
-        let taken = self
-            .slots
-            .iter()
-            .flatten()
-            .any(|o| o.indexed && vip_index(o.vip.octets()) == pos);
+        let IpAddr::V4(v4) = s.vip else {
+            return Ok(());
+        };
+        let pos = vip_index(v4.octets());
+        let taken =
+            self.slots.iter().flatten().any(|o| {
+                o.indexed && matches!(o.vip, IpAddr::V4(a) if vip_index(a.octets()) == pos)
+            });
         if s.indexed || s.inline.is_none() || taken {
             return Ok(());
         }
         let entry = VipIndex {
-            addr: s.vip.octets(),
+            addr: v4.octets(),
             slot_plus_one: slot + 1,
         };
         // Published last: its rules (SLOT_RULES), VIPS and RULES are
@@ -349,11 +378,14 @@ impl FarmFilter {
         let Some(s) = self.slots[slot as usize].as_mut() else {
             return Ok(());
         };
+        let IpAddr::V4(v4) = s.vip else {
+            return Ok(());
+        };
         if !s.indexed {
             return Ok(());
         }
         self.index
-            .set(vip_index(s.vip.octets()), &VipIndex::default(), 0)
+            .set(vip_index(v4.octets()), &VipIndex::default(), 0)
             .map_err(Self::map_err("VIP_INDEX"))?;
         s.indexed = false;
         Ok(())
@@ -365,7 +397,7 @@ impl FarmFilter {
         self.slots.iter().all(Option::is_none)
     }
 
-    fn slot_of(&self, vip: Ipv4Addr) -> Option<u32> {
+    fn slot_of(&self, vip: IpAddr) -> Option<u32> {
         self.slots
             .iter()
             .position(|s| s.as_ref().is_some_and(|s| s.vip == vip))
@@ -373,20 +405,40 @@ impl FarmFilter {
     }
 
     /// Forgets a VIP and its rules: its traffic is no longer filtered here.
-    pub fn remove_vip(&mut self, vip: Ipv4Addr, rules: &[FilterRule]) -> Result<(), FilterError> {
+    pub fn remove_vip(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        rules: &[FilterRule],
+    ) -> Result<(), FilterError> {
+        let vip = vip.into();
         let Some(slot) = self.slot_of(vip) else {
             return Ok(());
         };
         self.set_owned(vip, &[false; BUCKETS as usize])?;
         self.unpublish(slot)?;
-        let _ = self.vips.remove(&VipKey { addr: vip.octets() });
-        for r in rules {
-            let _ = self.rules.remove(&RuleKey {
-                vip: vip.octets(),
-                port_be: r.port.to_be(),
-                proto: r.proto,
-                pad: 0,
-            });
+        match vip {
+            IpAddr::V4(vip) => {
+                let _ = self.vips.remove(&VipKey { addr: vip.octets() });
+                for r in rules {
+                    let _ = self.rules.remove(&RuleKey {
+                        vip: vip.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    });
+                }
+            }
+            IpAddr::V6(vip) => {
+                let _ = self.vips6.remove(&Vip6Key { addr: vip.octets() });
+                for r in rules {
+                    let _ = self.rules6.remove(&Rule6Key {
+                        vip: vip.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    });
+                }
+            }
         }
         self.slots[slot as usize] = None;
         // Another VIP at the same index position can take the fast path.
@@ -410,9 +462,9 @@ impl FarmFilter {
     /// Sets bucket ownership. Buckets this node loses are released before
     /// any bucket it gains is taken, so at no moment does it own a bucket it
     /// should not (each map element flips atomically).
-    pub fn set_owned(&mut self, vip: Ipv4Addr, owned: &[bool]) -> Result<(), FilterError> {
+    pub fn set_owned(&mut self, vip: impl Into<IpAddr>, owned: &[bool]) -> Result<(), FilterError> {
         let slot = self
-            .slot_of(vip)
+            .slot_of(vip.into())
             .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
         let Some(Slot { owned: current, .. }) = self.slots[slot as usize].as_mut() else {
             return Ok(());

@@ -178,7 +178,7 @@ pub fn ask_within(
     connect_timeout: Duration,
 ) -> Result<String, String> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    let s = Socket::new(Domain::for_address(src), Type::STREAM, None).map_err(|e| e.to_string())?;
     s.set_reuse_address(true).map_err(|e| e.to_string())?;
     s.bind(&src.into())
         .map_err(|e| format!("bind {src}: {e}"))?;
