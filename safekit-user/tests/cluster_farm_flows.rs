@@ -194,6 +194,8 @@ struct Failure {
     /// The node that answered the previous request of its connection
     /// (`None`: a new connection).
     node: Option<String>,
+    /// What failed (printed with the failure).
+    #[expect(dead_code, reason = "read through Debug when a test fails")]
     what: String,
 }
 
@@ -576,7 +578,7 @@ fn established_connections_survive_leave_join_and_power_change() {
     let p3 = (40000..41000)
         .find(|p| owner_of(&lab, *p, &all, &equal) == "node3")
         .unwrap();
-    let (mut held3, who) = hold(&lab, vip, p3);
+    let (mut held_leave, who) = hold(&lab, vip, p3);
     assert_eq!(who, "node3");
     let out = lab.safekit(3, &["stop", "-m", "front"]).unwrap();
     assert!(out.status.success());
@@ -613,9 +615,9 @@ fn established_connections_survive_leave_join_and_power_change() {
         "{body}"
     );
     // Its bucket is node1's or node2's now; the connection is still node3's.
-    let (who, _) = exchange(&mut held3, false).expect("held connection after node3 left");
+    let (who, _) = exchange(&mut held_leave, false).expect("held connection after node3 left");
     assert_eq!(who, "node3", "the held connection moved");
-    drop(held3);
+    drop(held_leave);
     assert!(
         wait_for(Duration::from_secs(15), || state(&lab, 3)
             == ModuleState::Stop)
@@ -641,7 +643,7 @@ fn established_connections_survive_leave_join_and_power_change() {
                 .map(|p| (p, (*n).to_owned()))
         })
         .unwrap();
-    let (mut heldj, who) = hold(&lab, vip, pj);
+    let (mut held_join, who) = hold(&lab, vip, pj);
     assert_eq!(who, before_j);
     assert!(
         lab.safekit(3, &["start", "-m", "front"])
@@ -659,9 +661,9 @@ fn established_connections_survive_leave_join_and_power_change() {
         .is_some(),
         "node3 never came back"
     );
-    let (who, _) = exchange(&mut heldj, false).expect("held connection after node3 returned");
+    let (who, _) = exchange(&mut held_join, false).expect("held connection after node3 returned");
     assert_eq!(who, before_j, "the held connection moved to the new owner");
-    drop(heldj);
+    drop(held_join);
     std::thread::sleep(Duration::from_millis(800));
 
     // Power change: node1 = 3 on every node, SIGHUP.
@@ -672,7 +674,7 @@ fn established_connections_survive_leave_join_and_power_change() {
         (&all, &equal, "node2"),
         (&all, &heavy, "node1"),
     );
-    let (mut heldp, who) = hold(&lab, vip, pp);
+    let (mut held_power, who) = hold(&lab, vip, pp);
     assert_eq!(who, "node2");
     for i in 1..=3 {
         let path = lab.root(i).join("etc/safekit/modules/front/module.toml");
@@ -693,9 +695,10 @@ fn established_connections_survive_leave_join_and_power_change() {
         .is_some(),
         "the power change never settled"
     );
-    let (who, _) = exchange(&mut heldp, false).expect("held connection after the power change");
+    let (who, _) =
+        exchange(&mut held_power, false).expect("held connection after the power change");
     assert_eq!(who, "node2", "the held connection moved with its bucket");
-    drop(heldp);
+    drop(held_power);
     std::thread::sleep(Duration::from_millis(800));
 
     let (keep, close) = load.finish();
@@ -917,6 +920,7 @@ fn which6(lab: &Lab, node: usize, client: std::net::Ipv6Addr, port: u16) -> Stri
 /// the XDP filters); a connection held on node3 survives node3's graceful
 /// leave (flow keeping over IPv6).
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 fn an_ipv6_farm_serves_each_client_from_the_predicted_node() {
     let _serial = serial();
     let subnet = 104;

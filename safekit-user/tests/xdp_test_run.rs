@@ -264,6 +264,7 @@ fn owned(port: u16) -> bool {
 )]
 fn cases() -> Vec<Case> {
     use counter::*;
+    use tcp_flag::{ACK, FIN, RST};
     let p_own = (1024u16..).find(|p| owned(*p)).unwrap();
     let p_foreign = (1024u16..).find(|p| !owned(*p)).unwrap();
     let tcp_own = frame(
@@ -376,7 +377,6 @@ fn cases() -> Vec<Case> {
             &ipv4(PROTO_TCP, CLIENT, VIP, 0, &tcp_seg(port, 80, flags)),
         )
     };
-    use tcp_flag::{ACK, FIN, RST};
     let mut tcp_cut_flags = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
     tcp_cut_flags.extend_from_slice(&tcp_seg(p_own, 80, ACK)[..12]);
     let mut moved = vec![
@@ -906,6 +906,7 @@ fn connect_between(
     clippy::maybe_infinite_iter,
     reason = "a port in each bucket class exists within 1024.."
 )]
+#[expect(clippy::too_many_lines, reason = "the socket table")]
 fn established_flows_stay_with_the_node_that_holds_them() {
     use std::io::Read as _;
     use tcp_flag::{ACK, FIN, RST, SYN};

@@ -117,6 +117,18 @@ struct Peer {
     payload: Vec<u8>,
 }
 
+/// What a module does once it has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterStop {
+    /// Stays stopped.
+    Nothing,
+    /// `stopstart`: starts again at once (a mirror, before `poststop`).
+    Restart,
+    /// A start arrived during the stop: starts once the stop (and, for a
+    /// mirror, `poststop`) completed, as `waitstop; start`.
+    Start,
+}
+
 /// One module on this node.
 #[derive(Debug)]
 struct Module {
@@ -140,11 +152,8 @@ struct Module {
     checks: Vec<tokio::task::JoinHandle<()>>,
     farm: Option<FarmRt>,
     mirror: Option<MirrorRt>,
-    /// `stopstart`: start again once stopped.
-    restart_after_stop: bool,
-    /// A start arrived during a stop: start once the stop (and, for a
-    /// mirror, `poststop`) completed.
-    start_after_stop: bool,
+    /// What to do once the module has stopped.
+    after_stop: AfterStop,
     /// Next evaluation of the `[[check.module]]` checkers.
     next_module_check: Instant,
 }
@@ -287,8 +296,7 @@ impl Engine {
                     farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
                     mirror: (cfg.mode() == ConfigMode::Mirror)
                         .then(|| MirrorRt::new(&cfg, &me, &paths, &log)),
-                    restart_after_stop: false,
-                    start_after_stop: false,
+                    after_stop: AfterStop::Nothing,
                     next_module_check: now,
                     cfg,
                 },
@@ -517,16 +525,13 @@ impl Engine {
                     M::PrimForce => self.mirror_command(&module, Cmd::PrimForce),
                     M::Swap => self.mirror_command(&module, Cmd::Swap),
                     M::Restart => self.mirror_command(&module, Cmd::Restart),
-                    M::ForceStop if self.modules.get(&module).is_some_and(|m| m.farm.is_some()) => {
-                        self.farm_forcestop(&module)
-                    }
-                    M::ForceStop => self.mirror_forcestop(&module),
+                    M::ForceStop => self.forcestop(&module),
                     M::StopStart => {
                         let r = self.mirror_command(&module, Cmd::Stop);
                         if r.is_ok()
                             && let Some(m) = self.modules.get_mut(&module)
                         {
-                            m.restart_after_stop = true;
+                            m.after_stop = AfterStop::Restart;
                         }
                         r
                     }
@@ -605,7 +610,7 @@ impl Engine {
             m.log
                 .info("start requested while stopping: starting once stopped");
             m.wanted = true;
-            m.start_after_stop = true;
+            m.after_stop = AfterStop::Start;
             return Ok(format!("module {name} starting once its stop completes"));
         }
         if m.busy {
@@ -646,10 +651,9 @@ impl Engine {
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
-        m.start_after_stop = false;
+        m.after_stop = AfterStop::Nothing;
         if m.mirror.is_some() {
             m.wanted = false;
-            m.restart_after_stop = false;
             return self.mirror_command(name, Cmd::Stop);
         }
         if m.state == ModuleState::Stop && !m.busy {
@@ -775,10 +779,19 @@ impl Engine {
         }
     }
 
+    /// `forcestop`, either kind of module.
+    fn forcestop(&mut self, name: &str) -> Result<String, String> {
+        if self.modules.get(name).is_some_and(|m| m.farm.is_some()) {
+            self.farm_forcestop(name)
+        } else {
+            self.mirror_forcestop(name)
+        }
+    }
+
     /// `forcestop` of a farm module: no drain (a drain under way ends now).
     fn farm_forcestop(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
-        m.start_after_stop = false;
+        m.after_stop = AfterStop::Nothing;
         m.wanted = false;
         m.log.info("forcestop requested");
         if m.farm.as_ref().is_some_and(|f| f.drain.is_some()) {
@@ -851,12 +864,12 @@ impl Engine {
                 if m.wanted && !shutting_down {
                     // A start arrived while stopping.
                     m.wanted = false;
-                    m.start_after_stop = false;
+                    m.after_stop = AfterStop::Nothing;
                     m.log.info("stopped: starting as requested during the stop");
-                    if let Err(e) = self.start_module(name) {
-                        if let Some(m) = self.modules.get_mut(name) {
-                            m.log.error(&format!("start after stop: {e}"));
-                        }
+                    if let Err(e) = self.start_module(name)
+                        && let Some(m) = self.modules.get_mut(name)
+                    {
+                        m.log.error(&format!("start after stop: {e}"));
                     }
                 }
             }

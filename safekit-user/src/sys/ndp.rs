@@ -39,7 +39,7 @@ pub fn unsolicited_na_frame(eth_src: [u8; 6], mac: [u8; 6], vip: Ipv6Addr) -> [u
     f
 }
 
-/// ICMPv6 checksum over the pseudo-header and `msg`.
+/// `ICMPv6` checksum over the pseudo-header and `msg`.
 fn checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
     let len = u32::try_from(msg.len()).unwrap_or(0);
     let mut sum: u32 = 0;
