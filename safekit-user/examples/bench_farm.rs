@@ -654,6 +654,37 @@ fn median(v: &[f64]) -> f64 {
     s.get(s.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// The sockets accepted frames end in, kept open for the run.
+struct Sockets {
+    _sink: UdpSocket,
+    _sink6: UdpSocket,
+    _client: TcpStream,
+    _server: TcpStream,
+}
+
+/// Accepted UDP frames end in sockets nobody reads, their buffers full after
+/// the first frames, so the stack drops them there; the TCP line's frames
+/// belong to an established connection with both ends in this namespace.
+fn sockets() -> Result<Sockets> {
+    let sink = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    sink.set_recv_buffer_size(1)?;
+    sink.bind(&SocketAddr::from((VIP, PORT)).into())?;
+    let sink6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    sink6.set_recv_buffer_size(1)?;
+    sink6.bind(&SocketAddr::from((VIP6, PORT)).into())?;
+    let listener = TcpListener::bind(SocketAddr::from((VIP, TCP_PORT)))?;
+    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    client.bind(&SocketAddr::from((CLIENT, TCP_SPORT)).into())?;
+    client.connect(&SocketAddr::from((VIP, TCP_PORT)).into())?;
+    let (server, _) = listener.accept()?;
+    Ok(Sockets {
+        _sink: sink.into(),
+        _sink6: sink6.into(),
+        _client: client.into(),
+        _server: server,
+    })
+}
+
 fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -665,23 +696,7 @@ fn main() -> Result<()> {
         .unwrap_or(FRAMES);
     let ns = Netns::new()?;
     ns.enter()?;
-    // Accepted frames end here: a socket nobody reads, its buffer full
-    // after the first frames, so the stack drops them at the socket.
-    let sink = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-    sink.set_recv_buffer_size(1)?;
-    sink.bind(&SocketAddr::from((VIP, PORT)).into())?;
-    let _sink: UdpSocket = sink.into();
-    let sink6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-    sink6.set_recv_buffer_size(1)?;
-    sink6.bind(&SocketAddr::from((VIP6, PORT)).into())?;
-    let _sink6: UdpSocket = sink6.into();
-    // The TCP line's established connection (both ends in this namespace).
-    let listener = TcpListener::bind(SocketAddr::from((VIP, TCP_PORT)))?;
-    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    client.bind(&SocketAddr::from((CLIENT, TCP_SPORT)).into())?;
-    client.connect(&SocketAddr::from((VIP, TCP_PORT)).into())?;
-    let _client: TcpStream = client.into();
-    let (_server, _) = listener.accept()?;
+    let _sockets = sockets()?;
     let mut generator = Generator::new(ifindex("bA")?)?;
     println!(
         "farm filter benchmark: {frames} frames of 60 bytes per measurement, \
