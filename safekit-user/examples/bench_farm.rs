@@ -685,6 +685,39 @@ fn sockets() -> Result<Sockets> {
     })
 }
 
+/// The filter's own cost per frame on each path, next to the no-op program.
+fn print_program_costs() -> Result<()> {
+    println!("\nprogram alone (BPF_PROG_TEST_RUN, 1M runs, best of 3), ns per frame:");
+    let costs = [
+        ("no-op", ebpf::NOOP_PROGRAM, true, frame(B_MAC)),
+        ("farm, accept path", ebpf::FARM_PROGRAM, true, frame(VMAC)),
+        ("farm, drop path", ebpf::FARM_PROGRAM, false, frame(VMAC)),
+        (
+            "farm, TCP flow lookup",
+            ebpf::FARM_PROGRAM,
+            false,
+            tcp_frame(VMAC),
+        ),
+        (
+            "farm, IPv6 accept",
+            ebpf::FARM_PROGRAM,
+            true,
+            udp6_frame(VMAC),
+        ),
+        (
+            "farm, IPv6 drop",
+            ebpf::FARM_PROGRAM,
+            false,
+            udp6_frame(VMAC),
+        ),
+    ];
+    for (name, program, owned, f) in costs {
+        let d = program_cost(program, owned, &f)?;
+        println!("  {name:<22} {:>8.1}", d.as_secs_f64() * 1e9);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -735,34 +768,7 @@ fn main() -> Result<()> {
             lost
         );
     }
-    println!("\nprogram alone (BPF_PROG_TEST_RUN, 1M runs, best of 3), ns per frame:");
-    let costs = [
-        ("no-op", ebpf::NOOP_PROGRAM, true, frame(B_MAC)),
-        ("farm, accept path", ebpf::FARM_PROGRAM, true, frame(VMAC)),
-        ("farm, drop path", ebpf::FARM_PROGRAM, false, frame(VMAC)),
-        (
-            "farm, TCP flow lookup",
-            ebpf::FARM_PROGRAM,
-            false,
-            tcp_frame(VMAC),
-        ),
-        (
-            "farm, IPv6 accept",
-            ebpf::FARM_PROGRAM,
-            true,
-            udp6_frame(VMAC),
-        ),
-        (
-            "farm, IPv6 drop",
-            ebpf::FARM_PROGRAM,
-            false,
-            udp6_frame(VMAC),
-        ),
-    ];
-    for (name, program, owned, f) in costs {
-        let d = program_cost(program, owned, &f)?;
-        println!("  {name:<22} {:>8.1}", d.as_secs_f64() * 1e9);
-    }
+    print_program_costs()?;
     let tcp = med[&Variant::XdpAcceptTcp] / med[&Variant::NoopTcp];
     let v6 = med[&Variant::XdpAccept6] / med[&Variant::Noop6];
     let v6_drop = med[&Variant::XdpDrop6] / med[&Variant::NftDrop];
