@@ -27,7 +27,9 @@ use aya_ebpf::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, xdp_action,
     },
-    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_tail},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -57,6 +59,13 @@ static SLOT_RULES: Array<SlotRules> = Array::with_max_entries(MAX_VIPS, 0);
 /// the bucket.
 #[map]
 static OWNED: Array<u32> = Array::with_max_entries(OWNED_ENTRIES, 0);
+/// The daemon's lease on each VIP slot: a `bpf_ktime_get_ns` deadline the
+/// engine pushes forward with every heartbeat it sends (by the peers' loss
+/// timeout). Past it, the slot's buckets accept nothing new: a stalled
+/// daemon's node stops taking connections by the time its peers take its
+/// buckets over. 0: no lease (maps filled by hand).
+#[map]
+static LEASE: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
 /// Interface settings (one entry).
 #[map]
 static CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
@@ -329,7 +338,7 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         }
     };
     let slot = vip.slot;
-    let owned = slot < MAX_VIPS && OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) != 0;
+    let (owned, lapsed) = owns(slot, bucket);
     if l4proto == PROTO_TCP && frag == 0 {
         // TCP: a SYN follows bucket ownership, every other segment the
         // local socket that holds its connection (if any).
@@ -345,7 +354,7 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         } else {
             None
         };
-        let verdict = tcp_verdict(flags, owned, socket);
+        let verdict = lease_verdict(tcp_verdict(flags, owned, socket), lapsed);
         count(verdict);
         if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
             return Ok(xdp_action::XDP_DROP);
@@ -353,11 +362,37 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         return accept(ctx, cfg);
     }
     if !owned {
-        count(counter::DROP_NOT_OWNER);
+        count(lease_verdict(counter::DROP_NOT_OWNER, lapsed));
         return Ok(xdp_action::XDP_DROP);
     }
     count(counter::ACCEPT);
     accept(ctx, cfg)
+}
+
+/// Whether this node takes new traffic of `bucket` of VIP `slot`: it owns
+/// the bucket and the daemon's lease on the slot is current. The second
+/// value is true when it owns the bucket but the lease has lapsed.
+#[inline(always)]
+fn owns(slot: u32, bucket: u32) -> (bool, bool) {
+    if slot >= MAX_VIPS || OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) == 0 {
+        return (false, false);
+    }
+    let lease = LEASE.get(slot).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    if lease != 0 && unsafe { bpf_ktime_get_ns() } > lease {
+        return (false, true);
+    }
+    (true, false)
+}
+
+/// A drop caused by a lapsed lease is counted as such.
+#[inline(always)]
+fn lease_verdict(verdict: u32, lapsed: bool) -> u32 {
+    if lapsed && (verdict == counter::DROP_NOT_OWNER || verdict == counter::DROP_NO_FLOW) {
+        counter::DROP_LEASE
+    } else {
+        verdict
+    }
 }
 
 /// Hands an accepted frame to the local stack: destination MAC set to the
@@ -530,7 +565,7 @@ fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
             bucket_client_ip6_port(saddr, [ports[0], ports[1]], cfg.seed)
         }
     };
-    let owned = slot < MAX_VIPS && OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) != 0;
+    let (owned, lapsed) = owns(slot, bucket);
     if next == PROTO_TCP && !fragment_tail {
         let Ok(hdr) = ptr_at(ctx, l4, 14) else {
             count(counter::DROP_MALFORMED);
@@ -544,7 +579,7 @@ fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         } else {
             None
         };
-        let verdict = tcp_verdict(tflags, owned, socket);
+        let verdict = lease_verdict(tcp_verdict(tflags, owned, socket), lapsed);
         count(verdict);
         if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
             return Ok(xdp_action::XDP_DROP);
@@ -552,7 +587,7 @@ fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         return accept(ctx, cfg);
     }
     if !owned {
-        count(counter::DROP_NOT_OWNER);
+        count(lease_verdict(counter::DROP_NOT_OWNER, lapsed));
         return Ok(xdp_action::XDP_DROP);
     }
     count(counter::ACCEPT);

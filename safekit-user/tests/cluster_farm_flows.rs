@@ -1151,3 +1151,96 @@ garp_interval = "50ms"
     let log = std::fs::read_to_string(lab.root(2).join("var/log/safekit/web.log")).unwrap();
     assert!(log.contains(&format!("VIP {vip6}/64 set on eth0")), "{log}");
 }
+
+/// Issue 12, item 4: SIGSTOP of node3's safekitd under connection load (3
+/// s, three times the peers' loss timeout), then SIGCONT. node3's filter
+/// stops taking new connections when its lease lapses, before node1 and
+/// node2 take its buckets; back, it re-learns the membership before owning
+/// anything. No flow ever got SYN-ACKs from two nodes (captured on the
+/// client's interface), and node3's filter counted the lapsed lease.
+#[test]
+fn a_stalled_farm_daemon_never_shares_a_flow() {
+    let _serial = serial();
+    let subnet = 106;
+    let mut lab = common::lab(
+        "skfl6",
+        subnet,
+        3,
+        vec![front(subnet, "", "--keepalive 20", "0")],
+    );
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        assert!(
+            lab.safekit(i, &["start", "-m", "front"])
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    let equal: BTreeMap<String, u32> = BTreeMap::new();
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "the farm never settled"
+    );
+    let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
+    let stop_capture = Arc::new(AtomicBool::new(false));
+    let cap = capture(&lab, vip_ip, stop_capture.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    let load = Load::start(&lab, SocketAddr::from((vip_ip, 80)), 2, 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = i32::try_from(lab.daemon_pid(3).expect("node3's daemon")).unwrap();
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(3));
+    let taken = settled_as(&lab, &[1, 2], &["node1", "node2"], &equal);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        taken,
+        "node1 and node2 did not take node3's buckets while it was stopped"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "node3 never rejoined"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (keep, close) = load.finish();
+    std::thread::sleep(Duration::from_millis(200));
+    stop_capture.store(true, Ordering::SeqCst);
+    let cap = cap.join().expect("capture");
+    eprintln!(
+        "load: {} keep-alive and {} close requests, {} + {} failed; capture: {} SYN-ACKs, {} RSTs",
+        keep.requests,
+        close.requests,
+        keep.failed.len(),
+        close.failed.len(),
+        cap.syn_acks.len(),
+        cap.resets.len()
+    );
+    let doubles: Vec<_> = cap.syn_acks.iter().filter(|(_, m)| m.len() > 1).collect();
+    assert!(doubles.is_empty(), "SYN-ACKs from two nodes: {doubles:?}");
+    assert!(close.requests > 50, "too little load");
+    let body = metrics(&lab, 3);
+    let key = "safekit_xdp_packets_total{node=\"node3\",interface=\"eth0\",verdict=\"drop_lease\"}";
+    assert!(
+        common::metric(&body, key).is_some_and(|v| v > 0.0),
+        "node3's filter never dropped for a lapsed lease: {key}\n{body}"
+    );
+    let log3 = module_log(&lab, 3);
+    assert!(log3.contains("lease lapsed"), "{log3}");
+}

@@ -543,6 +543,7 @@ fn counter_name(i: u32) -> &'static str {
         counter::ACCEPT_FLOW => "accept_flow",
         counter::DROP_NO_FLOW => "drop_no_flow",
         counter::NS_REPLY => "ns_reply",
+        counter::DROP_LEASE => "drop_lease",
         _ => "?",
     }
 }

@@ -351,7 +351,9 @@ impl Engine {
                 self.stall_grace = Some(now + STALL_GRACE);
             }
             match self.stall_grace {
-                Some(t) if now < t => self.send_due_heartbeats(now),
+                // No lease is pushed forward before the peers' heartbeats
+                // that came meanwhile are read.
+                Some(t) if now < t => self.send_due_heartbeats(now, false),
                 _ => {
                     self.stall_grace = None;
                     self.handle_timeout(now);
@@ -779,6 +781,34 @@ impl Engine {
         }
     }
 
+    /// Pushes a farm module's filter lease forward. A lease found lapsed
+    /// means this daemon did not run for the peers' loss timeout: they may
+    /// have taken its buckets; it forgets their views and owns nothing until
+    /// their next heartbeats say what they see now (the join rules apply).
+    fn farm_lease(&mut self, name: &str) {
+        let dataplane = self.dataplane.clone();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let timeout = m.timeout;
+        let Some(f) = m.farm.as_mut() else {
+            return;
+        };
+        match f.refresh_lease(&dataplane, timeout) {
+            Ok(false) => {}
+            Ok(true) => {
+                m.log.error(&format!(
+                    "the filter's lease lapsed (safekitd did not run for {timeout:?}, the peers' loss timeout): buckets released until the peers are heard again"
+                ));
+                for p in m.peers.values_mut() {
+                    p.payload.clear();
+                }
+                self.farm_refresh(name);
+            }
+            Err(e) => m.log.error(&format!("refreshing the filter's lease: {e}")),
+        }
+    }
+
     /// `forcestop`, either kind of module.
     fn forcestop(&mut self, name: &str) -> Result<String, String> {
         if self.modules.get(name).is_some_and(|m| m.farm.is_some()) {
@@ -1172,15 +1202,21 @@ impl Engine {
         for name in refresh {
             self.farm_refresh(&name);
         }
-        self.send_due_heartbeats(now);
+        self.send_due_heartbeats(now, true);
     }
 
-    /// Sends the heartbeats that are due.
-    fn send_due_heartbeats(&mut self, now: Instant) {
+    /// Sends the heartbeats that are due; with `lease`, pushes each farm
+    /// module's filter lease forward first (so it never outlasts the
+    /// peers' view of this node's last heartbeat by more than their loss
+    /// timeout).
+    fn send_due_heartbeats(&mut self, now: Instant, lease: bool) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
             let due = self.modules.get(&name).is_some_and(|m| m.next_pulse <= now);
             if due {
+                if lease {
+                    self.farm_lease(&name);
+                }
                 self.send_heartbeats(&name);
                 if let Some(m) = self.modules.get_mut(&name) {
                     m.next_pulse = now + m.pulse;

@@ -46,6 +46,19 @@ pub(super) struct FarmRt {
     pub(super) drain: Option<Drain>,
     /// `farm.drain_timeout`.
     pub(super) drain_timeout: Duration,
+    /// The lease deadline last written to the filter (`CLOCK_MONOTONIC`
+    /// ns; 0: none yet).
+    pub(super) lease: u64,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub(super) fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid timespec pointer for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// A farm module draining (graceful stop).
@@ -178,11 +191,44 @@ impl FarmRt {
             view: View::new(),
             owned: vec![false; BUCKETS as usize],
             drain: None,
+            lease: 0,
             drain_timeout: cfg
                 .farm
                 .as_ref()
                 .map_or(Duration::ZERO, |f| f.drain_timeout),
         }
+    }
+
+    /// Pushes the filter's lease on this module's VIPs to `now + timeout`
+    /// (called as heartbeats are sent: the peers judge this node lost
+    /// `timeout` after its last heartbeat, by which time the lease has
+    /// lapsed). Returns true, writing nothing, when the previous lease had
+    /// lapsed already (the daemon stalled): the caller must re-learn the
+    /// membership before owning anything again.
+    pub(super) fn refresh_lease(
+        &mut self,
+        dataplane: &Dataplane,
+        timeout: Duration,
+    ) -> Result<bool, String> {
+        let Some(iface) = &self.iface else {
+            return Ok(false);
+        };
+        let now = monotonic_ns();
+        if self.lease != 0 && now > self.lease {
+            self.lease = 0;
+            return Ok(true);
+        }
+        let deadline = now + u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX / 2);
+        let mut dp = dataplane
+            .lock()
+            .map_err(|_| "dataplane lock poisoned".to_owned())?;
+        if let Some(f) = dp.get_mut(&iface.name) {
+            for v in &self.vips {
+                f.set_lease(*v, deadline).map_err(|e| e.to_string())?;
+            }
+        }
+        self.lease = deadline;
+        Ok(false)
     }
 
     /// Writes bucket ownership for every VIP of the module.

@@ -125,6 +125,7 @@ pub struct FarmFilter {
     vips6: HashMap<MapData, Vip6Key, VipValue>,
     rules6: HashMap<MapData, Rule6Key, RuleValue>,
     owned: Array<MapData, u32>,
+    lease: Array<MapData, u64>,
     config: Array<MapData, FilterConfig>,
     counters: PerCpuArray<MapData, u64>,
     index: Array<MapData, VipIndex>,
@@ -231,6 +232,7 @@ impl FarmFilter {
             rules: take(&mut bpf, "RULES")?,
             vips6: take(&mut bpf, "VIPS6")?,
             rules6: take(&mut bpf, "RULES6")?,
+            lease: take(&mut bpf, "LEASE")?,
             owned: take(&mut bpf, "OWNED")?,
             config: take(&mut bpf, "CONFIG")?,
             counters: take(&mut bpf, "COUNTERS")?,
@@ -280,6 +282,10 @@ impl FarmFilter {
             inline: None,
             indexed: false,
         });
+        // A lease already lapsed until the daemon's first refresh.
+        self.lease
+            .set(slot, &1, 0)
+            .map_err(Self::map_err("LEASE"))?;
         // Start from "owns nothing" in the kernel too.
         for b in 0..BUCKETS {
             self.owned
@@ -481,6 +487,22 @@ impl FarmFilter {
             }
         }
         Ok(())
+    }
+
+    /// Sets the daemon's lease on `vip`'s slot: its buckets take new
+    /// traffic until `deadline_ns` (`CLOCK_MONOTONIC`, as
+    /// `bpf_ktime_get_ns`).
+    pub fn set_lease(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        deadline_ns: u64,
+    ) -> Result<(), FilterError> {
+        let slot = self
+            .slot_of(vip.into())
+            .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
+        self.lease
+            .set(slot, &deadline_ns.max(1), 0)
+            .map_err(Self::map_err("LEASE"))
     }
 
     /// Verdict counters summed over CPUs, indexed by

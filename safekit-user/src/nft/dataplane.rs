@@ -142,6 +142,15 @@ impl FarmDataplane {
         }
     }
 
+    /// See [`FarmFilter::set_lease`]. The nftables backend has no lease
+    /// (a stalled daemon's node keeps its buckets there).
+    pub fn set_lease(&mut self, vip: IpAddr, deadline_ns: u64) -> Result<(), DataplaneError> {
+        match self {
+            Self::Xdp(f) => Ok(f.set_lease(vip, deadline_ns)?),
+            Self::Nft(_) => Ok(()),
+        }
+    }
+
     /// See [`FarmFilter::remove_vip`].
     pub fn remove_vip(&mut self, vip: IpAddr, rules: &[FilterRule]) -> Result<(), DataplaneError> {
         match (self, vip) {
