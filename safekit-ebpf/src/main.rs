@@ -340,27 +340,51 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     let slot = vip.slot;
     let (owned, lapsed) = owns(slot, bucket);
     if l4proto == PROTO_TCP && frag == 0 {
-        // TCP: a SYN follows bucket ownership, every other segment the
-        // local socket that holds its connection (if any).
-        let Ok(hdr) = ptr_at(ctx, l4, 14) else {
-            count(counter::DROP_MALFORMED);
-            return Ok(xdp_action::XDP_DROP);
-        };
-        // SAFETY: 14 bytes of TCP header are inside the frame (checked).
-        let (ports, flags) =
-            unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
-        let socket = if tcp_needs_lookup(flags) {
+        return tcp(ctx, cfg, l4, (owned, lapsed), |ports| {
             tcp_socket_state(ctx, saddr, daddr, ports)
-        } else {
-            None
-        };
-        let verdict = lease_verdict(tcp_verdict(flags, owned, socket), lapsed);
-        count(verdict);
-        if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
-            return Ok(xdp_action::XDP_DROP);
-        }
-        return accept(ctx, cfg);
+        });
     }
+    by_ownership(ctx, cfg, owned, lapsed)
+}
+
+/// A TCP segment at `l4`: a SYN follows bucket ownership (`owned`, and
+/// whether the lease lapsed), every other segment the local socket that
+/// holds its connection (`lookup` of the ports).
+#[inline(always)]
+fn tcp(
+    ctx: &XdpContext,
+    cfg: &FilterConfig,
+    l4: usize,
+    (owned, lapsed): (bool, bool),
+    lookup: impl FnOnce([u8; 4]) -> Option<u32>,
+) -> Result<u32, ()> {
+    let Ok(hdr) = ptr_at(ctx, l4, 14) else {
+        count(counter::DROP_MALFORMED);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    // SAFETY: 14 bytes of TCP header are inside the frame (checked).
+    let (ports, flags) = unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
+    let socket = if tcp_needs_lookup(flags) {
+        lookup(ports)
+    } else {
+        None
+    };
+    let verdict = lease_verdict(tcp_verdict(flags, owned, socket), lapsed);
+    count(verdict);
+    if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    accept(ctx, cfg)
+}
+
+/// UDP, and fragments without ports: by bucket ownership alone.
+#[inline(always)]
+fn by_ownership(
+    ctx: &XdpContext,
+    cfg: &FilterConfig,
+    owned: bool,
+    lapsed: bool,
+) -> Result<u32, ()> {
     if !owned {
         count(lease_verdict(counter::DROP_NOT_OWNER, lapsed));
         return Ok(xdp_action::XDP_DROP);
@@ -427,17 +451,20 @@ fn tcp_socket_state(
         },
     };
     #[expect(clippy::cast_possible_truncation, reason = "size of a 12-byte struct")]
+    socket_state(
+        ctx,
+        &mut tuple,
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+    )
+}
+
+/// State of the socket `bpf_skc_lookup_tcp` finds for the first `size`
+/// bytes of `tuple`, released at once.
+#[inline(always)]
+fn socket_state(ctx: &XdpContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<u32> {
     // SAFETY: the helper reads `size` bytes of the tuple on this stack; the
     // socket it returns (if any) is released below before returning.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &raw mut tuple,
-            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            CURRENT_NETNS,
-            0,
-        )
-    };
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), tuple, size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return None;
     }
@@ -473,10 +500,6 @@ fn byte_at(ctx: &XdpContext, off: usize) -> Result<u8, ()> {
 // A BPF function of its own: its stack is not added to the IPv4 path's
 // (the verifier's limit is 512 bytes per call chain).
 #[inline(never)]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one straight path through the IPv6 headers, as the verifier reads it"
-)]
 fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     let daddr = load16(ctx, off + 24)?;
     let saddr = load16(ctx, off + 8)?;
@@ -567,31 +590,11 @@ fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
     };
     let (owned, lapsed) = owns(slot, bucket);
     if next == PROTO_TCP && !fragment_tail {
-        let Ok(hdr) = ptr_at(ctx, l4, 14) else {
-            count(counter::DROP_MALFORMED);
-            return Ok(xdp_action::XDP_DROP);
-        };
-        // SAFETY: 14 bytes of TCP header are inside the frame (checked).
-        let (ports, tflags) =
-            unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
-        let socket = if tcp_needs_lookup(tflags) {
+        return tcp(ctx, cfg, l4, (owned, lapsed), |ports| {
             tcp6_socket_state(ctx, saddr, daddr, ports)
-        } else {
-            None
-        };
-        let verdict = lease_verdict(tcp_verdict(tflags, owned, socket), lapsed);
-        count(verdict);
-        if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
-            return Ok(xdp_action::XDP_DROP);
-        }
-        return accept(ctx, cfg);
+        });
     }
-    if !owned {
-        count(lease_verdict(counter::DROP_NOT_OWNER, lapsed));
-        return Ok(xdp_action::XDP_DROP);
-    }
-    count(counter::ACCEPT);
-    accept(ctx, cfg)
+    by_ownership(ctx, cfg, owned, lapsed)
 }
 
 /// As [`tcp_socket_state`], for IPv6.
@@ -621,26 +624,11 @@ fn tcp6_socket_state(
         },
     };
     #[expect(clippy::cast_possible_truncation, reason = "size of a 36-byte struct")]
-    // SAFETY: the helper reads `size` bytes of the tuple on this stack; the
-    // socket it returns (if any) is released below before returning.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &raw mut tuple,
-            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
-            CURRENT_NETNS,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: non-null socket from the lookup: `state` is readable on a
-    // socket common; released once, right after.
-    let state = unsafe { (*sk).state };
-    // SAFETY: the reference taken by the lookup above.
-    unsafe { bpf_sk_release(sk.cast()) };
-    Some(state)
+    socket_state(
+        ctx,
+        &mut tuple,
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
+    )
 }
 
 /// One's-complement sum of big-endian 16-bit words.

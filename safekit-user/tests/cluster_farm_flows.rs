@@ -502,6 +502,30 @@ fn settled_as(
     })
 }
 
+/// Starts the three daemons and `front` on each, until the farm settled
+/// with equal powers.
+fn start_three(lab: &mut Lab) {
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        let out = lab.safekit(i, &["start", "-m", "front"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            lab,
+            &[1, 2, 3],
+            &all,
+            &BTreeMap::new()
+        ))
+        .is_some(),
+        "the farm never settled:\n{}",
+        module_log(lab, 1)
+    );
+}
+
 fn state_v(lab: &Lab, node: usize) -> String {
     let out = lab.safekit(node, &["state", "-v", "-m", "front"]).unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -543,29 +567,9 @@ fn established_connections_survive_leave_join_and_power_change() {
             "0",
         )],
     );
-    for i in 1..=3 {
-        lab.start_daemon(i).unwrap();
-    }
-    for i in 1..=3 {
-        assert!(
-            lab.safekit(i, &["start", "-m", "front"])
-                .unwrap()
-                .status
-                .success()
-        );
-    }
+    start_three(&mut lab);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
     let all = ["node1", "node2", "node3"];
-    assert!(
-        wait_for(Duration::from_secs(15), || settled_as(
-            &lab,
-            &[1, 2, 3],
-            &all,
-            &equal
-        ))
-        .is_some(),
-        "the farm never settled"
-    );
     let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
     let vip = SocketAddr::from((vip_ip, 80));
     let stop_capture = Arc::new(AtomicBool::new(false));
@@ -787,29 +791,8 @@ fn a_killed_daemon_loses_only_its_own_connections() {
         3,
         vec![front(subnet, "", "--keepalive 20", "0")],
     );
-    for i in 1..=3 {
-        lab.start_daemon(i).unwrap();
-    }
-    for i in 1..=3 {
-        assert!(
-            lab.safekit(i, &["start", "-m", "front"])
-                .unwrap()
-                .status
-                .success()
-        );
-    }
+    start_three(&mut lab);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
-    let all = ["node1", "node2", "node3"];
-    assert!(
-        wait_for(Duration::from_secs(15), || settled_as(
-            &lab,
-            &[1, 2, 3],
-            &all,
-            &equal
-        ))
-        .is_some(),
-        "the farm never settled"
-    );
     let vip = SocketAddr::from((Ipv4Addr::new(10, 77, subnet, 200), 80));
     let load = Load::start(&lab, vip, 4, 2);
     std::thread::sleep(Duration::from_secs(1));
@@ -1168,29 +1151,9 @@ fn a_stalled_farm_daemon_never_shares_a_flow() {
         3,
         vec![front(subnet, "", "--keepalive 20", "0")],
     );
-    for i in 1..=3 {
-        lab.start_daemon(i).unwrap();
-    }
-    for i in 1..=3 {
-        assert!(
-            lab.safekit(i, &["start", "-m", "front"])
-                .unwrap()
-                .status
-                .success()
-        );
-    }
+    start_three(&mut lab);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
     let all = ["node1", "node2", "node3"];
-    assert!(
-        wait_for(Duration::from_secs(15), || settled_as(
-            &lab,
-            &[1, 2, 3],
-            &all,
-            &equal
-        ))
-        .is_some(),
-        "the farm never settled"
-    );
     let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
     let stop_capture = Arc::new(AtomicBool::new(false));
     let cap = capture(&lab, vip_ip, stop_capture.clone());

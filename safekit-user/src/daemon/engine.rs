@@ -600,11 +600,7 @@ impl Engine {
     }
 
     fn start_module(&mut self, name: &str) -> Result<String, String> {
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
+        let jc = self.job_ctx(name);
         let m = self.module_mut(name)?;
         if m.busy && !m.wanted && m.state_is_stopping() {
             // A start during a stop: as `waitstop; start`, the module starts
@@ -628,11 +624,12 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
+                let job = farm_job(m, &jc);
                 // `when = "both"` checkers start once `start_both` succeeded
                 // (effect_done); `pre` ones cover the start itself.
-                m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
+                m.checks = checks::spawn(&m.cfg, &[When::Pre], &jc.tx, &job.env, &jc.module_dir);
                 let module = name.to_owned();
+                let tx = jc.tx;
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
                     let _ = tx
@@ -721,19 +718,16 @@ impl Engine {
     /// The effects of a farm stop (after its drain): filter forgets the
     /// VIPs, `stop_both`, VIPs removed.
     fn farm_down(&mut self, name: &str) {
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
+        let jc = self.job_ctx(name);
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
         if let Some(f) = m.farm.as_mut() {
             f.drain = None;
             let iface = f.iface.take();
-            let job = farm_job(m, &me, &root, module_dir, dataplane);
+            let job = farm_job(m, &jc);
             let module = name.to_owned();
+            let tx = jc.tx;
             tokio::spawn(async move {
                 let r = farm::down(job, iface).await;
                 let _ = tx
@@ -844,11 +838,7 @@ impl Engine {
             return;
         }
         let shutting_down = self.shutting_down;
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
+        let jc = self.job_ctx(name);
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -864,8 +854,8 @@ impl Engine {
                 }
                 // Checkers of the running service: from now until before
                 // `stop_both` (begin_stop aborts them first).
-                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane).env;
-                let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
+                let env = farm_job(m, &jc).env;
+                let both = checks::spawn(&m.cfg, &[When::Both], &jc.tx, &env, &jc.module_dir);
                 m.checks.extend(both);
                 let state = if m.failing.is_empty() {
                     ModuleState::Up
@@ -1395,22 +1385,39 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
     d
 }
 
-fn farm_job(
-    m: &Module,
-    me: &str,
-    root: &std::path::Path,
+/// What a farm module's effects need from the engine, taken before the
+/// module is borrowed.
+struct JobCtx {
+    me: String,
+    root: std::path::PathBuf,
     module_dir: std::path::PathBuf,
+    tx: mpsc::Sender<Event>,
     dataplane: Dataplane,
-) -> farm::FarmJob {
+}
+
+impl Engine {
+    fn job_ctx(&self, name: &str) -> JobCtx {
+        JobCtx {
+            me: self.me.clone(),
+            root: self.paths.root().to_path_buf(),
+            module_dir: self.paths.module_dir(name),
+            tx: self.events.clone(),
+            dataplane: self.dataplane.clone(),
+        }
+    }
+}
+
+fn farm_job(m: &Module, jc: &JobCtx) -> farm::FarmJob {
+    let (me, root, dataplane) = (&jc.me, &jc.root, jc.dataplane.clone());
     let f = m.farm.as_ref();
     farm::FarmJob {
-        module_dir,
+        module_dir: jc.module_dir.clone(),
         interface: m.cfg.vip.as_ref().and_then(|v| v.interface.clone()),
         vips: f.map(|f| f.vips.clone()).unwrap_or_default(),
         vmac: f.map_or([0; 6], |f| f.vmac),
         rules: f.map(|f| f.rules.clone()).unwrap_or_default(),
         env: ScriptEnv {
-            root: root.to_path_buf(),
+            root: root.clone(),
             module: m.cfg.name.clone(),
             node: me.to_owned(),
             bin_dir: std::env::current_exe()

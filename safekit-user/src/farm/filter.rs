@@ -98,6 +98,10 @@ fn inline_rules(rules: &[FilterRule], flags: u16) -> Option<SlotRules> {
     Some(out)
 }
 
+/// An object whose farm program is loaded and verified, waiting for the
+/// first attach ([`FarmFilter::preload`]).
+static PRELOADED: std::sync::Mutex<Option<Ebpf>> = std::sync::Mutex::new(None);
+
 /// XDP attach mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -180,9 +184,16 @@ impl FarmFilter {
     /// Loads the program and attaches it to `interface`, passing everything
     /// until [`FarmFilter::enable`].
     pub fn attach(interface: &str, mode: AttachMode) -> Result<Self, FilterError> {
-        let mut bpf = ebpf::load()?;
+        let preloaded = PRELOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut bpf = match preloaded {
+            Some(b) => b,
+            None => Self::verified(interface)?,
+        };
         // The reader owns the log ring buffer's map from here on (its fd
-        // stays open for the program loaded below).
+        // stays open for the program loaded with it).
         let log = match ebpf::EbpfLog::start(&mut bpf, &format!("XDP farm filter on {interface}")) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -190,20 +201,7 @@ impl FarmFilter {
                 None
             }
         };
-        let prog: &mut Xdp = bpf
-            .program_mut(ebpf::FARM_PROGRAM)
-            .ok_or(FilterError::Missing("safekit_farm program"))?
-            .try_into()
-            .map_err(|source| FilterError::Program {
-                op: "typing",
-                interface: interface.to_owned(),
-                source,
-            })?;
-        prog.load().map_err(|source| FilterError::Program {
-            op: "verifying",
-            interface: interface.to_owned(),
-            source,
-        })?;
+        let prog = Self::program(&mut bpf, interface)?;
         let xdp_mode = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Generic => XdpMode::Skb,
@@ -242,6 +240,43 @@ impl FarmFilter {
             interface: interface.to_owned(),
             slots: vec![None; MAX_VIPS as usize],
         })
+    }
+
+    /// The farm program of `bpf`.
+    fn program<'a>(bpf: &'a mut Ebpf, interface: &str) -> Result<&'a mut Xdp, FilterError> {
+        bpf.program_mut(ebpf::FARM_PROGRAM)
+            .ok_or(FilterError::Missing("safekit_farm program"))?
+            .try_into()
+            .map_err(|source| FilterError::Program {
+                op: "typing",
+                interface: interface.to_owned(),
+                source,
+            })
+    }
+
+    /// The embedded object with its farm program loaded (verified).
+    fn verified(interface: &str) -> Result<Ebpf, FilterError> {
+        let mut bpf = ebpf::load()?;
+        Self::program(&mut bpf, interface)?
+            .load()
+            .map_err(|source| FilterError::Program {
+                op: "verifying",
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(bpf)
+    }
+
+    /// Loads and verifies the program ahead of the first attach (the
+    /// verifier takes a good part of a second on IPv6 and Neighbour
+    /// Discovery paths): the daemon calls it at start, off its engine, so
+    /// that starting a farm module attaches at once.
+    pub fn preload() -> Result<(), FilterError> {
+        let bpf = Self::verified("(preloaded)")?;
+        *PRELOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bpf);
+        Ok(())
     }
 
     /// True when the program's aya-log records are forwarded to the

@@ -149,7 +149,7 @@ pub fn demo_scripts_with(
         (
             start.to_owned(),
             format!(
-                "#!/bin/sh\nrm -f \"$SAFE_ROOT/demo.pid\"\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" {extra} >/dev/null 2>&1 &\ni=0\nwhile [ ! -s \"$SAFE_ROOT/demo.pid\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\necho \"demo service started on $SAFE_NODE\"\n",
+                "#!/bin/sh\nrm -f \"$SAFE_ROOT/demo.pid\"\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" {extra} >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\ni=0\nwhile [ ! -s \"$SAFE_ROOT/demo.pid\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n",
                 demo.display()
             ),
         ),
