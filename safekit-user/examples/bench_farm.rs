@@ -467,6 +467,10 @@ fn attach(v: Variant) -> Result<Attached> {
             f.set_owned(VIP, &owned)?;
             f.add_vip(VIP6, VMAC, &rules())?;
             f.set_owned(VIP6, &owned)?;
+            // No daemon here to push the lease forward: one that never
+            // lapses (the check itself still runs on the accept path).
+            f.set_lease(VIP, u64::MAX)?;
+            f.set_lease(VIP6, u64::MAX)?;
             Attached::Xdp(Box::new(f))
         }
         Variant::NftAccept | Variant::NftDrop => {

@@ -502,6 +502,19 @@ fn settled_as(
     })
 }
 
+/// Three nodes serving `front` (keep-alive demo, 20 requests per
+/// connection) on 10.77.`subnet`.200, settled.
+fn keepalive_farm(prefix: &str, subnet: u8) -> Lab {
+    let mut lab = common::lab(
+        prefix,
+        subnet,
+        3,
+        vec![front(subnet, "", "--keepalive 20", "0")],
+    );
+    start_three(&mut lab);
+    lab
+}
+
 /// Starts the three daemons and `front` on each, until the farm settled
 /// with equal powers.
 fn start_three(lab: &mut Lab) {
@@ -785,13 +798,7 @@ fn established_connections_survive_leave_join_and_power_change() {
 fn a_killed_daemon_loses_only_its_own_connections() {
     let _serial = serial();
     let subnet = 103;
-    let mut lab = common::lab(
-        "skfl3",
-        subnet,
-        3,
-        vec![front(subnet, "", "--keepalive 20", "0")],
-    );
-    start_three(&mut lab);
+    let mut lab = keepalive_farm("skfl3", subnet);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
     let vip = SocketAddr::from((Ipv4Addr::new(10, 77, subnet, 200), 80));
     let load = Load::start(&lab, vip, 4, 2);
@@ -1145,13 +1152,7 @@ garp_interval = "50ms"
 fn a_stalled_farm_daemon_never_shares_a_flow() {
     let _serial = serial();
     let subnet = 106;
-    let mut lab = common::lab(
-        "skfl6",
-        subnet,
-        3,
-        vec![front(subnet, "", "--keepalive 20", "0")],
-    );
-    start_three(&mut lab);
+    let lab = keepalive_farm("skfl6", subnet);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
     let all = ["node1", "node2", "node3"];
     let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
