@@ -133,8 +133,11 @@ pub mod counter {
     /// IPv6 Neighbour Solicitation for a VIP answered with the virtual MAC
     /// (`XDP_TX`).
     pub const NS_REPLY: u32 = 10;
+    /// Traffic of a bucket this node owns, dropped because the daemon's
+    /// lease has lapsed (safekitd stalled: its peers take the bucket over).
+    pub const DROP_LEASE: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Key of the VIP map: an IPv4 address in network byte order, as the bytes

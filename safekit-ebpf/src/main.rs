@@ -26,10 +26,12 @@ mod lease;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, xdp_action,
     },
-    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_tail},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_tail,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -59,6 +61,13 @@ static SLOT_RULES: Array<SlotRules> = Array::with_max_entries(MAX_VIPS, 0);
 /// the bucket.
 #[map]
 static OWNED: Array<u32> = Array::with_max_entries(OWNED_ENTRIES, 0);
+/// The daemon's lease on each VIP slot: a `bpf_ktime_get_ns` deadline the
+/// engine pushes forward with every heartbeat it sends (by the peers' loss
+/// timeout). Past it, the slot's buckets accept nothing new: a stalled
+/// daemon's node stops taking connections by the time its peers take its
+/// buckets over. 0: no lease (maps filled by hand).
+#[map]
+static LEASE: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
 /// Interface settings (one entry).
 #[map]
 static CONFIG: Array<FilterConfig> = Array::with_max_entries(1, 0);
@@ -79,9 +88,14 @@ const IPV6_HLEN: usize = 40;
 const PROTO_ICMPV6: u8 = 58;
 /// Extension headers walked before giving up (counted malformed).
 const MAX_EXT_HEADERS: usize = 4;
-/// Length of the neighbour advertisement the filter sends: ICMPv6 header,
+/// Length of the neighbour advertisement the filter sends: `ICMPv6` header,
 /// flags, target, target link-layer address option.
 const NA_LEN: usize = 32;
+/// [`NA_LEN`] as the IPv6 payload length byte.
+const NA_LEN_BYTE: u8 = 32;
+/// `BPF_F_CURRENT_NETNS` (-1) as the socket lookup helpers take it: the
+/// network namespace of the interface.
+const CURRENT_NETNS: u64 = u64::MAX;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
@@ -326,35 +340,85 @@ fn ipv4(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
         }
     };
     let slot = vip.slot;
-    let owned = slot < MAX_VIPS && OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) != 0;
+    let (owned, lapsed) = owns(slot, bucket);
     if l4proto == PROTO_TCP && frag == 0 {
-        // TCP: a SYN follows bucket ownership, every other segment the
-        // local socket that holds its connection (if any).
-        let Ok(hdr) = ptr_at(ctx, l4, 14) else {
-            count(counter::DROP_MALFORMED);
-            return Ok(xdp_action::XDP_DROP);
-        };
-        // SAFETY: 14 bytes of TCP header are inside the frame (checked).
-        let (ports, flags) =
-            unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
-        let socket = if tcp_needs_lookup(flags) {
+        return tcp(ctx, cfg, l4, (owned, lapsed), |ports| {
             tcp_socket_state(ctx, saddr, daddr, ports)
-        } else {
-            None
-        };
-        let verdict = tcp_verdict(flags, owned, socket);
-        count(verdict);
-        if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
-            return Ok(xdp_action::XDP_DROP);
-        }
-        return accept(ctx, cfg);
+        });
     }
+    by_ownership(ctx, cfg, owned, lapsed)
+}
+
+/// A TCP segment at `l4`: a SYN follows bucket ownership (`owned`, and
+/// whether the lease lapsed), every other segment the local socket that
+/// holds its connection (`lookup` of the ports).
+#[inline(always)]
+fn tcp(
+    ctx: &XdpContext,
+    cfg: &FilterConfig,
+    l4: usize,
+    (owned, lapsed): (bool, bool),
+    lookup: impl FnOnce([u8; 4]) -> Option<u32>,
+) -> Result<u32, ()> {
+    let Ok(hdr) = ptr_at(ctx, l4, 14) else {
+        count(counter::DROP_MALFORMED);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    // SAFETY: 14 bytes of TCP header are inside the frame (checked).
+    let (ports, flags) = unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
+    let socket = if tcp_needs_lookup(flags) {
+        lookup(ports)
+    } else {
+        None
+    };
+    let verdict = lease_verdict(tcp_verdict(flags, owned, socket), lapsed);
+    count(verdict);
+    if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
+        return Ok(xdp_action::XDP_DROP);
+    }
+    accept(ctx, cfg)
+}
+
+/// UDP, and fragments without ports: by bucket ownership alone.
+#[inline(always)]
+fn by_ownership(
+    ctx: &XdpContext,
+    cfg: &FilterConfig,
+    owned: bool,
+    lapsed: bool,
+) -> Result<u32, ()> {
     if !owned {
-        count(counter::DROP_NOT_OWNER);
+        count(lease_verdict(counter::DROP_NOT_OWNER, lapsed));
         return Ok(xdp_action::XDP_DROP);
     }
     count(counter::ACCEPT);
     accept(ctx, cfg)
+}
+
+/// Whether this node takes new traffic of `bucket` of VIP `slot`: it owns
+/// the bucket and the daemon's lease on the slot is current. The second
+/// value is true when it owns the bucket but the lease has lapsed.
+#[inline(always)]
+fn owns(slot: u32, bucket: u32) -> (bool, bool) {
+    if slot >= MAX_VIPS || OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) == 0 {
+        return (false, false);
+    }
+    let lease = LEASE.get(slot).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    if lease != 0 && unsafe { bpf_ktime_get_ns() } > lease {
+        return (false, true);
+    }
+    (true, false)
+}
+
+/// A drop caused by a lapsed lease is counted as such.
+#[inline(always)]
+fn lease_verdict(verdict: u32, lapsed: bool) -> u32 {
+    if lapsed && (verdict == counter::DROP_NOT_OWNER || verdict == counter::DROP_NO_FLOW) {
+        counter::DROP_LEASE
+    } else {
+        verdict
+    }
 }
 
 /// Hands an accepted frame to the local stack: destination MAC set to the
@@ -388,21 +452,21 @@ fn tcp_socket_state(
             },
         },
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "size of a 12-byte struct; the netns id is the kernel's -1 as u64"
-    )]
+    #[expect(clippy::cast_possible_truncation, reason = "size of a 12-byte struct")]
+    socket_state(
+        ctx,
+        &mut tuple,
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+    )
+}
+
+/// State of the socket `bpf_skc_lookup_tcp` finds for the first `size`
+/// bytes of `tuple`, released at once.
+#[inline(always)]
+fn socket_state(ctx: &XdpContext, tuple: &mut bpf_sock_tuple, size: u32) -> Option<u32> {
     // SAFETY: the helper reads `size` bytes of the tuple on this stack; the
     // socket it returns (if any) is released below before returning.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &raw mut tuple,
-            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), tuple, size, CURRENT_NETNS, 0) };
     if sk.is_null() {
         return None;
     }
@@ -526,33 +590,13 @@ fn ipv6(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> Result<u32, ()> {
             bucket_client_ip6_port(saddr, [ports[0], ports[1]], cfg.seed)
         }
     };
-    let owned = slot < MAX_VIPS && OWNED.get(slot * BUCKETS + bucket).copied().unwrap_or(0) != 0;
+    let (owned, lapsed) = owns(slot, bucket);
     if next == PROTO_TCP && !fragment_tail {
-        let Ok(hdr) = ptr_at(ctx, l4, 14) else {
-            count(counter::DROP_MALFORMED);
-            return Ok(xdp_action::XDP_DROP);
-        };
-        // SAFETY: 14 bytes of TCP header are inside the frame (checked).
-        let (ports, tflags) =
-            unsafe { ([*hdr, *hdr.add(1), *hdr.add(2), *hdr.add(3)], *hdr.add(13)) };
-        let socket = if tcp_needs_lookup(tflags) {
+        return tcp(ctx, cfg, l4, (owned, lapsed), |ports| {
             tcp6_socket_state(ctx, saddr, daddr, ports)
-        } else {
-            None
-        };
-        let verdict = tcp_verdict(tflags, owned, socket);
-        count(verdict);
-        if verdict != counter::ACCEPT && verdict != counter::ACCEPT_FLOW {
-            return Ok(xdp_action::XDP_DROP);
-        }
-        return accept(ctx, cfg);
+        });
     }
-    if !owned {
-        count(counter::DROP_NOT_OWNER);
-        return Ok(xdp_action::XDP_DROP);
-    }
-    count(counter::ACCEPT);
-    accept(ctx, cfg)
+    by_ownership(ctx, cfg, owned, lapsed)
 }
 
 /// As [`tcp_socket_state`], for IPv6.
@@ -581,30 +625,12 @@ fn tcp6_socket_state(
             },
         },
     };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "size of a 36-byte struct; the netns id is the kernel's -1 as u64"
-    )]
-    // SAFETY: the helper reads `size` bytes of the tuple on this stack; the
-    // socket it returns (if any) is released below before returning.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr(),
-            &raw mut tuple,
-            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: non-null socket from the lookup: `state` is readable on a
-    // socket common; released once, right after.
-    let state = unsafe { (*sk).state };
-    // SAFETY: the reference taken by the lookup above.
-    unsafe { bpf_sk_release(sk.cast()) };
-    Some(state)
+    #[expect(clippy::cast_possible_truncation, reason = "size of a 36-byte struct")]
+    socket_state(
+        ctx,
+        &mut tuple,
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
+    )
 }
 
 /// One's-complement sum of big-endian 16-bit words.
@@ -665,7 +691,7 @@ fn neighbour_solicitation(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> O
     msg[26..32].copy_from_slice(&vmac);
     let mut sum = csum_add(0, &target);
     sum = csum_add(sum, &dst);
-    sum += NA_LEN as u32 + u32::from(PROTO_ICMPV6);
+    sum += u32::from(NA_LEN_BYTE) + u32::from(PROTO_ICMPV6);
     sum = csum_add(sum, &msg);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
@@ -695,7 +721,7 @@ fn neighbour_solicitation(ctx: &XdpContext, off: usize, cfg: &FilterConfig) -> O
     unsafe {
         core::ptr::copy_nonoverlapping(dst_mac.as_ptr(), eth, 6);
         core::ptr::copy_nonoverlapping(cfg.ifmac.as_ptr(), eth.add(6), 6);
-        let hdr: [u8; 8] = [0x60, 0, 0, 0, 0, NA_LEN as u8, PROTO_ICMPV6, 255];
+        let hdr: [u8; 8] = [0x60, 0, 0, 0, 0, NA_LEN_BYTE, PROTO_ICMPV6, 255];
         core::ptr::copy_nonoverlapping(hdr.as_ptr(), ip, 8);
         core::ptr::copy_nonoverlapping(target.as_ptr(), ip.add(8), 16);
         core::ptr::copy_nonoverlapping(dst.as_ptr(), ip.add(24), 16);

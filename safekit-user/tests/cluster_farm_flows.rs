@@ -194,6 +194,8 @@ struct Failure {
     /// The node that answered the previous request of its connection
     /// (`None`: a new connection).
     node: Option<String>,
+    /// What failed (printed with the failure).
+    #[expect(dead_code, reason = "read through Debug when a test fails")]
     what: String,
 }
 
@@ -430,10 +432,14 @@ fn capture(lab: &Lab, vip: Ipv4Addr, stop: Arc<AtomicBool>) -> JoinHandle<Captur
 
 /// A keep-alive connection held by the test from a chosen client port.
 fn hold(lab: &Lab, vip: SocketAddr, port: u16) -> (TcpStream, String) {
-    let src = SocketAddr::from((lab.spec().client_addr(), port));
+    hold_from(lab, vip, SocketAddr::from((lab.spec().client_addr(), port)))
+}
+
+/// A keep-alive connection held by the test from `src`.
+fn hold_from(lab: &Lab, vip: SocketAddr, src: SocketAddr) -> (TcpStream, String) {
     spawn_in_netns(&lab.spec().client_ns(), move || {
         use socket2::{Domain, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let s = Socket::new(Domain::for_address(src), Type::STREAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
         s.bind(&src.into()).unwrap();
         s.connect_timeout(&vip.into(), Duration::from_secs(3))
@@ -496,6 +502,43 @@ fn settled_as(
     })
 }
 
+/// Three nodes serving `front` (keep-alive demo, 20 requests per
+/// connection) on 10.77.`subnet`.200, settled.
+fn keepalive_farm(prefix: &str, subnet: u8) -> Lab {
+    let mut lab = common::lab(
+        prefix,
+        subnet,
+        3,
+        vec![front(subnet, "", "--keepalive 20", "0")],
+    );
+    start_three(&mut lab);
+    lab
+}
+
+/// Starts the three daemons and `front` on each, until the farm settled
+/// with equal powers.
+fn start_three(lab: &mut Lab) {
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        let out = lab.safekit(i, &["start", "-m", "front"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            lab,
+            &[1, 2, 3],
+            &all,
+            &BTreeMap::new()
+        ))
+        .is_some(),
+        "the farm never settled:\n{}",
+        module_log(lab, 1)
+    );
+}
+
 fn state_v(lab: &Lab, node: usize) -> String {
     let out = lab.safekit(node, &["state", "-v", "-m", "front"]).unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -537,29 +580,9 @@ fn established_connections_survive_leave_join_and_power_change() {
             "0",
         )],
     );
-    for i in 1..=3 {
-        lab.start_daemon(i).unwrap();
-    }
-    for i in 1..=3 {
-        assert!(
-            lab.safekit(i, &["start", "-m", "front"])
-                .unwrap()
-                .status
-                .success()
-        );
-    }
+    start_three(&mut lab);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
     let all = ["node1", "node2", "node3"];
-    assert!(
-        wait_for(Duration::from_secs(15), || settled_as(
-            &lab,
-            &[1, 2, 3],
-            &all,
-            &equal
-        ))
-        .is_some(),
-        "the farm never settled"
-    );
     let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
     let vip = SocketAddr::from((vip_ip, 80));
     let stop_capture = Arc::new(AtomicBool::new(false));
@@ -572,7 +595,7 @@ fn established_connections_survive_leave_join_and_power_change() {
     let p3 = (40000..41000)
         .find(|p| owner_of(&lab, *p, &all, &equal) == "node3")
         .unwrap();
-    let (mut held3, who) = hold(&lab, vip, p3);
+    let (mut held_leave, who) = hold(&lab, vip, p3);
     assert_eq!(who, "node3");
     let out = lab.safekit(3, &["stop", "-m", "front"]).unwrap();
     assert!(out.status.success());
@@ -609,9 +632,9 @@ fn established_connections_survive_leave_join_and_power_change() {
         "{body}"
     );
     // Its bucket is node1's or node2's now; the connection is still node3's.
-    let (who, _) = exchange(&mut held3, false).expect("held connection after node3 left");
+    let (who, _) = exchange(&mut held_leave, false).expect("held connection after node3 left");
     assert_eq!(who, "node3", "the held connection moved");
-    drop(held3);
+    drop(held_leave);
     assert!(
         wait_for(Duration::from_secs(15), || state(&lab, 3)
             == ModuleState::Stop)
@@ -637,7 +660,7 @@ fn established_connections_survive_leave_join_and_power_change() {
                 .map(|p| (p, (*n).to_owned()))
         })
         .unwrap();
-    let (mut heldj, who) = hold(&lab, vip, pj);
+    let (mut held_join, who) = hold(&lab, vip, pj);
     assert_eq!(who, before_j);
     assert!(
         lab.safekit(3, &["start", "-m", "front"])
@@ -655,9 +678,9 @@ fn established_connections_survive_leave_join_and_power_change() {
         .is_some(),
         "node3 never came back"
     );
-    let (who, _) = exchange(&mut heldj, false).expect("held connection after node3 returned");
+    let (who, _) = exchange(&mut held_join, false).expect("held connection after node3 returned");
     assert_eq!(who, before_j, "the held connection moved to the new owner");
-    drop(heldj);
+    drop(held_join);
     std::thread::sleep(Duration::from_millis(800));
 
     // Power change: node1 = 3 on every node, SIGHUP.
@@ -668,7 +691,7 @@ fn established_connections_survive_leave_join_and_power_change() {
         (&all, &equal, "node2"),
         (&all, &heavy, "node1"),
     );
-    let (mut heldp, who) = hold(&lab, vip, pp);
+    let (mut held_power, who) = hold(&lab, vip, pp);
     assert_eq!(who, "node2");
     for i in 1..=3 {
         let path = lab.root(i).join("etc/safekit/modules/front/module.toml");
@@ -689,9 +712,10 @@ fn established_connections_survive_leave_join_and_power_change() {
         .is_some(),
         "the power change never settled"
     );
-    let (who, _) = exchange(&mut heldp, false).expect("held connection after the power change");
+    let (who, _) =
+        exchange(&mut held_power, false).expect("held connection after the power change");
     assert_eq!(who, "node2", "the held connection moved with its bucket");
-    drop(heldp);
+    drop(held_power);
     std::thread::sleep(Duration::from_millis(800));
 
     let (keep, close) = load.finish();
@@ -774,35 +798,8 @@ fn established_connections_survive_leave_join_and_power_change() {
 fn a_killed_daemon_loses_only_its_own_connections() {
     let _serial = serial();
     let subnet = 103;
-    let mut lab = common::lab(
-        "skfl3",
-        subnet,
-        3,
-        vec![front(subnet, "", "--keepalive 20", "0")],
-    );
-    for i in 1..=3 {
-        lab.start_daemon(i).unwrap();
-    }
-    for i in 1..=3 {
-        assert!(
-            lab.safekit(i, &["start", "-m", "front"])
-                .unwrap()
-                .status
-                .success()
-        );
-    }
+    let mut lab = keepalive_farm("skfl3", subnet);
     let equal: BTreeMap<String, u32> = BTreeMap::new();
-    let all = ["node1", "node2", "node3"];
-    assert!(
-        wait_for(Duration::from_secs(15), || settled_as(
-            &lab,
-            &[1, 2, 3],
-            &all,
-            &equal
-        ))
-        .is_some(),
-        "the farm never settled"
-    );
     let vip = SocketAddr::from((Ipv4Addr::new(10, 77, subnet, 200), 80));
     let load = Load::start(&lab, vip, 4, 2);
     std::thread::sleep(Duration::from_secs(1));
@@ -847,4 +844,367 @@ fn a_killed_daemon_loses_only_its_own_connections() {
         keep.by_node.contains_key("node3"),
         "node3 served before the kill"
     );
+}
+
+// ------------------------------------------------------------------ IPv6
+
+/// The lab's nodes and client get IPv6 addresses `fd77:<subnet>::<i>/64`
+/// (client `::fa`) on their LAN interface, and the cluster's node
+/// addresses become those: heartbeats travel over IPv6. Before the
+/// daemons start.
+fn ipv6_lab(lab: &Lab, subnet: u8, nodes: usize) {
+    let spec = lab.spec().clone();
+    let add = |ns: &str, host: &str| {
+        let out = lab
+            .exec(
+                ns,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd77:{subnet}::{host}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    for i in 1..=nodes {
+        add(&spec.node_ns(i), &i.to_string());
+    }
+    add(&spec.client_ns(), "fa");
+    for i in 1..=nodes {
+        let path = lab.root(i).join("etc/safekit/cluster.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for j in 1..=nodes {
+            text = text.replace(
+                &format!("\"10.77.{subnet}.{j}\""),
+                &format!("\"fd77:{subnet}::{j}\""),
+            );
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+fn which6(lab: &Lab, node: usize, client: std::net::Ipv6Addr, port: u16) -> String {
+    let sock = lab.root(node).join("run/safekit/safekitd.sock");
+    let req = safekit::control::Request::FarmWhich {
+        module: "front".into(),
+        client: client.into(),
+        port: Some(port),
+        dport: Some(80),
+    };
+    match safekit::control::call(&sock, &req, Duration::from_secs(5)).unwrap() {
+        safekit::control::Response::Which { node: Some(n), .. } => n,
+        other => panic!("which-node: {other:?}"),
+    }
+}
+
+/// Issue 13, item 5: a farm on IPv6 only (VIP, client, heartbeats). 600
+/// connections from distinct client ports, each answered by exactly the
+/// node `which-node` predicts (every node a share); the client's neighbour
+/// entry for the VIP is the virtual MAC (Neighbour Discovery answered by
+/// the XDP filters); a connection held on node3 survives node3's graceful
+/// leave (flow keeping over IPv6).
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
+fn an_ipv6_farm_serves_each_client_from_the_predicted_node() {
+    let _serial = serial();
+    let subnet = 104;
+    let mut module = front(subnet, "", "--keepalive 1000", "0");
+    module.toml = module.toml.replace(
+        &format!("10.77.{subnet}.200"),
+        &format!("fd77:{subnet}::c8"),
+    );
+    for (_, text) in &mut module.scripts {
+        *text = text.replace("0.0.0.0:80", "[::]:80");
+    }
+    let mut lab = common::lab("skfl4", subnet, 3, vec![module]);
+    ipv6_lab(&lab, subnet, 3);
+    for i in 1..=3 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=3 {
+        let out = lab.safekit(i, &["start", "-m", "front"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let equal: BTreeMap<String, u32> = BTreeMap::new();
+    let all = ["node1", "node2", "node3"];
+    assert!(
+        wait_for(Duration::from_secs(15), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "the IPv6 farm never settled:\n{}",
+        module_log(&lab, 1)
+    );
+    let vip6: std::net::Ipv6Addr = format!("fd77:{subnet}::c8").parse().unwrap();
+    let client6: std::net::Ipv6Addr = format!("fd77:{subnet}::fa").parse().unwrap();
+    let dst = SocketAddr::from((vip6, 80));
+    // First contact: the client resolves the VIP (Neighbour Discovery,
+    // answered by the filters) and connects.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            common::in_netns(&lab.spec().client_ns(), move || {
+                common::ask(SocketAddr::from((client6, 29999)), dst).is_ok()
+            })
+        })
+        .is_some(),
+        "the IPv6 VIP never answered"
+    );
+    let answers: Vec<(u16, Result<String, String>)> =
+        common::in_netns(&lab.spec().client_ns(), move || {
+            (30000..30600)
+                .map(|p| (p, common::ask(SocketAddr::from((client6, p)), dst)))
+                .collect()
+        });
+    let mut shares: BTreeMap<String, usize> = BTreeMap::new();
+    for (port, answer) in &answers {
+        let got = answer
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connection from [{client6}]:{port}: {e}"));
+        assert_eq!(got, &which6(&lab, 2, client6, *port), "source port {port}");
+        *shares.entry(got.clone()).or_default() += 1;
+    }
+    eprintln!("IPv6 shares over 600 connections: {shares:?}");
+    assert_eq!(shares.len(), 3, "every node served a share");
+    // Neighbour Discovery for the VIP was answered with the virtual MAC.
+    let neigh = lab
+        .exec(
+            &lab.spec().client_ns(),
+            &["ip", "-6", "neigh", "show", &vip6.to_string()],
+        )
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&neigh.stdout).to_lowercase();
+    assert!(
+        neigh.contains("5a:fe:00:00:00:c8"),
+        "client's neighbour entry: {neigh}"
+    );
+    let body = metrics(&lab, 1);
+    let key = "safekit_xdp_packets_total{node=\"node1\",interface=\"eth0\",verdict=\"ns_reply\"}";
+    assert!(
+        common::metric(&body, key).is_some_and(|v| v > 0.0),
+        "{key}\n{body}"
+    );
+
+    // Flow keeping over IPv6: node3 leaves gracefully while the test holds
+    // one of its connections.
+    let p3 = (31000..32000)
+        .find(|p| which6(&lab, 1, client6, *p) == "node3")
+        .unwrap();
+    let (mut held, who) = hold_from(&lab, dst, SocketAddr::from((client6, p3)));
+    assert_eq!(who, "node3");
+    assert!(
+        lab.safekit(3, &["stop", "-m", "front"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || settled_as(
+            &lab,
+            &[1, 2],
+            &["node1", "node2"],
+            &equal
+        ))
+        .is_some(),
+        "node1 and node2 never took node3's buckets"
+    );
+    assert!(state_v(&lab, 3).contains("DRAINING ("));
+    let (who, _) = exchange(&mut held, false).expect("held IPv6 connection after node3 left");
+    assert_eq!(who, "node3", "the held IPv6 connection moved");
+    drop(held);
+    assert!(
+        wait_for(Duration::from_secs(15), || state(&lab, 3)
+            == ModuleState::Stop)
+        .is_some(),
+        "node3 never finished draining"
+    );
+}
+
+/// Issue 13, item 5: a mirror module on an IPv6 VIP fails over, and the
+/// client's neighbour entry for the VIP moves to the new primary's MAC by
+/// its unsolicited neighbour advertisements alone (read before the client
+/// sends anything to the VIP again).
+#[test]
+fn an_ipv6_mirror_vip_moves_by_unsolicited_advertisement() {
+    let _serial = serial();
+    let subnet = 105;
+    let module = LabModule {
+        name: "web".into(),
+        toml: format!(
+            r#"[service]
+mode = "mirror"
+defaultprim = "node1"
+nodes = ["node1", "node2"]
+
+[heart]
+pulse = "100ms"
+timeout = "1s"
+
+[vip]
+addrs = ["fd77:{subnet}::64"]
+garp_count = 3
+garp_interval = "50ms"
+"#
+        ),
+        scripts: common::demo_scripts("start_prim", "stop_prim", "[::]:7000"),
+    };
+    let mut lab = common::lab("skfl5", subnet, 2, vec![module]);
+    ipv6_lab(&lab, subnet, 2);
+    for i in 1..=2 {
+        lab.start_daemon(i).unwrap();
+    }
+    for i in 1..=2 {
+        assert!(
+            lab.safekit(i, &["start", "-m", "web"])
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    let web = |n: usize| status(&lab, n).module("web").map(|m| m.state);
+    assert!(
+        wait_for(Duration::from_secs(15), || web(1)
+            == Some(ModuleState::Prim)
+            || web(1) == Some(ModuleState::Alone))
+        .is_some(),
+        "node1 never primary"
+    );
+    let vip6: std::net::Ipv6Addr = format!("fd77:{subnet}::64").parse().unwrap();
+    let client6: std::net::Ipv6Addr = format!("fd77:{subnet}::fa").parse().unwrap();
+    let dst = SocketAddr::from((vip6, 7000));
+    let ask = |port: u16| {
+        common::in_netns(&lab.spec().client_ns(), move || {
+            common::ask(SocketAddr::from((client6, port)), dst)
+        })
+    };
+    let mac_of = |n: usize| {
+        let out = lab
+            .exec(
+                &lab.spec().node_ns(n),
+                &["cat", "/sys/class/net/eth0/address"],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_lowercase()
+    };
+    let (mac1, mac2) = (mac_of(1), mac_of(2));
+
+    let neigh = || {
+        let out = lab
+            .exec(
+                &lab.spec().client_ns(),
+                &["ip", "-6", "neigh", "show", &vip6.to_string()],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(40000).as_deref()
+            == Ok("node1"))
+        .is_some(),
+        "node1 never answered on the IPv6 VIP"
+    );
+    assert!(neigh().contains(&mac1), "before: {}", neigh());
+    // Failover: node1 stops, node2 takes the VIP over.
+    assert!(
+        lab.safekit(1, &["stop", "-m", "web"])
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || web(2)
+            == Some(ModuleState::Alone))
+        .is_some(),
+        "node2 never took over"
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || neigh().contains(&mac2)).is_some(),
+        "the client's neighbour entry did not move to node2 ({mac2}): {}",
+        neigh()
+    );
+    // (`start_prim` runs once the state is ALONE: the service may take a
+    // moment.)
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(40001).as_deref()
+            == Ok("node2"))
+        .is_some(),
+        "node2 never answered on the IPv6 VIP"
+    );
+    let log = std::fs::read_to_string(lab.root(2).join("var/log/safekit/web.log")).unwrap();
+    assert!(log.contains(&format!("VIP {vip6}/64 set on eth0")), "{log}");
+}
+
+/// Issue 12, item 4: SIGSTOP of node3's safekitd under connection load (3
+/// s, three times the peers' loss timeout), then SIGCONT. node3's filter
+/// stops taking new connections when its lease lapses, before node1 and
+/// node2 take its buckets; back, it re-learns the membership before owning
+/// anything. No flow ever got SYN-ACKs from two nodes (captured on the
+/// client's interface), and node3's filter counted the lapsed lease.
+#[test]
+fn a_stalled_farm_daemon_never_shares_a_flow() {
+    let _serial = serial();
+    let subnet = 106;
+    let lab = keepalive_farm("skfl6", subnet);
+    let equal: BTreeMap<String, u32> = BTreeMap::new();
+    let all = ["node1", "node2", "node3"];
+    let vip_ip = Ipv4Addr::new(10, 77, subnet, 200);
+    let stop_capture = Arc::new(AtomicBool::new(false));
+    let cap = capture(&lab, vip_ip, stop_capture.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    let load = Load::start(&lab, SocketAddr::from((vip_ip, 80)), 2, 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = i32::try_from(lab.daemon_pid(3).expect("node3's daemon")).unwrap();
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(3));
+    let taken = settled_as(&lab, &[1, 2], &["node1", "node2"], &equal);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        taken,
+        "node1 and node2 did not take node3's buckets while it was stopped"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || settled_as(
+            &lab,
+            &[1, 2, 3],
+            &all,
+            &equal
+        ))
+        .is_some(),
+        "node3 never rejoined"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (keep, close) = load.finish();
+    std::thread::sleep(Duration::from_millis(200));
+    stop_capture.store(true, Ordering::SeqCst);
+    let cap = cap.join().expect("capture");
+    eprintln!(
+        "load: {} keep-alive and {} close requests, {} + {} failed; capture: {} SYN-ACKs, {} RSTs",
+        keep.requests,
+        close.requests,
+        keep.failed.len(),
+        close.failed.len(),
+        cap.syn_acks.len(),
+        cap.resets.len()
+    );
+    let doubles: Vec<_> = cap.syn_acks.iter().filter(|(_, m)| m.len() > 1).collect();
+    assert!(doubles.is_empty(), "SYN-ACKs from two nodes: {doubles:?}");
+    assert!(close.requests > 50, "too little load");
+    let body = metrics(&lab, 3);
+    let key = "safekit_xdp_packets_total{node=\"node3\",interface=\"eth0\",verdict=\"drop_lease\"}";
+    assert!(
+        common::metric(&body, key).is_some_and(|v| v > 0.0),
+        "node3's filter never dropped for a lapsed lease: {key}\n{body}"
+    );
+    let log3 = module_log(&lab, 3);
+    assert!(log3.contains("lease lapsed"), "{log3}");
 }

@@ -264,6 +264,7 @@ fn owned(port: u16) -> bool {
 )]
 fn cases() -> Vec<Case> {
     use counter::*;
+    use tcp_flag::{ACK, FIN, RST};
     let p_own = (1024u16..).find(|p| owned(*p)).unwrap();
     let p_foreign = (1024u16..).find(|p| !owned(*p)).unwrap();
     let tcp_own = frame(
@@ -376,7 +377,6 @@ fn cases() -> Vec<Case> {
             &ipv4(PROTO_TCP, CLIENT, VIP, 0, &tcp_seg(port, 80, flags)),
         )
     };
-    use tcp_flag::{ACK, FIN, RST};
     let mut tcp_cut_flags = frame(0x0800, &ipv4(PROTO_TCP, CLIENT, VIP, 0, &[]));
     tcp_cut_flags.extend_from_slice(&tcp_seg(p_own, 80, ACK)[..12]);
     let mut moved = vec![
@@ -906,6 +906,7 @@ fn connect_between(
     clippy::maybe_infinite_iter,
     reason = "a port in each bucket class exists within 1024.."
 )]
+#[expect(clippy::too_many_lines, reason = "the socket table")]
 fn established_flows_stay_with_the_node_that_holds_them() {
     use std::io::Read as _;
     use tcp_flag::{ACK, FIN, RST, SYN};
@@ -1337,4 +1338,76 @@ fn packet_table_ipv6() {
     let mut f = Filter::new();
     f.own_even_buckets();
     run_table(&f, cases6());
+}
+
+/// Issue 12 item 4: the daemon's lease. Past its deadline
+/// (`bpf_ktime_get_ns`), an owned bucket takes nothing new (counted
+/// `drop_lease`); foreign buckets are unchanged; a current lease changes
+/// nothing.
+#[test]
+fn a_lapsed_lease_stops_new_traffic_in_owned_buckets() {
+    use counter::{ACCEPT, DROP_LEASE, DROP_NOT_OWNER};
+    let mut f = Filter::new();
+    f.own_even_buckets();
+    add_udp_any_rule(&mut f);
+    let p_own = (1024u16..2048).find(|p| owned(*p)).unwrap();
+    let p_foreign = (1024u16..2048).find(|p| !owned(*p)).unwrap();
+    let syn = |port: u16| {
+        frame(
+            0x0800,
+            &ipv4(PROTO_TCP, CLIENT, VIP, 0, &tcp_seg(port, 80, tcp_flag::SYN)),
+        )
+    };
+    let udp_own = (1u8..=254)
+        .map(|i| [10, 9, 1, i])
+        .find(|c| bucket_client_ip(*c, 0).is_multiple_of(2))
+        .unwrap();
+    let udp = frame(
+        0x0800,
+        &ipv4(PROTO_UDP, udp_own, VIP, 0, &l4_ports(5353, 9999, 8)),
+    );
+    let set_lease = |f: &mut Filter, v: u64| {
+        let mut lease: Array<_, u64> = Array::try_from(f.bpf.map_mut("LEASE").unwrap()).unwrap();
+        lease.set(0, &v, 0).unwrap();
+    };
+    // Lapsed (a deadline in the past).
+    set_lease(&mut f, 1);
+    run_table(
+        &f,
+        vec![
+            Case {
+                name: "lease lapsed: SYN in an owned bucket",
+                frame: syn(p_own),
+                verdict: XDP_DROP,
+                output: None,
+                counter: DROP_LEASE,
+            },
+            Case {
+                name: "lease lapsed: UDP in an owned bucket",
+                frame: udp.clone(),
+                verdict: XDP_DROP,
+                output: None,
+                counter: DROP_LEASE,
+            },
+            Case {
+                name: "lease lapsed: SYN in a foreign bucket",
+                frame: syn(p_foreign),
+                verdict: XDP_DROP,
+                output: None,
+                counter: DROP_NOT_OWNER,
+            },
+        ],
+    );
+    // Current (far in the future).
+    set_lease(&mut f, u64::MAX);
+    run_table(
+        &f,
+        vec![Case {
+            name: "lease current: SYN in an owned bucket",
+            output: Some(with_dst(syn(p_own), IFMAC)),
+            frame: syn(p_own),
+            verdict: XDP_PASS,
+            counter: ACCEPT,
+        }],
+    );
 }

@@ -7,7 +7,8 @@
 //! By default it answers once and closes (HTTP/1.0). With `--keepalive N`
 //! it speaks HTTP/1.1 keep-alive: up to N requests per connection (the last
 //! answered with `Connection: close`, as nginx's `keepalive_requests`), a
-//! request with `Connection: close` ends it too; it closes by sending FIN
+//! request with `Connection: close` (or HTTP/1.0 without keep-alive) ends
+//! it too; it closes by sending FIN
 //! and reading until the client closes (a lingering close, so a request
 //! racing the close never draws a reset).
 
@@ -104,7 +105,11 @@ fn serve_keepalive(mut s: TcpStream, body: &str, max: u32) {
         let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
         pending.drain(..end);
         served += 1;
-        let close = served >= max || head.contains("connection: close");
+        // HTTP/1.0 closes unless asked to keep the connection.
+        let http10 = head.lines().next().is_some_and(|l| l.ends_with("http/1.0"));
+        let close = served >= max
+            || head.contains("connection: close")
+            || (http10 && !head.contains("connection: keep-alive"));
         let reply = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
             body.len(),

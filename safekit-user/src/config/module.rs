@@ -996,16 +996,29 @@ fn validate_vip(raw: Option<Spanned<RawVip>>, ctx: &mut Ctx<'_>) -> Option<Vip> 
             ctx.extras.mac = Some((m.get_ref().0, line, "vip.mac".to_owned()));
             Some(m.into_inner().0)
         }
-        None if ctx.is_farm() => addrs.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => {
+        // 5A:FE + the first IPv4 VIP, else + the last four bytes of the
+        // first IPv6 VIP.
+        None if ctx.is_farm() => addrs
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(v4.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .or_else(|| {
+                addrs.iter().find_map(|a| match a {
+                    IpAddr::V6(v6) => {
+                        let o = v6.octets();
+                        Some([o[12], o[13], o[14], o[15]])
+                    }
+                    IpAddr::V4(_) => None,
+                })
+            })
+            .map(|[a, b, c, d]| {
                 let [p0, p1] = FARM_MAC_PREFIX;
-                let [a, b, c, d] = v4.octets();
                 let mac = [p0, p1, a, b, c, d];
                 ctx.extras.mac = Some((mac, ctx.line(Some(&table)), "vip.mac".to_owned()));
-                Some(mac)
-            }
-            IpAddr::V6(_) => None,
-        }),
+                mac
+            }),
         None => None,
     };
     let mac = if ctx.is_farm() { mac } else { None };
@@ -1026,7 +1039,7 @@ fn validate_vip(raw: Option<Spanned<RawVip>>, ctx: &mut Ctx<'_>) -> Option<Vip> 
     })
 }
 
-/// `vip.addrs`: free unicast addresses, IPv4 for a farm.
+/// `vip.addrs`: free unicast addresses, IPv4 or IPv6.
 fn vip_addrs(raw: Spans<Ip>, table: &Range<usize>, ctx: &mut Ctx<'_>) -> Vec<IpAddr> {
     let mut addrs: Vec<IpAddr> = Vec::new();
     match raw {
@@ -1043,10 +1056,6 @@ fn vip_addrs(raw: Spans<Ip>, table: &Range<usize>, ctx: &mut Ctx<'_>) -> Vec<IpA
                 {
                     Some(format!(
                         "{ip} cannot be a virtual IP: use a unicast address of the LAN"
-                    ))
-                } else if ctx.is_farm() && ip.is_ipv6() {
-                    Some(format!(
-                        "{ip}: a farm VIP must be an IPv4 address (the farm answers ARP for it)"
                     ))
                 } else if addrs.contains(&ip) {
                     Some(format!("{ip} is listed twice"))

@@ -124,12 +124,20 @@ struct Peer {
     payload: Vec<u8>,
 }
 
+/// What a module does once it has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterStop {
+    /// Stays stopped.
+    Nothing,
+    /// `stopstart`: starts again at once (a mirror, before `poststop`).
+    Restart,
+    /// A start arrived during the stop: starts once the stop (and, for a
+    /// mirror, `poststop`) completed, as `waitstop; start`.
+    Start,
+}
+
 /// One module on this node.
 #[derive(Debug)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "independent flags of the module's run: busy, wanted, restart and start after stop"
-)]
 struct Module {
     cfg: ModuleConfig,
     log: ModuleLog,
@@ -151,11 +159,8 @@ struct Module {
     checks: Vec<tokio::task::JoinHandle<()>>,
     farm: Option<FarmRt>,
     mirror: Option<MirrorRt>,
-    /// `stopstart`: start again once stopped.
-    restart_after_stop: bool,
-    /// A start arrived during a stop: start once the stop (and, for a
-    /// mirror, `poststop`) completed.
-    start_after_stop: bool,
+    /// What to do once the module has stopped.
+    after_stop: AfterStop,
     /// Next evaluation of the `[[check.module]]` checkers.
     next_module_check: Instant,
     /// Which checker classes run now (restarted as they are by a reload).
@@ -404,7 +409,9 @@ impl Engine {
                 self.stall_grace = Some(now + STALL_GRACE);
             }
             match self.stall_grace {
-                Some(t) if now < t => self.send_due_heartbeats(now),
+                // No lease is pushed forward before the peers' heartbeats
+                // that came meanwhile are read.
+                Some(t) if now < t => self.send_due_heartbeats(now, false),
                 _ => {
                     self.stall_grace = None;
                     self.handle_timeout(now);
@@ -615,16 +622,13 @@ impl Engine {
                     M::PrimForce => self.mirror_command(&module, Cmd::PrimForce),
                     M::Swap => self.mirror_command(&module, Cmd::Swap),
                     M::Restart => self.mirror_command(&module, Cmd::Restart),
-                    M::ForceStop if self.modules.get(&module).is_some_and(|m| m.farm.is_some()) => {
-                        self.farm_forcestop(&module)
-                    }
-                    M::ForceStop => self.mirror_forcestop(&module),
+                    M::ForceStop => self.forcestop(&module),
                     M::StopStart => {
                         let r = self.mirror_command(&module, Cmd::Stop);
                         if r.is_ok()
                             && let Some(m) = self.modules.get_mut(&module)
                         {
-                            m.restart_after_stop = true;
+                            m.after_stop = AfterStop::Restart;
                         }
                         r
                     }
@@ -691,12 +695,7 @@ impl Engine {
 
     fn start_module(&mut self, name: &str) -> Result<String, String> {
         self.take_pending(name);
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
-        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
+        let jc = self.job_ctx(name);
         let m = self.module_mut(name)?;
         if m.busy && !m.wanted && m.state_is_stopping() {
             // A start during a stop: as `waitstop; start`, the module starts
@@ -704,7 +703,7 @@ impl Engine {
             m.log
                 .info("start requested while stopping: starting once stopped");
             m.wanted = true;
-            m.start_after_stop = true;
+            m.after_stop = AfterStop::Start;
             return Ok(format!("module {name} starting once its stop completes"));
         }
         if m.busy {
@@ -720,12 +719,13 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
-                let job = farm_job(m, &me, &root, module_dir.clone(), dataplane, cgroup);
+                let job = farm_job(m, &jc);
                 // `when = "both"` checkers start once `start_both` succeeded
                 // (effect_done); `pre` ones cover the start itself.
-                m.checks = checks::spawn(&m.cfg, &[When::Pre], &tx, &job.env, &module_dir);
+                m.checks = checks::spawn(&m.cfg, &[When::Pre], &jc.tx, &job.env, &jc.module_dir);
                 m.checks_when = vec![When::Pre];
                 let module = name.to_owned();
+                let tx = jc.tx;
                 tokio::spawn(async move {
                     let r = farm::up(job).await;
                     let _ = tx
@@ -802,10 +802,9 @@ impl Engine {
 
     fn stop_module(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
-        m.start_after_stop = false;
+        m.after_stop = AfterStop::Nothing;
         if m.mirror.is_some() {
             m.wanted = false;
-            m.restart_after_stop = false;
             return self.mirror_command(name, Cmd::Stop);
         }
         if m.state == ModuleState::Stop && !m.busy {
@@ -872,20 +871,16 @@ impl Engine {
     /// The effects of a farm stop (after its drain): filter forgets the
     /// VIPs, `stop_both`, VIPs removed.
     fn farm_down(&mut self, name: &str) {
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
-        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
+        let jc = self.job_ctx(name);
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
         if let Some(f) = m.farm.as_mut() {
             f.drain = None;
             let iface = f.iface.take();
-            let job = farm_job(m, &me, &root, module_dir, dataplane, cgroup);
+            let job = farm_job(m, &jc);
             let module = name.to_owned();
+            let tx = jc.tx;
             tokio::spawn(async move {
                 let r = farm::down(job, iface).await;
                 let _ = tx
@@ -908,8 +903,7 @@ impl Engine {
             if now < d.next_check {
                 continue;
             }
-            let vips: Vec<std::net::IpAddr> = f.vips.iter().map(|v| (*v).into()).collect();
-            let left = match farm::count_connections(&vips) {
+            let left = match farm::count_connections(&f.vips) {
                 Ok(n) => n,
                 Err(e) => {
                     m.log
@@ -934,10 +928,47 @@ impl Engine {
         }
     }
 
+    /// Pushes a farm module's filter lease forward. A lease found lapsed
+    /// means this daemon did not run for the peers' loss timeout: they may
+    /// have taken its buckets; it forgets their views and owns nothing until
+    /// their next heartbeats say what they see now (the join rules apply).
+    fn farm_lease(&mut self, name: &str) {
+        let dataplane = self.dataplane.clone();
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        let timeout = m.timeout;
+        let Some(f) = m.farm.as_mut() else {
+            return;
+        };
+        match f.refresh_lease(&dataplane, timeout) {
+            Ok(false) => {}
+            Ok(true) => {
+                m.log.error(&format!(
+                    "the filter's lease lapsed (safekitd did not run for {timeout:?}, the peers' loss timeout): buckets released until the peers are heard again"
+                ));
+                for p in m.peers.values_mut() {
+                    p.payload.clear();
+                }
+                self.farm_refresh(name);
+            }
+            Err(e) => m.log.error(&format!("refreshing the filter's lease: {e}")),
+        }
+    }
+
+    /// `forcestop`, either kind of module.
+    fn forcestop(&mut self, name: &str) -> Result<String, String> {
+        if self.modules.get(name).is_some_and(|m| m.farm.is_some()) {
+            self.farm_forcestop(name)
+        } else {
+            self.mirror_forcestop(name)
+        }
+    }
+
     /// `forcestop` of a farm module: no drain (a drain under way ends now).
     fn farm_forcestop(&mut self, name: &str) -> Result<String, String> {
         let m = self.module_mut(name)?;
-        m.start_after_stop = false;
+        m.after_stop = AfterStop::Nothing;
         m.wanted = false;
         m.log.info("forcestop requested");
         if m.farm.as_ref().is_some_and(|f| f.drain.is_some()) {
@@ -960,12 +991,7 @@ impl Engine {
             return;
         }
         let shutting_down = self.shutting_down;
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let module_dir = self.paths.module_dir(name);
-        let tx = self.events.clone();
-        let dataplane = self.dataplane.clone();
-        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
+        let jc = self.job_ctx(name);
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
@@ -981,8 +1007,8 @@ impl Engine {
                 }
                 // Checkers of the running service: from now until before
                 // `stop_both` (begin_stop aborts them first).
-                let env = farm_job(m, &me, &root, module_dir.clone(), dataplane, cgroup).env;
-                let both = checks::spawn(&m.cfg, &[When::Both], &tx, &env, &module_dir);
+                let env = farm_job(m, &jc).env;
+                let both = checks::spawn(&m.cfg, &[When::Both], &jc.tx, &env, &jc.module_dir);
                 m.checks.extend(both);
                 m.checks_when.push(When::Both);
                 let state = if m.failing.is_empty() {
@@ -1012,7 +1038,7 @@ impl Engine {
                 if m.wanted && !shutting_down {
                     // A start arrived while stopping.
                     m.wanted = false;
-                    m.start_after_stop = false;
+                    m.after_stop = AfterStop::Nothing;
                     m.log.info("stopped: starting as requested during the stop");
                     if let Err(e) = self.start_module(name)
                         && let Some(m) = self.modules.get_mut(name)
@@ -1146,9 +1172,7 @@ impl Engine {
             .farm
             .as_ref()
             .ok_or_else(|| format!("module {name} is not a farm module"))?;
-        let std::net::IpAddr::V4(ip) = client else {
-            return Err("farm filters are IPv4 only".into());
-        };
+
         let rule = match dport {
             Some(d) => f
                 .rules
@@ -1159,16 +1183,10 @@ impl Engine {
             None => f.rules.first().ok_or("module has no rule")?,
         };
         let (bucket, filter) = if rule.filter == safekit_common::FILTER_CLIENT_IP {
-            (
-                safekit_common::bucket_client_ip(ip.octets(), 0),
-                "client_ip",
-            )
+            (farm::client_bucket(client, None), "client_ip")
         } else {
             let p = port.ok_or("this rule hashes the client port too: give IP:PORT")?;
-            (
-                safekit_common::bucket_client_ip_port(ip.octets(), p.to_be_bytes(), 0),
-                "client_ip_port",
-            )
+            (farm::client_bucket(client, Some(p)), "client_ip_port")
         };
         let node = membership::assignment(&f.view, &f.powers)
             .owner(bucket)
@@ -1319,15 +1337,11 @@ impl Engine {
     /// classes as were running; results of checkers that no longer exist
     /// are forgotten.
     fn respawn_checks(&mut self, name: &str) {
-        let tx = self.events.clone();
-        let dir = self.paths.module_dir(name);
-        let me = self.me.clone();
-        let root = self.paths.root().to_path_buf();
-        let dataplane = self.dataplane.clone();
-        let cgroup = self.cgroups.as_ref().map(|c| c.module(name));
+        let jc = self.job_ctx(name);
+        let (tx, dir) = (jc.tx.clone(), jc.module_dir.clone());
         let env = match self.modules.get(name) {
             Some(m) if m.mirror.is_some() => self.mirror_env(m),
-            Some(m) => farm_job(m, &me, &root, dir.clone(), dataplane, cgroup).env,
+            Some(m) => farm_job(m, &jc).env,
             None => return,
         };
         let Some(m) = self.modules.get_mut(name) else {
@@ -1404,15 +1418,21 @@ impl Engine {
         for name in refresh {
             self.farm_refresh(&name);
         }
-        self.send_due_heartbeats(now);
+        self.send_due_heartbeats(now, true);
     }
 
-    /// Sends the heartbeats that are due.
-    fn send_due_heartbeats(&mut self, now: Instant) {
+    /// Sends the heartbeats that are due; with `lease`, pushes each farm
+    /// module's filter lease forward first (so it never outlasts the
+    /// peers' view of this node's last heartbeat by more than their loss
+    /// timeout).
+    fn send_due_heartbeats(&mut self, now: Instant, lease: bool) {
         let names: Vec<String> = self.modules.keys().cloned().collect();
         for name in names {
             let due = self.modules.get(&name).is_some_and(|m| m.next_pulse <= now);
             if due {
+                if lease {
+                    self.farm_lease(&name);
+                }
                 self.send_heartbeats(&name);
                 if let Some(m) = self.modules.get_mut(&name) {
                     m.next_pulse = now + m.pulse;
@@ -1714,8 +1734,7 @@ fn new_module(
         checks: Vec::new(),
         farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
         mirror: (cfg.mode() == ConfigMode::Mirror).then(|| MirrorRt::new(&cfg, me, paths, &log)),
-        restart_after_stop: false,
-        start_after_stop: false,
+        after_stop: AfterStop::Nothing,
         next_module_check: now,
         checks_when: Vec::new(),
         pending: None,
@@ -1822,29 +1841,47 @@ fn module_details(m: &Module) -> Vec<(String, String)> {
     d
 }
 
-fn farm_job(
-    m: &Module,
-    me: &str,
-    root: &std::path::Path,
+/// What a farm module's effects need from the engine, taken before the
+/// module is borrowed.
+struct JobCtx {
+    me: String,
+    root: std::path::PathBuf,
     module_dir: std::path::PathBuf,
+    tx: mpsc::Sender<Event>,
     dataplane: Dataplane,
     cgroup: Option<std::path::PathBuf>,
-) -> farm::FarmJob {
+}
+
+impl Engine {
+    fn job_ctx(&self, name: &str) -> JobCtx {
+        JobCtx {
+            me: self.me.clone(),
+            root: self.paths.root().to_path_buf(),
+            module_dir: self.paths.module_dir(name),
+            tx: self.events.clone(),
+            dataplane: self.dataplane.clone(),
+            cgroup: self.cgroups.as_ref().map(|c| c.module(name)),
+        }
+    }
+}
+
+fn farm_job(m: &Module, jc: &JobCtx) -> farm::FarmJob {
+    let (me, root, dataplane) = (&jc.me, &jc.root, jc.dataplane.clone());
     let f = m.farm.as_ref();
     farm::FarmJob {
-        module_dir,
+        module_dir: jc.module_dir.clone(),
         interface: m.cfg.vip.as_ref().and_then(|v| v.interface.clone()),
         vips: f.map(|f| f.vips.clone()).unwrap_or_default(),
         vmac: f.map_or([0; 6], |f| f.vmac),
         rules: f.map(|f| f.rules.clone()).unwrap_or_default(),
         env: ScriptEnv {
-            root: root.to_path_buf(),
+            root: root.clone(),
             module: m.cfg.name.clone(),
             node: me.to_owned(),
             bin_dir: std::env::current_exe()
                 .ok()
                 .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
-            cgroup,
+            cgroup: jc.cgroup.clone(),
         },
         script_timeout: m.cfg.user.nice_stop_timeout,
         log: m.log.clone(),

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{EffectDone, Engine, Event, Module, mirror_seq::Sequencer};
+use super::{AfterStop, EffectDone, Engine, Event, Module, mirror_seq::Sequencer};
 use crate::{
     config::{CheckAction, DefaultPrim, ModuleConfig, SplitBrainKeep, When},
     daemon::{
@@ -274,7 +274,7 @@ impl Engine {
         MirrorJob {
             module_dir: self.paths.module_dir(&m.cfg.name),
             interface: vip.and_then(|v| v.interface.clone()),
-            vips: vip.map(|v| MirrorJob::ipv4(&v.addrs)).unwrap_or_default(),
+            vips: vip.map(|v| v.addrs.clone()).unwrap_or_default(),
             garp_count: vip.map_or(3, |v| v.garp_count),
             garp_interval: vip.map_or(std::time::Duration::from_millis(100), |v| v.garp_interval),
             reroute: vip
@@ -361,8 +361,8 @@ impl Engine {
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
-        if stopped && m.restart_after_stop {
-            m.restart_after_stop = false;
+        if stopped && m.after_stop == AfterStop::Restart {
+            m.after_stop = AfterStop::Nothing;
             m.log.info("stopstart: starting again");
             if let Some(rt) = m.mirror.as_mut()
                 && rt.core.handle_command(Instant::now(), Cmd::Start).is_ok()
@@ -384,11 +384,11 @@ impl Engine {
             // A start that arrived during the stop: once `poststop` is done
             // too (mirror_end queued it: busy again until it finishes).
             if let Some(m) = self.modules.get_mut(name)
-                && m.start_after_stop
+                && m.after_stop == AfterStop::Start
                 && !m.busy
                 && !self.shutting_down
             {
-                m.start_after_stop = false;
+                m.after_stop = AfterStop::Nothing;
                 m.log.info("stopped: starting as requested during the stop");
                 if let Err(e) = self.mirror_command(name, Cmd::Start)
                     && let Some(m) = self.modules.get_mut(name)
@@ -736,7 +736,7 @@ impl Engine {
         if restart_module {
             // stopstart: the module starts again once stopped.
             if let Some(m) = self.modules.get_mut(name) {
-                m.restart_after_stop = true;
+                m.after_stop = AfterStop::Restart;
             }
         }
     }

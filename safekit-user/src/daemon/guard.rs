@@ -20,7 +20,11 @@
 //! the daemon's group must not kill it before it cleaned). The daemon
 //! restarts a guard that died, and records its pid in `run/safekit/guard.pid`.
 
-use std::{io::Read as _, net::Ipv4Addr, time::Duration};
+use std::{
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use crate::{
     config::{Config, Mode},
@@ -32,23 +36,16 @@ use crate::{
 /// The message a clean shutdown writes to the guard.
 const STOP: &[u8] = b"stop\n";
 
-/// The VIPs a module holds on this node: (module, mirror?, IPv4 VIPs,
-/// named interface).
-fn module_vips(config: &Config, me: &str) -> Vec<(String, bool, Vec<Ipv4Addr>, Option<String>)> {
+/// The VIPs a module holds on this node: (module, mirror?, VIPs, named
+/// interface).
+fn module_vips(config: &Config, me: &str) -> Vec<(String, bool, Vec<IpAddr>, Option<String>)> {
     config
         .modules
         .values()
         .filter(|m| m.service.nodes.iter().any(|n| n == me))
         .filter_map(|m| {
             let v = m.vip.as_ref()?;
-            let vips = v
-                .addrs
-                .iter()
-                .filter_map(|a| match a {
-                    std::net::IpAddr::V4(v4) => Some(*v4),
-                    std::net::IpAddr::V6(_) => None,
-                })
-                .collect();
+            let vips = v.addrs.clone();
             Some((
                 m.name.clone(),
                 m.mode() == Mode::Mirror,
@@ -66,6 +63,10 @@ pub fn mirror_vips(config: &Config, me: &str) -> Vec<Ipv4Addr> {
         .into_iter()
         .filter(|(_, mirror, _, _)| *mirror)
         .flat_map(|(_, _, vips, _)| vips)
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
         .collect()
 }
 

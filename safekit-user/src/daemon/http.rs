@@ -127,6 +127,7 @@ fn farm_metrics(shared: &Shared, status: &crate::status::NodeStatus) -> String {
         (counter::ACCEPT_FLOW, "accept_flow"),
         (counter::DROP_NO_FLOW, "drop_no_flow"),
         (counter::NS_REPLY, "ns_reply"),
+        (counter::DROP_LEASE, "drop_lease"),
     ];
     if let Ok(dp) = shared.dataplane.lock() {
         for (iface, f) in dp.iter() {

@@ -2,11 +2,7 @@
 //! stopping being primary (VIP, gratuitous ARP, scripts), run off the engine
 //! task; the decisions are the pure core's (`crate::mirror`).
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use tokio::task::JoinHandle;
 
@@ -21,7 +17,8 @@ use crate::{
 pub(super) struct MirrorJob {
     pub(super) module_dir: PathBuf,
     pub(super) interface: Option<String>,
-    pub(super) vips: Vec<Ipv4Addr>,
+    /// IPv4 and IPv6 VIPs.
+    pub(super) vips: Vec<IpAddr>,
     pub(super) garp_count: u32,
     pub(super) garp_interval: Duration,
     /// `Some((interval, elapse))` when `arp_reroute` is on.
@@ -35,18 +32,6 @@ pub(super) struct MirrorJob {
     /// nice `stop_prim` is killed, and the stop goes straight to `stop_prim
     /// force`.
     pub(super) force: tokio::sync::watch::Receiver<bool>,
-}
-
-impl MirrorJob {
-    pub(super) fn ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
-        addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v) => Some(*v),
-                IpAddr::V6(_) => None,
-            })
-            .collect()
-    }
 }
 
 /// The module's VIPs are up on this node.
@@ -142,9 +127,27 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
             .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", i.name))?;
         let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
         for v in &job.vips {
-            let added = match vip::add(&handle, &lo, *v).await {
-                Ok(()) => l.add(*v).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let added = match v {
+                // IPv4: on loopback, answered only by the lease.
+                IpAddr::V4(v4) => match vip::add(&handle, &lo, *v, vip::host_prefix(*v)).await {
+                    Ok(()) => l.add(*v4).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                // IPv6: on the LAN interface with its subnet's prefix,
+                // announced by unsolicited neighbour advertisements (the
+                // lease answers ARP, IPv4 only).
+                IpAddr::V6(_) => {
+                    let prefix = if v.is_ipv6() == first.is_ipv6() {
+                        i.prefix
+                    } else {
+                        vip::find_interface(&handle, *v, Some(&i.name))
+                            .await
+                            .map_or(vip::host_prefix(*v), |o| o.prefix)
+                    };
+                    vip::add(&handle, &i, *v, prefix)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
             };
             if let Err(e) = added {
                 // Nothing is handed to the engine: release what was taken.
@@ -152,10 +155,13 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
                 remove_vips(&job, &i, &mut errors).await;
                 return Err(errors.join("; "));
             }
-            job.log.info(&format!(
-                "VIP {v} set (lo), ARP answered on {} while safekitd lives",
-                i.name
-            ));
+            let place = if v.is_ipv4() {
+                "lo, ARP answered by the lease"
+            } else {
+                "the LAN interface"
+            };
+            job.log
+                .info(&format!("VIP {v} set ({place}) on {}", i.name));
         }
         iface = Some(i);
         lease = Some(Box::new(l));
@@ -270,15 +276,13 @@ async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<Strin
     }
 }
 
-/// Gratuitous ARPs for every VIP from the interface's MAC.
 /// Announces the VIPs by a gratuitous ARP burst (`garp_count` frames,
 /// `garp_interval` apart) in a task of its own; the first frames are sent
 /// before this returns.
 pub(super) fn spawn_announce(job: &MirrorJob, i: &vip::Interface) -> JoinHandle<()> {
     for v in &job.vips {
-        if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
-            job.log
-                .error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+        if let Err(e) = arp::send_frame(i.index, &arp::announcement(i.mac, i.mac, *v)) {
+            job.log.error(&format!("announcing {v} on {}: {e}", i.name));
         }
     }
     let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
@@ -307,17 +311,19 @@ pub(super) fn reannounce(job: &MirrorJob, up: &PrimaryUp) {
     }
 }
 
+/// Gratuitous ARPs (IPv4) and unsolicited neighbour advertisements (IPv6)
+/// for every VIP at the interface's MAC.
 async fn announce(
     i: &vip::Interface,
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     count: u32,
     interval: Duration,
     log: &ModuleLog,
 ) {
     for n in 0..count.max(1) {
         for v in vips {
-            if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
-                log.error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+            if let Err(e) = arp::send_frame(i.index, &arp::announcement(i.mac, i.mac, *v)) {
+                log.error(&format!("announcing {v} on {}: {e}", i.name));
                 return;
             }
         }
@@ -330,7 +336,7 @@ async fn announce(
 /// `tcp_reset`: kills the sockets still bound to the VIP (`ss -K`, through
 /// the kernel's `SOCK_DESTROY`), so clients reconnect at once to the new
 /// primary instead of waiting for a timeout.
-async fn reset_connections(v: Ipv4Addr, log: &ModuleLog) {
+async fn reset_connections(v: IpAddr, log: &ModuleLog) {
     let out = tokio::process::Command::new("ss")
         .args(["-K", "src", &v.to_string()])
         .output()

@@ -184,6 +184,21 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         tracing::error!(error = %e, "mirror VIP traffic is not tied to the lease");
     }
     let guard = guard::GuardHandle::start(&paths, &me);
+    // The XDP farm program verified now, off the engine, rather than when
+    // the first farm module starts (nftables-only farms skip it).
+    let xdp_farm = config.modules.values().any(|m| {
+        m.mode() == crate::config::Mode::Farm
+            && m.farm
+                .as_ref()
+                .is_none_or(|f| f.filter != crate::config::FarmFilterBackend::Nftables)
+    });
+    if xdp_farm {
+        tokio::task::spawn_blocking(|| {
+            if let Err(e) = crate::farm::filter::FarmFilter::preload() {
+                tracing::warn!("preloading the XDP farm filter: {e} (tried again at start)");
+            }
+        });
+    }
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
     let apply_ctx = Arc::new(config_apply::ApplyCtx::new(

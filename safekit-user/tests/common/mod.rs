@@ -169,7 +169,7 @@ pub fn demo_scripts_with(
         (
             start.to_owned(),
             format!(
-                "#!/bin/sh\nrm -f \"$SAFE_ROOT/demo.pid\"\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" {extra} >/dev/null 2>&1 &\ni=0\nwhile [ ! -s \"$SAFE_ROOT/demo.pid\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\necho \"demo service started on $SAFE_NODE\"\n",
+                "#!/bin/sh\nrm -f \"$SAFE_ROOT/demo.pid\"\n\"{}\" --listen {listen} --text \"$SAFE_NODE\" --pidfile \"$SAFE_ROOT/demo.pid\" {extra} >/dev/null 2>&1 &\necho \"demo service started on $SAFE_NODE\"\ni=0\nwhile [ ! -s \"$SAFE_ROOT/demo.pid\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n",
                 demo.display()
             ),
         ),
@@ -198,7 +198,7 @@ pub fn ask_within(
     connect_timeout: Duration,
 ) -> Result<String, String> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| e.to_string())?;
+    let s = Socket::new(Domain::for_address(src), Type::STREAM, None).map_err(|e| e.to_string())?;
     s.set_reuse_address(true).map_err(|e| e.to_string())?;
     s.bind(&src.into())
         .map_err(|e| format!("bind {src}: {e}"))?;
