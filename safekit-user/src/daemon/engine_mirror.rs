@@ -297,6 +297,7 @@ impl Engine {
                 || tokio::sync::watch::channel(false).1,
                 |rt| rt.seq.force_rx(),
             ),
+            fence_first: false,
         }
     }
 
@@ -467,12 +468,14 @@ impl Engine {
                 });
             }
             Act::StopPrimary => {
+                let mut job = job;
                 let rt = self.modules.get_mut(name).and_then(|m| {
                     m.busy = true;
                     m.mirror.as_mut()
                 });
                 let (up, prims) = match rt {
                     Some(rt) => {
+                        job.fence_first = rt.core.take_fence();
                         let prims = rt.rfs.as_mut().map_or_else(Vec::new, |r| {
                             r.links.iter_mut().for_each(|l| *l = Link::Alone);
                             std::mem::take(&mut r.primaries)

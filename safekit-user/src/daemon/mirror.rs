@@ -32,6 +32,9 @@ pub(super) struct MirrorJob {
     /// nice `stop_prim` is killed, and the stop goes straight to `stop_prim
     /// force`.
     pub(super) force: tokio::sync::watch::Receiver<bool>,
+    /// Split brain protection: the VIPs go before `stop_prim`, so no client
+    /// reaches this node while the peer may be taking over.
+    pub(super) fence_first: bool,
 }
 
 /// The module's VIPs are up on this node.
@@ -211,6 +214,13 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
     if let Some(h) = up.as_ref().and_then(|u| u.reroute.as_ref()) {
         h.abort();
     }
+    let (mut iface, mut lease) = up.map_or((None, None), |u| (u.iface, u.lease));
+    if job.fence_first {
+        release_vips(&job, iface.take(), lease.take(), &mut errors).await;
+        job.log.info(
+            "fenced before stop_prim: the VIPs are gone, no client reaches this node (split brain protection)",
+        );
+    }
     let run_force = if job.forced() {
         job.log
             .info("forcestop: stop_prim force without the nice stop_prim");
@@ -234,22 +244,31 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
             errors.push(e);
         }
     }
-    let (iface, lease) = up.map_or((None, None), |u| (u.iface, u.lease));
+    release_vips(&job, iface, lease, &mut errors).await;
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// The VIPs leave: connections reset (`tcp_reset`), addresses removed, the
+/// lease dropped (no ARP answered for them any more).
+async fn release_vips(
+    job: &MirrorJob,
+    iface: Option<vip::Interface>,
+    lease: Option<Box<Lease>>,
+    errors: &mut Vec<String>,
+) {
     if let Some(i) = &iface {
         if job.tcp_reset {
             for v in &job.vips {
                 reset_connections(*v, &job.log).await;
             }
         }
-        remove_vips(&job, i, &mut errors).await;
+        remove_vips(job, i, errors).await;
     }
-    // No ARP answered for the VIPs any more.
     drop(lease);
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
 }
 
 /// Removes the module's VIPs from loopback (and from `i`, where an older

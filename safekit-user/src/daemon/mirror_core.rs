@@ -341,6 +341,8 @@ pub(crate) struct MirrorCore {
     /// `uptodate` once it takes over). Cleared when the peer (running) is
     /// heard again, or the node stops or follows.
     lost_primary_in_sync: bool,
+    /// The stop under way fences first (see [`Self::take_fence`]).
+    fence: bool,
     /// The peer's last view, kept after it is lost (the generation it asks
     /// the arbiter for, see `witness_generation`).
     peer_seen: Option<View>,
@@ -374,6 +376,7 @@ impl MirrorCore {
             reannounce: false,
             asked_for_deafness: false,
             lost_primary_in_sync: false,
+            fence: false,
             peer_seen: None,
             actions: std::collections::VecDeque::new(),
         }
@@ -949,6 +952,9 @@ impl MirrorCore {
                 // node's data is up to date only against a peer heard
                 // again (or an operator's prim).
                 self.persist(|d| d.peer_may_have_taken_over = true);
+                // Clients are cut off before `stop_prim` runs (it may take
+                // its nice timeout, longer than the peer's grace).
+                self.fence = true;
                 self.stop_to(MState::Wait);
             }
             (false, false) => {
@@ -992,6 +998,12 @@ impl MirrorCore {
             let generation = self.witness_generation();
             self.actions.push_back(Act::CheckWitness { generation });
         }
+    }
+
+    /// The stop asked last is split brain protection: the VIPs go before
+    /// `stop_prim` (read once, by the engine that runs the stop).
+    pub(crate) fn take_fence(&mut self) -> bool {
+        std::mem::take(&mut self.fence)
     }
 
     fn peer_reset(&mut self) {
@@ -1776,6 +1788,26 @@ mod tests {
             assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
         }
         assert!(!matches!(p.b.state(), MState::Alone | MState::Prim));
+    }
+
+    #[test]
+    fn a_primary_refused_by_the_witness_fences_before_its_stop() {
+        // Cut from its peer and the witness: its stop fences first (the
+        // peer may take over after its grace, sooner than stop_prim ends).
+        let mut p = Pair::in_sync(false);
+        p.a.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.a.poll_action()).count();
+        p.a.witness(p.now, false);
+        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::StopPrimary));
+        assert!(p.a.take_fence(), "the split brain stop fences first");
+        assert!(!p.a.take_fence(), "read once");
+        // An operator's stop does not.
+        let mut p = Pair::in_sync(false);
+        p.a.handle_command(p.now, Cmd::Stop).unwrap();
+        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::StopPrimary));
+        assert!(!p.a.take_fence());
     }
 
     #[test]
