@@ -167,13 +167,16 @@ impl Rig {
         );
     }
 
+    /// A first start of a replicated module (neither copy known up to
+    /// date): as an operator does, `prim` on node1, the reference, then
+    /// `start` on node2.
     fn start_both(&mut self) {
         for i in [1, 2] {
             self.lab.start_daemon(i).expect("start safekitd");
         }
-        for i in [1, 2] {
-            let (ok, text) = self.cli(i, &["start", "-m", MODULE]);
-            assert!(ok, "start on node{i}: {text}");
+        for (i, cmd) in [(1, "prim"), (2, "start")] {
+            let (ok, text) = self.cli(i, &[cmd, "-m", MODULE]);
+            assert!(ok, "{cmd} on node{i}: {text}");
         }
     }
 

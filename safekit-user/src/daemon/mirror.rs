@@ -133,7 +133,12 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
             let added = match v {
                 // IPv4: on loopback, answered only by the lease.
                 IpAddr::V4(v4) => match vip::add(&handle, &lo, *v, vip::host_prefix(*v)).await {
-                    Ok(()) => l.add(*v4).map_err(|e| e.to_string()),
+                    Ok(()) => l.add(*v4).map_err(|e| e.to_string()).map(|()| {
+                        format!(
+                            "VIP {v} set (lo), ARP answered on {} while safekitd lives",
+                            i.name
+                        )
+                    }),
                     Err(e) => Err(e.to_string()),
                 },
                 // IPv6: on the LAN interface with its subnet's prefix,
@@ -150,21 +155,18 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
                     vip::add(&handle, &i, *v, prefix)
                         .await
                         .map_err(|e| e.to_string())
+                        .map(|()| format!("VIP {v}/{prefix} set on {}", i.name))
                 }
             };
-            if let Err(e) = added {
-                // Nothing is handed to the engine: release what was taken.
-                let mut errors = vec![e];
-                remove_vips(&job, &i, &mut errors).await;
-                return Err(errors.join("; "));
+            match added {
+                Ok(line) => job.log.info(&line),
+                Err(e) => {
+                    // Nothing is handed to the engine: release what was taken.
+                    let mut errors = vec![e];
+                    remove_vips(&job, &i, &mut errors).await;
+                    return Err(errors.join("; "));
+                }
             }
-            let place = if v.is_ipv4() {
-                "lo, ARP answered by the lease"
-            } else {
-                "the LAN interface"
-            };
-            job.log
-                .info(&format!("VIP {v} set ({place}) on {}", i.name));
         }
         iface = Some(i);
         lease = Some(Box::new(l));
