@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask, demo_bin, in_netns, serial, spawn_in_netns, status, wait_for};
+use common::{
+    Lab, LabModule, ask, demo_bin, has_vip, in_netns, serial, spawn_in_netns, status, wait_for,
+};
 use safekit::status::ModuleState;
 
 const PORT: u16 = 7000;
@@ -129,17 +131,6 @@ fn alive(pid: i32) -> bool {
             .next()
             .is_some_and(|r| !r.trim_start().starts_with('Z'))
     })
-}
-
-/// The VIP is on node `node`'s eth0.
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask, demo_bin, in_netns, serial, status, wait_for};
+use common::{Lab, LabModule, ask, demo_bin, has_vip, in_netns, serial, status, wait_for};
 use safekit::status::{Colour, ModuleState};
 
 const MODULE: &str = "web";
@@ -161,16 +161,6 @@ fn pair_in_sync(lab: &Lab) -> Option<usize> {
         (Some(ModuleState::Second), Some(ModuleState::Prim)) => Some(2),
         _ => None,
     }
-}
-
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
 }
 
 fn answer(lab: &Lab, subnet: u8, src_port: u16) -> Result<String, String> {

@@ -127,7 +127,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Runs `ip` ignoring failure (cleanup).
-fn ip_quiet(args: &[&str]) {
+pub fn ip_quiet(args: &[&str]) {
     let _ = Command::new("ip")
         .args(args)
         .stdout(Stdio::null())

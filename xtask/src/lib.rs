@@ -3,7 +3,9 @@
 
 pub mod demo;
 pub mod lab;
+pub mod package;
 pub mod setup;
+pub mod system_test;
 
 use std::{
     path::{Path, PathBuf},

@@ -18,8 +18,9 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{run, setup, workspace_root};
 
-/// `cargo +STABLE` in the workspace.
-fn cargo() -> Command {
+/// `cargo +STABLE` in the workspace (through the rustup proxy).
+#[must_use]
+pub fn cargo() -> Command {
     let mut c = Command::new("cargo");
     c.arg(format!("+{}", setup::STABLE))
         .env_remove("RUSTUP_TOOLCHAIN")

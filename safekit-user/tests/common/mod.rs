@@ -200,3 +200,14 @@ pub fn ask_many(
             .collect()
     })
 }
+
+/// The VIP `v` is on node `node`'s eth0.
+pub fn has_vip(lab: &Lab, node: usize, v: std::net::Ipv4Addr) -> bool {
+    let out = lab
+        .exec(
+            &lab.spec().node_ns(node),
+            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+        )
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
+}
