@@ -127,7 +127,7 @@ pub fn cluster_page(md: &str) -> String {
     let intro = all[0].1.trim_start();
     let intro = intro.split_once("\n\n").map_or(intro, |(_, rest)| rest);
     page.push_str(
-        ".PP\nThe configuration of a node lives in /etc/safekit. Commented examples \
+        ".PP\nThe configuration of a node lives in /etc/safekit. Examples \
 (a cluster, a mirror module \\fBweb\\fR and a farm module \\fBfront\\fR, with their \
 scripts) are in /etc/safekit/examples.\n",
     );
