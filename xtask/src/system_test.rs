@@ -37,7 +37,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{lab::ip_quiet, package, run, setup};
+use crate::{
+    lab::{add_bridge, add_host, ip_quiet},
+    package, run, setup,
+};
 
 const BRIDGE: &str = "skpkbr0";
 const CLIENT_NS: &str = "skpk3cl";
@@ -339,37 +342,9 @@ struct Network;
 
 impl Network {
     fn up() -> Result<Self> {
-        let ip = |args: &[&str]| run(Command::new("ip").args(args));
-        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        add_bridge(BRIDGE)?;
         let net = Self;
-        ip(&[
-            "link",
-            "set",
-            BRIDGE,
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        ip(&["link", "set", BRIDGE, "up"])?;
-        ip(&["netns", "add", CLIENT_NS])?;
-        ip(&[
-            "link", "add", "skpk3c", "type", "veth", "peer", "name", "eth0", "netns", CLIENT_NS,
-        ])?;
-        ip(&["link", "set", "skpk3c", "master", BRIDGE, "up"])?;
-        ip(&["-n", CLIENT_NS, "link", "set", "lo", "up"])?;
-        ip(&["-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            CLIENT_NS,
-            "addr",
-            "add",
-            &format!("{}/24", addr(250)),
-            "dev",
-            "eth0",
-        ])?;
+        add_host(CLIENT_NS, addr(250), "skpk3c", BRIDGE)?;
         Ok(net)
     }
 
