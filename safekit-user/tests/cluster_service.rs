@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask, demo_bin, in_netns, serial, status, wait_for};
+use common::{Lab, LabModule, ask, demo_bin, has_vip, in_netns, serial, status, wait_for};
 use safekit::status::{Colour, ModuleState};
 
 const MODULE: &str = "web";
@@ -163,16 +163,6 @@ fn pair_in_sync(lab: &Lab) -> Option<usize> {
     }
 }
 
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
-}
-
 fn answer(lab: &Lab, subnet: u8, src_port: u16) -> Result<String, String> {
     let src = SocketAddr::from((lab.spec().client_addr(), src_port));
     let dst = SocketAddr::from((vip(subnet), PORT));
@@ -259,8 +249,29 @@ fn boot_modules_start_under_the_mirror_rules_and_sigterm_stops_them_cleanly() {
             i + 1
         );
     }
-    // Two nodes that never ran hold the same (empty) data: the pair comes
-    // up by itself, no command given.
+    // First start of a replicated module: no copy is known up to date, so
+    // both wait (never the application on data that may be stale) until
+    // the operator names the reference, as SafeKit's first start asks.
+    let waited = (1..=20).all(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        [1, 2]
+            .iter()
+            .all(|n| matches!(state(&lab, *n), Some((ModuleState::Wait, _))))
+    });
+    assert!(
+        waited,
+        "a first boot went primary by itself: {:?} {:?}",
+        state(&lab, 1),
+        state(&lab, 2)
+    );
+    let out = lab
+        .safekit(1, &["prim", "-m", "web"])
+        .expect("safekit prim");
+    assert!(
+        out.status.success(),
+        "prim on node1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let Some(p) = wait_for(Duration::from_secs(20), || pair_in_sync(&lab).is_some())
         .and_then(|_| pair_in_sync(&lab))
     else {
@@ -439,6 +450,15 @@ fn logview_follows_the_module_log_and_every_command_is_recorded_with_its_caller(
     std::fs::write(&toml, text).unwrap();
     lab.start_daemon(1).unwrap();
     let log = lab.root(1).join("var/log/safekit/web.log");
+    // The daemon's own start lines are written before the follower starts
+    // (its control socket is up a little before the engine logs them).
+    assert!(
+        wait_for(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("module loaded")))
+        .is_some(),
+        "no start line in {}",
+        log.display()
+    );
 
     // logview -f -n 0: only what is written from now on, across a rotation.
     let mut follower = Follower(

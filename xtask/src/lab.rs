@@ -126,8 +126,47 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A bridge, up, with no STP delay (no multicast snooping surprises).
+pub fn add_bridge(br: &str) -> Result<()> {
+    ip(&["link", "add", br, "type", "bridge"])?;
+    ip(&[
+        "link",
+        "set",
+        br,
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "stp_state",
+        "0",
+    ])?;
+    ip(&["link", "set", br, "up"])
+}
+
+/// Network namespace `ns` whose `eth0` has `addr`/24, the other end of a
+/// veth (`host_if`) in bridge `br`.
+pub fn add_host(ns: &str, addr: Ipv4Addr, host_if: &str, br: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["link", "set", host_if, "master", br])?;
+    ip(&["link", "set", host_if, "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])
+}
+
 /// Runs `ip` ignoring failure (cleanup).
-fn ip_quiet(args: &[&str]) {
+pub fn ip_quiet(args: &[&str]) {
     let _ = Command::new("ip")
         .args(args)
         .stdout(Stdio::null())
@@ -243,42 +282,13 @@ impl Lab {
     fn network(&self) -> Result<()> {
         let s = &self.spec;
         let br = s.bridge();
-        ip(&["link", "add", &br, "type", "bridge"])?;
-        // No STP delay, no multicast snooping surprises.
-        ip(&[
-            "link",
-            "set",
-            &br,
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        ip(&["link", "set", &br, "up"])?;
+        add_bridge(&br)?;
         let mut hosts: Vec<(String, Ipv4Addr, String)> = (1..=s.nodes)
             .map(|i| (s.node_ns(i), s.node_addr(i), format!("{}{i}", s.prefix)))
             .collect();
         hosts.push((s.client_ns(), s.client_addr(), format!("{}c", s.prefix)));
         for (ns, addr, host_if) in &hosts {
-            ip(&["netns", "add", ns])?;
-            ip(&[
-                "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ])?;
-            ip(&["link", "set", host_if, "master", &br])?;
-            ip(&["link", "set", host_if, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            add_host(ns, *addr, host_if, &br)?;
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 pub mod demo;
 pub mod fuzz;
 pub mod lab;
+pub mod package;
 pub mod setup;
+pub mod system_test;
 
 use std::{
     path::{Path, PathBuf},

@@ -2,11 +2,13 @@
 
 mod bench;
 
-use std::process::Command;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{demo, fuzz, run, setup, workspace_root};
+use xtask::{
+    demo, fuzz,
+    package::{self, cargo},
+    run, setup, system_test,
+};
 
 #[derive(Parser)]
 #[command(about = "safekit developer tasks")]
@@ -30,6 +32,10 @@ enum Task {
     },
     /// Setup, build, and run every test (unit, eBPF, privileged cluster tests).
     Test {
+        /// Also the system test (a few minutes): the Debian package on two
+        /// Debian 12 machines booted with systemd (`system-test`).
+        #[arg(long)]
+        all: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -45,6 +51,13 @@ enum Task {
         /// Only this target (default: every one).
         target: Option<String>,
     },
+    /// Build the Debian package (cargo-deb) into target/debian/, checked
+    /// with lintian.
+    Package,
+    /// The Debian package installed on two Debian 12 machines (debootstrap,
+    /// systemd-nspawn -b) on a bridge: service, boot = true, restart after
+    /// kill -9, watchdog, systemctl stop, upgrade/remove/purge.
+    SystemTest,
     /// Benchmarks: figures and ratios measured side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -91,7 +104,13 @@ fn main() -> Result<()> {
             demo::lab_down();
             Ok(())
         }
-        Task::Test { args } => test(&args),
+        Task::Test { all, args } => {
+            test(&args)?;
+            if all {
+                system_test::system_test()?;
+            }
+            Ok(())
+        }
         Task::Fuzz {
             seconds,
             runs,
@@ -106,22 +125,14 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Package => package::package(None).map(|_| ()),
+        Task::SystemTest => system_test::system_test(),
         Task::Bench { what } => bench::bench(&what),
     }
 }
 
 fn build() -> Result<()> {
     run(cargo().args(["build", "--bins"]))
-}
-
-/// `cargo +STABLE` in the workspace (through the rustup proxy).
-fn cargo() -> Command {
-    let mut c = Command::new("cargo");
-    c.arg(format!("+{}", setup::STABLE))
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .current_dir(workspace_root());
-    c
 }
 
 fn test(args: &[String]) -> Result<()> {

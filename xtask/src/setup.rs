@@ -7,6 +7,8 @@
 //!    per-nightly directory that `safekit-user/build.rs` puts first in PATH.
 //! 4. `cargo-fuzz`, which builds the fuzz targets of `fuzz/` with that
 //!    nightly (`cargo xtask fuzz`).
+//! 5. `cargo-deb`, which `cargo xtask package` builds the Debian package
+//!    with.
 
 use std::{
     path::{Path, PathBuf},
@@ -31,7 +33,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "psmisc",
     "curl",
+    // tests/docs.rs renders the generated man pages.
+    "man-db",
 ];
+
+/// cargo-deb release that builds the Debian package (`cargo xtask package`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=
 /// 1.98. Not a rust-toolchain.toml: rustup does not install those by itself,
@@ -70,6 +77,7 @@ pub fn setup() -> Result<()> {
     toolchain(&nightly, &["rust-src"])?;
     bpf_linker(stable, &nightly)?;
     crate::fuzz::install_cargo_fuzz(stable)?;
+    cargo_deb(stable)?;
     override_workspace(&root, stable)?;
     eprintln!(
         "setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz {})",
@@ -99,7 +107,31 @@ fn override_workspace(root: &Path, stable: &str) -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    apt_packages(DEBIAN_PACKAGES)
+}
+
+/// `cargo deb`, installed with cargo when missing or of another version.
+fn cargo_deb(stable: &str) -> Result<()> {
+    let version = Command::new("cargo")
+        .args([&format!("+{stable}"), "deb", "--version"])
+        .output();
+    if version.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION)
+    }) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+    run(Command::new("cargo").args([
+        &format!("+{stable}"),
+        "install",
+        &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        "--locked",
+    ]))
+}
+
+/// Installs those of `packages` that are missing (apt-get).
+pub fn apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
