@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "psmisc",
     "curl",
+    // libfuzzer-sys builds libFuzzer's C++ sources (`cargo xtask fuzz`).
+    "g++",
 ];
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=
