@@ -35,6 +35,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     // tests/docs.rs renders the generated man pages.
     "man-db",
+    // libfuzzer-sys builds libFuzzer's C++ sources (`cargo xtask fuzz`).
+    "g++",
 ];
 
 /// cargo-deb release that builds the Debian package (`cargo xtask package`).

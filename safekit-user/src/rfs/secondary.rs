@@ -426,8 +426,15 @@ pub async fn serve_registry(
             let spawned = thread::Builder::new()
                 .name("rfs-second".into())
                 .spawn(move || {
+                    // Released however the connection ends, a panic too.
+                    struct Slot<'a>(&'a AtomicUsize);
+                    impl Drop for Slot<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    let _slot = Slot(&thread_ctx.connections);
                     connection(&thread_ctx, tx, rx, peer);
-                    thread_ctx.connections.fetch_sub(1, Ordering::AcqRel);
                 });
             if let Err(e) = spawned {
                 ctx.connections.fetch_sub(1, Ordering::AcqRel);
