@@ -29,6 +29,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "psmisc",
     "curl",
+    // The REST API tests: TLS versions offered by `openssl s_client`.
+    "openssl",
 ];
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=

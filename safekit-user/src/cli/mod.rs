@@ -19,6 +19,7 @@ mod module_cmd;
 mod rfs;
 mod snapshot;
 mod state;
+mod user;
 mod wait;
 
 use std::{path::PathBuf, time::Duration};
@@ -116,6 +117,24 @@ pub enum Command {
         /// Subcommand.
         #[command(subcommand)]
         command: rfs::RfsCommand,
+    },
+    /// REST API and console users (users.toml).
+    User {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
+    /// REST API bearer keys (apikeys.toml).
+    Apikey {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::ApiKeyCommand,
+    },
+    /// HTTPS certificates (a cluster CA and one per node).
+    Certs {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::CertsCommand,
     },
     /// Configuration commands.
     Config {
@@ -219,6 +238,9 @@ pub fn main() -> i32 {
         Command::Farm { command } => farm::run(&paths, command),
         Command::Snapshot(a) => snapshot::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),
+        Command::User { command } => user::user(&paths, command),
+        Command::Apikey { command } => user::apikey(&paths, command),
+        Command::Certs { command } => user::certs(&paths, &command),
     }
 }
 

@@ -335,6 +335,7 @@ impl Engine {
                 }
             }
             *shared.status.write().await = self.status(now);
+            shared.changes.send_modify(|n| *n = n.wrapping_add(1));
             if self.shutting_down && self.pending == 0 {
                 tracing::info!("safekitd stopped");
                 let _ = std::fs::remove_file(self.paths.control_socket());

@@ -8,13 +8,15 @@
 //! - one **heartbeat receiver** per LAN socket forwards datagrams to the engine;
 //! - the **control server** accepts `safekit` connections on the Unix socket
 //!   and forwards requests to the engine;
-//! - the **HTTP server** (port 9010) answers `ready.txt` and `/metrics` from
-//!   the published snapshot without touching the engine.
+//! - the **HTTP and HTTPS servers** (ports 9010, 9453; [`api`]) answer
+//!   `ready.txt`, `/metrics`, the REST API and the console from the
+//!   published snapshot; control verbs go to the engine as the control
+//!   socket's do.
 
+mod api;
 mod checks;
 pub mod engine;
 mod farm;
-mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
@@ -36,6 +38,8 @@ pub struct Shared {
     /// The XDP filters (their per-CPU verdict counters are read at scrape
     /// time).
     pub(crate) dataplane: farm::Dataplane,
+    /// Bumped after each publication of `status` (event streams wait on it).
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -69,6 +73,9 @@ pub enum StartError {
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
     AlreadyRunning(String),
+    /// The node's HTTPS certificate or key cannot be used.
+    #[error("HTTPS: {0}")]
+    Tls(String),
     /// File system error on the daemon's own files.
     #[error("{op} {path}: {source}")]
     Io {
@@ -113,6 +120,26 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             addr: http_addr,
             source,
         })?;
+    let tls_addr = SocketAddr::from(([0, 0, 0, 0], config.cluster.ports.https));
+    let https = match api::tls::acceptor(&paths.etc(), &me) {
+        Ok(Some(acceptor)) => {
+            let listener = tokio::net::TcpListener::bind(tls_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "HTTPS",
+                    addr: tls_addr,
+                    source,
+                })?;
+            Some((listener, acceptor))
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "HTTPS off: no certificate for this node in etc/safekit/tls (safekit certs init makes them)"
+            );
+            None
+        }
+        Err(e) => return Err(StartError::Tls(e)),
+    };
     let control = net::bind_control_socket(&paths)?;
     // Before any command can start a module: VIPs a crashed daemon left.
     let leftovers: Vec<_> = config
@@ -133,6 +160,9 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
     let dataplane = farm::Dataplane::default();
+    let api_paths = paths.clone();
+    let api_cluster = config.cluster.clone();
+    let api_me = me.clone();
     let engine = engine::Engine::new(
         paths,
         config,
@@ -182,6 +212,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,
         dataplane,
+        changes: tokio::sync::watch::Sender::new(0),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
@@ -191,7 +222,13 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         ));
     }
     tokio::spawn(net::serve_control(control, tx.clone()));
-    tokio::spawn(http::serve(http_listener, shared.clone()));
+    let api = api::ApiState::new(shared.clone(), tx.clone(), api_paths, api_cluster, api_me);
+    tokio::spawn(api::events::record(shared.clone(), api.history.clone()));
+    let router = api::router(api);
+    tokio::spawn(api::serve(http_listener, router.clone(), None));
+    if let Some((listener, acceptor)) = https {
+        tokio::spawn(api::serve(listener, router, Some(acceptor)));
+    }
     let signals = tx.clone();
     tokio::spawn(async move {
         let mut term =
