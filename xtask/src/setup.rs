@@ -31,7 +31,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     // The REST API tests: TLS versions offered by `openssl s_client`.
     "openssl",
+    // The console's browser tests: headless Chromium driven by
+    // playwright-core (never a browser downloaded by npm).
+    "chromium",
 ];
+
+/// Directory of the console's browser tests and their npm lockfile.
+const CONSOLE_TESTS: &str = "safekit-user/tests/console";
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=
 /// 1.98. Not a rust-toolchain.toml: rustup does not install those by itself,
@@ -64,6 +70,7 @@ pub fn bpf_linker_root(nightly: &str) -> Result<PathBuf> {
 pub fn setup() -> Result<()> {
     let root = workspace_root();
     apt()?;
+    console_test_modules(&root)?;
     let stable = STABLE;
     let nightly = toolchain_channel(&root.join("safekit-ebpf/rust-toolchain.toml"))?;
     toolchain(stable, &["clippy", "rustfmt"])?;
@@ -94,8 +101,49 @@ fn override_workspace(root: &Path, stable: &str) -> Result<()> {
         .arg(root))
 }
 
+/// True when `cmd --version` runs.
+fn has_command(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The console tests' npm packages (playwright-core, pinned by
+/// `package-lock.json`), installed with `npm ci` when missing or older
+/// than the lockfile.
+fn console_test_modules(root: &Path) -> Result<()> {
+    let dir = root.join(CONSOLE_TESTS);
+    let lock = dir.join("package-lock.json");
+    // npm ci writes node_modules/.package-lock.json after a complete install.
+    let installed = dir.join("node_modules/.package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+        && modified(&installed) >= modified(&lock)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: npm ci in {}", dir.display());
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .current_dir(&dir))
+}
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    // Node.js from Debian unless a node (and its npm) is there already.
+    let mut wanted: Vec<&str> = DEBIAN_PACKAGES.to_vec();
+    if !has_command("node") {
+        wanted.push("nodejs");
+    }
+    if !has_command("npm") {
+        wanted.push("npm");
+    }
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
