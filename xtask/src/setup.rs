@@ -34,7 +34,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The console's browser tests: headless Chromium driven by
     // playwright-core (never a browser downloaded by npm).
     "chromium",
+    // The API fuzzing: schemathesis in a virtual environment.
+    "python3-venv",
 ];
+
+/// Virtual environment of schemathesis, under the workspace's target dir.
+const SCHEMATHESIS_VENV: &str = "target/schemathesis-venv";
+/// Its pinned requirements (schemathesis and every dependency).
+const SCHEMATHESIS_REQUIREMENTS: &str = "xtask/schemathesis-requirements.txt";
 
 /// Directory of the console's browser tests and their npm lockfile.
 const CONSOLE_TESTS: &str = "safekit-user/tests/console";
@@ -71,6 +78,7 @@ pub fn setup() -> Result<()> {
     let root = workspace_root();
     apt()?;
     console_test_modules(&root)?;
+    schemathesis(&root)?;
     let stable = STABLE;
     let nightly = toolchain_channel(&root.join("safekit-ebpf/rust-toolchain.toml"))?;
     toolchain(stable, &["clippy", "rustfmt"])?;
@@ -132,6 +140,32 @@ fn console_test_modules(root: &Path) -> Result<()> {
         .args(["ci", "--no-audit", "--no-fund"])
         .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
         .current_dir(&dir))
+}
+
+/// schemathesis (from `PyPI`) in `target/schemathesis-venv`, from the pinned
+/// requirements, when missing or older than them.
+fn schemathesis(root: &Path) -> Result<()> {
+    let venv = root.join(SCHEMATHESIS_VENV);
+    let reqs = root.join(SCHEMATHESIS_REQUIREMENTS);
+    let stamp = venv.join("installed-requirements.txt");
+    if venv.join("bin/schemathesis").exists()
+        && std::fs::read(&stamp).ok() == std::fs::read(&reqs).ok()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: schemathesis in {}", venv.display());
+    // Debian's python3 (python3-venv is installed above).
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    run(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check", "-r"])
+        .arg(&reqs))?;
+    std::fs::copy(&reqs, &stamp).context("recording the installed requirements")?;
+    Ok(())
 }
 
 fn apt() -> Result<()> {
