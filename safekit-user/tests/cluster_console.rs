@@ -17,7 +17,7 @@
 mod common;
 
 use std::{
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -120,6 +120,14 @@ fn safekit_stdin(root: &Path, args: &[&str], stdin: &str) -> (bool, String) {
     )
 }
 
+/// `safekit state -m web -lq` on node `i`.
+fn lq(lab: &common::Lab, i: usize) -> Option<i32> {
+    lab.safekit(i, &["state", "-m", "web", "-lq"])
+        .unwrap()
+        .status
+        .code()
+}
+
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -188,15 +196,9 @@ fn console_login_colours_swap_resync_and_config_error() {
     assert!(out.status.success(), "prim: {out:?}");
     let out = lab.safekit(2, &["start", "-m", "web"]).unwrap();
     assert!(out.status.success(), "start: {out:?}");
-    let lq = |i: usize| {
-        lab.safekit(i, &["state", "-m", "web", "-lq"])
-            .unwrap()
-            .status
-            .code()
-    };
     assert!(
         wait_for(Duration::from_secs(60), || {
-            lq(1) == Some(3) && {
+            lq(&lab, 1) == Some(3) && {
                 let s = common::status(&lab, 2);
                 s.module("web").is_some_and(|m| {
                     m.colour == safekit::status::Colour::Green
@@ -212,7 +214,7 @@ fn console_login_colours_swap_resync_and_config_error() {
     std::fs::create_dir_all(&shots).unwrap();
     let profile = lab.dir().join("chromium-profile");
     let _ = std::fs::remove_dir_all(&profile);
-    let out = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &lab.spec().client_ns(), "node"])
         .arg(console_dir.join("drive.mjs"))
         .current_dir(&console_dir)
@@ -225,26 +227,39 @@ fn console_login_colours_swap_resync_and_config_error() {
         .env("SK_SHOTS", &shots)
         .env("SK_PROFILE", &profile)
         .env("SK_BAD_LINE", pulse_line().to_string())
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("running node");
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "browser test failed:\n{text}");
+    let mut text = String::new();
+    let mut killed_node2 = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        println!("{line}");
+        if line == "waiting: kill node2" {
+            lab.kill_daemon(2);
+            killed_node2 = true;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "browser test failed:\n{text}");
+    assert!(killed_node2, "{text}");
     for shot in [
         "1-cluster.png",
         "2-swapped.png",
         "3-resync.png",
         "4-resynced.png",
         "5-config-error.png",
+        "6-node2-unreachable.png",
     ] {
         let meta = std::fs::metadata(shots.join(shot)).expect(shot);
         assert!(meta.len() > 1000, "{shot} is empty");
     }
-    // The browser's view matches the daemons'.
-    assert_eq!(
-        (lq(1), lq(2)),
-        (Some(4), Some(3)),
-        "node1 SECOND, node2 PRIM"
+    // node1, in sync when node2 died, takes over.
+    assert!(
+        wait_for(Duration::from_secs(20), || lq(&lab, 1) == Some(2)).is_some(),
+        "node1 ALONE"
     );
     let _ = std::fs::remove_dir_all(&profile);
     drop(lab);

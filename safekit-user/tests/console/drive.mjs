@@ -5,7 +5,8 @@
 // Environment: SK_URL (https://node1:9453), SK_USER, SK_PASS, SK_SHOTS
 // (screenshot directory), SK_PROFILE (a fresh --user-data-dir), SK_BAD_LINE
 // (the line the configuration error must be reported at).
-// Prints one "ok: ..." line per step; exits 1 at the first failure.
+// Prints one "ok: ..." line per step; exits 1 at the first failure. After
+// "waiting: kill node2" the test kills node2's daemon.
 
 import { chromium } from "playwright-core";
 
@@ -44,6 +45,8 @@ async function runVerb(page, scope, node, label) {
   await page.click("#confirm-yes");
 }
 
+let page = null;
+
 async function main() {
   const context = await chromium.launchPersistentContext(env("SK_PROFILE"), {
     executablePath: process.env.SK_CHROMIUM || "/usr/bin/chromium",
@@ -52,7 +55,7 @@ async function main() {
     ignoreHTTPSErrors: true,
     viewport: { width: 1280, height: 900 },
   });
-  const page = context.pages()[0] || (await context.newPage());
+  page = context.pages()[0] || (await context.newPage());
   page.on("pageerror", (e) => { console.log(`page error: ${e.message}`); process.exitCode = 1; });
 
   // 1. Log in.
@@ -138,10 +141,27 @@ async function main() {
   await page.waitForFunction(() => document.querySelector("#config-result")?.textContent.includes("not available"));
   log("apply answers that it is not available yet");
 
+  // 6. A node whose daemon dies shows as unreachable, live.
+  await page.click("#nav-cluster");
+  await cell(page, "node2", "PRIM");
+  console.log("waiting: kill node2");
+  await page.waitForSelector('td.state[data-node="node2"][data-state="UNREACHABLE"]', { timeout: 30000 });
+  const grey = await page.$eval('td.state[data-node="node2"][data-state="UNREACHABLE"]', (el) => getComputedStyle(el).backgroundColor);
+  if (grey !== "rgb(138, 138, 138)") throw new Error(`unreachable colour ${grey}`);
+  await page.waitForSelector('th[data-node="node2"] .node-down', { timeout: 5000 });
+  await page.screenshot({ path: `${SHOTS}/6-node2-unreachable.png`, fullPage: true });
+  log("node2's daemon killed: its column shows unreachable (grey), node1 still live");
+
   await context.close();
 }
 
-main().catch((e) => {
+main().catch(async (e) => {
   console.log(`FAILED: ${e.stack || e}`);
+  if (page) {
+    try {
+      await page.screenshot({ path: `${SHOTS}/failure.png`, fullPage: true });
+      console.log(`page text: ${await page.$eval("body", (b) => b.innerText)}`);
+    } catch (_) { /* the page is gone */ }
+  }
   process.exit(1);
 });
