@@ -470,6 +470,15 @@ fn api_roles_verbs_proxy_and_swap() {
         get(&lab, 1, &monitor, "/api/v1/nodes/node9/status").code,
         404
     );
+    let a = get(&lab, 1, &monitor, "/api/v1/nodes/node2/modules/no%20such");
+    assert_eq!(a.code, 404, "{a:?}");
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("no module \"no such\" on node node2"),
+        "answered by node2, the path as encoded: {a:?}"
+    );
     let a = get(
         &lab,
         1,

@@ -188,9 +188,17 @@ pub(super) async fn forward(
         .ok_or_else(|| ApiError::internal(format!("node {node} has no address")))?;
     let addr = SocketAddr::new(ip, state.cluster.ports.http);
     let (parts, body) = req.into_parts();
+    // The rest of the path as the client encoded it (the extracted `rest`
+    // is percent-decoded).
+    let raw_rest = parts
+        .uri
+        .path()
+        .strip_prefix("/api/v1/nodes/")
+        .and_then(|p| p.split_once('/'))
+        .map_or(rest.as_str(), |(_, r)| r);
     let path = match parts.uri.query() {
-        Some(q) => format!("/api/v1/{rest}?{q}"),
-        None => format!("/api/v1/{rest}"),
+        Some(q) => format!("/api/v1/{raw_rest}?{q}"),
+        None => format!("/api/v1/{raw_rest}"),
     };
     let signature = state
         .proxy
