@@ -7,12 +7,16 @@
 //! resynchronisation progress, farm membership), at most every
 //! [`MIN_INTERVAL`]; a comment line keeps idle connections open. The
 //! recorder task ([`record`]) keeps each module's transitions for
-//! [`HISTORY_SPAN`], at most [`HISTORY_MAX`] per module.
+//! [`HISTORY_SPAN`], at most [`HISTORY_MAX`] per module. At most
+//! [`MAX_STREAMS`] streams are open at once (503 beyond).
 
 use std::{
     collections::{BTreeMap, VecDeque},
     convert::Infallible,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -52,14 +56,21 @@ fn visible(status: &NodeStatus) -> String {
 #[utoipa::path(get, path = "/api/v1/events", tag = "state",
     responses((status = 200, description = "Server-Sent Events: `status` events with a NodeStatus",
                content_type = "text/event-stream"),
-              (status = 401, body = ErrorBody)))]
+              (status = 401, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "Too many streams open")))]
 pub(super) async fn stream(
     State(state): State<Arc<ApiState>>,
     _caller: Caller,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let open = StreamSlot::take(&state.streams).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} event streams are open on this node: try again later"),
+        )
+    })?;
     let rx = state.shared.changes.subscribe();
-    let init = (state, rx, String::new());
-    let s = futures_util::stream::unfold(init, |(state, mut rx, last)| async move {
+    let init = (state, rx, String::new(), open);
+    let s = futures_util::stream::unfold(init, |(state, mut rx, last, open)| async move {
         loop {
             let status = state.shared.status.read().await.clone();
             let key = visible(&status);
@@ -67,7 +78,7 @@ pub(super) async fn stream(
                 let ev = Event::default()
                     .event("status")
                     .data(serde_json::to_string(&status).unwrap_or_default());
-                return Some((Ok(ev), (state, rx, key)));
+                return Some((Ok(ev), (state, rx, key, open)));
             }
             if rx.changed().await.is_err() {
                 return None;
@@ -75,7 +86,31 @@ pub(super) async fn stream(
             tokio::time::sleep(MIN_INTERVAL).await;
         }
     });
-    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Most event streams open at once on a node: they hold connections, and
+/// the health check must always find one free.
+pub(super) const MAX_STREAMS: usize = 64;
+
+/// One open event stream, counted in `ApiState::streams` until dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        if before >= MAX_STREAMS {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One state of a module, from a time on.
@@ -199,6 +234,23 @@ mod tests {
                 rfs: vec![],
             }],
         }
+    }
+
+    #[test]
+    fn event_streams_are_bounded() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut open: Vec<_> = (0..MAX_STREAMS)
+            .map(|_| StreamSlot::take(&count).expect("a slot"))
+            .collect();
+        assert!(StreamSlot::take(&count).is_none(), "one too many");
+        assert_eq!(count.load(Ordering::Acquire), MAX_STREAMS);
+        open.pop();
+        assert!(
+            StreamSlot::take(&count).is_some(),
+            "a closed stream frees its slot"
+        );
+        drop(open);
+        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub(super) struct ApiState {
     pub(super) proxy: proxy::ProxyAuth,
     /// State transitions of the last hours.
     pub(super) history: Arc<Mutex<events::History>>,
+    /// Event streams open.
+    pub(super) streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ApiState {
@@ -99,6 +101,7 @@ impl ApiState {
             limiter: Mutex::default(),
             proxy,
             history: Arc::default(),
+            streams: Arc::default(),
         })
     }
 }
