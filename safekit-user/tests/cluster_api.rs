@@ -13,7 +13,8 @@
 //! - `api_security_sessions_and_tls` (`skap2`, 10.77.142.0/24): wrong
 //!   passwords and the login rate limit, forged and expired session
 //!   cookies, state-changing requests without (or with a wrong) CSRF token
-//!   change nothing, cookie flags, HTTPS with the certificates of `safekit
+//!   change nothing, cookie flags, proxy mode between nodes over HTTPS
+//!   (node2's HTTP port closed), HTTPS with the certificates of `safekit
 //!   certs init` (TLS 1.3 and 1.2 accepted, TLS 1.1 refused), the health
 //!   check revealing nothing but ready / not ready.
 
@@ -795,6 +796,30 @@ fn api_security_sessions_and_tls() {
         Some(&csrf),
     );
     assert_eq!(a.code, 403, "monitor session: {a:?}");
+
+    // Proxy mode between nodes with certificates goes over HTTPS: node2's
+    // plain HTTP port closed, node2 still answers through node1.
+    let nft = |rule: &str| {
+        let out = lab
+            .exec(&lab.spec().node_ns(2), &["nft", rule])
+            .expect("nft");
+        assert!(out.status.success(), "nft {rule}: {out:?}");
+    };
+    nft(
+        "add table inet skap2test; add chain inet skap2test input { type filter hook input priority 0; tcp dport 9010 drop; }",
+    );
+    let a = with_cookie(
+        &lab,
+        &other,
+        &ca,
+        "GET",
+        "/api/v1/nodes/node2/status",
+        &viewer,
+        None,
+    );
+    assert_eq!(a.code, 200, "through HTTPS between nodes: {a:?}");
+    assert_eq!(a.json()["node"], "node2");
+    nft("delete table inet skap2test");
 
     // Forged cookie.
     let forged = "ab".repeat(32);

@@ -76,6 +76,9 @@ pub(super) struct ApiState {
     limiter: Mutex<session::LoginLimiter>,
     /// Proxy mode: signing key and nonces seen.
     pub(super) proxy: proxy::ProxyAuth,
+    /// Proxy mode over HTTPS (when this node has a certificate and the
+    /// cluster CA), else HTTP.
+    pub(super) proxy_tls: Option<tokio_rustls::TlsConnector>,
     /// State transitions of the last hours.
     pub(super) history: Arc<Mutex<events::History>>,
     /// Event streams open.
@@ -91,6 +94,7 @@ impl ApiState {
         me: String,
     ) -> Arc<Self> {
         let proxy = proxy::ProxyAuth::new(&cluster.key);
+        let proxy_tls = tls::connector(&paths.etc(), &me);
         Arc::new(Self {
             shared,
             engine,
@@ -100,6 +104,7 @@ impl ApiState {
             sessions: Mutex::default(),
             limiter: Mutex::default(),
             proxy,
+            proxy_tls,
             history: Arc::default(),
             streams: Arc::default(),
         })

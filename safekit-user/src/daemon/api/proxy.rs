@@ -2,7 +2,9 @@
 //! `/api/v1/<rest>` on `<node>`.
 //!
 //! The node answering authenticates the caller (and its CSRF token), then
-//! forwards the request over HTTP to the target node's port with the
+//! forwards the request to the target node — over HTTPS, its certificate
+//! verified against the cluster CA, when this node has its certificate and
+//! `tls/ca.crt`; else over HTTP — with the
 //! caller's name and role in an `X-Safekit-Proxy` header, signed with a key
 //! derived from the cluster key (keyed BLAKE3 over the method, path, origin
 //! node, user, role, time and a random nonce). The target accepts it within
@@ -186,7 +188,12 @@ pub(super) async fn forward(
         .or_else(|| target.addrs.values().next())
         .copied()
         .ok_or_else(|| ApiError::internal(format!("node {node} has no address")))?;
-    let addr = SocketAddr::new(ip, state.cluster.ports.http);
+    let port = if state.proxy_tls.is_some() {
+        state.cluster.ports.https
+    } else {
+        state.cluster.ports.http
+    };
+    let addr = SocketAddr::new(ip, port);
     let (parts, body) = req.into_parts();
     // The rest of the path as the client encoded it (the extracted `rest`
     // is percent-decoded).
@@ -229,19 +236,42 @@ pub(super) async fn forward(
         .await
         .map_err(|_| unreachable(&"connection timed out"))?
         .map_err(|e| unreachable(&e))?;
+    let answer = match &state.proxy_tls {
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                .await
+                .map_err(|_| unreachable(&"TLS handshake timed out"))?
+                .map_err(|e| unreachable(&format!("TLS: {e}")))?;
+            send(tls, out).await
+        }
+        None => send(stream, out).await,
+    }
+    .map_err(|e| unreachable(&e))?;
+    let (parts, body) = answer.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Sends `req` on a new HTTP/1.1 connection over `io`; the answer's body
+/// streams from it.
+async fn send<IO>(
+    io: IO,
+    req: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "proxy connection");
         }
     });
-    let answer = tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(out))
-        .await
-        .map_err(|_| unreachable(&"no answer within 40 s"))?
-        .map_err(|e| unreachable(&e))?;
-    let (parts, body) = answer.into_parts();
-    Ok(Response::from_parts(parts, Body::new(body)))
+    match tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(req)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 40 s".into()),
+    }
 }

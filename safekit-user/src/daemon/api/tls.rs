@@ -39,3 +39,36 @@ pub(in crate::daemon) fn acceptor(
     .map_err(|e| format!("certificate and key of node {me}: {e}"))?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
+
+/// Proxy mode's client: TLS to the other nodes' HTTPS port, their
+/// certificates verified against the cluster CA (`tls/ca.crt`). `None`
+/// when this node serves no HTTPS or has no CA file: proxy mode then
+/// uses HTTP.
+#[expect(
+    deprecated,
+    reason = "ring's provider, as for the server side (see acceptor)"
+)]
+pub(in crate::daemon) fn connector(etc: &Path, me: &str) -> Option<tokio_rustls::TlsConnector> {
+    let (cert, _) = crate::certs::node_files(etc, me);
+    let ca = etc.join(crate::certs::TLS_DIR).join("ca.crt");
+    if !cert.exists() || !ca.exists() {
+        return None;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca).ok()?.flatten() {
+        if let Err(e) = roots.add(c) {
+            tracing::warn!(file = %ca.display(), error = %e, "cluster CA certificate refused");
+        }
+    }
+    if roots.is_empty() {
+        return None;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
