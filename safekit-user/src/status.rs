@@ -200,6 +200,24 @@ pub struct ModuleStatus {
     /// Mirror modules: each replicated directory.
     #[serde(default)]
     pub rfs: Vec<RfsDirStatus>,
+    /// Each checker's last result while the module runs.
+    #[serde(default)]
+    pub checkers: Vec<CheckerStatus>,
+}
+
+/// The last result of one checker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckerStatus {
+    /// Checker id (`tcp0`, `custom.db`, ...).
+    pub id: String,
+    /// What it checks.
+    pub what: String,
+    /// Up at its last check.
+    pub up: bool,
+    /// Why it is down.
+    pub reason: Option<String>,
+    /// When that result came, Unix time in milliseconds.
+    pub at_ms: u64,
 }
 
 /// Every value of [`RfsDirStatus::link`].

@@ -41,6 +41,12 @@ defaultprim = "node1"
 [heart]
 pulse = "100ms"
 timeout = "1s"
+
+[[check.tcp]]
+host = "127.0.0.1"
+port = 9010
+interval = "1s"
+timeout = "500ms"
 "#
         .into(),
         scripts: vec![],
@@ -572,6 +578,17 @@ fn api_roles_verbs_proxy_and_swap() {
     );
     assert!(a.body.contains("event: status"), "{a:?}");
     assert!(a.body.contains("\"node\":\"node1\""), "{a:?}");
+
+    // Checkers and their last results (the primary runs the tcp checker).
+    let m = get(&lab, 1, &monitor, "/api/v1/modules/web").json();
+    let tcp = m["checkers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "tcp0")
+        .unwrap_or_else(|| panic!("no tcp0 checker in {m}"));
+    assert_eq!(tcp["up"], true, "{tcp}");
+    assert!(tcp["at_ms"].as_u64().unwrap() > 0);
 
     // A removed key stops working at once.
     let (code, _, _) = safekit_stdin(&lab, 1, &["apikey", "del", "monitor-key"], "");

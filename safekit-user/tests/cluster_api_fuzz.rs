@@ -32,9 +32,6 @@ defaultprim = "node1"
 [heart]
 pulse = "100ms"
 timeout = "1s"
-
-[[check.custom]]
-name = "db"
 "#
         .into(),
         scripts: vec![],

@@ -9,6 +9,7 @@
 //! on the module page, `stop` then `second fullsync` of node1 resynchronises
 //! a 96 MiB tree (capped at 16 MiB/s) and the progress bar is seen
 //! advancing through increasing values until node1 is SECOND green again;
+//! the primary's tcp checker shows up with its last result;
 //! a bad `pulse` in the configuration editor is reported at its line, the
 //! line marked in the gutter; apply answers it is not available yet.
 //! Screenshots go to `target/console-shots/`. Needs root, FUSE, chromium
@@ -45,6 +46,12 @@ resync_bandwidth = "16MiB/s"
 resync_workers = 2
 [[rfs.dir]]
 path = "/srv/data"
+
+[[check.tcp]]
+host = "127.0.0.1"
+port = 9010
+interval = "1s"
+timeout = "500ms"
 "#
         .into(),
         scripts: vec![],

@@ -135,6 +135,9 @@ struct Module {
     wanted: bool,
     /// Failing checkers: id -> reason.
     failing: BTreeMap<String, String>,
+    /// Every checker's last result (status, API, console), cleared when
+    /// the checkers stop.
+    last_checks: BTreeMap<String, crate::status::CheckerStatus>,
     checks: Vec<tokio::task::JoinHandle<()>>,
     farm: Option<FarmRt>,
     mirror: Option<MirrorRt>,
@@ -269,6 +272,7 @@ impl Engine {
                     busy: false,
                     wanted: false,
                     failing: BTreeMap::new(),
+                    last_checks: BTreeMap::new(),
                     checks: Vec::new(),
                     farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
                     mirror: (cfg.mode() == ConfigMode::Mirror)
@@ -591,6 +595,7 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
+                m.last_checks.clear();
                 let job = farm_job(m, &me, &root, module_dir.clone(), dataplane);
                 m.checks =
                     checks::spawn(&m.cfg, &[When::Both, When::Pre], &tx, &job.env, &module_dir);
@@ -649,6 +654,7 @@ impl Engine {
             h.abort();
         }
         m.failing.clear();
+        m.last_checks.clear();
         if let Some(f) = m.farm.as_mut() {
             if let Err(e) = f.apply_owned(&dataplane, vec![false; safekit_common::BUCKETS as usize])
             {
@@ -734,6 +740,18 @@ impl Engine {
         if m.state == ModuleState::Stop && !m.busy {
             return;
         }
+        m.last_checks.insert(
+            id.clone(),
+            crate::status::CheckerStatus {
+                id: id.clone(),
+                what: what.to_owned(),
+                up: result.is_ok(),
+                reason: result.as_ref().err().cloned(),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            },
+        );
         let before = m.failing.is_empty();
         let failed_now = result.is_err();
         let check_id = id.clone();
@@ -1084,6 +1102,7 @@ impl Engine {
                         })
                         .collect(),
                     details: module_details(m),
+                    checkers: m.last_checks.values().cloned().collect(),
                     rfs: m
                         .mirror
                         .as_ref()

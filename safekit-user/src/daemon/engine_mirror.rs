@@ -279,6 +279,7 @@ impl Engine {
                 h.abort();
             }
             m.failing.clear();
+            m.last_checks.clear();
             if let Some(rt) = m.mirror.as_mut() {
                 rt.core.wait_checker(Instant::now(), None);
             }

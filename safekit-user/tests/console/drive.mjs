@@ -117,7 +117,9 @@ async function main() {
     throw new Error(`resync progress not seen advancing: ${JSON.stringify(seen)}`);
   }
   await page.waitForSelector('.badge[data-node="node1"][data-state="SECOND"][data-colour="green"]', { timeout: 60000 });
+  await page.waitForSelector('table.checkers tr[data-node="node2"][data-checker="tcp0"][data-up="true"]', { timeout: 10000 });
   await page.screenshot({ path: `${SHOTS}/4-resynced.png`, fullPage: true });
+  log("the primary's tcp checker is shown up with its last result");
   log(`resync progress advanced through ${seen.length} values up to ${seen[seen.length - 1][0]} of ${seen[seen.length - 1][1]} bytes; node1 SECOND green`);
 
   // 5. A configuration error at its line.

@@ -232,6 +232,7 @@ mod tests {
                 details: vec![],
                 farm: None,
                 rfs: vec![],
+                checkers: vec![],
             }],
         }
     }

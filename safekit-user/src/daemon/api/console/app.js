@@ -288,8 +288,16 @@ function nodeCard(node, name) {
       (d.failure ? ` — ${d.failure}` : "")));
   }
   if (m.farm) card.append(h("h3", {}, "Farm buckets"), ...bucketMap(m.farm));
+  if (m.checkers && m.checkers.length) {
+    card.append(h("h3", {}, "Checkers"),
+      h("table", { class: "checkers" }, m.checkers.map((c) => h("tr", { data: { node, checker: c.id, up: String(c.up) } },
+        h("th", {}, c.what),
+        h("td", { class: `state colour-${c.up ? "green" : "red"}` }, c.up ? "up" : "down"),
+        h("td", {}, c.reason || ""),
+        h("td", {}, new Date(c.at_ms).toLocaleTimeString())))));
+  }
   if (m.details.length) {
-    card.append(h("h3", {}, "Checkers and details"),
+    card.append(h("h3", {}, "Details"),
       h("table", { class: "details" }, m.details.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
   }
   return card;
