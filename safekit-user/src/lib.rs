@@ -9,6 +9,8 @@
 //! publishes a [`status::NodeStatus`] that `safekit state`, `ready.txt` and
 //! `/metrics` read.
 
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -24,6 +26,7 @@ pub mod nft;
 pub mod paths;
 pub mod rfs;
 pub mod script;
+pub mod snapshot;
 pub mod status;
 pub mod sys;
 pub mod witness;

@@ -279,6 +279,7 @@ mod tests {
                 peers: vec![],
                 details: vec![],
                 farm: None,
+                checkers: vec![],
                 rfs: vec![RfsDirStatus {
                     path: "/srv/we\"ird\ndir\\".into(),
                     link: "connected".into(),

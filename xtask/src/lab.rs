@@ -308,6 +308,11 @@ impl Lab {
                 s.node_addr(i)
             );
         }
+        // Lab clusters let tests and operators scrape /metrics without
+        // credentials, unless the spec sets its own [api] table.
+        if !s.cluster_extra.contains("[api]") {
+            cluster.push_str("\n[api]\nmetrics_anonymous = true\n");
+        }
         cluster.push_str(&s.cluster_extra);
         for i in 1..=s.nodes {
             let etc = self.root(i).join("etc/safekit");

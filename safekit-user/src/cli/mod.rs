@@ -20,6 +20,7 @@ mod module_cmd;
 mod rfs;
 mod snapshot;
 mod state;
+mod user;
 mod wait;
 mod witness;
 
@@ -124,6 +125,24 @@ pub enum Command {
     /// Run the arbitrating witness of `[check.splitbrain] arbiter` (on a
     /// third machine; UDP, authenticated with the cluster key).
     Witness(witness::WitnessArgs),
+    /// REST API and console users (users.toml).
+    User {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
+    /// REST API bearer keys (apikeys.toml).
+    Apikey {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::ApiKeyCommand,
+    },
+    /// HTTPS certificates (a cluster CA and one per node).
+    Certs {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::CertsCommand,
+    },
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -245,6 +264,9 @@ pub fn main() -> i32 {
         Command::Snapshot(a) => snapshot::run(&paths, &a),
         Command::Witness(a) => witness::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),
+        Command::User { command } => user::user(&paths, command),
+        Command::Apikey { command } => user::apikey(&paths, command),
+        Command::Certs { command } => user::certs(&paths, &command),
     }
 }
 

@@ -133,6 +133,7 @@ fn appendix_cluster_parses_into_expected_values() {
                     addrs: BTreeMap::from([("default".into(), ip("10.10.0.2"))]),
                 },
             ],
+            api: crate::config::Api::default(),
             ports: Ports {
                 heartbeat: 8888,
                 replication: 5600,

@@ -156,6 +156,9 @@ struct Module {
     wanted: bool,
     /// Failing checkers: id -> reason.
     failing: BTreeMap<String, String>,
+    /// Every checker's last result (status, API, console), cleared when
+    /// the checkers stop.
+    last_checks: BTreeMap<String, crate::status::CheckerStatus>,
     checks: Vec<tokio::task::JoinHandle<()>>,
     farm: Option<FarmRt>,
     mirror: Option<MirrorRt>,
@@ -421,6 +424,7 @@ impl Engine {
             let status = self.status(now);
             self.service.status(&status);
             *shared.status.write().await = status;
+            shared.changes.send_modify(|n| *n = n.wrapping_add(1));
             if self.shutting_down && self.pending == 0 {
                 tracing::info!("safekitd stopped");
                 let _ = std::fs::remove_file(self.paths.control_socket());
@@ -581,7 +585,6 @@ impl Engine {
         Ok(())
     }
 
-    #[expect(clippy::too_many_lines, reason = "one arm per request")]
     fn handle_request(&mut self, now: Instant, req: Request) -> Response {
         match req {
             Request::State => Response::State {
@@ -719,6 +722,7 @@ impl Engine {
                 m.set_state(ModuleState::Wait);
                 m.busy = true;
                 m.failing.clear();
+                m.last_checks.clear();
                 let job = farm_job(m, &jc);
                 // `when = "both"` checkers start once `start_both` succeeded
                 // (effect_done); `pre` ones cover the start itself.
@@ -836,6 +840,7 @@ impl Engine {
         }
         m.checks_when.clear();
         m.failing.clear();
+        m.last_checks.clear();
         let Some(f) = m.farm.as_mut() else {
             m.set_state(ModuleState::Stop);
             return;
@@ -1057,6 +1062,18 @@ impl Engine {
         if m.state == ModuleState::Stop && !m.busy {
             return;
         }
+        m.last_checks.insert(
+            id.clone(),
+            crate::status::CheckerStatus {
+                id: id.clone(),
+                what: what.to_owned(),
+                up: result.is_ok(),
+                reason: result.as_ref().err().cloned(),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            },
+        );
         let before = m.failing.is_empty();
         let failed_now = result.is_err();
         let check_id = id.clone();
@@ -1524,6 +1541,7 @@ impl Engine {
                         })
                         .collect(),
                     details: module_details(m),
+                    checkers: m.last_checks.values().cloned().collect(),
                     rfs: m
                         .mirror
                         .as_ref()
@@ -1731,6 +1749,7 @@ fn new_module(
         busy: false,
         wanted: false,
         failing: BTreeMap::new(),
+        last_checks: BTreeMap::new(),
         checks: Vec::new(),
         farm: (cfg.mode() == ConfigMode::Farm).then(|| FarmRt::new(&cfg)),
         mirror: (cfg.mode() == ConfigMode::Mirror).then(|| MirrorRt::new(&cfg, me, paths, &log)),

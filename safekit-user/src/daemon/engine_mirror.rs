@@ -378,6 +378,7 @@ impl Engine {
             }
             m.checks_when.clear();
             m.failing.clear();
+            m.last_checks.clear();
             if let Some(rt) = m.mirror.as_mut() {
                 rt.core.wait_checker(Instant::now(), None);
             }

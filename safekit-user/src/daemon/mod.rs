@@ -8,16 +8,18 @@
 //! - one **heartbeat receiver** per LAN socket forwards datagrams to the engine;
 //! - the **control server** accepts `safekit` connections on the Unix socket
 //!   and forwards requests to the engine;
-//! - the **HTTP server** (port 9010) answers `ready.txt` and `/metrics` from
-//!   the published snapshot without touching the engine.
+//! - the **HTTP and HTTPS servers** (ports 9010, 9453; [`api`]) answer
+//!   `ready.txt`, `/metrics`, the REST API and the console from the
+//!   published snapshot; control verbs go to the engine as the control
+//!   socket's do.
 
+mod api;
 mod arbiter;
 mod checks;
 pub(crate) mod config_apply;
 pub mod engine;
 mod farm;
 pub mod guard;
-mod http;
 pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
@@ -75,6 +77,8 @@ pub struct Shared {
     /// The replicated directories this node receives, and what the
     /// replication listener refused.
     pub(crate) registry: Arc<crate::rfs::Registry>,
+    /// Bumped after each publication of `status` (event streams wait on it).
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -118,6 +122,9 @@ pub enum StartError {
         /// What is wrong with it.
         why: String,
     },
+    /// The node's HTTPS certificate or key cannot be used.
+    #[error("HTTPS: {0}")]
+    Tls(String),
     /// File system error on the daemon's own files.
     #[error("{op} {path}: {source}")]
     Io {
@@ -162,6 +169,26 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             addr: http_addr,
             source,
         })?;
+    let tls_addr = SocketAddr::from(([0, 0, 0, 0], config.cluster.ports.https));
+    let https = match api::tls::acceptor(&paths.etc(), &me) {
+        Ok(Some(acceptor)) => {
+            let listener = tokio::net::TcpListener::bind(tls_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "HTTPS",
+                    addr: tls_addr,
+                    source,
+                })?;
+            Some((listener, acceptor))
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "HTTPS off: no certificate for this node in etc/safekit/tls (safekit certs init makes them)"
+            );
+            None
+        }
+        Err(e) => return Err(StartError::Tls(e)),
+    };
     let control = net::bind_control_socket(&paths)?;
     // Before any command can start a module: what a daemon that died left
     // (applications in the module cgroups, VIPs), then the guard that
@@ -222,6 +249,9 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         tx.clone(),
     ));
     let dataplane = farm::Dataplane::default();
+    let api_paths = paths.clone();
+    let api_cluster = config.cluster.clone();
+    let api_me = me.clone();
     let mut engine = engine::Engine::new(
         paths,
         config,
@@ -275,6 +305,7 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         dataplane,
         apply: Some(apply_ctx),
         registry: Arc::clone(&engine.registry),
+        changes: tokio::sync::watch::Sender::new(0),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
@@ -288,7 +319,13 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         tx.clone(),
         engine.commands_log(),
     ));
-    tokio::spawn(http::serve(http_listener, shared.clone()));
+    let api = api::ApiState::new(shared.clone(), tx.clone(), api_paths, api_cluster, api_me);
+    tokio::spawn(api::events::record(shared.clone(), api.history.clone()));
+    let router = api::router(api);
+    tokio::spawn(api::serve(http_listener, router.clone(), None));
+    if let Some((listener, acceptor)) = https {
+        tokio::spawn(api::serve(listener, router, Some(acceptor)));
+    }
     let hangups = tx.clone();
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {

@@ -114,6 +114,7 @@ mod tests {
             details: Vec::new(),
             rfs: Vec::new(),
             farm: None,
+            checkers: Vec::new(),
         }
     }
 
