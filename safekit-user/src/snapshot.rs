@@ -68,12 +68,17 @@ fn fill(paths: &Paths, status: Option<&NodeStatus>, staging: &Path) -> Result<()
         let _ = std::fs::remove_file(staging.join("etc").join(rel));
     }
     let etc = staging.join("etc");
-    for f in [
-        "cluster.key",
-        crate::auth::USERS_FILE,
-        crate::auth::APIKEYS_FILE,
-    ] {
-        let _ = std::fs::remove_file(etc.join(f));
+    // The configurations `config apply` keeps (in use, previous) carry
+    // the users and API keys too.
+    let kept = ["config.applied", "config.previous"].map(|d| staging.join("state").join(d));
+    for dir in std::iter::once(&etc).chain(kept.iter()) {
+        for f in [
+            "cluster.key",
+            crate::auth::USERS_FILE,
+            crate::auth::APIKEYS_FILE,
+        ] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
     }
     if let Ok(rd) = std::fs::read_dir(etc.join(crate::certs::TLS_DIR)) {
         for e in rd.flatten() {

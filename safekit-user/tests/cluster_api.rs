@@ -526,7 +526,8 @@ fn api_roles_verbs_proxy_and_swap() {
     );
     assert_eq!(forged.code, 401, "{forged:?}");
 
-    // Admin: configuration check at its line, apply 501, snapshot.
+    // Admin: configuration check at its line, apply (refused when invalid,
+    // nothing written; applied on every node otherwise), snapshot.
     let bad = r#"{"files":[{"path":"modules/web/module.toml","text":"[service]\nmode = \"mirror\"\n\n[heart]\npulse = \"fast\"\n"}]}"#;
     let a = post(&lab, 1, &admin, "/api/v1/config/check", bad).json();
     assert_eq!(a["ok"], false, "{a}");
@@ -551,8 +552,41 @@ fn api_roles_verbs_proxy_and_swap() {
     let on_disk =
         std::fs::read_to_string(lab.root(1).join("etc/safekit/modules/web/module.toml")).unwrap();
     assert_eq!(on_disk, web().toml, "check changed nothing");
+    let a = post(&lab, 1, &admin, "/api/v1/config/apply", bad);
+    assert_eq!(a.code, 422, "{a:?}");
+    let body = a.json();
+    assert_eq!(body["errors"][0]["key"], "heart.pulse", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nothing written")),
+        "{body}"
+    );
+    for n in [1, 2] {
+        let on_disk =
+            std::fs::read_to_string(lab.root(n).join("etc/safekit/modules/web/module.toml"))
+                .unwrap();
+        assert_eq!(
+            on_disk,
+            web().toml,
+            "node{n}: a refused apply wrote nothing"
+        );
+    }
     let a = post(&lab, 1, &admin, "/api/v1/config/apply", &good);
-    assert_eq!(a.code, 501, "{a:?}");
+    assert_eq!(a.code, 200, "{a:?}");
+    let body = a.json();
+    assert_eq!(body["ok"], true, "{body}");
+    let results: Vec<&str> = body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["result"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(results.len(), 2, "{body}");
+    assert!(
+        results.iter().all(|r| *r == "applied" || *r == "unchanged"),
+        "{body}"
+    );
     let tgz = lab.dir().join("snap.tar.gz");
     let a = curl(
         &lab,

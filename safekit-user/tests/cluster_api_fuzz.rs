@@ -8,8 +8,9 @@
 //! still answer; and after the monitor's run, whose state-changing
 //! requests are all rejected, nothing changed (module states and colours,
 //! configuration files, users and keys). The event stream (which never
-//! ends) is left out, and so is `config/apply`, which answers 501 until
-//! `safekit config apply` exists; `cluster_api.rs` covers both.
+//! ends) is left out, and so is `config/apply`, which would push every
+//! valid configuration the fuzzer makes up to the whole lab;
+//! `cluster_api.rs` covers both.
 //! `SAFEKIT_FUZZ_EXAMPLES` (default 30) sets the examples per operation.
 
 mod common;
@@ -99,8 +100,8 @@ fn fuzz(lab: &common::Lab, doc: &Path, base: &str, token: &str) -> String {
             "examples,coverage,fuzzing",
             "--exclude-path",
             "/api/v1/events",
-            // Answers 501 by design until `safekit config apply` exists
-            // (cluster_api.rs checks that answer).
+            // Would apply what it makes up to every node (cluster_api.rs
+            // covers it).
             "--exclude-path",
             "/api/v1/config/apply",
             "--workers",

@@ -11,7 +11,8 @@
 //! advancing through increasing values until node1 is SECOND green again;
 //! the primary's tcp checker shows up with its last result;
 //! a bad `pulse` in the configuration editor is reported at its line, the
-//! line marked in the gutter; apply answers it is not available yet.
+//! line marked in the gutter; applying it is refused (nothing written, nothing
+//! sent).
 //! Screenshots go to `target/console-shots/`. Needs root, FUSE, chromium
 //! and node.
 

@@ -1,6 +1,7 @@
 //! A configuration as `safekit config apply` carries it from one node to the
-//! others: `cluster.toml` and module directories (`module.toml` and the
-//! `bin/` scripts), never the key file. Each receiving node checks it
+//! others: `cluster.toml`, module directories (`module.toml` and the `bin/`
+//! scripts), and the REST API's users and keys (`users.toml`,
+//! `apikeys.toml`: password and token hashes), never the cluster key. Each receiving node checks it
 //! against its own config dir ([`Bundle::check`]: staged in a scratch copy,
 //! then [`super::load`]), keeps what it replaces ([`Bundle::install`]: the
 //! previous files into a `previous` directory, `safekit config rollback`),
@@ -88,7 +89,14 @@ pub struct Bundle {
     pub cluster_toml: String,
     /// Module directories, by name (every module, or the one of `-m`).
     pub modules: BTreeMap<String, ModuleFiles>,
+    /// The REST API's users and keys ([`AUTH_FILES`]) this node has.
+    #[serde(default)]
+    pub auth: BTreeMap<String, ScriptFile>,
 }
+
+/// Files beside `cluster.toml` that travel with it: the REST API's users
+/// and API keys (hashes only), so that a user or a key works on every node.
+pub const AUTH_FILES: [&str; 2] = [crate::auth::USERS_FILE, crate::auth::APIKEYS_FILE];
 
 /// A plain file name: not empty, no `/`, not `.` or `..`, no NUL.
 fn plain(name: &str) -> bool {
@@ -173,9 +181,29 @@ impl Bundle {
             let files = read_module(&etc.join(MODULES_DIR).join(&n))?;
             modules.insert(n, files);
         }
+        let mut auth = BTreeMap::new();
+        for name in AUTH_FILES {
+            let path = etc.join(name);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => {
+                    let content = fs::read(&path).map_err(io_err("read", &path))?;
+                    auth.insert(
+                        name.to_owned(),
+                        ScriptFile {
+                            mode: m.permissions().mode() & 0o7777,
+                            content,
+                        },
+                    );
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            }
+        }
         let b = Self {
             cluster_toml,
             modules,
+            auth,
         };
         b.sane()?;
         Ok(b)
@@ -184,6 +212,12 @@ impl Bundle {
     /// Names plain, sizes bounded: checked before anything touches a disk.
     fn sane(&self) -> Result<(), BundleError> {
         let mut total = self.cluster_toml.len();
+        for (name, f) in &self.auth {
+            if !AUTH_FILES.contains(&name.as_str()) {
+                return Err(BundleError::BadName(name.clone()));
+            }
+            total += f.content.len();
+        }
         for (name, m) in &self.modules {
             if !plain(name) {
                 return Err(BundleError::BadName(name.clone()));
@@ -217,6 +251,9 @@ impl Bundle {
             self.cluster_toml.as_bytes(),
             0o644,
         )];
+        for (name, f) in &self.auth {
+            out.push((PathBuf::from(name), &f.content, f.mode));
+        }
         for (name, m) in &self.modules {
             let dir = Path::new(MODULES_DIR).join(name);
             out.push((dir.join(MODULE_FILE), m.module_toml.as_bytes(), 0o644));
@@ -236,7 +273,18 @@ impl Bundle {
         let stage = scratch_dir(etc);
         let _ = fs::remove_dir_all(&stage);
         let r = self.stage(etc, &stage).and_then(|()| {
-            super::load(&stage).map_err(|e| BundleError::Invalid(rename_errors(&e, &stage, etc)))
+            let config = super::load(&stage)
+                .map_err(|e| BundleError::Invalid(rename_errors(&e, &stage, etc)))?;
+            // Users and keys readable as the REST API reads them.
+            let named = |e: crate::auth::AuthError| {
+                BundleError::Invalid(
+                    e.to_string()
+                        .replace(&*stage.to_string_lossy(), &etc.to_string_lossy()),
+                )
+            };
+            crate::auth::load_users(&stage).map_err(named)?;
+            crate::auth::load_keys(&stage).map_err(named)?;
+            Ok(config)
         });
         let _ = fs::remove_dir_all(&stage);
         r
@@ -249,7 +297,10 @@ impl Bundle {
         if let Ok(entries) = fs::read_dir(etc) {
             for e in entries.flatten() {
                 let name = e.file_name();
-                if name == CLUSTER_FILE || name == MODULES_DIR {
+                if name == CLUSTER_FILE
+                    || name == MODULES_DIR
+                    || self.auth.contains_key(&*name.to_string_lossy())
+                {
                     continue;
                 }
                 let to = stage.join(&name);
@@ -382,7 +433,7 @@ fn rename_errors(e: &ConfigErrors, stage: &Path, etc: &Path) -> String {
 
 /// Writes `content` to `path` atomically: a temporary file beside it,
 /// fsync, rename over, fsync of the directory.
-fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), BundleError> {
+pub(crate) fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), BundleError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let tmp = path.with_file_name(format!(
@@ -550,6 +601,7 @@ mod tests {
         let mut b = Bundle {
             cluster_toml: String::new(),
             modules: BTreeMap::new(),
+            auth: BTreeMap::new(),
         };
         b.modules.insert(
             "../evil".into(),
@@ -593,8 +645,15 @@ mod tests {
         .expect("write");
         fs::write(bin.join("start_prim"), "#!/bin/sh\necho old\n").expect("write");
         fs::write(bin.join("gone"), "#!/bin/sh\n").expect("write");
+        fs::write(etc.join(crate::auth::APIKEYS_FILE), "[keys]\n").expect("write");
         let mut b = Bundle::read(&etc, None).expect("read");
         assert!(b.installed_in(&etc));
+        // The API keys travel with the configuration, never the cluster key.
+        assert!(b.auth.contains_key(crate::auth::APIKEYS_FILE));
+        b.auth
+            .get_mut(crate::auth::APIKEYS_FILE)
+            .expect("keys")
+            .content = b"[keys] # 2\n".to_vec();
         b.cluster_toml = "new cluster\n".into();
         let web = b.modules.get_mut("web").expect("web");
         web.scripts.remove("gone");
@@ -610,6 +669,10 @@ mod tests {
             "#!/bin/sh\necho new\n"
         );
         assert!(!bin.join("gone").exists());
+        assert_eq!(
+            fs::read(etc.join(crate::auth::APIKEYS_FILE)).expect("read"),
+            b"[keys] # 2\n"
+        );
         // The previous version, whole.
         let old = Bundle::read(&prev, None).expect("read previous");
         assert_eq!(old.cluster_toml, "old cluster\n");

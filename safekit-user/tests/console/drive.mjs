@@ -140,8 +140,8 @@ async function main() {
   log(`configuration error reported at line ${want}: ${message}`);
   await page.click("#config-apply");
   await page.click("#confirm-yes");
-  await page.waitForFunction(() => document.querySelector("#config-result")?.textContent.includes("not available"));
-  log("apply answers that it is not available yet");
+  await page.waitForFunction(() => document.querySelector("#config-result")?.textContent.includes("nothing written"));
+  log("apply of the invalid configuration refused: nothing written, nothing sent");
 
   // 6. A node whose daemon dies shows as unreachable, live.
   await page.click("#nav-cluster");

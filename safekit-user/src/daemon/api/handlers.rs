@@ -125,7 +125,7 @@ monitor (read), control (+ verbs), admin (+ configuration, snapshots)."
     ),
     components(schemas(
         ErrorBody, Message, LoginRequest, SessionInfo, ClusterInfo, NodeInfo, LogPage,
-        SetRequest, Verb, SyncMode, UpDown, ConfigFile, ConfigFiles, CheckResult, ConfigErrorBody,
+        SetRequest, Verb, SyncMode, UpDown, ConfigFile, ConfigFiles, CheckResult, ConfigErrorBody, NodeApply, ApplyResult, ApplyRefused,
         events::HistoryEntry, events::ModuleHistory, NodeStatus, ModuleStatus, Role
     )),
     modifiers(&Security),
@@ -761,7 +761,21 @@ async fn config_check(
     JsonBody(body): JsonBody<ConfigFiles>,
 ) -> Result<Json<CheckResult>, ApiError> {
     caller.need(Role::Admin)?;
-    for f in &body.files {
+    check_files(&body.files)?;
+    let etc = state.paths.etc();
+    let scratch = state.paths.run_dir().join(format!(
+        "config-check-{}",
+        auth::random_hex(8).map_err(|e| ApiError::internal(e.to_string()))?
+    ));
+    tokio::task::spawn_blocking(move || check_overlay(&etc, &scratch, &body.files))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map(Json)
+}
+
+/// Only configuration files, none too large.
+fn check_files(files: &[ConfigFile]) -> Result<(), ApiError> {
+    for f in files {
         if !config_path_ok(&f.path) {
             return Err(ApiError::bad_request(format!(
                 "{:?} is not a configuration file: use cluster.toml or modules/<AM>/module.toml",
@@ -775,15 +789,7 @@ async fn config_check(
             )));
         }
     }
-    let etc = state.paths.etc();
-    let scratch = state.paths.run_dir().join(format!(
-        "config-check-{}",
-        auth::random_hex(8).map_err(|e| ApiError::internal(e.to_string()))?
-    ));
-    tokio::task::spawn_blocking(move || check_overlay(&etc, &scratch, &body.files))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map(Json)
+    Ok(())
 }
 
 /// Copies `etc` to `scratch`, writes `files` over it, loads it, removes it.
@@ -837,18 +843,139 @@ fn check_overlay(
     result
 }
 
-/// Applies a configuration to every node: not available in this version
-/// (`safekit config apply` does not exist yet); answers 501 and changes
-/// nothing. Check with `config/check`, then copy the files to every node.
+/// Each node's outcome of an apply.
+#[derive(Debug, Serialize, ToSchema)]
+struct NodeApply {
+    /// The node.
+    node: String,
+    /// `applied`, `unchanged`, `refused` or `unreachable`.
+    result: String,
+    /// What changed (`applied`), per module.
+    notes: Vec<String>,
+    /// Why (`refused`, `unreachable`).
+    error: Option<String>,
+}
+
+/// The outcome of an apply on every node.
+#[derive(Debug, Serialize, ToSchema)]
+struct ApplyResult {
+    /// One line for people.
+    message: String,
+    /// Every node applied it or had it already.
+    ok: bool,
+    /// Per node, in the cluster's order.
+    nodes: Vec<NodeApply>,
+}
+
+/// An apply refused here: the configuration has errors; nothing written.
+#[derive(Debug, Serialize, ToSchema)]
+struct ApplyRefused {
+    /// What is wrong, in a line.
+    error: String,
+    /// Every error at its file and line.
+    errors: Vec<ConfigErrorBody>,
+}
+
+/// Applies configuration files to every node, as `safekit config apply`
+/// does: they are checked against this node's configuration (errors: 422,
+/// nothing written), written here (each atomically), then this node's
+/// configuration is sent to every node, which checks, installs (keeping the
+/// previous version) and reloads it — what can change while a module runs
+/// at once, the rest at its next start; never a state change by itself.
 #[utoipa::path(post, path = "/api/v1/config/apply", tag = "config", request_body = ConfigFiles,
-    responses((status = 501, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, body = ApplyResult, description = "Each node's outcome"),
+              (status = 422, body = ApplyRefused, description = "Invalid: nothing written"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 403, body = ErrorBody)))]
-async fn config_apply(caller: Caller) -> Result<Response, ApiError> {
+async fn config_apply(
+    State(state): State<Arc<ApiState>>,
+    caller: Caller,
+    JsonBody(body): JsonBody<ConfigFiles>,
+) -> Result<Response, ApiError> {
     caller.need(Role::Admin)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not available yet: this version has no `safekit config apply`; check the files with POST /api/v1/config/check, then copy them to every node",
-    ))
+    check_files(&body.files)?;
+    let etc = state.paths.etc();
+    let scratch = state.paths.run_dir().join(format!(
+        "config-check-{}",
+        auth::random_hex(8).map_err(|e| ApiError::internal(e.to_string()))?
+    ));
+    let files = body.files;
+    let written = tokio::task::spawn_blocking(move || {
+        let check = check_overlay(&etc, &scratch, &files)?;
+        if !check.ok {
+            return Ok(Some(check));
+        }
+        for f in &files {
+            let path = etc.join(&f.path);
+            // The file's own mode when it exists (0644 for a new one).
+            let mode = std::fs::metadata(&path).map_or(0o644, |m| {
+                std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777
+            });
+            crate::config::bundle::write_atomic(&path, f.text.as_bytes(), mode)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        Ok::<_, ApiError>(None)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    if let Some(check) = written {
+        let refused = ApplyRefused {
+            error: format!(
+                "the configuration has {} error(s): nothing written, nothing sent",
+                check.errors.len()
+            ),
+            errors: check.errors,
+        };
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(refused)).into_response());
+    }
+    let r = engine_call(
+        &state,
+        control::Request::ConfigApply {
+            module: None,
+            rollback: false,
+        },
+    )
+    .await?;
+    let outcomes = match r {
+        control::Response::Applied { nodes } => nodes,
+        control::Response::Error { error } => {
+            return Err(ApiError::new(StatusCode::CONFLICT, error));
+        }
+        other => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
+    };
+    let per_node: Vec<NodeApply> = outcomes
+        .into_iter()
+        .map(|(node, o)| {
+            let (result, changes, why) = match o {
+                control::ApplyOutcome::Applied { notes } => ("applied", notes, None),
+                control::ApplyOutcome::Unchanged => ("unchanged", Vec::new(), None),
+                control::ApplyOutcome::Refused { error } => ("refused", Vec::new(), Some(error)),
+                control::ApplyOutcome::Unreachable { error } => {
+                    ("unreachable", Vec::new(), Some(error))
+                }
+            };
+            NodeApply {
+                node,
+                result: result.to_owned(),
+                notes: changes,
+                error: why,
+            }
+        })
+        .collect();
+    let ok = per_node
+        .iter()
+        .all(|n| n.result == "applied" || n.result == "unchanged");
+    let message = per_node
+        .iter()
+        .map(|n| format!("{}: {}", n.node, n.result))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Json(ApplyResult {
+        message,
+        ok,
+        nodes: per_node,
+    })
+    .into_response())
 }
 
 /// A support bundle of this node (tar.gz: configuration without the
