@@ -17,25 +17,38 @@
 //!
 //! Ordering: one lock covers "apply locally, then submit to the replicator",
 //! so the sequence numbers are the order in which the local directory
-//! changed. Replies that must wait for the secondary (every mutation, see
-//! below) are handed to the replicator and sent from its receiver thread when
-//! the acknowledgement arrives, so no FUSE thread blocks on the network.
+//! changed. Replies that must wait for the secondary are handed to the
+//! replicator and sent from its receiver thread when the acknowledgement
+//! arrives, so no FUSE thread blocks on the network.
 //!
-//! Durability choice: write-back caching is off (the kernel sends every
-//! `write(2)` through, and mmap writes on `msync`/writeback). So every write
-//! and every metadata change is replied to only once the secondary
-//! acknowledged it (SPEC §5: "every write when write-back caching is off");
-//! fsync/fdatasync and `O_SYNC`/`O_DSYNC` writes also send a barrier that,
-//! with `async = "none"`, the secondary syncs before acknowledging, and are
-//! synced to the local disk: after the barrier is sequenced and outside the
-//! lock (the flush overlaps the barrier's round trip; see `fsync` for why the
-//! order holds), the reply waiting for both. When the secondary is lost
-//! (send timeout), the replicator journals and releases the waiting replies.
+//! Durability ([`Durability`], SPEC §5):
+//! - `Fsync` (default): the FUSE write-back cache is on (the kernel buffers
+//!   writes and sends them on writeback, close, fsync or msync). Writes and
+//!   metadata changes are answered as soon as they are applied locally and
+//!   queued (or, while alone, journalled). The durability points wait:
+//!   fsync/fdatasync of a file or directory, and so `O_SYNC`/`O_DSYNC`
+//!   writes and msync, which the kernel turns into a writeback then an
+//!   fsync request. Before any change, [`Replicator::admit`] waits while the
+//!   live queue is full (back-pressure).
+//! - `EveryWrite`: no write-back cache; every write and metadata change is
+//!   answered once the secondary acknowledged it, and an `O_SYNC`/`O_DSYNC`
+//!   write is itself a barrier.
+//!
+//! A barrier (fsync) is sequenced under the lock; with `async = "none"` the
+//! secondary syncs before acknowledging; the local sync runs after the
+//! barrier is sequenced and outside the lock (it overlaps the barrier's
+//! round trip; see `fsync` for why the order holds), the reply waiting for
+//! both. When the secondary is lost (send timeout), the replicator journals
+//! and releases the waiting replies.
 //!
 //! A write request (up to 1 MiB) is applied and submitted in pieces of
 //! [`WRITE_PIECE`] under one hold of the lock: the first piece travels to
-//! the secondary while the next is written here; the reply waits for the
-//! last piece's acknowledgement.
+//! the secondary while the next is written here.
+//!
+//! Under the write-back cache the kernel keeps its own mtime of a regular
+//! file it wrote (it sends it with a setattr on flush), so the mtime the
+//! mount shows can differ by the writeback delay from the disk's, which is
+//! the one replicated.
 //!
 //! Reads never wait: they are served from the kernel page cache or by
 //! `pread` into a per-thread buffer, or — read-only opens with passthrough
@@ -64,6 +77,7 @@ use fuser::{
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags as RxRename, Stat, XattrFlags};
 
 use super::{
+    Durability,
     journal::Change,
     proto::{NodeKind, Op, RelPath, Timestamp, rename},
     replicator::{Completion, Replicator, Ticket},
@@ -309,6 +323,11 @@ pub(crate) struct ReplicatedFs {
     state: Mutex<State>,
     repl: Arc<Replicator>,
     passthrough: bool,
+    /// Which operations wait for the secondary (see the module docs).
+    durability: Durability,
+    /// The kernel caches writes (FUSE write-back cache, with
+    /// [`Durability::Fsync`] when the kernel grants it).
+    writeback: bool,
 }
 
 impl std::fmt::Debug for ReplicatedFs {
@@ -316,6 +335,7 @@ impl std::fmt::Debug for ReplicatedFs {
         f.debug_struct("ReplicatedFs")
             .field("root_ino", &self.root_ino)
             .field("passthrough", &self.passthrough)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -416,7 +436,12 @@ impl std::ops::DerefMut for Locked<'_> {
 }
 
 impl ReplicatedFs {
-    pub(crate) fn new(root: OwnedFd, repl: Arc<Replicator>, passthrough: bool) -> io::Result<Self> {
+    pub(crate) fn new(
+        root: OwnedFd,
+        repl: Arc<Replicator>,
+        passthrough: bool,
+        durability: Durability,
+    ) -> io::Result<Self> {
         let st = sys::fstat(&root)?;
         Ok(Self {
             root,
@@ -427,7 +452,14 @@ impl ReplicatedFs {
             }),
             repl,
             passthrough,
+            durability,
+            writeback: false,
         })
+    }
+
+    /// Every operation waits for the secondary ([`Durability::EveryWrite`]).
+    fn strict(&self) -> bool {
+        self.durability == Durability::EveryWrite
     }
 
     /// The state, with the replicator's gate held (shared) for as long: a
@@ -444,6 +476,18 @@ impl ReplicatedFs {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Locked { st, _gate: gate }
+    }
+
+    /// Flags to open the real file with: [`real_open_flags`], and
+    /// read-write instead of write-only under the write-back cache (the
+    /// kernel reads around a partial page write through any handle).
+    fn real_flags(&self, flags: i32) -> OFlags {
+        let f = real_open_flags(flags);
+        if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (f - OFlags::WRONLY) | OFlags::RDWR
+        } else {
+            f
+        }
     }
 
     /// Real inode number → FUSE inode number (the root and 1 swapped).
@@ -638,6 +682,17 @@ impl ReplicatedFs {
         self.repl.when_durable(ticket, done);
     }
 
+    /// Replies to an operation that is not a durability point: at once
+    /// (applied locally and queued for the secondary, or journalled while
+    /// alone), or, with [`Durability::EveryWrite`], once durable.
+    fn answer(&self, ticket: Ticket, f: impl FnOnce(Result<(), i32>) + Send + 'static) {
+        if self.strict() {
+            self.then(ticket, f);
+        } else {
+            self.repl.when_queued(ticket, Box::new(f));
+        }
+    }
+
     /// Like [`then`](Self::then), and `f` also waits for `flush` (the local
     /// disk flush of a barrier), run here after `ticket` was registered: the
     /// flush, outside the lock, overlaps the barrier's round trip, and the
@@ -654,17 +709,17 @@ impl ReplicatedFs {
         join.half(flush().map_err(Errno::code));
     }
 
-    /// Common path of mknod/mkdir/symlink: replies with the new entry once
-    /// the creation is durable.
+    /// Common path of mknod/mkdir/symlink: replies with the new entry (see
+    /// [`answer`](Self::answer) for when).
     fn reply_created_entry(&self, ticket: Ticket, attr: FileAttr, reply: ReplyEntry) {
-        self.then(ticket, move |r| match r {
+        self.answer(ticket, move |r| match r {
             Ok(()) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(Errno::from_i32(e)),
         });
     }
 
     fn reply_empty(&self, ticket: Ticket, reply: ReplyEmpty) {
-        self.then(ticket, empty(reply));
+        self.answer(ticket, empty(reply));
     }
 
     #[expect(
@@ -822,6 +877,16 @@ impl Filesystem for ReplicatedFs {
         if config.set_max_write(MAX_WRITE).is_err() {
             tracing::debug!("kernel refused max_write of 1 MiB; using its maximum");
         }
+        if !self.strict() {
+            self.writeback = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+            if !self.writeback {
+                tracing::info!(
+                    "FUSE write-back cache unavailable; writes reach the daemon one by one"
+                );
+            }
+        }
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -891,8 +956,9 @@ impl Filesystem for ReplicatedFs {
             atime,
             mtime,
         };
+        self.repl.admit();
         match self.do_setattr(ino, fh, set) {
-            Ok((attr, ticket)) => self.then(ticket, move |r| match r {
+            Ok((attr, ticket)) => self.answer(ticket, move |r| match r {
                 Ok(()) => reply.attr(&TTL, &attr),
                 Err(e) => reply.error(Errno::from_i32(e)),
             }),
@@ -924,6 +990,7 @@ impl Filesystem for ReplicatedFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -980,6 +1047,7 @@ impl Filesystem for ReplicatedFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1027,6 +1095,7 @@ impl Filesystem for ReplicatedFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1068,6 +1137,7 @@ impl Filesystem for ReplicatedFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (pa, da) = self.dir_of(&st, parent)?;
@@ -1118,6 +1188,7 @@ impl Filesystem for ReplicatedFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let existing = Self::path(&st, ino)?;
@@ -1144,16 +1215,16 @@ impl Filesystem for ReplicatedFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let real = self.real_flags(flags.0);
         let mut st = self.lock();
         let r = (|| {
             // Through the node's own handle: the inode the kernel means,
             // an unlinked one included (as a local filesystem reopens it).
             if let Some(pin) = st.tree.pin(ino.0) {
-                return sys::reopen(pin.as_fd(), real_open_flags(flags.0)).map_err(|e| errno(&e));
+                return sys::reopen(pin.as_fd(), real).map_err(|e| errno(&e));
             }
             let p = Self::path(&st, ino)?;
-            let fd = sys::open_beneath(self.root(), p.as_bytes(), real_open_flags(flags.0))
-                .map_err(|e| errno(&e))?;
+            let fd = sys::open_beneath(self.root(), p.as_bytes(), real).map_err(|e| errno(&e))?;
             Ok(fd)
         })();
         let fd = match r {
@@ -1247,11 +1318,15 @@ impl Filesystem for ReplicatedFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
             let fd = Arc::clone(&f.fd);
-            let sync = f.sync || is_sync(flags.0);
+            // Strict mode: an O_SYNC/O_DSYNC write is its own barrier. At
+            // fsync durability the kernel follows such a write with an
+            // fsync request (generic_write_sync), the barrier then.
+            let sync = self.strict() && (f.sync || is_sync(flags.0));
             let data_only = flags.0 & libc::O_SYNC != libc::O_SYNC;
             let path = st.tree.path(ino.0);
             let (written, mut ticket) =
@@ -1275,7 +1350,7 @@ impl Filesystem for ReplicatedFs {
                     Some((fd, data_only)) => {
                         self.then_flushed(t, || sync_fd(fd.as_fd(), data_only), done);
                     }
-                    None => self.then(t, done),
+                    None => self.answer(t, done),
                 }
             }
             Err(e) => reply.error(e),
@@ -1449,6 +1524,7 @@ impl Filesystem for ReplicatedFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
@@ -1494,6 +1570,7 @@ impl Filesystem for ReplicatedFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
@@ -1530,6 +1607,7 @@ impl Filesystem for ReplicatedFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1537,7 +1615,7 @@ impl Filesystem for ReplicatedFs {
             let fd = rustix::fs::openat(
                 &dir,
                 name,
-                real_open_flags(flags)
+                self.real_flags(flags)
                     | OFlags::CREATE
                     | OFlags::EXCL
                     | OFlags::NOFOLLOW
@@ -1579,7 +1657,7 @@ impl Filesystem for ReplicatedFs {
         })();
         drop(st);
         match r {
-            Ok((attr, fh, t)) => self.then(t, move |r| match r {
+            Ok((attr, fh, t)) => self.answer(t, move |r| match r {
                 Ok(()) => reply.created(
                     &TTL,
                     &attr,
@@ -1591,6 +1669,22 @@ impl Filesystem for ReplicatedFs {
             }),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl is supported (FS_IOC_GETFLAGS and the like): the answer
+        // of a local filesystem to an unknown one, without a log line.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(
@@ -1610,6 +1704,7 @@ impl Filesystem for ReplicatedFs {
 
 impl ReplicatedFs {
     fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, pfd) = self.dir_of(&st, parent)?;
