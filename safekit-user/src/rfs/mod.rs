@@ -61,7 +61,7 @@ use std::{
 use thiserror::Error;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-pub use channel::{ChannelError, ChannelKey};
+pub use channel::{ChannelError, ChannelKey, Cipher};
 pub use journal::{DirtySet, JournalError};
 pub use replicator::{Counters, LinkState, Progress, ResyncOpts};
 pub use secondary::{

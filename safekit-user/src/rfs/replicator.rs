@@ -389,7 +389,7 @@ impl Replicator {
             s.shutdown = Some(shutdown);
             s.epoch
         };
-        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), "resynchronising the secondary");
+        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), cipher = tx.cipher().name(), "resynchronising the secondary");
         *self.progress_lock() = Progress {
             active: true,
             full,
