@@ -13,7 +13,12 @@
 //! daemon holds, so the disk cannot give its number to a new file while the
 //! kernel may still use it: a node id names one file for its whole life (a
 //! stale handle on a deleted file stays on the deleted file, as on a local
-//! filesystem). Attributes and opens go through that handle, not the path.
+//! filesystem). Attributes and opens go through that handle, not the path;
+//! a directory's handle is the dirfd of every `*at` call in it (create,
+//! mkdir, unlink, rename, link, xattrs...), so no request walks a path from
+//! the root. A failed lookup is answered as a negative entry the kernel
+//! caches (only this daemon changes the tree), sparing the lookup before
+//! each creation.
 //!
 //! Ordering: one lock covers "apply locally, then submit to the replicator",
 //! so the sequence numbers are the order in which the local directory
@@ -318,7 +323,7 @@ struct State {
 
 /// The filesystem served over one replicated directory.
 pub(crate) struct ReplicatedFs {
-    root: OwnedFd,
+    root: Dir,
     root_ino: u64,
     state: Mutex<State>,
     repl: Arc<Replicator>,
@@ -409,9 +414,13 @@ struct AttrChange {
     mtime: Option<TimeOrNow>,
 }
 
-/// A parent directory fd and a name inside it.
+/// A directory handle: the root's fd, a directory node's `O_PATH` pin, or
+/// a directory opened by path. Every `*at` call takes it as its dirfd.
+type Dir = Arc<OwnedFd>;
+
+/// A parent directory handle and a name inside it.
 struct Entry {
-    dir: OwnedFd,
+    dir: Dir,
     name: OsString,
 }
 
@@ -444,7 +453,7 @@ impl ReplicatedFs {
     ) -> io::Result<Self> {
         let st = sys::fstat(&root)?;
         Ok(Self {
-            root,
+            root: Arc::new(root),
             root_ino: st.st_ino,
             state: Mutex::new(State {
                 next_fh: 1,
@@ -539,10 +548,53 @@ impl ReplicatedFs {
         st.tree.path(ino.0).ok_or(Errno::ENOENT)
     }
 
-    fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, OwnedFd), Errno> {
+    /// The handle of directory node `ino`, if the kernel knows it.
+    fn dir_fd(&self, st: &State, ino: u64) -> Option<Dir> {
+        if ino == INodeNo::ROOT.0 {
+            Some(Arc::clone(&self.root))
+        } else {
+            st.tree.pin(ino).cloned()
+        }
+    }
+
+    /// The path of directory node `ino` (for the wire) and its handle (for
+    /// the local calls: no path walk, whatever its depth).
+    fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, Dir), Errno> {
         let p = Self::path(st, ino)?;
-        let fd = sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?;
+        let fd = match self.dir_fd(st, ino.0) {
+            Some(fd) => fd,
+            None => Arc::new(sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?),
+        };
         Ok((p, fd))
+    }
+
+    /// A readable directory fd on a directory handle (a pin is `O_PATH`).
+    fn readable(dir: &Dir) -> Result<OwnedFd, Errno> {
+        sys::open_dir(dir.as_fd(), b"").map_err(|e| errno(&e))
+    }
+
+    /// The parent handle and name of node `ino` (its first known name; the
+    /// root: itself and `"."`).
+    fn entry_of(&self, st: &State, ino: INodeNo) -> Result<Entry, Errno> {
+        if ino == INodeNo::ROOT {
+            return Ok(Entry {
+                dir: Arc::clone(&self.root),
+                name: OsString::from("."),
+            });
+        }
+        let (parent, name) = st
+            .tree
+            .nodes
+            .get(&ino.0)
+            .and_then(|n| n.names.first())
+            .ok_or(Errno::ENOENT)?;
+        match self.dir_fd(st, *parent) {
+            Some(dir) => Ok(Entry {
+                dir,
+                name: name.clone(),
+            }),
+            None => self.entry(&Self::path(st, ino)?),
+        }
     }
 
     /// The parent fd and name of `path` (the root: itself and `"."`).
@@ -552,7 +604,7 @@ impl ReplicatedFs {
             Err(_) => (&[][..], OsStr::new(".")),
         };
         Ok(Entry {
-            dir: sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?,
+            dir: Arc::new(sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?),
             name: name.to_os_string(),
         })
     }
@@ -792,8 +844,8 @@ impl ReplicatedFs {
         };
         let (atime, mtime) = (resolve(access), resolve(modify));
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-            if let Some(p) = &path {
-                let e = self.entry(p)?;
+            if path.is_some() {
+                let e = self.entry_of(&st, ino)?;
                 if uid.is_some() || gid.is_some() {
                     sys::chown_at(e.dir.as_fd(), &e.name, uid, gid).map_err(|e| errno(&e))?;
                 }
@@ -847,15 +899,15 @@ impl ReplicatedFs {
 
     fn read_dir(&self, ino: INodeNo) -> Result<OpenDir, Errno> {
         let st = self.lock();
-        let (path, fd) = self.dir_of(&st, ino)?;
+        let (_, dir) = self.dir_of(&st, ino)?;
         let parent_ino = st
             .tree
             .nodes
             .get(&ino.0)
             .and_then(|n| n.names.first())
             .map_or(INodeNo::ROOT.0, |k| k.0);
-        let _ = path;
         drop(st);
+        let fd = Self::readable(&dir)?;
         let mut dir = rustix::fs::Dir::new(fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
         let mut entries = Vec::new();
         while let Some(ent) = dir.read() {
@@ -911,6 +963,10 @@ impl Filesystem for ReplicatedFs {
                 drop(st);
                 reply.entry(&TTL, &attr, Generation(0));
             }
+            // Cached by the kernel for the entry lifetime: only this daemon
+            // changes the tree, and a creation through it replaces the
+            // negative entry.
+            Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &negative_entry(), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -968,9 +1024,9 @@ impl Filesystem for ReplicatedFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             rustix::fs::readlinkat(e.dir.as_fd(), &e.name, Vec::new())
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))
         });
@@ -1192,7 +1248,7 @@ impl Filesystem for ReplicatedFs {
         let mut st = self.lock();
         let r = (|| {
             let existing = Self::path(&st, ino)?;
-            let src = self.entry(&existing)?;
+            let src = self.entry_of(&st, ino)?;
             let (pb, db) = self.dir_of(&st, newparent)?;
             let path = Self::child(&pb, newname)?;
             rustix::fs::linkat(&src.dir, &src.name, &db, newname, AtFlags::empty())
@@ -1493,7 +1549,11 @@ impl Filesystem for ReplicatedFs {
         });
         drop(st);
         match r {
-            Ok((fd, t)) => self.then_flushed(t, || sync_fd(fd.as_fd(), false), empty(reply)),
+            Ok((dir, t)) => self.then_flushed(
+                t,
+                || sync_fd(Self::readable(&dir)?.as_fd(), false),
+                empty(reply),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1528,7 +1588,7 @@ impl Filesystem for ReplicatedFs {
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
-            let e = self.entry(&path)?;
+            let e = self.entry_of(&st, ino)?;
             #[expect(clippy::cast_sign_loss, reason = "flag bits")]
             let f = XattrFlags::from_bits_retain(flags as u32);
             rustix::fs::lsetxattr(sys::proc_entry(e.dir.as_fd(), &e.name), name, value, f)
@@ -1551,9 +1611,9 @@ impl Filesystem for ReplicatedFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             sys::get_xattr(&sys::proc_entry(e.dir.as_fd(), &e.name), name).map_err(|e| errno(&e))
         });
         reply_xattr(r, size, reply);
@@ -1561,9 +1621,9 @@ impl Filesystem for ReplicatedFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             sys::list_xattrs(&sys::proc_entry(e.dir.as_fd(), &e.name)).map_err(|e| errno(&e))
         });
         reply_xattr(r, size, reply);
@@ -1574,7 +1634,7 @@ impl Filesystem for ReplicatedFs {
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
-            let e = self.entry(&path)?;
+            let e = self.entry_of(&st, ino)?;
             rustix::fs::lremovexattr(sys::proc_entry(e.dir.as_fd(), &e.name), name)
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
             Ok(self.submit(
@@ -1736,6 +1796,27 @@ impl ReplicatedFs {
             Ok(t) => self.reply_empty(t, reply),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// The attributes of a negative entry (node id 0: "no such name", cached).
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FuseType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 

@@ -302,14 +302,14 @@ mod tests {
         let a = vec![e("a", 1), e("b", 1), e("c", 1)];
         let mut c2 = e("c", 1);
         c2.mode = 0o600;
-        let mut x = e("x", 1);
-        x.xattrs = vec![1; 32];
-        let mut y = e("y", 1);
-        y.rdev = 0x0801;
-        let mut z = e("z", 1);
-        z.link = b"x".to_vec();
+        let mut xattr = e("x", 1);
+        xattr.xattrs = vec![1; 32];
+        let mut dev = e("y", 1);
+        dev.rdev = 0x0801;
+        let mut link = e("z", 1);
+        link.link = b"x".to_vec();
         let a = [a, vec![e("x", 1), e("y", 1), e("z", 1)]].concat();
-        let b = vec![e("b", 2), c2, e("d", 1), x, y, z];
+        let b = vec![e("b", 2), c2, e("d", 1), xattr, dev, link];
         assert_eq!(
             compare(&a, &b),
             vec![
@@ -353,7 +353,7 @@ mod tests {
         );
         assert!(m[1].link.is_empty() && m[2].link.is_empty());
         assert_eq!(m[2].xattrs.len(), 32, "the directory's xattr is hashed");
-        assert!(m[3].xattrs.is_empty());
+        assert_eq!(m[3].xattrs, Vec::<u8>::new());
         let _ = std::fs::remove_dir_all(&d);
     }
 }
