@@ -233,13 +233,18 @@ fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     out
 }
 
-/// Every entry under `root`: metadata, a content checksum, xattrs.
+/// Every entry under `root`: metadata, a content checksum, xattrs. The
+/// secondary's copy may change while it is read (its applier catches up):
+/// an entry gone meanwhile is left out or marked unreadable, and the caller
+/// compares again.
 fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let p = root.join(&rel);
-        let m = fs::symlink_metadata(&p).expect("lstat");
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         let ft = m.file_type();
         let kind = if ft.is_dir() {
             "dir"
@@ -252,12 +257,14 @@ fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
         };
         let mtime = times.then_some((m.mtime(), m.mtime_nsec()));
         let content = ft.is_file().then(|| {
-            let data = fs::read(&p).expect("read");
-            blake3::hash(&data).to_hex().to_string()
+            fs::read(&p).map_or_else(
+                |e| format!("unreadable: {e}"),
+                |data| blake3::hash(&data).to_hex().to_string(),
+            )
         });
         let link = ft
             .is_symlink()
-            .then(|| fs::read_link(&p).expect("readlink"));
+            .then(|| fs::read_link(&p).unwrap_or_default());
         out.insert(
             rel.clone(),
             Meta {
@@ -276,9 +283,11 @@ fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
                 xattrs: xattrs(&p),
             },
         );
-        if ft.is_dir() {
-            for e in fs::read_dir(&p).expect("readdir") {
-                stack.push(rel.join(e.expect("entry").file_name()));
+        if ft.is_dir()
+            && let Ok(entries) = fs::read_dir(&p)
+        {
+            for e in entries.flatten() {
+                stack.push(rel.join(e.file_name()));
             }
         }
     }

@@ -129,8 +129,8 @@ impl Cipher {
                 return Self::ChaChaPoly;
             }
             match (
-                seal_time(&CipherChoice::AESGCM),
-                seal_time(&CipherChoice::ChaChaPoly),
+                seal_time(CipherChoice::AESGCM),
+                seal_time(CipherChoice::ChaChaPoly),
             ) {
                 (Some(aes), Some(chacha)) if aes <= chacha => Self::AesGcm,
                 _ => Self::ChaChaPoly,
@@ -151,8 +151,8 @@ fn aes_ni() -> bool {
 
 /// The best of three times to seal 64 frames of [`MAX_PLAIN`] bytes with
 /// `choice` (ring's implementation, the one the channel uses).
-fn seal_time(choice: &CipherChoice) -> Option<Duration> {
-    let mut cipher = RingResolver.resolve_cipher(choice)?;
+fn seal_time(choice: CipherChoice) -> Option<Duration> {
+    let mut cipher = RingResolver.resolve_cipher(&choice)?;
     cipher.set(&[0x5a; 32]);
     let plain = vec![0u8; MAX_PLAIN];
     let mut out = vec![0u8; MAX_FRAME];

@@ -1421,7 +1421,10 @@ impl Filesystem for ReplicatedFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (writes are applied as they come; the
+        // kernel writes back dirty pages before sending this): ENOSYS tells
+        // the kernel never to send FLUSH again, a round trip less per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
