@@ -53,6 +53,16 @@ pub enum Request {
         /// Up (true) or down.
         up: bool,
     },
+    /// `config apply` (`rollback`: the previous configuration): check this
+    /// node's configuration and send it to every node.
+    ConfigApply {
+        /// Only this module's directory (with `cluster.toml`).
+        #[serde(default)]
+        module: Option<String>,
+        /// Apply the version kept before the last change instead.
+        #[serde(default)]
+        rollback: bool,
+    },
     /// Which node of a farm serves a client.
     FarmWhich {
         /// Farm module.
@@ -64,6 +74,104 @@ pub enum Request {
         /// Destination port selecting the rule (default: the first rule).
         dport: Option<u16>,
     },
+}
+
+/// What `config apply` did on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ApplyOutcome {
+    /// Written and reloaded; what the operator should know per module.
+    Applied {
+        /// Notes (changes applied now, or at the next start).
+        notes: Vec<String>,
+    },
+    /// The node has this configuration already.
+    Unchanged,
+    /// Refused: nothing written.
+    Refused {
+        /// Why (file, line, key for an invalid configuration).
+        error: String,
+    },
+    /// No answer.
+    Unreachable {
+        /// What failed.
+        error: String,
+    },
+}
+
+impl Request {
+    /// The command as `safekit` spells it (`start -m web`, `prim -m web
+    /// fullsync`), for the commands log; `None` for the read-only queries
+    /// (`state`, `farm which-node`), which `waitstate` and monitoring poll
+    /// and which change nothing.
+    #[must_use]
+    pub fn command_line(&self) -> Option<String> {
+        Some(match self {
+            Request::State | Request::FarmWhich { .. } => return None,
+            Request::Start { module } => format!("start -m {module}"),
+            Request::Stop { module } => format!("stop -m {module}"),
+            Request::Shutdown => "shutdown".to_owned(),
+            Request::Mirror {
+                module,
+                cmd,
+                fullsync,
+            } => format!(
+                "{} -m {module}{}",
+                cmd.name(),
+                if *fullsync { " fullsync" } else { "" }
+            ),
+            Request::RfsVerify { module } => format!("rfs verify -m {module}"),
+            Request::ConfigApply {
+                module: _,
+                rollback: true,
+            } => "config rollback".to_owned(),
+            Request::ConfigApply {
+                module,
+                rollback: false,
+            } => match module {
+                Some(m) => format!("config apply -m {m}"),
+                None => "config apply".to_owned(),
+            },
+            Request::SetResource {
+                module,
+                resource,
+                up,
+            } => format!(
+                "set -m {module} -r {resource} -v {}",
+                if *up { "up" } else { "down" }
+            ),
+        })
+    }
+}
+
+impl Response {
+    /// One line for the commands log: `ok: ...` or `error: ...`.
+    #[must_use]
+    pub fn outcome(&self) -> String {
+        let text = match self {
+            Response::Ok { message } => format!("ok: {message}"),
+            Response::Error { error } => format!("error: {error}"),
+            Response::State { .. } | Response::Which { .. } => "ok".to_owned(),
+            Response::Applied { nodes } => nodes
+                .iter()
+                .map(|(n, o)| match o {
+                    ApplyOutcome::Applied { .. } => format!("{n} applied"),
+                    ApplyOutcome::Unchanged => format!("{n} unchanged"),
+                    ApplyOutcome::Refused { error } => format!("{n} refused: {error}"),
+                    ApplyOutcome::Unreachable { error } => format!("{n} unreachable: {error}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Response::Verified { dirs } => {
+                let differences: usize = dirs.iter().map(|(_, _, d)| d.len()).sum();
+                format!(
+                    "ok: {} directories compared, {differences} differences",
+                    dirs.len()
+                )
+            }
+        };
+        text.replace('\n', " / ")
+    }
 }
 
 /// Mirror commands (SPEC §5).
@@ -84,6 +192,22 @@ pub enum MirrorCmd {
     StopStart,
     /// Stop at once, with `stop_prim force`.
     ForceStop,
+}
+
+impl MirrorCmd {
+    /// The `safekit` subcommand.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorCmd::Prim => "prim",
+            MirrorCmd::Second => "second",
+            MirrorCmd::PrimForce => "primforce",
+            MirrorCmd::Swap => "swap",
+            MirrorCmd::Restart => "restart",
+            MirrorCmd::StopStart => "stopstart",
+            MirrorCmd::ForceStop => "forcestop",
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -111,6 +235,11 @@ pub enum Response {
         /// (directory, entries on the primary, differences).
         dirs: Vec<(String, usize, Vec<String>)>,
     },
+    /// Answer to `ConfigApply`: each node's outcome.
+    Applied {
+        /// (node, outcome), in the cluster's order.
+        nodes: Vec<(String, ApplyOutcome)>,
+    },
     /// Answer to `FarmWhich`.
     Which {
         /// The client's bucket.
@@ -120,6 +249,18 @@ pub enum Response {
         /// The filter used (`client_ip` or `client_ip_port`).
         filter: String,
     },
+}
+
+/// Longest control request the daemon reads (one JSON line); a longer one
+/// is answered with an error and its connection closed.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Decodes one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request longer than {MAX_REQUEST} bytes: refused"));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
 }
 
 /// Errors talking to the daemon.

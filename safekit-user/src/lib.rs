@@ -9,12 +9,16 @@
 //! publishes a [`status::NodeStatus`] that `safekit state`, `ready.txt` and
 //! `/metrics` read.
 
+pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod farm;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod metrics;
 pub mod modlog;
@@ -22,5 +26,7 @@ pub mod nft;
 pub mod paths;
 pub mod rfs;
 pub mod script;
+pub mod snapshot;
 pub mod status;
 pub mod sys;
+pub mod witness;

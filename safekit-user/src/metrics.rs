@@ -12,6 +12,34 @@ use crate::{
     status::{ModuleState, NodeStatus},
 };
 
+/// A label value as the Prometheus text format wants it: `\`, `"` and
+/// newlines escaped (`\\`, `\"`, `\n`), everything else as it is. Names
+/// chosen by the operator (modules, nodes, interfaces) are validated, but a
+/// replicated directory's path may hold any byte but NUL: unescaped, a `"`
+/// or a newline in it would break the whole exposition.
+///
+/// Written here rather than taken from the `prometheus-client` crate: that
+/// crate's escaping is internal to its encoder, and moving every metric to
+/// its registry would change all of this file for three characters.
+#[derive(Debug, Clone, Copy)]
+pub struct Label<'a>(pub &'a str);
+
+impl std::fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            f.write_str(&rest[..i])?;
+            f.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        f.write_str(rest)
+    }
+}
+
 /// Heartbeat counters of one module.
 #[derive(Debug, Default)]
 pub struct ModuleCounters {
@@ -63,7 +91,7 @@ impl Metrics {
     #[must_use]
     pub fn render(&self, status: &NodeStatus) -> String {
         let mut out = String::new();
-        let node = &status.node;
+        let node = Label(&status.node);
         let _ = writeln!(
             out,
             "# HELP safekit_module_state 1 for the module's current local state.\n# TYPE safekit_module_state gauge"
@@ -74,7 +102,7 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "safekit_module_state{{node=\"{node}\",module=\"{}\",state=\"{}\"}} {v}",
-                    m.name,
+                    Label(&m.name),
                     s.name()
                 );
             }
@@ -88,8 +116,8 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "safekit_peer_up{{node=\"{node}\",module=\"{}\",peer=\"{}\"}} {}",
-                    m.name,
-                    p.node,
+                    Label(&m.name),
+                    Label(&p.node),
                     u8::from(p.state.is_some() && !p.lost)
                 );
             }
@@ -101,7 +129,8 @@ impl Metrics {
         for (name, c) in &self.modules {
             let _ = writeln!(
                 out,
-                "safekit_heartbeats_sent_total{{node=\"{node}\",module=\"{name}\"}} {}",
+                "safekit_heartbeats_sent_total{{node=\"{node}\",module=\"{}\"}} {}",
+                Label(name),
                 c.heartbeats_sent.load(Ordering::Relaxed)
             );
         }
@@ -112,7 +141,8 @@ impl Metrics {
         for (name, c) in &self.modules {
             let _ = writeln!(
                 out,
-                "safekit_heartbeats_received_total{{node=\"{node}\",module=\"{name}\"}} {}",
+                "safekit_heartbeats_received_total{{node=\"{node}\",module=\"{}\"}} {}",
+                Label(name),
                 c.heartbeats_received.load(Ordering::Relaxed)
             );
         }
@@ -138,11 +168,11 @@ type Field = fn(&crate::status::RfsDirStatus) -> u64;
 
 /// Replicated directories of mirror modules.
 fn render_rfs(out: &mut String, status: &NodeStatus) {
-    let node = &status.node;
+    let node = Label(&status.node);
     let dirs: Vec<_> = status
         .modules
         .iter()
-        .flat_map(|m| m.rfs.iter().map(move |d| (m.name.as_str(), d)))
+        .flat_map(|m| m.rfs.iter().map(move |d| (Label(&m.name), d)))
         .collect();
     if dirs.is_empty() {
         return;
@@ -156,7 +186,7 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
             let _ = writeln!(
                 out,
                 "safekit_rfs_link{{node=\"{node}\",module=\"{m}\",dir=\"{}\",state=\"{s}\"}} {}",
-                d.path,
+                Label(&d.path),
                 u8::from(d.link == s)
             );
         }
@@ -214,9 +244,78 @@ fn render_rfs(out: &mut String, status: &NodeStatus) {
             let _ = writeln!(
                 out,
                 "{name}{{node=\"{node}\",module=\"{m}\",dir=\"{}\"}} {}",
-                d.path,
+                Label(&d.path),
                 f(d)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{ModuleStatus, RfsDirStatus};
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(Label("plain/path").to_string(), "plain/path");
+        assert_eq!(
+            Label("a\"b\\c\nd\u{e9}").to_string(),
+            "a\\\"b\\\\c\\nd\u{e9}"
+        );
+    }
+
+    #[test]
+    fn a_replicated_path_with_a_quote_and_a_newline_keeps_metrics_parseable() {
+        let status = NodeStatus {
+            cluster: "lab".into(),
+            node: "node1".into(),
+            epoch: 1,
+            modules: vec![ModuleStatus {
+                name: "web".into(),
+                mode: crate::status::Mode::Mirror,
+                state: ModuleState::Prim,
+                colour: crate::status::Colour::Green,
+                peers: vec![],
+                details: vec![],
+                farm: None,
+                checkers: vec![],
+                rfs: vec![RfsDirStatus {
+                    path: "/srv/we\"ird\ndir\\".into(),
+                    link: "connected".into(),
+                    failure: None,
+                    resync_bytes_sent: 0,
+                    lost: 0,
+                    progress: String::new(),
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    files_done: 0,
+                    files_total: 0,
+                    resync_active: false,
+                    rate: 0,
+                    eta_secs: None,
+                }],
+            }],
+        };
+        let text = Metrics::new(["web"]).render(&status);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            // name{labels} value: the labels close right before the value,
+            // every quote inside a value escaped.
+            let (head, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let labels = head.split_once('{').unwrap().1.strip_suffix('}').unwrap();
+            let mut in_value = false;
+            let mut escaped = false;
+            for c in labels.chars() {
+                match (in_value, escaped, c) {
+                    (true, false, '\\') => escaped = true,
+                    (true, true, _) => escaped = false,
+                    (_, false, '"') => in_value = !in_value,
+                    _ => {}
+                }
+            }
+            assert!(!in_value, "unterminated label value: {line}");
+        }
+        assert!(text.contains(r#"dir="/srv/we\"ird\ndir\\""#), "{text}");
     }
 }

@@ -86,6 +86,12 @@ impl Paths {
         self.root.join("var/log/safekit")
     }
 
+    /// `/var/log/safekit/commands.log`: every command safekitd received.
+    #[must_use]
+    pub fn commands_log(&self) -> PathBuf {
+        self.log_dir().join("commands.log")
+    }
+
     /// `/var/log/safekit/<AM>.log`.
     #[must_use]
     pub fn module_log(&self, module: &str) -> PathBuf {
@@ -93,9 +99,38 @@ impl Paths {
     }
 }
 
+/// Replaces the state file `path` durably: the bytes are written to a
+/// temporary file beside it and fsynced, renamed over it, and the directory
+/// (created if missing) is fsynced, so a crash leaves the old or the new
+/// content, never a mix.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_writes_replace_the_whole_file() {
+        let dir = std::env::temp_dir().join(format!("safekit-paths-{}", std::process::id()));
+        let f = dir.join("sub/state.json");
+        write_durably(&f, b"first, longer content").unwrap();
+        write_durably(&f, b"second").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"second");
+        assert!(!dir.join("sub/state.json.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn config_paths_move_under_the_root() {

@@ -5,10 +5,12 @@
 //! writable by group or others (keepalived's `check_security`), with a clean
 //! environment (`PATH`, `SAFE`, `SAFE_ROOT`, `SAFEMODULE`, `SAFE_NODE`,
 //! `SAFE_ROLE`), in its own process group, with a timeout after which the
-//! whole group is killed. Its stdout and stderr go to the module log.
+//! whole group is killed. Its stdout and stderr go to the module log. With
+//! module cgroups, it enters its module's cgroup before it executes, and so
+//! does whatever it leaves running (`crate::sys::cgroup`).
 
 use std::{
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -73,6 +75,9 @@ pub struct ScriptEnv {
     pub node: String,
     /// Directory holding the `safekit` binaries, put first in `PATH`.
     pub bin_dir: Option<PathBuf>,
+    /// The module's cgroup (cgroup v2 directory) the script runs in; `None`
+    /// where the node has no module cgroups.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Checks that `path` and its directory are root-owned and not writable by
@@ -173,11 +178,38 @@ pub async fn run_until(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    // Opened here, written by the child between fork and exec: the script
+    // is in its module's cgroup before its first instruction.
+    let procs = match &env.cgroup {
+        Some(cg) => Some(
+            crate::sys::cgroup::open_procs(cg).map_err(|e| ScriptError::Spawn {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?,
+        ),
+        None => None,
+    };
+    if let Some(fd) = &procs {
+        let raw = fd.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec; it only
+        // calls write(2) (async-signal-safe, no allocation) on an fd that
+        // `procs` keeps open until the spawn returned.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(raw, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
     log.info(&format!("running {name} {}", args.join(" ")));
     let mut child = cmd.spawn().map_err(|source| ScriptError::Spawn {
         path: path.clone(),
         source,
     })?;
+    drop(procs);
     let pgid = child.id().and_then(|p| i32::try_from(p).ok());
     let out = child.stdout.take();
     let err = child.stderr.take();
@@ -254,6 +286,7 @@ mod tests {
             module: "web".into(),
             node: "node1".into(),
             bin_dir: None,
+            cgroup: None,
         }
     }
 

@@ -6,7 +6,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// A module's state on one node (SPEC §5, §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ModuleState {
     /// Not running.
@@ -97,7 +109,7 @@ impl std::fmt::Display for ModuleState {
 }
 
 /// State colour: red = down or stuck, orange = in transition, green = fine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Colour {
     /// Down or stuck.
@@ -131,7 +143,7 @@ impl Colour {
 }
 
 /// Module kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Primary/backup.
@@ -140,8 +152,19 @@ pub enum Mode {
     Farm,
 }
 
+/// One element of a `[lan, ms]` pair of [`PeerStatus::last_seen_ms`] (for
+/// the `OpenAPI` document only).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum LanOrMs {
+    /// LAN name.
+    Lan(String),
+    /// Milliseconds.
+    Ms(u64),
+}
+
 /// What this node knows of a peer's instance of a module.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerStatus {
     /// Peer node name.
     pub node: String,
@@ -149,12 +172,14 @@ pub struct PeerStatus {
     pub state: Option<ModuleState>,
     /// True once heartbeats stopped on every LAN for the timeout.
     pub lost: bool,
-    /// Milliseconds since the last heartbeat per LAN (absent: never).
+    /// Milliseconds since the last heartbeat per LAN (absent: never), as
+    /// `[lan, ms]` pairs.
+    #[schema(value_type = Vec<Vec<LanOrMs>>)]
     pub last_seen_ms: Vec<(String, u64)>,
 }
 
 /// One module on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModuleStatus {
     /// Module name.
     pub name: String,
@@ -166,13 +191,33 @@ pub struct ModuleStatus {
     pub colour: Colour,
     /// Every peer of this module.
     pub peers: Vec<PeerStatus>,
-    /// Details for `state -v` (key, value), in display order.
+    /// Details for `state -v` (key, value), in display order: checkers
+    /// and their last results, resynchronisation, ...
+    #[schema(value_type = Vec<Vec<String>>)]
     pub details: Vec<(String, String)>,
     /// Farm modules: membership and buckets.
     pub farm: Option<FarmStatus>,
     /// Mirror modules: each replicated directory.
     #[serde(default)]
     pub rfs: Vec<RfsDirStatus>,
+    /// Each checker's last result while the module runs.
+    #[serde(default)]
+    pub checkers: Vec<CheckerStatus>,
+}
+
+/// The last result of one checker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CheckerStatus {
+    /// Checker id (`tcp0`, `custom.db`, ...).
+    pub id: String,
+    /// What it checks.
+    pub what: String,
+    /// Up at its last check.
+    pub up: bool,
+    /// Why it is down.
+    pub reason: Option<String>,
+    /// When that result came, Unix time in milliseconds.
+    pub at_ms: u64,
 }
 
 /// Every value of [`RfsDirStatus::link`].
@@ -187,7 +232,7 @@ pub const RFS_LINKS: [&str; 7] = [
 ];
 
 /// One replicated directory of a mirror module on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RfsDirStatus {
     /// The configured path.
     pub path: String,
@@ -225,7 +270,7 @@ pub struct RfsDirStatus {
 }
 
 /// A farm module's membership as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FarmStatus {
     /// Members this node believes UP.
     pub view: Vec<String>,
@@ -236,6 +281,9 @@ pub struct FarmStatus {
     /// node computes): what each node serves once the members agree.
     #[serde(default)]
     pub assignment: BTreeMap<String, Vec<u32>>,
+    /// Draining (graceful stop): the connections left to serve.
+    #[serde(default)]
+    pub draining: Option<u32>,
 }
 
 /// Sorted bucket numbers as ranges, "0-3,7,9-10" ("none" when empty).
@@ -265,7 +313,7 @@ pub fn bucket_ranges(v: &[u32]) -> String {
 }
 
 /// The node and its modules, as `safekit state` shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     /// Cluster name.
     pub cluster: String,

@@ -44,7 +44,7 @@ fn bench_failover() {
     let module = LabModule {
         name: "web".into(),
         toml: format!(
-            "[service]\nmode = \"mirror\"\ndefaultprim = \"node1\"\n\n[heart]\npulse = \"100ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\n[vip]\naddrs = [\"{vip}\"]\ngarp_count = 3\ngarp_interval = \"20ms\"\n"
+            "[service]\nmode = \"mirror\"\n\n[heart]\npulse = \"100ms\"\ntimeout = \"{TIMEOUT_MS}ms\"\n\n[vip]\naddrs = [\"{vip}\"]\ngarp_count = 3\ngarp_interval = \"20ms\"\n"
         ),
         scripts: demo_scripts("start_prim", "stop_prim", &format!("0.0.0.0:{PORT}")),
     };

@@ -346,6 +346,18 @@ fn unknown_module_log_print_and_shutdown() {
         "demo service not running"
     );
 
+    // The start script's own output is in the log before what follows
+    // (it returns once the service listens, then its output is logged).
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            safekit(&lab, 1, &["log", "-m", "web"])
+                .stdout
+                .contains("demo service started on node1")
+        })
+        .is_some(),
+        "start_prim's output never reached the log"
+    );
+
     // printi / printe lines land in the module log, marked I and E; `log`
     // shows them with the daemon's own lines.
     let info = format!("an information line {tag}");

@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use common::{LabModule, http_get, metric, serial, status, wait_for};
+use common::{
+    LabModule, capture_heartbeat, http_get, metric, send_spoofed, serial, status, wait_for,
+};
 use safekit::{
     heartbeat::{Heartbeat, HeartbeatKey, encode},
     status::ModuleState,
@@ -108,97 +110,6 @@ fn peers_see_module_states_and_detect_a_killed_daemon() {
     let out = lab.safekit(2, &["state", "-m", "front"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("node1: lost"), "{text}");
-}
-
-/// Reads one UDP datagram from `from` to port 8888 as seen on the wire in
-/// the current namespace (`AF_PACKET`), returning its payload.
-fn capture_heartbeat(from: Ipv4Addr, timeout: Duration) -> Vec<u8> {
-    // SAFETY: plain socket syscalls on a fd we own and close.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM,
-            i32::from((u16::try_from(libc::ETH_P_IP).unwrap()).to_be()),
-        );
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let tv = libc::timeval {
-            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap(),
-            tv_usec: 0,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            u32::try_from(size_of::<libc::timeval>()).unwrap(),
-        );
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-            assert!(
-                n > 0,
-                "no heartbeat captured: {}",
-                std::io::Error::last_os_error()
-            );
-            let p = &buf[..usize::try_from(n).unwrap()];
-            let ihl = usize::from(p[0] & 0x0f) * 4;
-            if p[9] == 17
-                && p[12..16] == from.octets()
-                && u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) == 8888
-            {
-                libc::close(fd);
-                return p[ihl + 8..].to_vec();
-            }
-        }
-    }
-}
-
-/// Sends `payload` in a UDP datagram with a spoofed source address (raw
-/// socket, `IP_HDRINCL`), from the current namespace.
-fn send_spoofed(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
-    let total = 28 + payload.len();
-    let mut pkt = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    pkt[2..4].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
-    pkt.extend_from_slice(&src.octets());
-    pkt.extend_from_slice(&dst.octets());
-    pkt.extend_from_slice(&40000u16.to_be_bytes());
-    pkt.extend_from_slice(&8888u16.to_be_bytes());
-    pkt.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
-    pkt.extend_from_slice(&[0, 0]);
-    pkt.extend_from_slice(payload);
-    // SAFETY: plain socket syscalls on a fd we own and close; the address
-    // struct is fully initialised.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let sa = libc::sockaddr_in {
-            sin_family: u16::try_from(libc::AF_INET).unwrap(),
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let n = libc::sendto(
-            fd,
-            pkt.as_ptr().cast(),
-            pkt.len(),
-            0,
-            (&raw const sa).cast(),
-            u32::try_from(size_of::<libc::sockaddr_in>()).unwrap(),
-        );
-        assert_eq!(
-            usize::try_from(n).ok(),
-            Some(pkt.len()),
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-        libc::close(fd);
-    }
 }
 
 #[test]

@@ -24,7 +24,6 @@ fn module(subnet: u8, extra: &str) -> LabModule {
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]
@@ -356,8 +355,8 @@ fn errd_restarts_the_application_then_past_maxloop_stops_and_fails_over() {
     let extra = "\n[errd]\npoll_interval = \"200ms\"\n[[errd.proc]]\nname = \"safekit-demo\"\natleast = 1\naction = \"restart\"\nclass = \"prim\"\n";
     let mut m = module(subnet, extra);
     m.toml = m.toml.replace(
-        "defaultprim = \"node1\"",
-        "defaultprim = \"node1\"\nmaxloop = 2",
+        "nodes = [\"node1\", \"node2\"]",
+        "nodes = [\"node1\", \"node2\"]\nmaxloop = 2",
     );
     let mut lab = common::lab("skmr4", subnet, 2, vec![m]);
     start_both(&mut lab);

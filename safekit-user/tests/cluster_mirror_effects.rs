@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Lab, LabModule, ask, demo_bin, in_netns, serial, spawn_in_netns, status, wait_for};
+use common::{
+    Lab, LabModule, alive, ask, demo_bin, has_vip, in_netns, pid_in, serial, spawn_in_netns,
+    state_of, wait_for,
+};
 use safekit::status::ModuleState;
 
 const PORT: u16 = 7000;
@@ -30,7 +33,6 @@ fn module(name: &str, subnet: u8, host: u8, extra: &str, scripts: &[(&str, &str)
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]
@@ -62,12 +64,6 @@ fn start_demo() -> String {
 
 /// Shell lines killing the demo service.
 const KILL_DEMO: &str = "[ -f \"$SAFE_ROOT/demo.pid\" ] && kill \"$(cat \"$SAFE_ROOT/demo.pid\")\" 2>/dev/null\nrm -f \"$SAFE_ROOT/demo.pid\"\n";
-
-fn state_of(lab: &Lab, node: usize, name: &str) -> Option<ModuleState> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| status(lab, node)))
-        .ok()
-        .and_then(|s| s.module(name).map(|m| m.state))
-}
 
 fn wait_states(lab: &Lab, want: &[(usize, ModuleState)], limit: Duration) -> bool {
     wait_for(limit, || {
@@ -113,33 +109,6 @@ fn serves(lab: &Lab, subnet: u8, src_port: u16, node: usize) -> bool {
 /// The module log of node `node`.
 fn log(lab: &Lab, node: usize) -> String {
     std::fs::read_to_string(lab.root(node).join("var/log/safekit/web.log")).unwrap_or_default()
-}
-
-/// A pid a script wrote in `$SAFE_ROOT/<file>`.
-fn pid_in(lab: &Lab, node: usize, file: &str) -> Option<i32> {
-    std::fs::read_to_string(lab.root(node).join(file))
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-}
-
-fn alive(pid: i32) -> bool {
-    // A reaped process has no /proc entry; a zombie is not running either.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
-/// The VIP is on node `node`'s eth0.
-fn has_vip(lab: &Lab, node: usize, v: Ipv4Addr) -> bool {
-    let out = lab
-        .exec(
-            &lab.spec().node_ns(node),
-            &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-        )
-        .expect("ip addr");
-    String::from_utf8_lossy(&out.stdout).contains(&format!(" {v}/"))
 }
 
 #[test]
@@ -300,8 +269,14 @@ fn prestart_completes_before_start_prim_and_poststop_follows_stop_prim() {
         !text.contains("prestart has not finished"),
         "start_prim ran before prestart finished:\n{text}"
     );
+    // node2's prestart (1 s) runs beside node1's: SECOND does not wait for
+    // it, so it may still run when node1 is PRIM.
     assert!(
-        lab.root(2).join("prestart.done").exists(),
+        wait_for(Duration::from_secs(5), || lab
+            .root(2)
+            .join("prestart.done")
+            .exists())
+        .is_some(),
         "node2's prestart"
     );
 
@@ -369,7 +344,15 @@ fn a_script_not_owned_by_root_is_refused_and_a_failing_stop_prim_is_forced_withi
         subnet,
         100,
         "\n[user]\nforce_stop_timeout = \"1s\"\n",
-        &[("start_prim", &start_demo()), ("stop_prim", &stop_prim)],
+        &[
+            ("start_prim", &start_demo()),
+            ("stop_prim", &stop_prim),
+            // Holds start_prim back until node1 is PRIM with node2 in sync
+            // (a heartbeat exchange): a SECOND its primary never counted
+            // does not take over (SPEC §5), and start_prim no longer waits
+            // for the gratuitous ARP burst that used to give that time.
+            ("prestart", "#!/bin/sh\nsleep 0.5\n"),
+        ],
     );
     let mut lab = common::lab("skme3", subnet, 2, vec![m]);
     // node1's start_prim belongs to nobody.

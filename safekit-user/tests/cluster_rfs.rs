@@ -24,6 +24,7 @@
 //! - resync progress in `safekit state -v` and `/metrics`.
 
 mod common;
+mod faultfs;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -184,12 +185,13 @@ impl Rig {
         assert!(ok, "safekit {cmd} -m {MODULE} on node{i}: {text}");
     }
 
-    /// Starts both daemons, then the module on node1 and node2: node1 wins
-    /// the tie (same generation, no preferred primary).
+    /// Starts both daemons, then the module: a first start of a replicated
+    /// module (neither copy known up to date), so as an operator does,
+    /// `prim` on node1, the reference, then `start` on node2.
     fn start_both(&mut self) {
         self.start_daemon(1);
         self.start_daemon(2);
-        self.module_cmd(1, "start");
+        self.module_cmd(1, "prim");
         self.module_cmd(2, "start");
     }
 
@@ -1944,5 +1946,181 @@ fn a_secondary_whose_disk_fills_never_takes_over_and_resyncs_once_there_is_room(
     wait_equal(&rig, Duration::from_secs(20), "after the resync");
     println!(
         "disk full: {n} acknowledged records all on node2 after the resync ({took:?}); writer errors {errors:?}"
+    );
+}
+
+/// The loop devices whose backing file is `image`.
+fn loops_on(image: &Path) -> usize {
+    let Ok(dir) = fs::read_dir("/sys/block") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim()) == image)
+        })
+        .count()
+}
+
+/// The rig of the EIO test: node2's copy on an ext4 over a loop device over
+/// the fault-injecting filesystem. Torn down in order: daemons, the ext4
+/// (its loop device goes with it), then the fault-injecting filesystem.
+struct EioRig {
+    rig: Rig,
+    fault: Option<faultfs::FaultFs>,
+}
+
+impl EioRig {
+    fn mount_ext4(&self) {
+        let image = self.fault.as_ref().expect("fault fs").image();
+        run_ok(
+            std::process::Command::new("mount")
+                .args(["-o", "loop,errors=continue"])
+                .arg(&image)
+                .arg(self.rig.disk(2)),
+        );
+    }
+
+    /// Unmounts node2's ext4 and waits for its loop device to let go of
+    /// the image (the daemons must be down).
+    fn unmount_ext4(&self) -> bool {
+        let _ = rustix::mount::unmount(self.rig.disk(2), rustix::mount::UnmountFlags::DETACH);
+        let image = self.fault.as_ref().expect("fault fs").image();
+        wait_for(Duration::from_secs(10), || loops_on(&image) == 0).is_some()
+    }
+}
+
+impl Drop for EioRig {
+    fn drop(&mut self) {
+        for i in 1..=2 {
+            self.rig.lab.kill_daemon(i);
+        }
+        let released = self.unmount_ext4();
+        if let Some(f) = self.fault.take() {
+            if released {
+                drop(f);
+            } else {
+                // A loop device still holds the image: dropping the session
+                // would wait for it for ever.
+                std::mem::forget(f);
+            }
+        }
+    }
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: EIO, fail, primary dies, repair, resync"
+)]
+fn a_secondary_meeting_io_errors_never_takes_over_and_resyncs_once_repaired() {
+    const FILE: &str = "records.log";
+    let _serial = serial();
+    let rig = Rig::new("skrf9", 69, "");
+    let fault = faultfs::FaultFs::mount(
+        &rig.dir.join("faultfs"),
+        &rig.dir.join("faultfs.backing"),
+        128 << 20,
+    )
+    .expect("mount the fault-injecting filesystem");
+    run_ok(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(fault.image()),
+    );
+    let mut t = EioRig {
+        rig,
+        fault: Some(fault),
+    };
+    fs::create_dir_all(t.rig.disk(2)).expect("mkdir");
+    t.mount_ext4();
+    t.rig.start_both();
+    t.rig.wait_in_sync(1, 2, Duration::from_secs(20), "start");
+    let rig = &t.rig;
+    app_write(rig, 1, FILE, b"");
+    let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), None]));
+    let writer = Writer::start(rig, &views, FILE, rig.dir.join("acked.log"));
+    wait_for(Duration::from_secs(10), || writer.count() > 50).expect("the writer writes");
+
+    // I/O errors under node2's copy.
+    t.fault
+        .as_ref()
+        .expect("fault fs")
+        .failing
+        .store(true, Ordering::SeqCst);
+    rig.wait_state(1, ModuleState::Alone, Duration::from_secs(15), "EIO");
+    let failed = wait_for(Duration::from_secs(5), || {
+        rig.status(2).is_some_and(|m| {
+            m.rfs.iter().any(|d| {
+                d.link == "failed" && d.failure.as_deref().is_some_and(|f| f.contains("EIO"))
+            })
+        })
+    });
+    assert!(
+        failed.is_some(),
+        "node2 does not show its copy failed with EIO\n{}",
+        rig.diagnose()
+    );
+    let before = writer.count();
+    wait_for(Duration::from_secs(5), || writer.count() > before + 50)
+        .unwrap_or_else(|| panic!("the primary stopped serving\n{}", rig.diagnose()));
+
+    // The primary dies: node2 must not take over on its copy.
+    let acked = writer.acked();
+    let errors = writer.finish();
+    t.rig.lab.kill_daemon(1);
+    let limit = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < limit {
+        let s = t.rig.state(2);
+        assert!(
+            !matches!(s, Some(ModuleState::Alone | ModuleState::Prim)),
+            "node2 took over on a copy it could not write: {s:?}\n{}",
+            t.rig.diagnose()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(t.rig.state(2), Some(ModuleState::Wait));
+
+    // The disk repaired (errors off, fsck), both nodes back: in sync.
+    t.fault
+        .as_ref()
+        .expect("fault fs")
+        .failing
+        .store(false, Ordering::SeqCst);
+    t.rig.lab.kill_daemon(2);
+    assert!(t.unmount_ext4(), "node2's ext4 still busy");
+    let image = t.fault.as_ref().expect("fault fs").image();
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(&image)
+        .output()
+        .expect("e2fsck");
+    // 0: clean, 1: errors corrected.
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    t.mount_ext4();
+    t.rig.start_daemon(1);
+    t.rig.start_daemon(2);
+    t.rig.module_cmd(1, "start");
+    t.rig.module_cmd(2, "start");
+    let took = wait_for(Duration::from_secs(60), || t.rig.in_sync(1, 2)).unwrap_or_else(|| {
+        panic!(
+            "no PRIM/SECOND in sync after the repair\n{}",
+            t.rig.diagnose()
+        )
+    });
+    let (missing, n, found, bad) = missing_on(&t.rig, 2, FILE, &acked);
+    assert!(
+        missing.is_empty(),
+        "{} of {n} acknowledged records missing on node2 (found {found}, bad {bad}): {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    wait_equal(&t.rig, Duration::from_secs(20), "after the resync");
+    println!(
+        "EIO: {n} acknowledged records all on node2 after the repair and resync ({took:?}); writer errors {errors:?}"
     );
 }

@@ -540,6 +540,10 @@ fn counter_name(i: u32) -> &'static str {
         counter::ARP_REPLY => "arp_reply",
         counter::DROP_FRAGMENT => "drop_fragment",
         counter::PASS_UNPARSED => "pass_unparsed",
+        counter::ACCEPT_FLOW => "accept_flow",
+        counter::DROP_NO_FLOW => "drop_no_flow",
+        counter::NS_REPLY => "ns_reply",
+        counter::DROP_LEASE => "drop_lease",
         _ => "?",
     }
 }
@@ -992,7 +996,7 @@ fn the_dataplane_falls_back_to_nftables_where_xdp_cannot_attach() {
             .expect("attach with fallback");
         assert_eq!(lo.kind(), "nftables");
         lo.enable([0; 6], SEED).expect("enable");
-        lo.add_vip(VIP1, VMAC1, &rules1()).expect("add VIP1");
+        lo.add_vip(VIP1.into(), VMAC1, &rules1()).expect("add VIP1");
         assert!(!lo.is_empty());
         assert!(FarmDataplane::attach(Backend::Xdp, "lo", AttachMode::Native).is_err());
         let veth = FarmDataplane::attach(Backend::XdpOrNftables, "nbA", AttachMode::Native)

@@ -82,7 +82,6 @@ fn mirror_module(spec: &LabSpec) -> LabModule {
         toml: format!(
             r#"[service]
 mode = "mirror"
-defaultprim = "node1"
 nodes = ["node1", "node2"]
 
 [heart]
@@ -290,9 +289,14 @@ fn wait_state(lab: &Lab, i: usize, module: &str, want: &str, secs: u64) -> bool 
 fn mirror_tour(lab: &mut Lab) -> Result<()> {
     let vip = lab.spec().addr(100);
     println!("== mirror module 'web' on node1 and node2: VIP {vip}, {MIRROR_DIR} replicated");
-    for i in [1, 2] {
-        show(lab, i, &["start", "-m", "web"])?;
-    }
+    println!(
+        "   first start of a replicated module: neither node knows its copy up to date, so the"
+    );
+    println!(
+        "   operator names the reference, `safekit prim -m web` on node1, then `safekit start -m web` on node2"
+    );
+    show(lab, 1, &["prim", "-m", "web"])?;
+    show(lab, 2, &["start", "-m", "web"])?;
     let synced = wait_state(lab, 1, "web", "PRIM", 15) && wait_state(lab, 2, "web", "SECOND", 5);
     for i in [1, 2] {
         print!("{}", show(lab, i, &["state", "-m", "web", "-v"])?);

@@ -126,8 +126,47 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A bridge, up, with no STP delay (no multicast snooping surprises).
+pub fn add_bridge(br: &str) -> Result<()> {
+    ip(&["link", "add", br, "type", "bridge"])?;
+    ip(&[
+        "link",
+        "set",
+        br,
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+        "stp_state",
+        "0",
+    ])?;
+    ip(&["link", "set", br, "up"])
+}
+
+/// Network namespace `ns` whose `eth0` has `addr`/24, the other end of a
+/// veth (`host_if`) in bridge `br`.
+pub fn add_host(ns: &str, addr: Ipv4Addr, host_if: &str, br: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["link", "set", host_if, "master", br])?;
+    ip(&["link", "set", host_if, "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])
+}
+
 /// Runs `ip` ignoring failure (cleanup).
-fn ip_quiet(args: &[&str]) {
+pub fn ip_quiet(args: &[&str]) {
     let _ = Command::new("ip")
         .args(args)
         .stdout(Stdio::null())
@@ -165,6 +204,7 @@ pub fn cleanup(prefix: &str, dir: &Path) {
             }
         }
     }
+    remove_module_cgroups(dir);
     if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // "12: skt1br: <...": the name may carry "@peer".
@@ -176,6 +216,45 @@ pub fn cleanup(prefix: &str, dir: &Path) {
                 ip_quiet(&["link", "del", name]);
             }
         }
+    }
+}
+
+/// Removes the module cgroups the lab's daemons made
+/// (`<cgroup2>/safekit/<lab dir with / as ->-node<i>.<hash>/<module>`, see
+/// `safekit::sys::cgroup`), once the processes in them are killed: a
+/// daemon's guard killed by [`cleanup`] may not have removed them.
+fn remove_module_cgroups(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Some(mount) = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
+    }) else {
+        return;
+    };
+    let lab = format!(
+        "{}-node",
+        dir.to_string_lossy().trim_matches('/').replace('/', "-")
+    );
+    let Ok(instances) = std::fs::read_dir(mount.join("safekit")) else {
+        return;
+    };
+    for instance in instances.flatten() {
+        if !instance.file_name().to_string_lossy().starts_with(&lab) {
+            continue;
+        }
+        if let Ok(modules) = std::fs::read_dir(instance.path()) {
+            for m in modules.flatten().filter(|m| m.path().is_dir()) {
+                let _ = std::fs::write(m.path().join("cgroup.kill"), "1");
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while std::fs::remove_dir(m.path()).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(instance.path());
     }
 }
 
@@ -203,42 +282,13 @@ impl Lab {
     fn network(&self) -> Result<()> {
         let s = &self.spec;
         let br = s.bridge();
-        ip(&["link", "add", &br, "type", "bridge"])?;
-        // No STP delay, no multicast snooping surprises.
-        ip(&[
-            "link",
-            "set",
-            &br,
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-        ])?;
-        ip(&["link", "set", &br, "up"])?;
+        add_bridge(&br)?;
         let mut hosts: Vec<(String, Ipv4Addr, String)> = (1..=s.nodes)
             .map(|i| (s.node_ns(i), s.node_addr(i), format!("{}{i}", s.prefix)))
             .collect();
         hosts.push((s.client_ns(), s.client_addr(), format!("{}c", s.prefix)));
         for (ns, addr, host_if) in &hosts {
-            ip(&["netns", "add", ns])?;
-            ip(&[
-                "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ])?;
-            ip(&["link", "set", host_if, "master", &br])?;
-            ip(&["link", "set", host_if, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            add_host(ns, *addr, host_if, &br)?;
         }
         Ok(())
     }
@@ -257,6 +307,11 @@ impl Lab {
                 "\n[[node]]\nname = \"node{i}\"\naddrs = {{ default = \"{}\" }}\n",
                 s.node_addr(i)
             );
+        }
+        // Lab clusters let tests and operators scrape /metrics without
+        // credentials, unless the spec sets its own [api] table.
+        if !s.cluster_extra.contains("[api]") {
+            cluster.push_str("\n[api]\nmetrics_anonymous = true\n");
         }
         cluster.push_str(&s.cluster_extra);
         for i in 1..=s.nodes {
@@ -292,6 +347,12 @@ impl Lab {
 
     /// Starts safekitd on node `i`; its stderr goes to `<root>/safekitd.out`.
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        self.start_daemon_with_env(i, &[])
+    }
+
+    /// [`Self::start_daemon`] with extra environment variables (e.g. the
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC` systemd would set).
+    pub fn start_daemon_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
         let root = self.root(i);
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -302,6 +363,7 @@ impl Lab {
             .arg(bin_dir().join("safekitd"))
             .arg("--root")
             .arg(&root)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -2,8 +2,11 @@
 //! cluster tests in `xtask/tests/`.
 
 pub mod demo;
+pub mod fuzz;
 pub mod lab;
+pub mod package;
 pub mod setup;
+pub mod system_test;
 
 use std::{
     path::{Path, PathBuf},

@@ -2,11 +2,13 @@
 
 mod bench;
 
-use std::process::Command;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{demo, run, setup, workspace_root};
+use xtask::{
+    demo, fuzz,
+    package::{self, cargo},
+    run, setup, system_test,
+};
 
 #[derive(Parser)]
 #[command(about = "safekit developer tasks")]
@@ -30,10 +32,32 @@ enum Task {
     },
     /// Setup, build, and run every test (unit, eBPF, privileged cluster tests).
     Test {
+        /// Also the system test (a few minutes): the Debian package on two
+        /// Debian 12 machines booted with systemd (`system-test`).
+        #[arg(long)]
+        all: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the cargo-fuzz targets (pinned nightly) and run each one.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, conflicts_with = "runs")]
+        seconds: u64,
+        /// Executions per target instead of a time.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (default: every one).
+        target: Option<String>,
+    },
+    /// Build the Debian package (cargo-deb) into target/debian/, checked
+    /// with lintian.
+    Package,
+    /// The Debian package installed on two Debian 12 machines (debootstrap,
+    /// systemd-nspawn -b) on a bridge: service, boot = true, restart after
+    /// kill -9, watchdog, systemctl stop, upgrade/remove/purge.
+    SystemTest,
     /// Benchmarks: figures and ratios measured side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -80,23 +104,35 @@ fn main() -> Result<()> {
             demo::lab_down();
             Ok(())
         }
-        Task::Test { args } => test(&args),
+        Task::Test { all, args } => {
+            test(&args)?;
+            if all {
+                system_test::system_test()?;
+            }
+            Ok(())
+        }
+        Task::Fuzz {
+            seconds,
+            runs,
+            target,
+        } => {
+            setup::setup()?;
+            let budget = runs.map_or(fuzz::Budget::Seconds(seconds), fuzz::Budget::Runs);
+            let outcomes = fuzz::fuzz(budget, target.as_deref())?;
+            let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} fuzz target(s) crashed (inputs in target/fuzz/artifacts/)");
+            }
+            Ok(())
+        }
+        Task::Package => package::package(None).map(|_| ()),
+        Task::SystemTest => system_test::system_test(),
         Task::Bench { what } => bench::bench(&what),
     }
 }
 
 fn build() -> Result<()> {
     run(cargo().args(["build", "--bins"]))
-}
-
-/// `cargo +STABLE` in the workspace (through the rustup proxy).
-fn cargo() -> Command {
-    let mut c = Command::new("cargo");
-    c.arg(format!("+{}", setup::STABLE))
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .current_dir(workspace_root());
-    c
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -130,10 +166,40 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    // A short run of every fuzz target (the whole suite only: not when a
+    // test filter is given), each counted as a test.
+    let fuzz_seconds = std::env::var("SAFEKIT_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FUZZ_SMOKE_SECONDS);
+    if args.is_empty() && fuzz_seconds > 0 {
+        match fuzz::fuzz(fuzz::Budget::Seconds(fuzz_seconds), None) {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    if o.failure.is_some() {
+                        failed += 1;
+                    } else {
+                        passed += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                println!("fuzz: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     // One closing line for the whole suite.
     println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         anyhow::bail!("cargo test failed: {status}");
     }
+    if failed > 0 {
+        anyhow::bail!("{failed} failed");
+    }
     Ok(())
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`
+/// (`SAFEKIT_FUZZ_SECONDS`, 0 to skip).
+const FUZZ_SMOKE_SECONDS: u64 = 3;

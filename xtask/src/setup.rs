@@ -5,6 +5,10 @@
 //!    (`safekit-ebpf/rust-toolchain.toml`) with `rust-src`.
 //! 3. `bpf-linker`, built against that nightly's own libLLVM, installed in a
 //!    per-nightly directory that `safekit-user/build.rs` puts first in PATH.
+//! 4. `cargo-fuzz`, which builds the fuzz targets of `fuzz/` with that
+//!    nightly (`cargo xtask fuzz`).
+//! 5. `cargo-deb`, which `cargo xtask package` builds the Debian package
+//!    with.
 
 use std::{
     path::{Path, PathBuf},
@@ -29,7 +33,29 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "psmisc",
     "curl",
+    // tests/docs.rs renders the generated man pages.
+    "man-db",
+    // libfuzzer-sys builds libFuzzer's C++ sources (`cargo xtask fuzz`).
+    "g++",
+    // The REST API tests: TLS versions offered by `openssl s_client`.
+    "openssl",
+    // The console's browser tests: headless Chromium driven by
+    // playwright-core (never a browser downloaded by npm).
+    "chromium",
+    // The API fuzzing: schemathesis in a virtual environment.
+    "python3-venv",
 ];
+
+/// cargo-deb release that builds the Debian package (`cargo xtask package`).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Virtual environment of schemathesis, under the workspace's target dir.
+const SCHEMATHESIS_VENV: &str = "target/schemathesis-venv";
+/// Its pinned requirements (schemathesis and every dependency).
+const SCHEMATHESIS_REQUIREMENTS: &str = "xtask/schemathesis-requirements.txt";
+
+/// Directory of the console's browser tests and their npm lockfile.
+const CONSOLE_TESTS: &str = "safekit-user/tests/console";
 
 /// The Rust toolchain that builds the workspace: current aya needs rustc >=
 /// 1.98. Not a rust-toolchain.toml: rustup does not install those by itself,
@@ -62,13 +88,20 @@ pub fn bpf_linker_root(nightly: &str) -> Result<PathBuf> {
 pub fn setup() -> Result<()> {
     let root = workspace_root();
     apt()?;
+    console_test_modules(&root)?;
+    schemathesis(&root)?;
     let stable = STABLE;
     let nightly = toolchain_channel(&root.join("safekit-ebpf/rust-toolchain.toml"))?;
     toolchain(stable, &["clippy", "rustfmt"])?;
     toolchain(&nightly, &["rust-src"])?;
     bpf_linker(stable, &nightly)?;
+    crate::fuzz::install_cargo_fuzz(stable)?;
+    cargo_deb(stable)?;
     override_workspace(&root, stable)?;
-    eprintln!("setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION})");
+    eprintln!(
+        "setup: ok (toolchains {stable} and {nightly}, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz {})",
+        crate::fuzz::CARGO_FUZZ_VERSION
+    );
     Ok(())
 }
 
@@ -92,8 +125,99 @@ fn override_workspace(root: &Path, stable: &str) -> Result<()> {
         .arg(root))
 }
 
+/// True when `cmd --version` runs.
+fn has_command(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The console tests' npm packages (playwright-core, pinned by
+/// `package-lock.json`), installed with `npm ci` when missing or older
+/// than the lockfile.
+fn console_test_modules(root: &Path) -> Result<()> {
+    let dir = root.join(CONSOLE_TESTS);
+    let lock = dir.join("package-lock.json");
+    // npm ci writes node_modules/.package-lock.json after a complete install.
+    let installed = dir.join("node_modules/.package-lock.json");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+        && modified(&installed) >= modified(&lock)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: npm ci in {}", dir.display());
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+        .current_dir(&dir))
+}
+
+/// schemathesis (from `PyPI`) in `target/schemathesis-venv`, from the pinned
+/// requirements, when missing or older than them.
+fn schemathesis(root: &Path) -> Result<()> {
+    let venv = root.join(SCHEMATHESIS_VENV);
+    let reqs = root.join(SCHEMATHESIS_REQUIREMENTS);
+    let stamp = venv.join("installed-requirements.txt");
+    if venv.join("bin/schemathesis").exists()
+        && std::fs::read(&stamp).ok() == std::fs::read(&reqs).ok()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: schemathesis in {}", venv.display());
+    // Debian's python3 (python3-venv is installed above).
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    run(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check", "-r"])
+        .arg(&reqs))?;
+    std::fs::copy(&reqs, &stamp).context("recording the installed requirements")?;
+    Ok(())
+}
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    // Node.js from Debian unless a node (and its npm) is there already.
+    let mut wanted: Vec<&str> = DEBIAN_PACKAGES.to_vec();
+    if !has_command("node") {
+        wanted.push("nodejs");
+    }
+    if !has_command("npm") {
+        wanted.push("npm");
+    }
+    apt_packages(&wanted)
+}
+
+/// `cargo deb`, installed with cargo when missing or of another version.
+fn cargo_deb(stable: &str) -> Result<()> {
+    let version = Command::new("cargo")
+        .args([&format!("+{stable}"), "deb", "--version"])
+        .output();
+    if version.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION)
+    }) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+    run(Command::new("cargo").args([
+        &format!("+{stable}"),
+        "install",
+        &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        "--locked",
+    ]))
+}
+
+/// Installs those of `packages` that are missing (apt-get).
+pub fn apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

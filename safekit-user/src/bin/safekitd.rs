@@ -1,27 +1,11 @@
 //! `safekitd --root DIR`: the safekit daemon of one node.
 
-use std::path::PathBuf;
-
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use safekit::{config, daemon, paths::Paths};
 
-/// The safekit daemon: runs this node's modules, heartbeats, health check
-/// and metrics.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// Root of every path (config, state, runtime, logs); default `/`.
-    #[arg(long, env = "SAFEKIT_ROOT")]
-    root: Option<PathBuf>,
-    /// This node's name in cluster.toml (default: the node whose address is
-    /// configured on this host).
-    #[arg(long)]
-    node: Option<String>,
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = daemon::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SAFEKIT_LOG")
@@ -30,6 +14,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let paths = Paths::from_arg_or_env(args.root);
+    if args.guard {
+        let me = args.node.unwrap_or_default();
+        return daemon::guard::run_guard(&paths, &me).context("safekitd guard");
+    }
     let config = match config::load(&paths.etc()) {
         Ok(c) => c,
         Err(errors) => {

@@ -1,4 +1,5 @@
-//! `safekit farm which-node -m AM IP[:PORT] [--dport N]`.
+//! `safekit farm which-node -m AM IP[:PORT] [--dport N]` (IPv4 or IPv6;
+//! `[IPv6]:PORT`).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -34,7 +35,9 @@ pub(super) fn run(paths: &Paths, cmd: FarmCommand) -> i32 {
     } else if let Ok(ip) = client.parse::<IpAddr>() {
         (ip, None)
     } else {
-        eprintln!("safekit: {client:?} is not IP or IP:PORT (e.g. 10.0.0.7 or 10.0.0.7:40000)");
+        eprintln!(
+            "safekit: {client:?} is not IP or IP:PORT (e.g. 10.0.0.7, 10.0.0.7:40000, fd00::7 or [fd00::7]:40000)"
+        );
         return super::EXIT_USAGE;
     };
     let req = Request::FarmWhich {

@@ -11,6 +11,7 @@
 //!
 //! [`ModuleState::exit_code`]: crate::status::ModuleState::exit_code
 
+mod config_apply;
 mod config_check;
 mod farm;
 mod firewall;
@@ -19,7 +20,9 @@ mod module_cmd;
 mod rfs;
 mod snapshot;
 mod state;
+mod user;
 mod wait;
+mod witness;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -91,8 +94,10 @@ pub enum Command {
     Waitstop(wait::WaitArgs),
     /// Wait until the module is in one of the given states.
     Waitstate(wait::WaitStateArgs),
-    /// Print a module's log.
-    Log(log::LogArgs),
+    /// Print a module's log, newest last (`-n N`: the last N lines; `-f`:
+    /// then follow it, across log rotations).
+    #[command(visible_alias = "log")]
+    Logview(log::LogArgs),
     /// Write an information line into a module's log (for scripts).
     Printi(log::PrintArgs),
     /// Write an error line into a module's log (for scripts).
@@ -117,6 +122,27 @@ pub enum Command {
         #[command(subcommand)]
         command: rfs::RfsCommand,
     },
+    /// Run the arbitrating witness of `[check.splitbrain] arbiter` (on a
+    /// third machine; UDP, authenticated with the cluster key).
+    Witness(witness::WitnessArgs),
+    /// REST API and console users (users.toml).
+    User {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
+    /// REST API bearer keys (apikeys.toml).
+    Apikey {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::ApiKeyCommand,
+    },
+    /// HTTPS certificates (a cluster CA and one per node).
+    Certs {
+        /// Subcommand.
+        #[command(subcommand)]
+        command: user::CertsCommand,
+    },
     /// Configuration commands.
     Config {
         /// Subcommand.
@@ -131,6 +157,18 @@ pub enum ConfigCommand {
     /// Validate cluster.toml and every module.toml without touching a
     /// running module.
     Check,
+    /// Check this node's configuration, then send cluster.toml and the
+    /// module directories (module.toml, bin/) to every node, which checks,
+    /// installs (keeping the previous version) and reloads it; a running
+    /// module takes what can change at once, the rest at its next start.
+    Apply {
+        /// Only this module's directory (with cluster.toml).
+        #[arg(short = 'm', long = "module")]
+        module: Option<String>,
+    },
+    /// Apply, on every node, the configuration this node had before its
+    /// last change.
+    Rollback,
 }
 
 /// `safekit set -m AM -r custom.NAME -v up|down`.
@@ -210,15 +248,25 @@ pub fn main() -> i32 {
             a.timeout,
         ),
         Command::Waitstate(a) => wait::wait(&paths, &a.module, &a.states, a.timeout),
-        Command::Log(args) => log::show(&paths, &args),
+        Command::Logview(args) => log::show(&paths, &args),
         Command::Printi(args) => log::print(&paths, &args, crate::modlog::Level::Info),
         Command::Printe(args) => log::print(&paths, &args, crate::modlog::Level::Error),
         Command::Config {
             command: ConfigCommand::Check,
         } => config_check::run(&paths),
+        Command::Config {
+            command: ConfigCommand::Apply { module },
+        } => config_apply::run(&paths, module, false),
+        Command::Config {
+            command: ConfigCommand::Rollback,
+        } => config_apply::run(&paths, None, true),
         Command::Farm { command } => farm::run(&paths, command),
         Command::Snapshot(a) => snapshot::run(&paths, &a),
+        Command::Witness(a) => witness::run(&paths, &a),
         Command::Firewall { command } => firewall::run(&paths, &command),
+        Command::User { command } => user::user(&paths, command),
+        Command::Apikey { command } => user::apikey(&paths, command),
+        Command::Certs { command } => user::certs(&paths, &command),
     }
 }
 

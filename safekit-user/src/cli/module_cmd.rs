@@ -45,7 +45,7 @@ fn module_unknown(paths: &Paths, req: &Request) -> bool {
         | Request::SetResource { module, .. }
         | Request::FarmWhich { module, .. }
         | Request::RfsVerify { module } => module,
-        Request::State | Request::Shutdown => return false,
+        Request::State | Request::Shutdown | Request::ConfigApply { .. } => return false,
     };
     matches!(
         super::call(paths, &Request::State),

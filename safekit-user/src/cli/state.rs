@@ -112,6 +112,9 @@ fn render(status: &NodeStatus, modules: &[&ModuleStatus], args: &StateArgs, tty:
             mode,
             paint(m.state.name(), m, tty)
         );
+        if let Some(left) = m.farm.as_ref().and_then(|f| f.draining) {
+            let _ = write!(out, " DRAINING ({left} connections left)");
+        }
         if !args.local {
             for p in &m.peers {
                 let s = p

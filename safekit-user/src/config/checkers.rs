@@ -19,7 +19,7 @@ use toml::Spanned;
 
 use super::{
     module::{Ctx, Mode, quoted},
-    value::{Dur, Host, IfName, Int, Ip, Name, NodeName, Port, Text, format_duration},
+    value::{Arbiter, Dur, Host, IfName, Int, Ip, Name, NodeName, Port, Text, format_duration},
 };
 use crate::status::ModuleState;
 
@@ -216,11 +216,15 @@ pub struct ModuleCheck {
 }
 
 /// `[check.splitbrain]`: before going ALONE without heartbeats, a mirror
-/// node must reach at least one witness; otherwise it goes WAIT.
+/// node must reach at least one pinged witness, or hold the grant of a
+/// majority of arbiters (`safekit witness`); otherwise it goes WAIT.
+/// Exactly one of both lists is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitBrain {
     /// Witness addresses (pinged).
     pub witness: Vec<IpAddr>,
+    /// Arbitrating witnesses (`safekit witness`), UDP.
+    pub arbiter: Vec<std::net::SocketAddr>,
     /// How long to wait for a witness reply.
     pub timeout: Duration,
 }
@@ -322,6 +326,7 @@ struct RawModuleCheck {
 #[serde(deny_unknown_fields)]
 struct RawSplitBrain {
     witness: Spans<Ip>,
+    arbiter: Spans<Arbiter>,
     timeout: Option<Spanned<Dur>>,
 }
 
@@ -885,7 +890,20 @@ fn validate_splitbrain(ctx: &mut Ctx<'_>, sb: Spanned<RawSplitBrain>) -> Option<
     }
     let sb = sb.into_inner();
     let mut witness: Vec<IpAddr> = Vec::new();
+    let arbiter = match (&sb.witness, sb.arbiter) {
+        (Some(_), Some(a)) => {
+            ctx.diag.error(
+                Some(&a.span()),
+                "check.splitbrain.arbiter",
+                "witness and arbiter exclude each other: witness = [IPs] pings (both nodes may go primary when both reach it), arbiter = [\"IP:port\"] asks `safekit witness` (at most one node); choose one",
+            );
+            Vec::new()
+        }
+        (_, Some(a)) => validate_arbiters(ctx, a),
+        (_, None) => Vec::new(),
+    };
     match sb.witness {
+        None if !arbiter.is_empty() || ctx.diag.has_error_at("check.splitbrain.arbiter") => {}
         Some(list) => {
             let list_span = list.span();
             for (i, w) in list.into_inner().into_iter().enumerate() {
@@ -919,12 +937,60 @@ fn validate_splitbrain(ctx: &mut Ctx<'_>, sb: Spanned<RawSplitBrain>) -> Option<
         None => ctx.diag.missing(
             Some(&table),
             "check.splitbrain.witness",
-            "witness = [\"<IP>\", ...], addresses only one side of a split can reach",
+            "witness = [\"<IP>\", ...], addresses only one side of a split can reach, or arbiter = [\"<IP>:<port>\", ...], `safekit witness` daemons",
         ),
     }
     let timeout = sb
         .timeout
         .as_ref()
         .map_or(DEFAULT_SPLITBRAIN_TIMEOUT, |d| d.get_ref().0);
-    (ctx.mode != Some(Mode::Farm)).then_some(SplitBrain { witness, timeout })
+    (ctx.mode != Some(Mode::Farm)).then_some(SplitBrain {
+        witness,
+        arbiter,
+        timeout,
+    })
+}
+
+/// `check.splitbrain.arbiter`: not a node, no duplicate, at least one.
+fn validate_arbiters(
+    ctx: &mut Ctx<'_>,
+    list: Spanned<Vec<Spanned<Arbiter>>>,
+) -> Vec<std::net::SocketAddr> {
+    let list_span = list.span();
+    let mut out: Vec<std::net::SocketAddr> = Vec::new();
+    for (i, a) in list.into_inner().into_iter().enumerate() {
+        let span = a.span();
+        let addr = a.get_ref().0;
+        let key = format!("check.splitbrain.arbiter[{i}]");
+        if let Some(n) = ctx.cluster.and_then(|c| c.node_by_addr(addr.ip())) {
+            ctx.diag.error(
+                Some(&span),
+                key,
+                format!(
+                    "{} is node {:?}: an arbiter runs on a third machine (`safekit witness`)",
+                    addr.ip(),
+                    n.name
+                ),
+            );
+        } else if out.contains(&addr) {
+            ctx.diag
+                .error(Some(&span), key, format!("{addr} is listed twice"));
+        } else if addr.port() == 0 {
+            ctx.diag.error(
+                Some(&span),
+                key,
+                "port 0 is not allowed: give the witness's port",
+            );
+        } else {
+            out.push(addr);
+        }
+    }
+    if out.is_empty() && !ctx.diag.has_error_at("check.splitbrain.arbiter") {
+        ctx.diag.error(
+            Some(&list_span),
+            "check.splitbrain.arbiter",
+            "at least one arbiter is needed, e.g. arbiter = [\"10.0.0.254:8889\"]",
+        );
+    }
+    out
 }

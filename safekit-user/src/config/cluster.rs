@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::{
     error::{ConfigErrors, Diag},
     recover,
-    value::{Ip, Name, NodeName, Port, Text},
+    value::{Dur, Ip, Name, NodeName, Port, Text},
 };
 
 /// File name of the cluster configuration in the config dir.
@@ -40,6 +40,14 @@ pub const DEFAULT_REPLICATION_PORT: u16 = 5600;
 pub const DEFAULT_HTTP_PORT: u16 = 9010;
 /// Default TCP HTTPS port.
 pub const DEFAULT_HTTPS_PORT: u16 = 9453;
+/// Default `[api] metrics_anonymous`: `/metrics` needs credentials.
+pub const DEFAULT_METRICS_ANONYMOUS: bool = false;
+/// Default `[api] session_ttl`: a console login lasts a working day.
+pub const DEFAULT_SESSION_TTL: std::time::Duration = std::time::Duration::from_hours(8);
+/// Shortest `[api] session_ttl`.
+pub const MIN_SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest `[api] session_ttl`.
+pub const MAX_SESSION_TTL: std::time::Duration = std::time::Duration::from_hours(24 * 7);
 
 /// The validated `cluster.toml`.
 #[derive(Clone, PartialEq, Eq)]
@@ -57,6 +65,26 @@ pub struct ClusterConfig {
     pub nodes: Vec<Node>,
     /// Ports.
     pub ports: Ports,
+    /// The REST API and console (`[api]`).
+    pub api: Api,
+}
+
+/// `[api]`: REST API, console and metrics access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Api {
+    /// `/metrics` answers without credentials.
+    pub metrics_anonymous: bool,
+    /// A console session lasts this long after its login.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            metrics_anonymous: DEFAULT_METRICS_ANONYMOUS,
+            session_ttl: DEFAULT_SESSION_TTL,
+        }
+    }
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -69,6 +97,7 @@ impl fmt::Debug for ClusterConfig {
             .field("lans", &self.lans)
             .field("nodes", &self.nodes)
             .field("ports", &self.ports)
+            .field("api", &self.api)
             .finish()
     }
 }
@@ -160,6 +189,14 @@ struct RawCluster {
     lan: Option<Vec<Spanned<RawLan>>>,
     node: Option<Vec<Spanned<RawNode>>>,
     ports: Option<Spanned<RawPorts>>,
+    api: Option<Spanned<RawApi>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    metrics_anonymous: Option<Spanned<bool>>,
+    session_ttl: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +257,7 @@ fn validate(raw: RawCluster, file: &Path, diag: &mut Diag) -> ParsedCluster {
     let lans = validate_lans(raw.lan.unwrap_or_default(), diag);
     let nodes = validate_nodes(raw.node.unwrap_or_default(), &lans, diag);
     let ports = validate_ports(raw.ports, diag);
+    let api = validate_api(raw.api, diag);
 
     ParsedCluster {
         config: ClusterConfig {
@@ -229,6 +267,7 @@ fn validate(raw: RawCluster, file: &Path, diag: &mut Diag) -> ParsedCluster {
             lans,
             nodes,
             ports,
+            api,
         },
         key_file_line,
     }
@@ -429,6 +468,36 @@ fn unusable_node_addr(ip: IpAddr) -> Option<String> {
     bad.then(|| {
         format!("{ip} cannot be a node address: use the node's unicast address on that LAN")
     })
+}
+
+fn validate_api(raw: Option<Spanned<RawApi>>, diag: &mut Diag) -> Api {
+    let Some(raw) = raw else {
+        return Api::default();
+    };
+    let raw = raw.into_inner();
+    let session_ttl = match raw.session_ttl {
+        None => DEFAULT_SESSION_TTL,
+        Some(t) => {
+            let span = t.span();
+            let ttl = t.into_inner().0;
+            if (MIN_SESSION_TTL..=MAX_SESSION_TTL).contains(&ttl) {
+                ttl
+            } else {
+                diag.error(
+                    Some(&span),
+                    "api.session_ttl",
+                    "a console session lasts from \"1s\" to \"168h\" (7 days)",
+                );
+                DEFAULT_SESSION_TTL
+            }
+        }
+    };
+    Api {
+        metrics_anonymous: raw
+            .metrics_anonymous
+            .map_or(DEFAULT_METRICS_ANONYMOUS, Spanned::into_inner),
+        session_ttl,
+    }
 }
 
 fn validate_ports(raw: Option<Spanned<RawPorts>>, diag: &mut Diag) -> Ports {

@@ -46,6 +46,9 @@ pub const DEFAULT_FARM_PULSE: Duration = Duration::from_millis(100);
 pub const DEFAULT_FARM_LOST_AFTER: u32 = 10;
 /// Default `farm.power` of a node.
 pub const DEFAULT_FARM_POWER: u32 = 1;
+/// Default `farm.drain_timeout`: how long a graceful stop keeps serving
+/// the node's established connections.
+pub const DEFAULT_FARM_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `vip.arp_reroute`.
 pub const DEFAULT_ARP_REROUTE: bool = false;
 /// Default `vip.arp_interval`.
@@ -225,6 +228,10 @@ pub struct Farm {
     pub power: BTreeMap<String, u32>,
     /// Which filter implements the buckets.
     pub filter: FarmFilterBackend,
+    /// A graceful stop serves the node's established connections until
+    /// they close or this long has passed, then runs `stop_both` (0: no
+    /// drain).
+    pub drain_timeout: Duration,
 }
 
 /// `farm.filter`: the data plane of the farm filter.
@@ -437,6 +444,7 @@ struct RawFarm {
     lans: Spans<Name>,
     power: Option<Spanned<RawPower>>,
     filter: Option<Spanned<FarmFilterBackend>>,
+    drain_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -915,10 +923,18 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         return None;
     }
     let raw = raw.map(Spanned::into_inner);
-    let (raw_pulse, raw_lost, raw_lans, raw_power, raw_filter) = match raw {
-        Some(r) => (r.pulse, r.lost_after, r.lans, r.power, r.filter),
-        None => (None, None, None, None, None),
+    let (raw_pulse, raw_lost, raw_lans, raw_power, raw_filter, raw_drain) = match raw {
+        Some(r) => (
+            r.pulse,
+            r.lost_after,
+            r.lans,
+            r.power,
+            r.filter,
+            r.drain_timeout,
+        ),
+        None => (None, None, None, None, None, None),
     };
+    let drain_timeout = dur(raw_drain, DEFAULT_FARM_DRAIN_TIMEOUT).0;
     let filter = raw_filter.map_or(DEFAULT_FARM_FILTER, Spanned::into_inner);
     let pulse = dur(raw_pulse, DEFAULT_FARM_PULSE).0;
     let lost_after = raw_lost.map_or(DEFAULT_FARM_LOST_AFTER, |l| l.get_ref().0);
@@ -953,6 +969,7 @@ fn validate_farm(raw: Option<Spanned<RawFarm>>, ctx: &mut Ctx<'_>) -> Option<Far
         lans,
         power,
         filter,
+        drain_timeout,
     })
 }
 
@@ -999,16 +1016,29 @@ fn validate_vip(raw: Option<Spanned<RawVip>>, ctx: &mut Ctx<'_>) -> Option<Vip> 
             ctx.extras.mac = Some((m.get_ref().0, line, "vip.mac".to_owned()));
             Some(m.into_inner().0)
         }
-        None if ctx.is_farm() => addrs.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => {
+        // 5A:FE + the first IPv4 VIP, else + the last four bytes of the
+        // first IPv6 VIP.
+        None if ctx.is_farm() => addrs
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(v4.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .or_else(|| {
+                addrs.iter().find_map(|a| match a {
+                    IpAddr::V6(v6) => {
+                        let o = v6.octets();
+                        Some([o[12], o[13], o[14], o[15]])
+                    }
+                    IpAddr::V4(_) => None,
+                })
+            })
+            .map(|[a, b, c, d]| {
                 let [p0, p1] = FARM_MAC_PREFIX;
-                let [a, b, c, d] = v4.octets();
                 let mac = [p0, p1, a, b, c, d];
                 ctx.extras.mac = Some((mac, ctx.line(Some(&table)), "vip.mac".to_owned()));
-                Some(mac)
-            }
-            IpAddr::V6(_) => None,
-        }),
+                mac
+            }),
         None => None,
     };
     let mac = if ctx.is_farm() { mac } else { None };
@@ -1029,7 +1059,7 @@ fn validate_vip(raw: Option<Spanned<RawVip>>, ctx: &mut Ctx<'_>) -> Option<Vip> 
     })
 }
 
-/// `vip.addrs`: free unicast addresses, IPv4 for a farm.
+/// `vip.addrs`: free unicast addresses, IPv4 or IPv6.
 fn vip_addrs(raw: Spans<Ip>, table: &Range<usize>, ctx: &mut Ctx<'_>) -> Vec<IpAddr> {
     let mut addrs: Vec<IpAddr> = Vec::new();
     match raw {
@@ -1046,10 +1076,6 @@ fn vip_addrs(raw: Spans<Ip>, table: &Range<usize>, ctx: &mut Ctx<'_>) -> Vec<IpA
                 {
                     Some(format!(
                         "{ip} cannot be a virtual IP: use a unicast address of the LAN"
-                    ))
-                } else if ctx.is_farm() && ip.is_ipv6() {
-                    Some(format!(
-                        "{ip}: a farm VIP must be an IPv4 address (the farm answers ARP for it)"
                     ))
                 } else if addrs.contains(&ip) {
                     Some(format!("{ip} is listed twice"))

@@ -133,6 +133,7 @@ fn appendix_cluster_parses_into_expected_values() {
                     addrs: BTreeMap::from([("default".into(), ip("10.10.0.2"))]),
                 },
             ],
+            api: crate::config::Api::default(),
             ports: Ports {
                 heartbeat: 8888,
                 replication: 5600,
@@ -219,6 +220,7 @@ fn appendix_mirror_module_parses_into_expected_values() {
         check_module: vec![],
         splitbrain: Some(SplitBrain {
             witness: vec![ip("10.10.0.254")],
+            arbiter: vec![],
             timeout: secs(5),
         }),
         user: User {
@@ -255,6 +257,7 @@ fn appendix_farm_module_parses_into_expected_values() {
             lans: vec!["default".into()],
             power: BTreeMap::from([("node1".into(), 1), ("node2".into(), 1)]),
             filter: super::FarmFilterBackend::Auto,
+            drain_timeout: secs(30),
         })
     );
     assert_eq!(
@@ -838,6 +841,58 @@ fn splitbrain_witness_must_not_be_a_node() {
         4,
         "check.splitbrain.witness[1]",
         &["node \"node2\""],
+    );
+}
+
+#[test]
+fn splitbrain_arbiter_is_checked() {
+    let m = parse_module(
+        Path::new(MODULE_FILE_PATH),
+        "m",
+        &format!(
+            "{MIRROR_HEAD}[check.splitbrain]\narbiter = [\"10.10.0.254:9000\", \"10.10.0.253\"]\n"
+        ),
+        &cluster(),
+    )
+    .unwrap();
+    let sb = m.splitbrain.unwrap();
+    assert_eq!(sb.witness, Vec::<std::net::IpAddr>::new());
+    assert_eq!(
+        sb.arbiter,
+        vec![
+            "10.10.0.254:9000".parse().unwrap(),
+            "10.10.0.253:8889".parse().unwrap()
+        ]
+    );
+    let errs = module_errors(&format!(
+        "{MIRROR_HEAD}[check.splitbrain]\narbiter = [\"10.10.0.2:8889\"]\n"
+    ));
+    assert_one(
+        &errs,
+        MODULE_FILE_PATH,
+        4,
+        "check.splitbrain.arbiter[0]",
+        &["node \"node2\"", "third machine"],
+    );
+    let errs = module_errors(&format!(
+        "{MIRROR_HEAD}[check.splitbrain]\narbiter = [\"witness.lan\"]\n"
+    ));
+    assert_one(
+        &errs,
+        MODULE_FILE_PATH,
+        4,
+        "check.splitbrain.arbiter[0]",
+        &["IP:port"],
+    );
+    let errs = module_errors(&format!(
+        "{MIRROR_HEAD}[check.splitbrain]\nwitness = [\"10.10.0.254\"]\narbiter = [\"10.10.0.253:8889\"]\n"
+    ));
+    assert_one(
+        &errs,
+        MODULE_FILE_PATH,
+        5,
+        "check.splitbrain.arbiter",
+        &["exclude each other"],
     );
 }
 

@@ -304,6 +304,22 @@ string_value!(
 );
 
 string_value!(
+    /// An arbitrating witness: "IP:port", or "IP" (port 8889).
+    Arbiter(std::net::SocketAddr),
+    "an arbiter address string such as \"10.0.0.254:8889\"",
+    |s| s
+        .parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            s.parse::<IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, crate::witness::DEFAULT_PORT))
+        })
+        .map_err(|_| format!(
+            "invalid arbiter {s:?}: expected \"IP:port\" such as \"10.0.0.254:8889\" (or an IP alone for port {})",
+            crate::witness::DEFAULT_PORT
+        ))
+);
+
+string_value!(
     /// A network interface name.
     IfName(String),
     "an interface name such as \"eth0\"",

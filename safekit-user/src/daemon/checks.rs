@@ -78,6 +78,58 @@ pub(super) fn meta(cfg: &ModuleConfig, id: &str) -> Option<CheckMeta> {
     None
 }
 
+/// Every checker of `cfg`: id, what it checks and how often (`None`: on
+/// command, custom resources), for `state -v`.
+pub(super) fn describe(cfg: &ModuleConfig) -> Vec<(String, String, Option<Duration>)> {
+    let mut out = Vec::new();
+    for (i, c) in cfg.check_tcp.iter().enumerate() {
+        out.push((
+            format!("tcp{i}"),
+            format!("tcp {}:{}", c.host, c.port),
+            Some(c.interval),
+        ));
+    }
+    for (i, c) in cfg.check_ping.iter().enumerate() {
+        out.push((
+            format!("ping{i}"),
+            format!("ping {}", c.host),
+            Some(c.interval),
+        ));
+    }
+    for (i, c) in cfg.check_intf.iter().enumerate() {
+        out.push((
+            format!("intf{i}"),
+            format!("intf {}", c.interface),
+            Some(c.interval),
+        ));
+    }
+    for (i, c) in cfg.check_ip.iter().enumerate() {
+        out.push((format!("ip{i}"), format!("ip {}", c.addr), Some(c.interval)));
+    }
+    for (i, c) in cfg.errd.iter().enumerate() {
+        out.push((
+            format!("errd{i}"),
+            format!("errd {}", c.name),
+            Some(cfg.errd_poll_interval),
+        ));
+    }
+    for (i, c) in cfg.check_module.iter().enumerate() {
+        out.push((
+            format!("module{i}"),
+            format!("module {}", c.name),
+            Some(c.interval),
+        ));
+    }
+    for c in &cfg.check_custom {
+        out.push((
+            format!("custom.{}", c.name),
+            format!("custom {}", c.name),
+            None,
+        ));
+    }
+    out
+}
+
 #[expect(clippy::too_many_lines, reason = "one block per checker kind")]
 /// Starts the checkers of a module whose `when` is in `active`; aborting
 /// the handles stops them (custom checker scripts are killed).

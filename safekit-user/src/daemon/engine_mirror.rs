@@ -6,13 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use super::{EffectDone, Engine, Event, Module, mirror_seq::Sequencer};
+use super::{AfterStop, EffectDone, Engine, Event, Module, mirror_seq::Sequencer};
 use crate::{
     config::{CheckAction, DefaultPrim, ModuleConfig, SplitBrainKeep, When},
     daemon::{
         checks,
         mirror::{self as fx, MirrorJob, PrimaryUp},
-        mirror_core::{Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View},
+        mirror_core::{
+            Act, Cmd, Keep, MState, MirrorCore, Params, Persisted, Prefer, View, Witness,
+        },
         rfs::{self as rfsfx, Link, RfsRt},
     },
     modlog::ModuleLog,
@@ -32,6 +34,10 @@ pub(super) struct MirrorRt {
     pub(super) loops: Vec<Instant>,
     /// Its effects, one at a time.
     pub(super) seq: Sequencer,
+    /// The state record could not be used at start (missing with
+    /// replicated directories, unreadable, corrupt): why the data is not
+    /// known up to date, shown by `state -v` until a new record is written.
+    pub(super) why_not_uptodate: Option<String>,
 }
 
 /// The symbolic name of the errors a copy can meet (`errno N` otherwise).
@@ -92,14 +98,22 @@ impl MirrorRt {
                 SplitBrainKeep::FormerPrim => Keep::FormerPrim,
                 SplitBrainKeep::Node(n) => Keep::Node(n.clone()),
             },
-            witness: cfg
-                .splitbrain
-                .as_ref()
-                .is_some_and(|s| !s.witness.is_empty()),
-            witness_grace: cfg
-                .splitbrain
-                .as_ref()
-                .map_or(Duration::ZERO, |s| s.timeout + Duration::from_millis(500)),
+            witness: match &cfg.splitbrain {
+                Some(s) if !s.arbiter.is_empty() => Witness::Arbiter,
+                Some(s) if !s.witness.is_empty() => Witness::Ping,
+                _ => Witness::None,
+            },
+            witness_grace: cfg.splitbrain.as_ref().map_or(Duration::ZERO, |s| {
+                // With an arbiter the primary may detect the loss up to a
+                // heartbeat timeout after the secondary did (see
+                // `Params::witness_grace`).
+                let detect = if s.arbiter.is_empty() {
+                    Duration::ZERO
+                } else {
+                    cfg.heart.timeout
+                };
+                detect + s.timeout + Duration::from_millis(500)
+            }),
             replicated: cfg.rfs.is_some(),
         };
         let rfs = RfsRt::new(cfg, paths);
@@ -109,8 +123,17 @@ impl MirrorRt {
         if cfg.rfs.as_ref().is_some_and(|r| !r.exclude.is_empty()) {
             log.error("rfs.exclude is not applied yet: every file of the replicated directories is replicated");
         }
+        let loaded = load_persisted(
+            &persisted_file(paths, &cfg.name),
+            cfg.rfs.is_some(),
+            &cfg.name,
+        );
+        if let Some(why) = &loaded.why_not_uptodate {
+            log.error(why);
+        }
         Self {
-            core: MirrorCore::new(params, load_persisted(paths, &cfg.name, log)),
+            core: MirrorCore::new(params, loaded.data),
+            why_not_uptodate: loaded.why_not_uptodate,
             primary: None,
             rfs,
             loops: Vec::new(),
@@ -138,39 +161,111 @@ fn persisted_file(paths: &Paths, module: &str) -> std::path::PathBuf {
     paths.module_state_dir(module).join("mirror.json")
 }
 
-/// The persisted record (absent: a node that never ran the module).
-fn load_persisted(paths: &Paths, module: &str, log: &ModuleLog) -> Persisted {
-    let f = persisted_file(paths, module);
-    match std::fs::read_to_string(&f) {
-        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
-            log.error(&format!(
-                "{} unreadable ({e}): data treated as stale",
-                f.display()
-            ));
-            Persisted {
-                uptodate: false,
-                ..Persisted::default()
-            }
-        }),
-        Err(_) => Persisted::default(),
+/// Beside the record: present when its last write failed (whatever record
+/// is there, if any, is not this node's latest knowledge).
+fn failed_marker(file: &std::path::Path) -> std::path::PathBuf {
+    file.with_file_name("mirror.json.failed")
+}
+
+/// The record could not be written: a marker says so (an empty file, made
+/// even on a full disk while inodes remain) and the older record goes, the
+/// directory synced — so that a restart never takes an older record, nor
+/// the absence of one, for this node's knowledge. Returns what was done.
+fn fail_record(file: &std::path::Path) -> String {
+    let marked = std::fs::File::create(failed_marker(file)).and_then(|f| f.sync_all());
+    let removed = match std::fs::remove_file(file) {
+        Ok(()) => "the previous record removed",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no previous record",
+        Err(_) => "the previous record could not be removed",
+    };
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
+    match marked {
+        Ok(()) => format!(
+            "marked as failed, {removed}: at its next start this node's data is not taken as up to date"
+        ),
+        Err(e) => format!("{removed}; the failure marker could not be written either ({e})"),
+    }
+}
+
+/// What a node knows of its data at start: the persisted record, and why
+/// the data is not known up to date when the record could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Loaded {
+    pub(super) data: Persisted,
+    pub(super) why_not_uptodate: Option<String>,
+}
+
+/// Reads the persisted record. It fails safe: a record that cannot be read
+/// (I/O error, permissions, not a record) never means "up to date", nor
+/// does a missing one for a module with replicated directories — its copy
+/// may be anything (the reference product's first start needs `prim` too). Only a module
+/// without replicated directories that never ran starts from the default
+/// (empty data, consistent with an empty peer).
+pub(super) fn load_persisted(file: &std::path::Path, replicated: bool, module: &str) -> Loaded {
+    let remedy = format!(
+        "it will not become primary by itself: run `safekit prim -m {module}` on the node holding the reference data"
+    );
+    let unknown = |why: String| Loaded {
+        data: Persisted {
+            uptodate: false,
+            ..Persisted::default()
+        },
+        why_not_uptodate: Some(why),
+    };
+    if failed_marker(file).exists() {
+        return unknown(format!(
+            "the last write of the state record {} failed: this node's data is not known up to date; {remedy}",
+            file.display()
+        ));
+    }
+    match std::fs::read(file) {
+        Ok(bytes) => match parse_persisted(&bytes) {
+            Ok(data) => Loaded {
+                data,
+                why_not_uptodate: None,
+            },
+            Err(e) => unknown(format!(
+                "state record {} is corrupt ({e}): this node's data is not known up to date; {remedy}",
+                file.display()
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if replicated {
+                unknown(format!(
+                    "no state record ({}): first start of this module on this node, its data is not known up to date; {remedy}",
+                    file.display()
+                ))
+            } else {
+                Loaded {
+                    data: Persisted::default(),
+                    why_not_uptodate: None,
+                }
+            }
+        }
+        Err(e) => unknown(format!(
+            "state record {} is unreadable ({e}): this node's data is not known up to date; {remedy}",
+            file.display()
+        )),
+    }
+}
+
+/// Decodes the bytes of `mirror.json`.
+pub(crate) fn parse_persisted(bytes: &[u8]) -> Result<Persisted, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 /// Writes the record durably (write, fsync, rename, fsync the directory).
 fn store_persisted(paths: &Paths, module: &str, data: &Persisted) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = paths.module_state_dir(module);
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join("mirror.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(
-        serde_json::to_string_pretty(data)
-            .map_err(std::io::Error::other)?
-            .as_bytes(),
-    )?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, persisted_file(paths, module))?;
-    std::fs::File::open(&dir)?.sync_all()
+    let text = serde_json::to_string_pretty(data).map_err(std::io::Error::other)?;
+    let file = persisted_file(paths, module);
+    crate::paths::write_durably(&file, text.as_bytes())?;
+    // Written: the record is this node's knowledge again.
+    match std::fs::remove_file(failed_marker(&file)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 impl Engine {
@@ -179,7 +274,7 @@ impl Engine {
         MirrorJob {
             module_dir: self.paths.module_dir(&m.cfg.name),
             interface: vip.and_then(|v| v.interface.clone()),
-            vips: vip.map(|v| MirrorJob::ipv4(&v.addrs)).unwrap_or_default(),
+            vips: vip.map(|v| v.addrs.clone()).unwrap_or_default(),
             garp_count: vip.map_or(3, |v| v.garp_count),
             garp_interval: vip.map_or(std::time::Duration::from_millis(100), |v| v.garp_interval),
             reroute: vip
@@ -193,6 +288,7 @@ impl Engine {
                 bin_dir: std::env::current_exe()
                     .ok()
                     .and_then(|p| p.parent().map(std::path::Path::to_path_buf)),
+                cgroup: self.cgroups.as_ref().map(|c| c.module(&m.cfg.name)),
             },
             nice_timeout: m.cfg.user.nice_stop_timeout,
             force_timeout: m.cfg.user.force_stop_timeout,
@@ -201,6 +297,7 @@ impl Engine {
                 || tokio::sync::watch::channel(false).1,
                 |rt| rt.seq.force_rx(),
             ),
+            fence_first: false,
         }
     }
 
@@ -230,6 +327,7 @@ impl Engine {
                         &env,
                         &dir,
                     );
+                    m.checks_when = vec![When::Pre, When::Prim, When::Second, When::Both];
                 }
             }
         }
@@ -237,7 +335,7 @@ impl Engine {
         Ok(format!("{name}: {cmd:?} accepted"))
     }
 
-    fn mirror_env(&self, m: &Module) -> ScriptEnv {
+    pub(super) fn mirror_env(&self, m: &Module) -> ScriptEnv {
         self.mirror_job(m).env
     }
 
@@ -264,8 +362,8 @@ impl Engine {
         let Some(m) = self.modules.get_mut(name) else {
             return;
         };
-        if stopped && m.restart_after_stop {
-            m.restart_after_stop = false;
+        if stopped && m.after_stop == AfterStop::Restart {
+            m.after_stop = AfterStop::Nothing;
             m.log.info("stopstart: starting again");
             if let Some(rt) = m.mirror.as_mut()
                 && rt.core.handle_command(Instant::now(), Cmd::Start).is_ok()
@@ -278,11 +376,28 @@ impl Engine {
             for h in m.checks.drain(..) {
                 h.abort();
             }
+            m.checks_when.clear();
             m.failing.clear();
+            m.last_checks.clear();
             if let Some(rt) = m.mirror.as_mut() {
                 rt.core.wait_checker(Instant::now(), None);
             }
             self.mirror_end(name);
+            // A start that arrived during the stop: once `poststop` is done
+            // too (mirror_end queued it: busy again until it finishes).
+            if let Some(m) = self.modules.get_mut(name)
+                && m.after_stop == AfterStop::Start
+                && !m.busy
+                && !self.shutting_down
+            {
+                m.after_stop = AfterStop::Nothing;
+                m.log.info("stopped: starting as requested during the stop");
+                if let Err(e) = self.mirror_command(name, Cmd::Start)
+                    && let Some(m) = self.modules.get_mut(name)
+                {
+                    m.log.error(&format!("start after stop: {e}"));
+                }
+            }
         }
     }
 
@@ -306,7 +421,15 @@ impl Engine {
         match action {
             Act::Persist(data) => {
                 if let Err(e) = store_persisted(&self.paths, name, &data) {
-                    m.log.error(&format!("persisting the data generation: {e}"));
+                    // Fail safe: an older record (or none, read as a first
+                    // start) must not stand for what this node knows now.
+                    let done = fail_record(&persisted_file(&self.paths, name));
+                    m.log.error(&format!(
+                        "persisting the data generation: {e} (the record is {done})"
+                    ));
+                } else if let Some(rt) = self.modules.get_mut(name).and_then(|m| m.mirror.as_mut())
+                {
+                    rt.why_not_uptodate = None;
                 }
             }
             Act::Log(text) => m.log.info(&text),
@@ -346,12 +469,14 @@ impl Engine {
                 });
             }
             Act::StopPrimary => {
+                let mut job = job;
                 let rt = self.modules.get_mut(name).and_then(|m| {
                     m.busy = true;
                     m.mirror.as_mut()
                 });
                 let (up, prims) = match rt {
                     Some(rt) => {
+                        job.fence_first = rt.core.take_fence();
                         let prims = rt.rfs.as_mut().map_or_else(Vec::new, |r| {
                             r.links.iter_mut().for_each(|l| *l = Link::Alone);
                             std::mem::take(&mut r.primaries)
@@ -379,20 +504,61 @@ impl Engine {
                         .await;
                 });
             }
-            Act::CheckWitness => {
-                let (witness, timeout) = m
+            Act::Announce => {
+                if let Some(up) = m.mirror.as_ref().and_then(|rt| rt.primary.as_ref()) {
+                    fx::reannounce(&job, up);
+                }
+            }
+            Act::CheckWitness { generation } => {
+                let (witness, arbiters, timeout) = m
                     .cfg
                     .splitbrain
                     .as_ref()
-                    .map(|s| (s.witness.clone(), s.timeout))
+                    .map(|s| (s.witness.clone(), s.arbiter.clone(), s.timeout))
                     .unwrap_or_default();
+                let request = crate::witness::codec::Request {
+                    cluster: self.cluster.name.clone(),
+                    module: module.clone(),
+                    node: self.me.clone(),
+                    generation,
+                    nonce: 0,
+                };
+                let key = crate::witness::codec::WitnessKey::derive(&self.cluster.key);
+                // When both sides of a cut reach the arbiter, the running
+                // primary should keep its role (no failover for a cut
+                // heartbeat link): a node that is not primary asks a pulse
+                // later, after the primary's claim.
+                let primary = m
+                    .mirror
+                    .as_ref()
+                    .is_some_and(|rt| matches!(rt.core.state(), MState::Prim | MState::Alone));
+                let delay = if primary || arbiters.is_empty() {
+                    Duration::ZERO
+                } else {
+                    m.cfg.heart.pulse + Duration::from_millis(100)
+                };
                 tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
                     let mut ok = false;
                     for w in &witness {
                         if checks::ping(&w.to_string(), timeout).await.is_ok() {
                             ok = true;
                             break;
                         }
+                    }
+                    if !arbiters.is_empty() {
+                        let answer =
+                            crate::daemon::arbiter::ask(&arbiters, request, &key, timeout).await;
+                        job.log.info(&format!(
+                            "arbiter: {} ({})",
+                            if answer.granted {
+                                "granted"
+                            } else {
+                                "not granted"
+                            },
+                            answer.detail
+                        ));
+                        ok = answer.granted;
                     }
                     let _ = tx
                         .send(Event::Effect {
@@ -574,7 +740,7 @@ impl Engine {
         if restart_module {
             // stopstart: the module starts again once stopped.
             if let Some(m) = self.modules.get_mut(name) {
-                m.restart_after_stop = true;
+                m.after_stop = AfterStop::Restart;
             }
         }
     }
@@ -846,7 +1012,15 @@ impl Engine {
             | S::Disconnected { dir, .. }
             | S::Failed { dir, .. } => dir.clone(),
             S::Refused { peer, reason } => {
-                tracing::warn!(%peer, %reason, "replication connection refused");
+                // A primary retries every second: the same refusal is
+                // logged once a minute.
+                let repeat = self.last_refusal.as_ref().is_some_and(|(r, t)| {
+                    r == reason && now < *t + std::time::Duration::from_secs(60)
+                });
+                if !repeat {
+                    tracing::warn!(%peer, %reason, "replication connection refused");
+                    self.last_refusal = Some((reason.clone(), now));
+                }
                 return;
             }
         };
@@ -900,5 +1074,87 @@ impl Engine {
             S::Refused { .. } => {}
         }
         self.mirror_drain(&name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory, removed on drop.
+    struct Dir(std::path::PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir()
+                .join(format!("safekit-mirror-json-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_used_never_means_up_to_date() {
+        let d = Dir::new("unusable");
+        let f = d.0.join("mirror.json");
+        // Missing, with replicated directories: first start, needs prim.
+        let l = load_persisted(&f, true, "web");
+        assert!(!l.data.uptodate);
+        let why = l.why_not_uptodate.unwrap();
+        assert!(why.contains("no state record"), "{why}");
+        assert!(why.contains("safekit prim -m web"), "{why}");
+        // Missing, nothing replicated: a node that never ran, empty data.
+        assert_eq!(
+            load_persisted(&f, false, "web"),
+            Loaded {
+                data: Persisted::default(),
+                why_not_uptodate: None
+            }
+        );
+        // Corrupt, either way.
+        std::fs::write(&f, b"{\"generation\": 3, \"uptodate\": tr").unwrap();
+        for replicated in [true, false] {
+            let l = load_persisted(&f, replicated, "web");
+            assert!(!l.data.uptodate);
+            assert!(l.why_not_uptodate.unwrap().contains("corrupt"));
+        }
+        // Unreadable (an I/O error: here EISDIR).
+        std::fs::remove_file(&f).unwrap();
+        std::fs::create_dir(&f).unwrap();
+        let l = load_persisted(&f, false, "web");
+        assert!(!l.data.uptodate);
+        assert!(l.why_not_uptodate.unwrap().contains("unreadable"));
+        // A good record is used as it is.
+        std::fs::remove_dir(&f).unwrap();
+        let good = Persisted {
+            generation: 7,
+            uptodate: true,
+            took_over: true,
+            was_primary: true,
+            peer_may_have_taken_over: false,
+        };
+        std::fs::write(&f, serde_json::to_vec(&good).unwrap()).unwrap();
+        assert_eq!(
+            load_persisted(&f, true, "web"),
+            Loaded {
+                data: good,
+                why_not_uptodate: None
+            }
+        );
+        // A write that failed: neither the older record nor its absence
+        // stands for this node's knowledge, replicated or not.
+        let done = fail_record(&f);
+        assert!(done.contains("marked as failed"), "{done}");
+        assert!(!f.exists());
+        for replicated in [true, false] {
+            let l = load_persisted(&f, replicated, "web");
+            assert!(!l.data.uptodate);
+            assert!(l.why_not_uptodate.unwrap().contains("failed"));
+        }
     }
 }

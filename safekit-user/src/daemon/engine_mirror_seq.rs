@@ -15,7 +15,7 @@ use std::{collections::VecDeque, time::Instant};
 
 use tokio::sync::watch;
 
-use super::{EffectDone, Engine, Event};
+use super::{AfterStop, EffectDone, Engine, Event};
 use crate::daemon::{
     mirror as fx,
     mirror_core::{Act, Cmd, MState},
@@ -103,7 +103,7 @@ impl Engine {
             return Err(format!("{name}: already stopped"));
         }
         m.wanted = false;
-        m.restart_after_stop = false;
+        m.after_stop = AfterStop::Nothing;
         rt.seq.force.send_replace(true);
         m.log.info("forcestop requested");
         self.mirror_command(name, Cmd::Stop)

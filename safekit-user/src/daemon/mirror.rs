@@ -2,18 +2,14 @@
 //! stopping being primary (VIP, gratuitous ARP, scripts), run off the engine
 //! task; the decisions are the pure core's (`crate::mirror`).
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use tokio::task::JoinHandle;
 
 use crate::{
     modlog::ModuleLog,
     script::{self, ScriptEnv},
-    sys::{arp, vip},
+    sys::{arp, lease::Lease, vip},
 };
 
 /// What the effects need to know.
@@ -21,7 +17,8 @@ use crate::{
 pub(super) struct MirrorJob {
     pub(super) module_dir: PathBuf,
     pub(super) interface: Option<String>,
-    pub(super) vips: Vec<Ipv4Addr>,
+    /// IPv4 and IPv6 VIPs.
+    pub(super) vips: Vec<IpAddr>,
     pub(super) garp_count: u32,
     pub(super) garp_interval: Duration,
     /// `Some((interval, elapse))` when `arp_reroute` is on.
@@ -35,24 +32,18 @@ pub(super) struct MirrorJob {
     /// nice `stop_prim` is killed, and the stop goes straight to `stop_prim
     /// force`.
     pub(super) force: tokio::sync::watch::Receiver<bool>,
-}
-
-impl MirrorJob {
-    pub(super) fn ipv4(addrs: &[IpAddr]) -> Vec<Ipv4Addr> {
-        addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v) => Some(*v),
-                IpAddr::V6(_) => None,
-            })
-            .collect()
-    }
+    /// Split brain protection: the VIPs go before `stop_prim`, so no client
+    /// reaches this node while the peer may be taking over.
+    pub(super) fence_first: bool,
 }
 
 /// The module's VIPs are up on this node.
 #[derive(Debug)]
 pub struct PrimaryUp {
     pub(super) iface: Option<vip::Interface>,
+    /// The ARP responder for the VIPs (tcx, held by a BPF link): dropped
+    /// after the VIPs are removed; the kernel drops it if safekitd dies.
+    pub(super) lease: Option<Box<Lease>>,
     /// Periodic gratuitous ARP (`arp_reroute`), stopped with the primary.
     pub(super) reroute: Option<JoinHandle<()>>,
     /// The replicated directories, mounted before `start_prim`.
@@ -117,26 +108,72 @@ pub(super) async fn poststop(job: MirrorJob) -> Result<(), String> {
     script(&job, "poststop", &[], "none", job.nice_timeout, false).await
 }
 
-/// Becomes primary: VIP added on the interface of its subnet, announced by
-/// gratuitous ARP from this node's MAC, then `start_prim`.
+/// Becomes primary: VIPs on loopback (/32), answered for on the LAN
+/// interface of their subnet only by the lease (the tcx ARP responder held
+/// by this process: `sys::lease`), announced by gratuitous ARP from this
+/// node's MAC, then `start_prim`.
 pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     if job.forced() {
         return Err("forcestop asked: not becoming primary".to_owned());
     }
     let mut iface = None;
+    let mut lease = None;
     if let Some(first) = job.vips.first().copied() {
         let handle = vip::connect().map_err(|e| e.to_string())?;
         let i = vip::find_interface(&handle, first, job.interface.as_deref())
             .await
             .map_err(|e| e.to_string())?;
+        let mut l = Lease::attach(&i).map_err(|e| e.to_string())?;
+        // The LAN interface answers ARP only for its own addresses: the VIP
+        // is answered by the lease alone.
+        vip::arp_only_own_addresses(&i.name)
+            .map_err(|e| format!("setting arp_ignore/arp_announce on {}: {e}", i.name))?;
+        let lo = vip::loopback(&handle).await.map_err(|e| e.to_string())?;
         for v in &job.vips {
-            vip::add(&handle, &i, *v).await.map_err(|e| e.to_string())?;
-            job.log
-                .info(&format!("VIP {v}/{} set on {}", i.prefix, i.name));
+            let added = match v {
+                // IPv4: on loopback, answered only by the lease.
+                IpAddr::V4(v4) => match vip::add(&handle, &lo, *v, vip::host_prefix(*v)).await {
+                    Ok(()) => l.add(*v4).map_err(|e| e.to_string()).map(|()| {
+                        format!(
+                            "VIP {v} set (lo), ARP answered on {} while safekitd lives",
+                            i.name
+                        )
+                    }),
+                    Err(e) => Err(e.to_string()),
+                },
+                // IPv6: on the LAN interface with its subnet's prefix,
+                // announced by unsolicited neighbour advertisements (the
+                // lease answers ARP, IPv4 only).
+                IpAddr::V6(_) => {
+                    let prefix = if v.is_ipv6() == first.is_ipv6() {
+                        i.prefix
+                    } else {
+                        vip::find_interface(&handle, *v, Some(&i.name))
+                            .await
+                            .map_or(vip::host_prefix(*v), |o| o.prefix)
+                    };
+                    vip::add(&handle, &i, *v, prefix)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .map(|()| format!("VIP {v}/{prefix} set on {}", i.name))
+                }
+            };
+            match added {
+                Ok(line) => job.log.info(&line),
+                Err(e) => {
+                    // Nothing is handed to the engine: release what was taken.
+                    let mut errors = vec![e];
+                    remove_vips(&job, &i, &mut errors).await;
+                    return Err(errors.join("; "));
+                }
+            }
         }
-        announce(&i, &job.vips, job.garp_count, job.garp_interval, &job.log).await;
         iface = Some(i);
+        lease = Some(Box::new(l));
     }
+    // The gratuitous ARP burst runs beside `start_prim`: the first
+    // announcement goes out now, the rest while the application starts.
+    let burst = iface.as_ref().map(|i| spawn_announce(&job, i));
     let reroute = match (&iface, job.reroute) {
         (Some(i), Some((every, elapse))) => {
             let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
@@ -152,7 +189,7 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     };
     if let Err(e) = script(&job, "start_prim", &[], "prim", job.nice_timeout, true).await {
         // Nothing is handed to the engine: release what was taken here.
-        if let Some(h) = &reroute {
+        for h in reroute.iter().chain(&burst) {
             h.abort();
         }
         let mut errors = vec![e];
@@ -163,6 +200,7 @@ pub(super) async fn primary_up(job: MirrorJob) -> Result<PrimaryUp, String> {
     }
     Ok(PrimaryUp {
         iface,
+        lease,
         reroute,
         rfs: Vec::new(),
     })
@@ -177,6 +215,13 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
     let mut errors = Vec::new();
     if let Some(h) = up.as_ref().and_then(|u| u.reroute.as_ref()) {
         h.abort();
+    }
+    let (mut iface, mut lease) = up.map_or((None, None), |u| (u.iface, u.lease));
+    if job.fence_first {
+        release_vips(&job, iface.take(), lease.take(), &mut errors).await;
+        job.log.info(
+            "fenced before stop_prim: the VIPs are gone, no client reaches this node (split brain protection)",
+        );
     }
     let run_force = if job.forced() {
         job.log
@@ -201,15 +246,7 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
             errors.push(e);
         }
     }
-    let iface = up.and_then(|u| u.iface);
-    if let Some(i) = &iface {
-        if job.tcp_reset {
-            for v in &job.vips {
-                reset_connections(*v, &job.log).await;
-            }
-        }
-        remove_vips(&job, i, &mut errors).await;
-    }
+    release_vips(&job, iface, lease, &mut errors).await;
     if errors.is_empty() {
         Ok(())
     } else {
@@ -217,52 +254,97 @@ pub(super) async fn primary_down(job: MirrorJob, up: Option<PrimaryUp>) -> Resul
     }
 }
 
-/// Removes the module's VIPs from `i`, collecting failures in `errors`.
-async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<String>) {
-    match vip::connect() {
-        Ok(handle) => {
+/// The VIPs leave: connections reset (`tcp_reset`), addresses removed, the
+/// lease dropped (no ARP answered for them any more).
+async fn release_vips(
+    job: &MirrorJob,
+    iface: Option<vip::Interface>,
+    lease: Option<Box<Lease>>,
+    errors: &mut Vec<String>,
+) {
+    if let Some(i) = &iface {
+        if job.tcp_reset {
             for v in &job.vips {
-                if let Err(e) = vip::remove(&handle, i, *v).await {
-                    errors.push(e.to_string());
-                } else {
-                    job.log.info(&format!("VIP {v} removed from {}", i.name));
-                }
+                reset_connections(*v, &job.log).await;
             }
         }
-        Err(e) => errors.push(e.to_string()),
+        remove_vips(job, i, errors).await;
+    }
+    drop(lease);
+}
+
+/// Removes the module's VIPs from loopback (and from `i`, where an older
+/// safekitd put them), collecting failures in `errors`.
+async fn remove_vips(job: &MirrorJob, i: &vip::Interface, errors: &mut Vec<String>) {
+    let handle = match vip::connect() {
+        Ok(h) => h,
+        Err(e) => return errors.push(e.to_string()),
+    };
+    let lo = match vip::loopback(&handle).await {
+        Ok(lo) => lo,
+        Err(e) => return errors.push(e.to_string()),
+    };
+    for v in &job.vips {
+        for place in [&lo, i] {
+            match vip::remove(&handle, place, *v).await {
+                Ok(0) => {}
+                Ok(_) => job
+                    .log
+                    .info(&format!("VIP {v} removed from {}", place.name)),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
     }
 }
 
-/// At daemon start: VIPs of mirror modules left on this node by a daemon
-/// that died while primary are removed (the module starts in STOP here, so
-/// the node must not answer for them).
-pub(super) async fn remove_leftover_vips(modules: &[(String, Vec<Ipv4Addr>, Option<String>)]) {
-    let Ok(handle) = vip::connect() else { return };
-    for (name, vips, interface) in modules {
-        let Some(first) = vips.first() else { continue };
-        let Ok(i) = vip::find_interface(&handle, *first, interface.as_deref()).await else {
-            continue;
-        };
-        for v in vips {
-            if vip::remove(&handle, &i, *v).await.is_ok() {
-                tracing::info!(module = %name, vip = %v, "leftover VIP removed at start");
-            }
+/// Announces the VIPs by a gratuitous ARP burst (`garp_count` frames,
+/// `garp_interval` apart) in a task of its own; the first frames are sent
+/// before this returns.
+pub(super) fn spawn_announce(job: &MirrorJob, i: &vip::Interface) -> JoinHandle<()> {
+    for v in &job.vips {
+        if let Err(e) = arp::send_frame(i.index, &arp::announcement(i.mac, i.mac, *v)) {
+            job.log.error(&format!("announcing {v} on {}: {e}", i.name));
         }
+    }
+    let (i, vips, log) = (i.clone(), job.vips.clone(), job.log.clone());
+    let (count, interval) = (job.garp_count.saturating_sub(1), job.garp_interval);
+    tokio::spawn(async move {
+        if count > 0 {
+            tokio::time::sleep(interval).await;
+            announce(&i, &vips, count, interval, &log).await;
+        }
+    })
+}
+
+/// A primary that kept its role across a partition or a split brain
+/// announces its VIPs again at once (clients may hold the other node's MAC).
+pub(super) fn reannounce(job: &MirrorJob, up: &PrimaryUp) {
+    if let Some(i) = &up.iface {
+        job.log.info(&format!(
+            "announcing {} again by gratuitous ARP (this node keeps the primary role)",
+            job.vips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        drop(spawn_announce(job, i));
     }
 }
 
-/// Gratuitous ARPs for every VIP from the interface's MAC.
+/// Gratuitous ARPs (IPv4) and unsolicited neighbour advertisements (IPv6)
+/// for every VIP at the interface's MAC.
 async fn announce(
     i: &vip::Interface,
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     count: u32,
     interval: Duration,
     log: &ModuleLog,
 ) {
     for n in 0..count.max(1) {
         for v in vips {
-            if let Err(e) = arp::send_frame(i.index, &arp::garp_frame(i.mac, i.mac, *v)) {
-                log.error(&format!("gratuitous ARP for {v} on {}: {e}", i.name));
+            if let Err(e) = arp::send_frame(i.index, &arp::announcement(i.mac, i.mac, *v)) {
+                log.error(&format!("announcing {v} on {}: {e}", i.name));
                 return;
             }
         }
@@ -275,7 +357,7 @@ async fn announce(
 /// `tcp_reset`: kills the sockets still bound to the VIP (`ss -K`, through
 /// the kernel's `SOCK_DESTROY`), so clients reconnect at once to the new
 /// primary instead of waiting for a timeout.
-async fn reset_connections(v: Ipv4Addr, log: &ModuleLog) {
+async fn reset_connections(v: IpAddr, log: &ModuleLog) {
     let out = tokio::process::Command::new("ss")
         .args(["-K", "src", &v.to_string()])
         .output()

@@ -197,6 +197,32 @@ pub(crate) enum Prefer {
     LastPrim,
 }
 
+/// How a node that lost its peer learns whether it may go on without it
+/// (`[check.splitbrain]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Witness {
+    /// No check: ALONE (up to date) after the heartbeat timeout.
+    None,
+    /// Pinged witnesses (SafeKit-compatible): reachable means go on, so
+    /// both nodes go primary when both reach it.
+    Ping,
+    /// `safekit witness` daemons: go on only with their grant for the
+    /// generation this node would write (see `crate::witness`), which at
+    /// most one node gets.
+    Arbiter,
+}
+
+/// The peer, as seen in `v`, could become primary without this node: a
+/// secondary in sync, or a node waiting with up-to-date data and no record
+/// that this node may have taken over.
+fn could_take_over(v: &View) -> bool {
+    match v.state {
+        MState::Second => v.synced,
+        MState::Wait | MState::Stop => v.uptodate && !v.peer_may_have_taken_over,
+        MState::Prim | MState::Alone => false,
+    }
+}
+
 /// Fixed parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct Params {
@@ -206,10 +232,13 @@ pub(crate) struct Params {
     pub(crate) failover: bool,
     pub(crate) prefer: Prefer,
     pub(crate) keep: Keep,
-    pub(crate) witness: bool,
+    pub(crate) witness: Witness,
     /// After the witness answered, a secondary waits this long before it
-    /// takes over, so that a primary cut from the witness has stopped its
-    /// application first (its own witness check times out within it).
+    /// takes over, so that a primary cut from the witness (or refused by
+    /// the arbiter) has stopped its application first (its own witness
+    /// check times out within it). With an arbiter it also covers the
+    /// primary's heartbeat timeout: a primary that heard the secondary last
+    /// just before the secondary lost it detects the loss a timeout later.
     pub(crate) witness_grace: Duration,
     /// The module has replicated directories (`[rfs]`): a SECOND is in sync
     /// only once resynchronised ([`MirrorCore::replication_synced`]) and a
@@ -239,8 +268,15 @@ pub(crate) enum Act {
     StartPrimary,
     /// `stop_prim`, VIP down; answer with `app_stopped`.
     StopPrimary,
-    /// Ask the witness; answer with `witness`.
-    CheckWitness,
+    /// Ask the witness (ping) or the arbiter (for the right to write
+    /// `generation` without the peer); answer with `witness`.
+    CheckWitness {
+        generation: u64,
+    },
+    /// Announce the VIP again by gratuitous ARP (this node kept the
+    /// primary role across a partition or a split brain: clients may hold
+    /// the other node's MAC).
+    Announce,
     /// Keep this node's divergent files aside before resynchronising.
     Quarantine,
     Log(String),
@@ -293,6 +329,23 @@ pub(crate) struct MirrorCore {
     /// the node stays in WAIT until all are up (see
     /// [`MirrorCore::wait_checker`]).
     checker_down: Option<String>,
+    /// A primary heard its peer again after losing it, or its peer entered
+    /// or left a primary role: announce the VIP once the role is settled
+    /// (see [`MirrorCore::decide`]).
+    reannounce: bool,
+    /// With an arbiter: this primary asked because its secondary in sync
+    /// stopped hearing it (one-way loss); cleared when it hears it again.
+    asked_for_deafness: bool,
+    /// A SECOND in sync lost its primary: its copy is up to date for a
+    /// takeover through the witness (in memory only; persisted as
+    /// `uptodate` once it takes over). Cleared when the peer (running) is
+    /// heard again, or the node stops or follows.
+    lost_primary_in_sync: bool,
+    /// The stop under way fences first (see [`Self::take_fence`]).
+    fence: bool,
+    /// The peer's last view, kept after it is lost (the generation it asks
+    /// the arbiter for, see `witness_generation`).
+    peer_seen: Option<View>,
     actions: std::collections::VecDeque<Act>,
 }
 
@@ -320,6 +373,11 @@ impl MirrorCore {
             peer_in_sync: false,
             told_why_waiting: None,
             checker_down: None,
+            reannounce: false,
+            asked_for_deafness: false,
+            lost_primary_in_sync: false,
+            fence: false,
+            peer_seen: None,
             actions: std::collections::VecDeque::new(),
         }
     }
@@ -333,7 +391,7 @@ impl MirrorCore {
         matches!(self.app, App::Starting | App::Stopping) || self.witness_pending
     }
 
-    #[cfg(test)]
+    /// The record this node persists (as last persisted).
     pub(crate) fn data(&self) -> Persisted {
         self.data
     }
@@ -412,14 +470,32 @@ impl MirrorCore {
         }
     }
 
+    /// The peer-loss timeout, changed by a configuration reload: from the
+    /// next judgement on.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.p.timeout = timeout;
+    }
+
     /// This node's copy could not be written (disk full, I/O error, a failed
     /// sync) while SECOND: it is behind what the primary sent, so it is no
     /// longer in sync — on the primary's loss this node waits rather than
     /// take over on it — until a resynchronisation completes
     /// ([`Self::replication_synced`]).
+    ///
+    /// Also while waiting after the primary's loss (a witness asked, the
+    /// grace running): the takeover is cancelled. A node already primary
+    /// learns it from the mount of its directories, which refuses a copy
+    /// that failed (`daemon::rfs::mount_primaries`).
     pub(crate) fn copy_failed(&mut self, _now: Instant, why: &str) {
-        if self.state == MState::Second && self.synced {
-            self.synced = false;
+        if !matches!(self.state, MState::Second | MState::Wait) {
+            return;
+        }
+        let mattered = self.synced || self.lost_primary_in_sync || self.takeover_at.is_some();
+        self.synced = false;
+        self.lost_primary_in_sync = false;
+        self.takeover_at = None;
+        self.persist(|d| d.uptodate = false);
+        if mattered {
             self.log(format!(
                 "copy not written ({why}): not in sync, no takeover on it"
             ));
@@ -588,6 +664,7 @@ impl MirrorCore {
                 self.started_at = Some(now);
                 // Decide on fresh heartbeats only.
                 self.peer = None;
+                self.peer_seen = None;
                 self.last_peer = None;
                 self.peer_in_sync = false;
                 self.told_why_waiting = None;
@@ -657,12 +734,43 @@ impl MirrorCore {
     /// A heartbeat of the peer (its state and view).
     pub(crate) fn handle_peer(&mut self, now: Instant, v: View) {
         self.last_peer = Some(now);
+        self.peer_seen = Some(v);
         let before = self.peer;
+        if v.state != MState::Stop {
+            self.lost_primary_in_sync = false;
+        }
+        let primary = |s: MState| matches!(s, MState::Prim | MState::Alone);
+        if primary(self.state) && before.is_none_or(|b| primary(b.state) != primary(v.state)) {
+            // Back after a loss (a partition healed, or it restarted), or a
+            // split brain begins or ends: whoever keeps the role announces.
+            self.reannounce = true;
+        }
         self.peer = Some(v);
         self.peer_in_sync = v.state == MState::Second && v.synced;
         self.outdated_by(&v);
-        if before != Some(v) {
+        // A stopped peer is judged on a heartbeat heard late enough after
+        // our WAIT (see `stop_heard_after_our_wait`): the same view again
+        // may decide.
+        if before != Some(v) || (self.state == MState::Wait && v.state == MState::Stop) {
             self.decide(now);
+        }
+    }
+
+    /// How long after going WAIT a peer's STOP heartbeat must arrive to
+    /// count: longer than any heartbeat takes to travel and be read. Two
+    /// nodes started within that time each hear the other's STOP sent
+    /// before its start; counting those, both would go ALONE.
+    fn stop_settle(&self) -> Duration {
+        (self.p.timeout / 2).min(Duration::from_secs(1))
+    }
+
+    /// The last heartbeat (a STOP) arrived [`Self::stop_settle`] or more
+    /// after this node went WAIT: the peer knew we were waiting and stayed
+    /// stopped.
+    fn stop_heard_after_our_wait(&self) -> bool {
+        match (self.last_peer, self.wait_since) {
+            (Some(heard), Some(waiting)) => heard >= waiting + self.stop_settle(),
+            _ => false,
         }
     }
 
@@ -671,12 +779,34 @@ impl MirrorCore {
             && now >= t
         {
             self.takeover_at = None;
-            if self.checker_down.is_some() {
-                self.log("takeover cancelled: a wait checker is down".into());
+            // The peer back during the grace, or our copy found outdated
+            // meanwhile: no takeover, the usual rules decide with the peer.
+            let why = if self.checker_down.is_some() {
+                Some("a wait checker is down")
             } else if self.peer_primary() {
-                self.log("takeover cancelled: the peer is primary".into());
+                Some("the peer is primary")
+            } else if self.peer.is_some_and(|v| v.state != MState::Stop) {
+                Some("the peer is heard again")
+            } else if self
+                .peer
+                .is_some_and(|v| v.generation > self.data.generation)
+            {
+                // Stopped, at a generation above ours: it wrote without us
+                // (e.g. ALONE after the replication link broke) before it
+                // stopped; our copy lacks that.
+                self.lost_primary_in_sync = false;
+                Some("the peer, stopped, holds newer data")
+            } else if !(self.data.uptodate || self.lost_primary_in_sync) {
+                Some("this node's copy is outdated")
             } else {
-                self.become_primary(true);
+                None
+            };
+            match why {
+                Some(why) => {
+                    self.log(format!("takeover cancelled: {why}"));
+                    self.decide(now);
+                }
+                None => self.become_primary(true),
             }
             return;
         }
@@ -719,6 +849,11 @@ impl MirrorCore {
         }
         if ok {
             self.app = App::Up;
+            // A preferred peer that came back in sync while this node was
+            // starting: hand back now.
+            if let Some(v) = self.peer {
+                self.swap_back_to_defaultprim(&v);
+            }
         } else {
             self.app = App::Up;
             self.log("start_prim failed: stopping the module here".into());
@@ -770,38 +905,109 @@ impl MirrorCore {
         }
     }
 
-    pub(crate) fn witness(&mut self, now: Instant, reachable: bool) {
+    /// The witness's answer to [`Act::CheckWitness`]: `ok` is "reachable"
+    /// for a pinged witness, "granted" for an arbiter (false also when no
+    /// arbiter answered in time). Then the rules apply again to what was
+    /// heard meanwhile: a peer back during the check is followed (a node
+    /// that waited becomes SECOND of a primary peer by itself).
+    pub(crate) fn witness(&mut self, now: Instant, ok: bool) {
         if !self.witness_pending {
             return;
         }
         self.witness_pending = false;
         let primary = matches!(self.state, MState::Prim | MState::Alone);
-        match (reachable, primary) {
-            // A primary that still reaches the witness goes on ALONE: its
-            // peer, if alive, cannot reach it and waits.
-            (true, true) => self.track_takeover_risk(),
+        let arbiter = self.p.witness == Witness::Arbiter;
+        match (ok, primary) {
+            // A primary that still reaches the witness (or holds the
+            // arbiter's grant) goes on ALONE: its peer, if alive, cannot
+            // get it and waits.
+            (true, true) => {
+                if arbiter {
+                    self.log(
+                        "the arbiter granted this node the primary role without its peer".into(),
+                    );
+                }
+                self.track_takeover_risk();
+            }
             (true, false) => {
-                self.log(format!(
-                    "witness reachable: taking over in {:?}",
-                    self.p.witness_grace
-                ));
+                let what = if arbiter {
+                    "the arbiter granted the takeover"
+                } else {
+                    "witness reachable"
+                };
+                self.log(format!("{what}: taking over in {:?}", self.p.witness_grace));
                 self.takeover_at = Some(now + self.p.witness_grace);
+                return;
             }
             (false, true) => {
-                self.log("peer and witness unreachable: stopping the application, WAIT (split brain protection)".into());
+                let why = if arbiter {
+                    "peer lost and no grant from the arbiter"
+                } else {
+                    "peer and witness unreachable"
+                };
+                self.log(format!(
+                    "{why}: stopping the application, WAIT (split brain protection)"
+                ));
+                // The peer may be taking over right now: after this, this
+                // node's data is up to date only against a peer heard
+                // again (or an operator's prim).
+                self.persist(|d| d.peer_may_have_taken_over = true);
+                // Clients are cut off before `stop_prim` runs (it may take
+                // its nice timeout, longer than the peer's grace).
+                self.fence = true;
                 self.stop_to(MState::Wait);
             }
             (false, false) => {
-                self.log(
-                    "no witness answers: WAIT instead of ALONE (split brain protection)".into(),
-                );
+                let why = if arbiter {
+                    "no grant from the arbiter (refused, or no answer)"
+                } else {
+                    "no witness answers"
+                };
+                self.log(format!(
+                    "{why}: WAIT instead of ALONE (split brain protection)"
+                ));
                 self.wait_since = Some(now);
                 self.state = MState::Wait;
             }
         }
+        self.decide(now);
+    }
+
+    /// The generation this node asks the arbiter for: the one it writes
+    /// without its peer. A node that is not primary, or PRIM, moves one
+    /// ahead when it does; ALONE already did when it lost its secondary.
+    ///
+    /// A primary whose peer could take over asks for the generation that
+    /// peer asks for (its generation + 1, as last heard): the peer may not
+    /// have heard this node's latest generation (a one-way loss), and both
+    /// sides of a cut must ask for the same one so that one only is granted.
+    fn witness_generation(&self) -> u64 {
+        let primary = matches!(self.state, MState::Prim | MState::Alone);
+        if primary
+            && let Some(v) = self.peer_seen
+            && could_take_over(&v)
+        {
+            return v.generation + 1;
+        }
+        self.data.generation + u64::from(self.state != MState::Alone)
+    }
+
+    fn ask_witness(&mut self) {
+        if !self.witness_pending {
+            self.witness_pending = true;
+            let generation = self.witness_generation();
+            self.actions.push_back(Act::CheckWitness { generation });
+        }
+    }
+
+    /// The stop asked last is split brain protection: the VIPs go before
+    /// `stop_prim` (read once, by the engine that runs the stop).
+    pub(crate) fn take_fence(&mut self) -> bool {
+        std::mem::take(&mut self.fence)
     }
 
     fn peer_reset(&mut self) {
+        self.lost_primary_in_sync = false;
         self.takeover_at = None;
         self.wait_since = None;
         self.handoff = false;
@@ -831,6 +1037,7 @@ impl MirrorCore {
 
     fn become_second(&mut self) {
         self.handoff = false;
+        self.lost_primary_in_sync = false;
         self.state = MState::Second;
         let g = self.peer.map_or(self.data.generation, |v| v.generation);
         self.persist(|d| {
@@ -855,6 +1062,7 @@ impl MirrorCore {
     fn become_primary(&mut self, by_failover: bool) {
         // A hand-over that did not happen (the peer vanished) is over.
         self.handoff = false;
+        self.lost_primary_in_sync = false;
         // With replicated directories the link to the secondary is not in
         // sync yet (`replication_synced` makes it PRIM): ALONE.
         self.synced = !self.p.replicated;
@@ -942,7 +1150,12 @@ impl MirrorCore {
             MState::Second => (v.synced, true),
             MState::Prim | MState::Alone => (true, true),
         });
-        let risk = second_in_sync || could || (self.data.peer_may_have_taken_over && still);
+        // Asking the witness whether the peer may take over: the risk
+        // stands until it answers (a restart meanwhile must not find it
+        // cleared).
+        let asking = self.witness_pending && self.data.peer_may_have_taken_over;
+        let risk =
+            second_in_sync || could || asking || (self.data.peer_may_have_taken_over && still);
         self.persist(|d| d.peer_may_have_taken_over = risk);
     }
 
@@ -957,6 +1170,7 @@ impl MirrorCore {
     /// A SECOND that is not in sync lost its primary: its copy may miss
     /// writes, so WAIT (for the primary or an operator), never ALONE.
     fn wait_not_in_sync(&mut self, now: Instant) {
+        self.lost_primary_in_sync = false;
         self.log("primary gone while this node was not in sync: WAIT (data not up to date)".into());
         self.state = MState::Wait;
         self.wait_since = Some(now);
@@ -968,8 +1182,9 @@ impl MirrorCore {
     /// stopped, and its data is not newer). Else WAIT.
     fn go_alone(&mut self, now: Instant, peer_not_newer: bool) {
         let may_be_superseded = self.data.peer_may_have_taken_over && !peer_not_newer;
-        if !self.data.uptodate || may_be_superseded {
-            if self.data.uptodate {
+        let uptodate = self.data.uptodate || self.lost_primary_in_sync;
+        if !uptodate || may_be_superseded {
+            if uptodate {
                 self.tell_why_waiting(format!(
                     "{} could take over when this node was last primary and may have: WAIT ({PEER_MAY_BE_NEWER}) until it is heard, or an operator's prim",
                     self.p.peer
@@ -981,14 +1196,43 @@ impl MirrorCore {
             self.wait_since = Some(now);
             return;
         }
-        if self.p.witness {
-            if !self.witness_pending {
-                self.witness_pending = true;
-                self.actions.push_back(Act::CheckWitness);
+        if self.p.witness != Witness::None {
+            // Granted already: the takeover is due (`takeover_at`).
+            if self.takeover_at.is_none() {
+                self.ask_witness();
             }
             return;
         }
         self.become_primary(true);
+    }
+
+    /// `defaultprim = "<peer>"` (the default primary server of `SafeKit`): a node
+    /// that took over from the preferred one, PRIM with it back as a SECOND
+    /// in sync (reintegrated), hands the role back to it at once, as `swap`
+    /// does (its application stops here and starts
+    /// there). Not while the application is starting or stopping, nor with
+    /// a `wait` checker down (that hands over by itself).
+    fn swap_back_to_defaultprim(&mut self, v: &View) {
+        let preferred_peer = matches!(&self.p.prefer, Prefer::Node(n) if *n == self.p.peer);
+        // Only a primary that took the role over by failover: after a
+        // `swap` (or a hand-over by a wait checker) the operator's choice
+        // stands.
+        if preferred_peer
+            && self.data.took_over
+            && self.state == MState::Prim
+            && v.state == MState::Second
+            && v.synced
+            && self.app == App::Up
+            && !self.handoff
+            && self.checker_down.is_none()
+        {
+            self.log(format!(
+                "defaultprim: {} is back and in sync: swapping back to it",
+                self.p.peer
+            ));
+            self.handoff = true;
+            self.stop_to(MState::Wait);
+        }
     }
 
     /// This node's data against the peer's (advertised in `v`): up to date
@@ -1062,6 +1306,13 @@ impl MirrorCore {
         if self.state != MState::Wait {
             self.told_why_waiting = None;
         }
+        if std::mem::take(&mut self.reannounce)
+            && matches!(self.state, MState::Prim | MState::Alone)
+            && self.app == App::Up
+            && !self.witness_pending
+        {
+            self.actions.push_back(Act::Announce);
+        }
     }
 
     /// WAIT: become SECOND of a primary, primary against a waiting or
@@ -1108,7 +1359,14 @@ impl MirrorCore {
             // its data is not newer. (`outdated_by` has already marked our
             // copy outdated in that case; the rule is kept explicit here.)
             Some(v) => {
+                if !self.stop_heard_after_our_wait() {
+                    // A STOP sent before the peer could know we wait: it
+                    // may be starting too, with our own stale STOP in
+                    // hand. A later heartbeat decides.
+                    return;
+                }
                 if self.compare_data(&v) == std::cmp::Ordering::Less {
+                    self.lost_primary_in_sync = false;
                     self.tell_why_waiting(format!(
                         "{} (stopped) holds newer data: WAIT for it, or an operator's prim",
                         self.p.peer
@@ -1156,6 +1414,7 @@ impl MirrorCore {
                 self.p.peer, v.generation, self.data.generation
             ));
             self.synced = false;
+            self.lost_primary_in_sync = false;
         }
         if self.p.replicated
             && self.synced
@@ -1173,6 +1432,7 @@ impl MirrorCore {
                     self.p.peer, v.generation, self.data.generation
                 ));
                 self.synced = false;
+                self.lost_primary_in_sync = false;
             } else if v.state == MState::Prim || v.synced {
                 self.adopt_generation();
             }
@@ -1195,8 +1455,12 @@ impl MirrorCore {
                 // The primary is gone (lost or stopped).
                 if self.p.failover {
                     self.log(format!("primary {} gone: taking over", self.p.peer));
-                    // In sync until the primary vanished.
-                    self.persist(|d| d.uptodate = true);
+                    // In sync until the primary vanished: up to date for
+                    // this takeover — not persisted before it happens (a
+                    // restart while the witness is asked would otherwise
+                    // take the copy for the reference, whatever the peer
+                    // did since).
+                    self.lost_primary_in_sync = true;
                     self.go_alone(now, false);
                 } else {
                     self.log(
@@ -1211,13 +1475,34 @@ impl MirrorCore {
 
     /// PRIM/ALONE: PRIM with a secondary (in sync), split brain, peer lost.
     fn decide_primary(&mut self, peer: Option<View>) {
+        if peer.is_none_or(|v| v.hears_peer) {
+            self.asked_for_deafness = false;
+        }
         match peer {
+            // With an arbiter: a peer that could take over (a secondary in
+            // sync, or waiting with up-to-date data) no longer hears this
+            // node (a one-way loss) and is asking for the takeover. Ask
+            // too: only one of both gets the grant.
+            Some(v)
+                if !v.hears_peer
+                    && self.p.witness == Witness::Arbiter
+                    && !self.asked_for_deafness
+                    && could_take_over(&v) =>
+            {
+                self.asked_for_deafness = true;
+                self.log(format!(
+                    "{} could take over and does not hear this node: asking the arbiter",
+                    self.p.peer
+                ));
+                self.ask_witness();
+            }
             Some(v) if v.state == MState::Second => {
                 if !self.p.replicated || (self.synced && v.synced) {
                     if self.state == MState::Alone {
                         self.log(format!("{} is secondary: PRIM", self.p.peer));
                     }
                     self.state = MState::Prim;
+                    self.swap_back_to_defaultprim(&v);
                 } else if self.state == MState::Prim {
                     // PRIM sees its secondary not in sync (restarted).
                     self.lose_link(&format!("secondary {} not in sync any more", self.p.peer));
@@ -1258,8 +1543,12 @@ impl MirrorCore {
                 // already (link lost first) while the peer still
                 // believed itself in sync.
                 let peer_in_sync = std::mem::take(&mut self.peer_in_sync);
-                let may_take_over =
-                    self.state == MState::Prim || (self.p.replicated && peer_in_sync);
+                // So may a peer this node recorded could (e.g. waiting with
+                // up-to-date data when this node went ALONE at start): the
+                // record is cleared after this step.
+                let may_take_over = self.state == MState::Prim
+                    || (self.p.replicated && peer_in_sync)
+                    || self.data.peer_may_have_taken_over;
                 if self.p.replicated {
                     self.lose_link(&format!("secondary {} gone", self.p.peer));
                 } else if self.state == MState::Prim {
@@ -1267,10 +1556,9 @@ impl MirrorCore {
                     self.state = MState::Alone;
                     self.persist(|d| d.generation += 1);
                 }
-                if may_take_over && self.p.witness && peer.is_none() && !self.witness_pending {
+                if may_take_over && self.p.witness != Witness::None && peer.is_none() {
                     // Lost, not stopped: are we the side cut off?
-                    self.witness_pending = true;
-                    self.actions.push_back(Act::CheckWitness);
+                    self.ask_witness();
                 }
             }
         }
@@ -1287,9 +1575,11 @@ mod tests {
             peer: peer.into(),
             timeout: Duration::from_secs(1),
             failover: true,
-            prefer: Prefer::Node("node1".into()),
+            // No preferred node (node1 still wins ties by name): with one,
+            // the pair swaps back to it (see `defaultprim_swaps_back`).
+            prefer: Prefer::None,
             keep: Keep::FormerPrim,
-            witness: false,
+            witness: Witness::None,
             witness_grace: Duration::from_millis(500),
             replicated: false,
         }
@@ -1436,12 +1726,12 @@ mod tests {
     #[test]
     fn witness_unreachable_means_wait() {
         let mut pa = params("node2", "node1");
-        pa.witness = true;
+        pa.witness = Witness::Ping;
         let mut c = MirrorCore::new(pa, Persisted::default());
         let now = Instant::now();
         c.handle_command(now, Cmd::Start).unwrap();
         c.handle_timeout(now + Duration::from_secs(2));
-        assert_eq!(c.poll_action(), Some(Act::CheckWitness));
+        assert_eq!(c.poll_action(), Some(Act::CheckWitness { generation: 1 }));
         c.witness(now, false);
         assert_eq!(c.state(), MState::Wait);
     }
@@ -1449,8 +1739,8 @@ mod tests {
     #[test]
     fn cut_from_peer_and_witness_the_primary_stops_the_other_takes_over_after_the_grace() {
         let mut p = Pair::new();
-        p.a.p.witness = true;
-        p.b.p.witness = true;
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
         p.a.handle_command(p.now, Cmd::Start).unwrap();
         p.b.handle_command(p.now, Cmd::Start).unwrap();
         p.exchange();
@@ -1458,8 +1748,12 @@ mod tests {
         p.a.handle_timeout(p.now);
         p.b.handle_timeout(p.now);
         // Both ask the witness; only node2 reaches it.
-        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::CheckWitness));
-        assert!(std::iter::from_fn(|| p.b.poll_action()).any(|a| a == Act::CheckWitness));
+        assert!(
+            std::iter::from_fn(|| p.a.poll_action()).any(|a| matches!(a, Act::CheckWitness { .. }))
+        );
+        assert!(
+            std::iter::from_fn(|| p.b.poll_action()).any(|a| matches!(a, Act::CheckWitness { .. }))
+        );
         p.b.witness(p.now, true);
         assert_eq!(p.b.state(), MState::Second, "waits for the grace period");
         p.a.witness(p.now, false);
@@ -1469,6 +1763,149 @@ mod tests {
         p.b.handle_timeout(p.now);
         run_actions(&mut p.b, p.now);
         assert_eq!(p.b.state(), MState::Alone);
+    }
+
+    #[test]
+    fn a_stopped_peer_heard_with_newer_data_during_the_grace_cancels_the_takeover() {
+        let mut p = Pair::in_sync(true);
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.b.poll_action()).count();
+        p.b.witness(p.now, true);
+        // node1's daemon restarted with the module stopped, at a generation
+        // above node2's (it went ALONE before it vanished).
+        let mut stopped = p.a.view();
+        stopped.state = MState::Stop;
+        stopped.generation = p.b.data().generation + 1;
+        p.b.handle_peer(p.now, stopped);
+        for _ in 0..5 {
+            p.now += Duration::from_secs(2);
+            p.b.handle_peer(p.now, stopped);
+            p.b.handle_timeout(p.now);
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+        }
+        assert!(!matches!(p.b.state(), MState::Alone | MState::Prim));
+    }
+
+    #[test]
+    fn a_primary_refused_by_the_witness_fences_before_its_stop() {
+        // Cut from its peer and the witness: its stop fences first (the
+        // peer may take over after its grace, sooner than stop_prim ends).
+        let mut p = Pair::in_sync(false);
+        p.a.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.a.poll_action()).count();
+        p.a.witness(p.now, false);
+        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::StopPrimary));
+        assert!(p.a.take_fence(), "the split brain stop fences first");
+        assert!(!p.a.take_fence(), "read once");
+        // An operator's stop does not.
+        let mut p = Pair::in_sync(false);
+        p.a.handle_command(p.now, Cmd::Stop).unwrap();
+        assert!(std::iter::from_fn(|| p.a.poll_action()).any(|a| a == Act::StopPrimary));
+        assert!(!p.a.take_fence());
+    }
+
+    #[test]
+    fn a_copy_that_fails_during_the_takeover_grace_cancels_the_takeover() {
+        // Replicated pair in sync with a ping witness; the primary is lost,
+        // node2 reaches the witness and waits for the grace: its applier
+        // then reports a write it could not make. No takeover.
+        let mut p = Pair::in_sync(true);
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        let _ = std::iter::from_fn(|| p.b.poll_action()).count();
+        p.b.witness(p.now, true);
+        assert_ne!(p.b.state(), MState::Alone, "waits for the grace period");
+        p.b.copy_failed(p.now, "/srv/data: ENOSPC");
+        for _ in 0..5 {
+            p.now += Duration::from_secs(2);
+            p.b.handle_timeout(p.now);
+            let acts = drain(&mut p.b, p.now);
+            assert!(!acts.contains(&Act::StartPrimary), "{acts:?}");
+            assert!(!matches!(p.b.state(), MState::Alone | MState::Prim));
+        }
+        assert!(!p.b.data().uptodate);
+    }
+
+    /// Heartbeat link cut, both reach the arbiter: both ask for the same
+    /// generation, one is granted. After the heal the other follows by
+    /// itself — even when the heal came while it was asking — and the
+    /// primary that kept its role announces the VIP again.
+    #[test]
+    fn arbiter_grants_one_side_and_the_other_follows_after_the_heal() {
+        let mut p = Pair::new();
+        p.a.p.witness = Witness::Arbiter;
+        p.b.p.witness = Witness::Arbiter;
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        let asked = |c: &mut MirrorCore| {
+            std::iter::from_fn(|| c.poll_action()).find_map(|a| match a {
+                Act::CheckWitness { generation } => Some(generation),
+                _ => None,
+            })
+        };
+        let (ga, gb) = (asked(&mut p.a), asked(&mut p.b));
+        assert!(
+            ga.is_some() && ga == gb,
+            "same generation asked: {ga:?} {gb:?}"
+        );
+        // node1 (the primary) is granted, node2 refused.
+        p.a.witness(p.now, true);
+        assert_eq!(p.a.state(), MState::Alone);
+        p.b.witness(p.now, false);
+        assert_eq!(p.b.state(), MState::Wait);
+        // node2 asks again after a timeout; the heal comes while it asks.
+        p.now += Duration::from_secs(2);
+        p.b.handle_timeout(p.now);
+        assert!(asked(&mut p.b).is_some());
+        let va = p.a.view();
+        p.b.handle_peer(p.now, va);
+        p.b.witness(p.now, false);
+        run_actions(&mut p.b, p.now);
+        assert_eq!(p.b.state(), MState::Second, "follows the primary by itself");
+        let vb = p.b.view();
+        p.a.handle_peer(p.now, vb);
+        assert!(drain(&mut p.a, p.now).contains(&Act::Announce));
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
+    }
+
+    /// Split brain without a witness: when heartbeats return, the node that
+    /// keeps the role announces the VIP at once, the other yields.
+    #[test]
+    fn after_a_split_brain_the_primary_that_stays_announces_the_vip() {
+        let mut p = Pair::new();
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.exchange();
+        p.now += Duration::from_secs(2);
+        p.a.handle_timeout(p.now);
+        p.b.handle_timeout(p.now);
+        run_actions(&mut p.a, p.now);
+        run_actions(&mut p.b, p.now);
+        assert_eq!((p.a.state(), p.b.state()), (MState::Alone, MState::Alone));
+        let vb = p.b.view();
+        p.a.handle_peer(p.now, vb);
+        let acts = drain(&mut p.a, p.now);
+        assert!(acts.contains(&Act::Announce), "{acts:?}");
+        let va = p.a.view();
+        p.b.handle_peer(p.now, va);
+        let acts = drain(&mut p.b, p.now);
+        assert!(!acts.contains(&Act::Announce), "{acts:?}");
+        p.exchange();
+        assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
     }
 
     #[test]
@@ -1854,8 +2291,8 @@ mod tests {
     #[test]
     fn replicated_primary_alone_after_link_loss_asks_the_witness_when_its_secondary_falls_silent() {
         let mut p = Pair::started_replicated();
-        p.a.p.witness = true;
-        p.b.p.witness = true;
+        p.a.p.witness = Witness::Ping;
+        p.b.p.witness = Witness::Ping;
         p.resync_b();
         p.exchange();
         assert_eq!((p.a.state(), p.b.state()), (MState::Prim, MState::Second));
@@ -1867,7 +2304,11 @@ mod tests {
         assert_eq!(p.a.state(), MState::Alone);
         p.now += Duration::from_secs(2);
         p.a.handle_timeout(p.now);
-        assert!(drain(&mut p.a, p.now).contains(&Act::CheckWitness));
+        assert!(
+            drain(&mut p.a, p.now)
+                .iter()
+                .any(|a| matches!(a, Act::CheckWitness { .. }))
+        );
         p.a.witness(p.now, false);
         run_actions(&mut p.a, p.now);
         assert_eq!(p.a.state(), MState::Wait);
@@ -2001,6 +2442,28 @@ mod tests {
     }
 
     #[test]
+    fn two_nodes_started_together_never_both_go_alone_on_each_others_old_stop() {
+        // Both stopped, both started within a few ms: each hears the
+        // other's STOP sent before that one's start. Neither goes ALONE on
+        // it; once they hear each other WAIT, one becomes primary.
+        let mut p = Pair::new();
+        let (sa, sb) = (p.a.view(), p.b.view());
+        p.a.handle_command(p.now, Cmd::Start).unwrap();
+        p.b.handle_command(p.now, Cmd::Start).unwrap();
+        p.now += Duration::from_millis(30);
+        p.a.handle_peer(p.now, sb);
+        p.b.handle_peer(p.now, sa);
+        assert!(!drain(&mut p.a, p.now).contains(&Act::StartPrimary));
+        assert!(!drain(&mut p.b, p.now).contains(&Act::StartPrimary));
+        p.exchange();
+        let primaries = [p.a.state(), p.b.state()]
+            .iter()
+            .filter(|s| matches!(s, MState::Prim | MState::Alone))
+            .count();
+        assert_eq!(primaries, 1, "{:?} {:?}", p.a.state(), p.b.state());
+    }
+
+    #[test]
     fn a_former_prim_hearing_its_secondary_stopped_without_taking_over_goes_alone() {
         for replicated in [false, true] {
             let mut p = Pair::in_sync(replicated);
@@ -2008,6 +2471,12 @@ mod tests {
             p.b.handle_command(p.now, Cmd::Stop).unwrap();
             run_actions(&mut p.b, p.now);
             let mut a = restart(&p.a, p.now);
+            // A STOP heard at once may predate the peer's own start: not
+            // yet; the same STOP a settle later counts.
+            a.handle_peer(p.now, p.b.view());
+            assert!(!drain(&mut a, p.now).contains(&Act::StartPrimary));
+            assert_eq!(a.state(), MState::Wait);
+            p.now += Duration::from_secs(1);
             a.handle_peer(p.now, p.b.view());
             assert!(drain(&mut a, p.now).contains(&Act::StartPrimary));
             assert_eq!(a.state(), MState::Alone);
@@ -2041,6 +2510,49 @@ mod tests {
                     "prefer {prefer}, replicated {replicated}"
                 );
             }
+        }
+    }
+
+    /// `defaultprim = "node1"`: node1 fails, node2 takes over; node1
+    /// returns as SECOND and, once in sync, the pair swaps back to it by
+    /// itself — not before (a SECOND resynchronising is not handed the
+    /// role).
+    #[test]
+    fn defaultprim_swaps_back_once_the_preferred_node_is_in_sync() {
+        for replicated in [false, true] {
+            let mut p = Pair::in_sync(replicated);
+            p.a.p.prefer = Prefer::Node("node1".into());
+            p.b.p.prefer = Prefer::Node("node1".into());
+            p.a_dies_b_takes_over();
+            assert_eq!(p.b.state(), MState::Alone);
+            p.a = restart(&p.a, p.now);
+            p.exchange();
+            if replicated {
+                // node2 ALONE while node1 resynchronises: no swap yet.
+                assert_eq!((p.a.state(), p.b.state()), (MState::Second, MState::Alone));
+                assert!(!p.b.view().handoff);
+                p.b.replication_synced(p.now);
+                run_actions(&mut p.b, p.now);
+                p.a.replication_synced(p.now);
+                run_actions(&mut p.a, p.now);
+                let va = p.a.view();
+                p.b.handle_peer(p.now, va);
+                let acts = drain(&mut p.b, p.now);
+                assert!(
+                    acts.iter()
+                        .any(|a| matches!(a, Act::Log(l) if l.starts_with("defaultprim: "))),
+                    "{acts:?}"
+                );
+                p.exchange();
+            }
+            // (Without replication node1 is in sync as soon as it follows:
+            // the swap back happened within the exchange.)
+            assert!(
+                matches!(p.a.state(), MState::Alone | MState::Prim),
+                "replicated {replicated}: {:?}",
+                p.a.state()
+            );
+            assert_eq!(p.b.state(), MState::Second, "replicated {replicated}");
         }
     }
 
@@ -2569,6 +3081,15 @@ mod sim {
         /// A `wait` checker went down on a primary, and on a secondary.
         checker_downs_on_primary: u64,
         checker_downs_on_second: u64,
+        /// Arbiter answers: granted, refused; witness checks unanswered.
+        witness_grants: u64,
+        witness_refusals: u64,
+        witness_silent: u64,
+        /// A primary asked the arbiter because its secondary stopped
+        /// hearing it, and so did the secondary (a cut, not a crash).
+        arbitrated_cuts: u64,
+        /// Automatic swaps back to `defaultprim`.
+        swaps_back: u64,
     }
 
     impl Stats {
@@ -2583,9 +3104,30 @@ mod sim {
             self.lonely_boots += s.lonely_boots;
             self.checker_downs_on_primary += s.checker_downs_on_primary;
             self.checker_downs_on_second += s.checker_downs_on_second;
+            self.witness_grants += s.witness_grants;
+            self.witness_refusals += s.witness_refusals;
+            self.witness_silent += s.witness_silent;
+            self.arbitrated_cuts += s.arbitrated_cuts;
+            self.swaps_back += s.swaps_back;
         }
     }
 
+    /// A witness check under way (one per node at most).
+    #[derive(Debug, Clone, Copy)]
+    struct WitnessCheck {
+        generation: u64,
+        /// The request reaches the witness (`None`: lost).
+        arrives: Option<u64>,
+        /// The answer reaches the node: (when, ok).
+        answer: Option<(u64, bool)>,
+        /// No answer by then: the check fails.
+        deadline: u64,
+    }
+
+    #[expect(
+        clippy::struct_excessive_bools,
+        reason = "independent facts of the simulated world (network, witness)"
+    )]
     struct World {
         rng: Rng,
         base: Instant,
@@ -2611,20 +3153,43 @@ mod sim {
         /// Since when a `wait` checker is down on each node (its
         /// environment: it stays down across crashes and restarts).
         checker_down: [Option<u64>; 2],
+        witness: Witness,
+        /// `defaultprim = "n1"` (automatic swap back), else no preference.
+        prefer_n1: bool,
+        /// Node i cannot reach the witness (nor it node i).
+        witness_cut: [bool; 2],
+        witness_down: bool,
+        /// This node receives no heartbeat (its peer does).
+        deaf: Option<usize>,
+        /// The arbiter's grants (the real state machine).
+        grants: crate::witness::grants::Grants,
+        checks: [Option<WitnessCheck>; 2],
         stats: Stats,
         trace: Vec<String>,
     }
 
-    fn params(me: &str, peer: &str, replicated: bool) -> Params {
+    /// How long a node waits for the witness.
+    const WITNESS_TIMEOUT: u64 = 500;
+
+    fn params(me: &str, peer: &str, replicated: bool, witness: Witness, prefer: bool) -> Params {
         Params {
             me: me.into(),
             peer: peer.into(),
             timeout: Duration::from_millis(TIMEOUT),
             failover: true,
-            prefer: Prefer::Node("n1".into()),
+            prefer: if prefer {
+                Prefer::Node("n1".into())
+            } else {
+                Prefer::None
+            },
             keep: Keep::FormerPrim,
-            witness: false,
-            witness_grace: Duration::ZERO,
+            witness,
+            // As the engine computes it.
+            witness_grace: Duration::from_millis(match witness {
+                Witness::None => 0,
+                Witness::Ping => WITNESS_TIMEOUT + 500,
+                Witness::Arbiter => TIMEOUT + WITNESS_TIMEOUT + 500,
+            }),
             replicated,
         }
     }
@@ -2658,6 +3223,9 @@ mod sim {
         fn new(seed: u64) -> Self {
             let mut rng = Rng(seed);
             let replicated = seed % 2 == 1;
+            let witness = [Witness::None, Witness::Ping, Witness::Arbiter]
+                [usize::try_from(seed / 2 % 3).unwrap_or(0)];
+            let prefer_n1 = (seed / 6).is_multiple_of(2);
             let send_timeout = 100 + rng.below(TIMEOUT * 3 / 2);
             Self {
                 rng,
@@ -2674,9 +3242,16 @@ mod sim {
                 link: None,
                 resync: None,
                 checker_down: [None; 2],
+                witness,
+                prefer_n1,
+                witness_cut: [false; 2],
+                witness_down: false,
+                deaf: None,
+                grants: crate::witness::grants::Grants::default(),
+                checks: [None; 2],
                 stats: Stats::default(),
                 trace: vec![format!(
-                    "replicated: {replicated}, send timeout {send_timeout} ms"
+                    "replicated: {replicated}, send timeout {send_timeout} ms, witness {witness:?}, defaultprim n1: {prefer_n1}"
                 )],
             }
         }
@@ -2712,7 +3287,16 @@ mod sim {
                 self.stats.lonely_boots += 1;
             }
             let n = &mut self.nodes[i];
-            let mut c = MirrorCore::new(params(name(i), name(1 - i), self.replicated), n.disk);
+            let mut c = MirrorCore::new(
+                params(
+                    name(i),
+                    name(1 - i),
+                    self.replicated,
+                    self.witness,
+                    self.prefer_n1,
+                ),
+                n.disk,
+            );
             let _ = c.handle_command(now, Cmd::Start);
             // Its checkers start with the module and report at once.
             if self.checker_down[i].is_some() {
@@ -2736,6 +3320,7 @@ mod sim {
             n.synced_at = None;
             n.was = MState::Stop;
             n.was_in_sync = false;
+            self.checks[i] = None;
             self.trace.push(format!("{t}: crash {}", name(i)));
         }
 
@@ -2745,7 +3330,7 @@ mod sim {
                 return;
             }
             let now = self.at(t);
-            match self.rng.below(9) {
+            match self.rng.below(12) {
                 0 => {
                     self.partitioned = !self.partitioned;
                     self.trace
@@ -2799,6 +3384,34 @@ mod sim {
                     let i = self.rng.node();
                     let down = self.checker_down[i].is_none();
                     self.set_checker(i, t, down);
+                }
+                // A node loses the witness, or gets it back.
+                9 => {
+                    let i = self.rng.node();
+                    self.witness_cut[i] = !self.witness_cut[i];
+                    self.trace.push(format!(
+                        "{t}: witness cut from {} {}",
+                        name(i),
+                        self.witness_cut[i]
+                    ));
+                }
+                // One node stops receiving heartbeats (a one-way loss;
+                // replication still flows), or hears again. Only with an
+                // arbiter: without one, both sides of a one-way loss may
+                // take over at the same generation (two histories the
+                // generations cannot order; a known limit, see the
+                // module doc).
+                11 if self.witness == Witness::Arbiter => {
+                    self.deaf = match self.deaf {
+                        Some(_) => None,
+                        None => Some(self.rng.node()),
+                    };
+                    self.trace.push(format!("{t}: deaf {:?}", self.deaf));
+                }
+                10 => {
+                    self.witness_down = !self.witness_down;
+                    self.trace
+                        .push(format!("{t}: witness down {}", self.witness_down));
                 }
                 _ => {}
             }
@@ -3104,9 +3717,16 @@ mod sim {
                         if l.contains(PEER_MAY_BE_NEWER) {
                             self.stats.waits_peer_may_be_newer += 1;
                         }
+                        if l.starts_with("defaultprim: ") {
+                            self.stats.swaps_back += 1;
+                        }
+                        if l.contains("does not hear this node: asking the arbiter") {
+                            self.stats.arbitrated_cuts += 1;
+                        }
                         self.trace.push(format!("{t}: {}: {l}", name(i)));
                     }
-                    Act::CheckWitness | Act::Quarantine => {}
+                    Act::CheckWitness { generation } => self.ask_witness(i, t, generation),
+                    Act::Quarantine | Act::Announce => {}
                 }
             }
             self.role_changes(i);
@@ -3123,7 +3743,7 @@ mod sim {
             // brain (SPEC §5: both go ALONE without a witness).
             if state == MState::Alone
                 && self.nodes[i].was != MState::Alone
-                && self.partitioned
+                && (self.partitioned || self.deaf == Some(i))
                 && self.nodes[p].core.is_some()
             {
                 self.split = true;
@@ -3163,7 +3783,8 @@ mod sim {
                 return;
             }
             n.next_pulse = t + PULSE;
-            if heal || (!self.partitioned && !self.rng.chance(self.loss)) {
+            let deaf = self.deaf == Some(1 - i);
+            if heal || (!self.partitioned && !deaf && !self.rng.chance(self.loss)) {
                 let due = t + if heal { 5 } else { 1 + self.rng.below(40) };
                 if let Some(view) = n.core.as_ref().map(MirrorCore::view) {
                     self.wire.push(Msg {
@@ -3179,6 +3800,12 @@ mod sim {
 
         fn check(&mut self, t: u64) -> Result<(), String> {
             let both_running = (0..2).all(|i| self.state(i) != MState::Stop);
+            if self.witness == Witness::Arbiter
+                && is_primary(self.state(0))
+                && is_primary(self.state(1))
+            {
+                return Err(self.fail(&format!("two primaries at {t} with an arbitrating witness")));
+            }
             if is_primary(self.state(0)) && is_primary(self.state(1)) {
                 self.split = true;
                 if both_running && t > self.healthy_since + 3 * TIMEOUT {
@@ -3227,14 +3854,109 @@ mod sim {
             Ok(())
         }
 
+        fn witness_reaches(&self, i: usize) -> bool {
+            !self.witness_down && !self.witness_cut[i]
+        }
+
+        /// Node `i` asks the witness (ping or arbiter).
+        fn ask_witness(&mut self, i: usize, t: u64, generation: u64) {
+            let arrives = self.witness_reaches(i).then(|| t + 1 + self.rng.below(150));
+            self.checks[i] = Some(WitnessCheck {
+                generation,
+                arrives,
+                answer: None,
+                deadline: t + WITNESS_TIMEOUT,
+            });
+            self.trace.push(format!(
+                "{t}: {} asks the witness for generation {generation}",
+                name(i)
+            ));
+        }
+
+        /// Requests reaching the witness, answers reaching the nodes.
+        fn witness_step(&mut self, t: u64) {
+            let now = self.at(t);
+            for i in 0..2 {
+                let Some(mut c) = self.checks[i] else {
+                    continue;
+                };
+                if let Some(at) = c.arrives
+                    && at <= t
+                {
+                    c.arrives = None;
+                    if !self.witness_down {
+                        let ok = match self.witness {
+                            Witness::Arbiter => {
+                                let d = self.grants.decide(&crate::witness::codec::Request {
+                                    cluster: "sim".into(),
+                                    module: "m".into(),
+                                    node: name(i).into(),
+                                    generation: c.generation,
+                                    nonce: 0,
+                                });
+                                self.trace.push(format!(
+                                    "{t}: witness {:?} {} generation {} (held by {} at {})",
+                                    d.verdict,
+                                    name(i),
+                                    c.generation,
+                                    d.holder,
+                                    d.held
+                                ));
+                                d.verdict == crate::witness::codec::Verdict::Granted
+                            }
+                            _ => true,
+                        };
+                        c.answer = Some((t + 1 + self.rng.below(150), ok));
+                    }
+                }
+                let answered = match c.answer {
+                    Some((at, ok)) if at <= t && at < c.deadline => {
+                        // Lost on the way back when cut meanwhile.
+                        if self.witness_reaches(i) {
+                            Some(ok)
+                        } else {
+                            c.answer = None;
+                            None
+                        }
+                    }
+                    _ => None,
+                };
+                let result = match answered {
+                    Some(ok) => Some(ok),
+                    None if t >= c.deadline => {
+                        self.stats.witness_silent += 1;
+                        Some(false)
+                    }
+                    None => None,
+                };
+                self.checks[i] = Some(c);
+                if let Some(ok) = result {
+                    self.checks[i] = None;
+                    if answered.is_some() && self.witness == Witness::Arbiter {
+                        if ok {
+                            self.stats.witness_grants += 1;
+                        } else {
+                            self.stats.witness_refusals += 1;
+                        }
+                    }
+                    self.trace
+                        .push(format!("{t}: witness answer to {}: {ok}", name(i)));
+                    if let Some(core) = self.nodes[i].core.as_mut() {
+                        core.witness(now, ok);
+                    }
+                }
+            }
+        }
+
         fn tick(&mut self, t: u64, heal: bool) -> Result<(), String> {
             if !heal {
                 self.faults(t);
-                if self.partitioned || self.loss > 20 {
+                if self.partitioned || self.deaf.is_some() || self.loss > 20 {
                     self.healthy_since = t;
                 }
             }
             self.deliver(t);
+            self.witness_step(t);
             if self.replicated {
                 self.replication(t);
             }
@@ -3267,6 +3989,13 @@ mod sim {
             if prim != 1 || stuck || !second_in_sync || !states.contains(&MState::Prim) {
                 return Err(self.fail(&format!("after heal: {states:?} (stuck: {stuck})")));
             }
+            // defaultprim: back on the preferred node once it is in sync,
+            // when the other took the role over by failover.
+            if self.prefer_n1 && states[0] != MState::Prim && self.nodes[1].disk.took_over {
+                return Err(self.fail(&format!(
+                    "after heal: {states:?}, not swapped back to defaultprim n1"
+                )));
+            }
             Ok(())
         }
     }
@@ -3284,6 +4013,9 @@ mod sim {
         }
         // Heal: both running and started, healthy link for a while.
         w.partitioned = false;
+        w.witness_cut = [false; 2];
+        w.witness_down = false;
+        w.deaf = None;
         w.loss = 0;
         w.trace.push(format!("{t}: heal"));
         for i in 0..2 {
@@ -3351,6 +4083,14 @@ mod sim {
             total.checker_downs_on_primary,
             total.checker_downs_on_second
         );
+        eprintln!(
+            "arbiter: {} grants, {} refusals; {} witness checks unanswered; {} primaries asked for a secondary that stopped hearing them; {} swaps back to defaultprim",
+            total.witness_grants,
+            total.witness_refusals,
+            total.witness_silent,
+            total.arbitrated_cuts,
+            total.swaps_back
+        );
         if seeds >= 100 {
             // The replicated paths are explored, and so are restarts of a
             // node that may be stale.
@@ -3359,6 +4099,8 @@ mod sim {
             assert!(total.writes > 0 && total.starts_checked > 0 && total.lonely_boots > 0);
             assert!(total.waits_peer_may_be_newer > 0);
             assert!(total.checker_downs_on_primary > 0 && total.checker_downs_on_second > 0);
+            assert!(total.witness_grants > 0 && total.witness_refusals > 0);
+            assert!(total.witness_silent > 0 && total.swaps_back > 0);
         }
     }
 }

@@ -8,16 +8,22 @@
 //! - one **heartbeat receiver** per LAN socket forwards datagrams to the engine;
 //! - the **control server** accepts `safekit` connections on the Unix socket
 //!   and forwards requests to the engine;
-//! - the **HTTP server** (port 9010) answers `ready.txt` and `/metrics` from
-//!   the published snapshot without touching the engine.
+//! - the **HTTP and HTTPS servers** (ports 9010, 9453; [`api`]) answer
+//!   `ready.txt`, `/metrics`, the REST API and the console from the
+//!   published snapshot; control verbs go to the engine as the control
+//!   socket's do.
 
+mod api;
+mod arbiter;
 mod checks;
+pub(crate) mod config_apply;
 pub mod engine;
 mod farm;
-mod http;
+pub mod guard;
 pub mod mirror;
 pub(crate) mod mirror_core;
 mod net;
+mod notify;
 mod rfs;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -25,6 +31,36 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::sync::{RwLock, mpsc};
 
 use crate::{config::Config, metrics::Metrics, paths::Paths, status::NodeStatus};
+
+/// `safekitd`'s command line (its man page, safekitd(8), is generated from
+/// it).
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "safekitd",
+    version,
+    about = "The safekit daemon: runs this node's application modules",
+    long_about = "The safekit daemon of one node: runs this node's application modules \
+(mirror and farm), sends and checks the authenticated heartbeats, serves the control socket \
+of the safekit command, the health check, the metrics and replication. Configuration: \
+/etc/safekit/cluster.toml and /etc/safekit/modules/<AM>/module.toml \
+(safekit-cluster.toml(5), safekit-module.toml(5)); state in /var/lib/safekit, the control \
+socket in /run/safekit, logs in /var/log/safekit. Installed as the systemd service \
+safekitd.service (Type=notify, watchdog): SIGTERM stops every module cleanly before exit. \
+Environment: SAFEKIT_ROOT (as --root), SAFEKIT_LOG (log filter, default info)."
+)]
+pub struct Args {
+    /// Root of every path (config, state, runtime, logs); default `/`.
+    #[arg(long, env = "SAFEKIT_ROOT")]
+    pub root: Option<std::path::PathBuf>,
+    /// This node's name in cluster.toml (default: the node whose address is
+    /// configured on this host).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Internal: run as the guard of the daemon that started this process
+    /// (cleans after it if it dies; see `safekit::daemon::guard`).
+    #[arg(long, hide = true, requires = "node")]
+    pub guard: bool,
+}
 
 /// What the HTTP server and the control server read.
 #[derive(Debug)]
@@ -36,6 +72,13 @@ pub struct Shared {
     /// The XDP filters (their per-CPU verdict counters are read at scrape
     /// time).
     pub(crate) dataplane: farm::Dataplane,
+    /// `config apply` on this node.
+    pub(crate) apply: Option<Arc<config_apply::ApplyCtx>>,
+    /// The replicated directories this node receives, and what the
+    /// replication listener refused.
+    pub(crate) registry: Arc<crate::rfs::Registry>,
+    /// Bumped after each publication of `status` (event streams wait on it).
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Errors that stop the daemon from starting.
@@ -69,6 +112,19 @@ pub enum StartError {
     /// Another daemon answers on the control socket.
     #[error("another safekitd is already running with this root ({0})")]
     AlreadyRunning(String),
+    /// The epoch file exists but does not hold an epoch.
+    #[error(
+        "the epoch file {path} is unreadable ({why}): safekitd will not start with a guessed epoch (its peers would refuse an epoch below the last one they saw). Write a number above this node's last epoch into it (each peer keeps it in var/lib/safekit/peer_epochs.json), then start again"
+    )]
+    Epoch {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The node's HTTPS certificate or key cannot be used.
+    #[error("HTTPS: {0}")]
+    Tls(String),
     /// File system error on the daemon's own files.
     #[error("{op} {path}: {source}")]
     Io {
@@ -113,27 +169,90 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             addr: http_addr,
             source,
         })?;
+    let tls_addr = SocketAddr::from(([0, 0, 0, 0], config.cluster.ports.https));
+    let https = match api::tls::acceptor(&paths.etc(), &me) {
+        Ok(Some(acceptor)) => {
+            let listener = tokio::net::TcpListener::bind(tls_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "HTTPS",
+                    addr: tls_addr,
+                    source,
+                })?;
+            Some((listener, acceptor))
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "HTTPS off: no certificate for this node in etc/safekit/tls (safekit certs init makes them)"
+            );
+            None
+        }
+        Err(e) => return Err(StartError::Tls(e)),
+    };
     let control = net::bind_control_socket(&paths)?;
-    // Before any command can start a module: VIPs a crashed daemon left.
-    let leftovers: Vec<_> = config
-        .modules
-        .values()
-        .filter(|m| m.mode() == crate::config::Mode::Mirror)
-        .filter_map(|m| {
-            m.vip.as_ref().map(|v| {
-                (
-                    m.name.clone(),
-                    mirror::MirrorJob::ipv4(&v.addrs),
-                    v.interface.clone(),
-                )
-            })
-        })
-        .collect();
-    mirror::remove_leftover_vips(&leftovers).await;
+    // Before any command can start a module: what a daemon that died left
+    // (applications in the module cgroups, VIPs), then the guard that
+    // cleans after this one if it dies.
+    let cgroups = match crate::sys::cgroup::Cgroups::open(
+        paths.root(),
+        &guard::cgroup_fallback(&paths),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "no module cgroups: an application is not stopped if safekitd dies");
+            None
+        }
+    };
+    guard::wait_previous_guard(&paths);
+    guard::clean_leftovers(&paths, &config, &me, cgroups.as_ref(), "safekitd start").await;
+    // Mirror VIP traffic admitted only with the lease program's mark (a
+    // table that outlives the daemon).
+    if let Err(e) = crate::nft::lease::install(&guard::mirror_vips(&config, &me)) {
+        tracing::error!(error = %e, "mirror VIP traffic is not tied to the lease");
+    }
+    let guard = guard::GuardHandle::start(&paths, &me);
+    // The XDP farm program verified now, off the engine, rather than when
+    // the first farm module starts (nftables-only farms skip it).
+    let xdp_farm = config.modules.values().any(|m| {
+        m.mode() == crate::config::Mode::Farm
+            && m.farm
+                .as_ref()
+                .is_none_or(|f| f.filter != crate::config::FarmFilterBackend::Nftables)
+    });
+    if xdp_farm {
+        tokio::task::spawn_blocking(|| {
+            if let Err(e) = crate::farm::filter::FarmFilter::preload() {
+                tracing::warn!("preloading the XDP farm filter: {e} (tried again at start)");
+            }
+        });
+    }
     let metrics = Arc::new(Metrics::new(config.modules.keys().map(String::as_str)));
     let (tx, rx) = mpsc::channel(1024);
+    let apply_ctx = Arc::new(config_apply::ApplyCtx::new(
+        me.clone(),
+        config.cluster.key.clone(),
+        paths.etc(),
+        paths.state_dir().join(config_apply::PREVIOUS_DIR),
+        config
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let addrs = n
+                    .addrs
+                    .values()
+                    .map(|ip| SocketAddr::new(*ip, config.cluster.ports.http))
+                    .collect();
+                (n.name.clone(), addrs)
+            })
+            .collect(),
+        tx.clone(),
+    ));
     let dataplane = farm::Dataplane::default();
-    let engine = engine::Engine::new(
+    let api_paths = paths.clone();
+    let api_cluster = config.cluster.clone();
+    let api_me = me.clone();
+    let mut engine = engine::Engine::new(
         paths,
         config,
         me,
@@ -141,7 +260,9 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         metrics.clone(),
         tx.clone(),
         dataplane.clone(),
+        cgroups.clone(),
     )?;
+    engine.set_apply(Arc::clone(&apply_ctx));
     // Replication listener (TCP 5600 on the replication LAN) when a mirror
     // module replicates directories.
     if engine.replicates() {
@@ -182,6 +303,9 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         status: RwLock::new(engine.status(std::time::Instant::now())),
         metrics,
         dataplane,
+        apply: Some(apply_ctx),
+        registry: Arc::clone(&engine.registry),
+        changes: tokio::sync::watch::Sender::new(0),
     });
     for (lan, sock) in sockets.iter().enumerate() {
         tokio::spawn(net::receive_heartbeats(
@@ -190,8 +314,37 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
             tx.clone(),
         ));
     }
-    tokio::spawn(net::serve_control(control, tx.clone()));
-    tokio::spawn(http::serve(http_listener, shared.clone()));
+    tokio::spawn(net::serve_control(
+        control,
+        tx.clone(),
+        engine.commands_log(),
+    ));
+    let api = api::ApiState::new(shared.clone(), tx.clone(), api_paths, api_cluster, api_me);
+    tokio::spawn(api::events::record(shared.clone(), api.history.clone()));
+    let router = api::router(api);
+    tokio::spawn(api::serve(http_listener, router.clone(), None));
+    if let Some((listener, acceptor)) = https {
+        tokio::spawn(api::serve(listener, router, Some(acceptor)));
+    }
+    let hangups = tx.clone();
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            if hangups
+                .send(engine::Event::Reload { reply: None })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
     let signals = tx.clone();
     tokio::spawn(async move {
         let mut term =
@@ -209,5 +362,10 @@ pub async fn run(paths: Paths, config: Config, node: Option<String>) -> Result<(
         let _ = signals.send(engine::Event::Signal).await;
     });
     engine.run(rx, shared).await;
+    // Stopped cleanly: the modules' scripts ran, the guard has nothing to do.
+    guard.stop().await;
+    if let Some(c) = &cgroups {
+        c.remove_empty();
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use tokio::{
 use super::{StartError, engine::Event};
 use crate::{
     config::ClusterConfig,
-    control::{Request, Response},
+    control::{MAX_REQUEST, Response, decode_request},
     heartbeat::codec::MAX_LEN,
     paths::Paths,
 };
@@ -118,36 +118,130 @@ pub(super) fn bind_control_socket(paths: &Paths) -> Result<UnixListener, StartEr
     Ok(listener)
 }
 
-pub(super) async fn serve_control(listener: UnixListener, tx: mpsc::Sender<Event>) {
+/// Serves `safekit` connections; every command (not the read-only queries)
+/// is recorded in `commands_log` with the caller's uid and pid, taken from
+/// the socket (`SO_PEERCRED`), and its result.
+pub(super) async fn serve_control(
+    listener: UnixListener,
+    tx: mpsc::Sender<Event>,
+    commands_log: std::path::PathBuf,
+) {
+    let commands_log = Arc::new(commands_log);
+    let mut backoff = crate::sys::accept::AcceptBackoff::new("control");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.ok();
+                stream
+            }
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
         };
         let tx = tx.clone();
+        let caller = match stream.peer_cred() {
+            Ok(c) => format!(
+                "uid {} pid {}",
+                c.uid(),
+                c.pid().map_or_else(|| "?".to_owned(), |p| p.to_string())
+            ),
+            Err(e) => format!("uid ? ({e})"),
+        };
+        let commands_log = Arc::clone(&commands_log);
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let response = match serde_json::from_str::<Request>(&line) {
+            let mut reader = BufReader::new(read);
+            loop {
+                let Ok(Some(line)) = read_request(&mut reader).await else {
+                    return;
+                };
+                let too_long = line.len() > MAX_REQUEST;
+                let response = match decode_request(&line) {
                     Ok(req) => {
+                        let command = req.command_line();
                         let (reply, answer) = oneshot::channel();
                         if tx.send(Event::Control { req, reply }).await.is_err() {
                             return;
                         }
-                        answer.await.unwrap_or(Response::Error {
+                        let response = answer.await.unwrap_or(Response::Error {
                             error: "safekitd is shutting down".into(),
-                        })
+                        });
+                        if let Some(command) = command {
+                            record_command(&commands_log, &caller, &command, &response.outcome());
+                        }
+                        response
                     }
-                    Err(e) => Response::Error {
-                        error: format!("bad request: {e}"),
-                    },
+                    Err(error) => Response::Error { error },
                 };
                 let mut text = serde_json::to_string(&response).unwrap_or_default();
                 text.push('\n');
-                if write.write_all(text.as_bytes()).await.is_err() {
+                if write.write_all(text.as_bytes()).await.is_err() || too_long {
+                    // The rest of an oversized request is not read.
                     return;
                 }
             }
         });
+    }
+}
+
+/// Reads one request line (without its newline), at most
+/// [`MAX_REQUEST`] + 1 bytes: a longer one comes back cut there, for the
+/// caller to refuse. `None` at the end of the stream.
+async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut line = Vec::new();
+    let limit = u64::try_from(MAX_REQUEST + 1).unwrap_or(u64::MAX);
+    let n = reader.take(limit).read_until(b'\n', &mut line).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    Ok(Some(line))
+}
+
+/// Appends `time | uid U pid P | command | result` to the commands log; a
+/// failure to write it is reported and never fails the command.
+fn record_command(path: &std::path::Path, caller: &str, command: &str, outcome: &str) {
+    let line = format!(
+        "{} | {caller} | {command} | {outcome}\n",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(line.as_bytes())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the commands log");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Request;
+
+    #[tokio::test]
+    async fn requests_are_read_whole_up_to_the_limit_and_cut_past_it() {
+        let long = vec![b'x'; MAX_REQUEST + 10];
+        let mut input = b"{\"request\":\"state\"}\n".to_vec();
+        input.extend_from_slice(&long);
+        let mut r = BufReader::new(&input[..]);
+        let first = read_request(&mut r).await.unwrap().unwrap();
+        assert_eq!(decode_request(&first), Ok(Request::State));
+        let cut = read_request(&mut r).await.unwrap().unwrap();
+        assert_eq!(cut.len(), MAX_REQUEST + 1, "read no further than the limit");
+        assert!(decode_request(&cut).unwrap_err().contains("longer than"));
     }
 }

@@ -266,7 +266,14 @@ pub(super) fn mount_primaries(
 ) -> Result<Vec<(Primary, tokio::sync::mpsc::UnboundedReceiver<rfs::RfsEvent>)>, String> {
     let mut out = Vec::new();
     for d in dirs {
-        registry.remove(&d.wire);
+        // As SECOND until now: its applier finishes first; a copy that
+        // failed to apply what it received is never served.
+        if registry.remove(&d.wire) {
+            return Err(format!(
+                "{}: this copy could not write what the primary sent (see the log): not starting on it",
+                d.path
+            ));
+        }
         prepare(d)?;
         let mut p = params.clone();
         p.name.clone_from(&d.wire);
@@ -345,7 +352,8 @@ pub(super) fn become_secondary(
 /// the applier to finish what it received).
 pub(super) fn leave_secondary(dirs: &[RfsDir], registry: &Registry) {
     for d in dirs {
-        registry.remove(&d.wire);
+        // A failure is reported by the applier's own event.
+        let _ = registry.remove(&d.wire);
         // Not a FUSE mount: this node may have become primary meanwhile.
         let _ = mounts::detach_ours(&d.local, Some(&d.bind_record()), false);
     }

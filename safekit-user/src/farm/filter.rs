@@ -5,7 +5,7 @@
 //! and the VIP index with each VIP's rules inline: the program's fast path).
 //! Reads the per-CPU verdict counters.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -13,8 +13,8 @@ use aya::{
     programs::{Xdp, XdpMode, links::FdLink},
 };
 use safekit_common::{
-    BUCKETS, FilterConfig, InlineRule, MAX_VIPS, RuleKey, RuleValue, SlotRules, VIP_FLAG_IP_ONLY,
-    VipIndex, VipKey, VipValue, counter, vip_index,
+    BUCKETS, FilterConfig, InlineRule, MAX_VIPS, Rule6Key, RuleKey, RuleValue, SlotRules,
+    VIP_FLAG_IP_ONLY, Vip6Key, VipIndex, VipKey, VipValue, counter, vip_index,
 };
 
 use crate::ebpf;
@@ -98,6 +98,10 @@ fn inline_rules(rules: &[FilterRule], flags: u16) -> Option<SlotRules> {
     Some(out)
 }
 
+/// An object whose farm program is loaded and verified, waiting for the
+/// first attach ([`FarmFilter::preload`]).
+static PRELOADED: std::sync::Mutex<Option<Ebpf>> = std::sync::Mutex::new(None);
+
 /// XDP attach mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -122,7 +126,10 @@ pub struct FarmFilter {
     interface: String,
     vips: HashMap<MapData, VipKey, VipValue>,
     rules: HashMap<MapData, RuleKey, RuleValue>,
+    vips6: HashMap<MapData, Vip6Key, VipValue>,
+    rules6: HashMap<MapData, Rule6Key, RuleValue>,
     owned: Array<MapData, u32>,
+    lease: Array<MapData, u64>,
     config: Array<MapData, FilterConfig>,
     counters: PerCpuArray<MapData, u64>,
     index: Array<MapData, VipIndex>,
@@ -134,7 +141,7 @@ pub struct FarmFilter {
 /// What this process wrote for one VIP slot.
 #[derive(Debug, Clone)]
 struct Slot {
-    vip: Ipv4Addr,
+    vip: IpAddr,
     owned: Vec<bool>,
     /// Its rules inline in `SLOT_RULES` (None: too many, found in `RULES`).
     inline: Option<SlotRules>,
@@ -177,9 +184,16 @@ impl FarmFilter {
     /// Loads the program and attaches it to `interface`, passing everything
     /// until [`FarmFilter::enable`].
     pub fn attach(interface: &str, mode: AttachMode) -> Result<Self, FilterError> {
-        let mut bpf = ebpf::load()?;
+        let preloaded = PRELOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut bpf = match preloaded {
+            Some(b) => b,
+            None => Self::verified(interface)?,
+        };
         // The reader owns the log ring buffer's map from here on (its fd
-        // stays open for the program loaded below).
+        // stays open for the program loaded with it).
         let log = match ebpf::EbpfLog::start(&mut bpf, &format!("XDP farm filter on {interface}")) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -187,20 +201,7 @@ impl FarmFilter {
                 None
             }
         };
-        let prog: &mut Xdp = bpf
-            .program_mut(ebpf::FARM_PROGRAM)
-            .ok_or(FilterError::Missing("safekit_farm program"))?
-            .try_into()
-            .map_err(|source| FilterError::Program {
-                op: "typing",
-                interface: interface.to_owned(),
-                source,
-            })?;
-        prog.load().map_err(|source| FilterError::Program {
-            op: "verifying",
-            interface: interface.to_owned(),
-            source,
-        })?;
+        let prog = Self::program(&mut bpf, interface)?;
         let xdp_mode = match mode {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Generic => XdpMode::Skb,
@@ -227,6 +228,9 @@ impl FarmFilter {
             log,
             vips: take(&mut bpf, "VIPS")?,
             rules: take(&mut bpf, "RULES")?,
+            vips6: take(&mut bpf, "VIPS6")?,
+            rules6: take(&mut bpf, "RULES6")?,
+            lease: take(&mut bpf, "LEASE")?,
             owned: take(&mut bpf, "OWNED")?,
             config: take(&mut bpf, "CONFIG")?,
             counters: take(&mut bpf, "COUNTERS")?,
@@ -236,6 +240,43 @@ impl FarmFilter {
             interface: interface.to_owned(),
             slots: vec![None; MAX_VIPS as usize],
         })
+    }
+
+    /// The farm program of `bpf`.
+    fn program<'a>(bpf: &'a mut Ebpf, interface: &str) -> Result<&'a mut Xdp, FilterError> {
+        bpf.program_mut(ebpf::FARM_PROGRAM)
+            .ok_or(FilterError::Missing("safekit_farm program"))?
+            .try_into()
+            .map_err(|source| FilterError::Program {
+                op: "typing",
+                interface: interface.to_owned(),
+                source,
+            })
+    }
+
+    /// The embedded object with its farm program loaded (verified).
+    fn verified(interface: &str) -> Result<Ebpf, FilterError> {
+        let mut bpf = ebpf::load()?;
+        Self::program(&mut bpf, interface)?
+            .load()
+            .map_err(|source| FilterError::Program {
+                op: "verifying",
+                interface: interface.to_owned(),
+                source,
+            })?;
+        Ok(bpf)
+    }
+
+    /// Loads and verifies the program ahead of the first attach (the
+    /// verifier takes a good part of a second on IPv6 and Neighbour
+    /// Discovery paths): the daemon calls it at start, off its engine, so
+    /// that starting a farm module attaches at once.
+    pub fn preload() -> Result<(), FilterError> {
+        let bpf = Self::verified("(preloaded)")?;
+        *PRELOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bpf);
+        Ok(())
     }
 
     /// True when the program's aya-log records are forwarded to the
@@ -253,10 +294,11 @@ impl FarmFilter {
     /// bucket owned yet).
     pub fn add_vip(
         &mut self,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         vmac: [u8; 6],
         rules: &[FilterRule],
     ) -> Result<u32, FilterError> {
+        let vip = vip.into();
         let slot = match self.slot_of(vip) {
             Some(s) => s,
             None => self
@@ -275,6 +317,10 @@ impl FarmFilter {
             inline: None,
             indexed: false,
         });
+        // A lease already lapsed until the daemon's first refresh.
+        self.lease
+            .set(slot, &1, 0)
+            .map_err(Self::map_err("LEASE"))?;
         // Start from "owns nothing" in the kernel too.
         for b in 0..BUCKETS {
             self.owned
@@ -285,6 +331,28 @@ impl FarmFilter {
             .iter()
             .all(|r| r.filter == safekit_common::FILTER_CLIENT_IP);
         let flags = if ip_only { VIP_FLAG_IP_ONLY } else { 0 };
+        let vip = match vip {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(v6) => {
+                // IPv6 VIPs: hash maps only (no index fast path).
+                for r in rules {
+                    let key = Rule6Key {
+                        vip: v6.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    };
+                    self.rules6
+                        .insert(&key, &RuleValue { filter: r.filter }, 0)
+                        .map_err(Self::map_err("RULES6"))?;
+                }
+                let value = VipValue { vmac, flags, slot };
+                self.vips6
+                    .insert(&Vip6Key { addr: v6.octets() }, &value, 0)
+                    .map_err(Self::map_err("VIPS6"))?;
+                return Ok(slot);
+            }
+        };
         for r in rules {
             let key = RuleKey {
                 vip: vip.octets(),
@@ -319,17 +387,19 @@ impl FarmFilter {
         let Some(s) = self.slots[slot as usize].as_ref() else {
             return Ok(());
         };
-        let pos = vip_index(s.vip.octets());
-        let taken = self
-            .slots
-            .iter()
-            .flatten()
-            .any(|o| o.indexed && vip_index(o.vip.octets()) == pos);
+        let IpAddr::V4(v4) = s.vip else {
+            return Ok(());
+        };
+        let pos = vip_index(v4.octets());
+        let taken =
+            self.slots.iter().flatten().any(|o| {
+                o.indexed && matches!(o.vip, IpAddr::V4(a) if vip_index(a.octets()) == pos)
+            });
         if s.indexed || s.inline.is_none() || taken {
             return Ok(());
         }
         let entry = VipIndex {
-            addr: s.vip.octets(),
+            addr: v4.octets(),
             slot_plus_one: slot + 1,
         };
         // Published last: its rules (SLOT_RULES), VIPS and RULES are
@@ -349,11 +419,14 @@ impl FarmFilter {
         let Some(s) = self.slots[slot as usize].as_mut() else {
             return Ok(());
         };
+        let IpAddr::V4(v4) = s.vip else {
+            return Ok(());
+        };
         if !s.indexed {
             return Ok(());
         }
         self.index
-            .set(vip_index(s.vip.octets()), &VipIndex::default(), 0)
+            .set(vip_index(v4.octets()), &VipIndex::default(), 0)
             .map_err(Self::map_err("VIP_INDEX"))?;
         s.indexed = false;
         Ok(())
@@ -365,7 +438,7 @@ impl FarmFilter {
         self.slots.iter().all(Option::is_none)
     }
 
-    fn slot_of(&self, vip: Ipv4Addr) -> Option<u32> {
+    fn slot_of(&self, vip: IpAddr) -> Option<u32> {
         self.slots
             .iter()
             .position(|s| s.as_ref().is_some_and(|s| s.vip == vip))
@@ -373,20 +446,40 @@ impl FarmFilter {
     }
 
     /// Forgets a VIP and its rules: its traffic is no longer filtered here.
-    pub fn remove_vip(&mut self, vip: Ipv4Addr, rules: &[FilterRule]) -> Result<(), FilterError> {
+    pub fn remove_vip(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        rules: &[FilterRule],
+    ) -> Result<(), FilterError> {
+        let vip = vip.into();
         let Some(slot) = self.slot_of(vip) else {
             return Ok(());
         };
         self.set_owned(vip, &[false; BUCKETS as usize])?;
         self.unpublish(slot)?;
-        let _ = self.vips.remove(&VipKey { addr: vip.octets() });
-        for r in rules {
-            let _ = self.rules.remove(&RuleKey {
-                vip: vip.octets(),
-                port_be: r.port.to_be(),
-                proto: r.proto,
-                pad: 0,
-            });
+        match vip {
+            IpAddr::V4(vip) => {
+                let _ = self.vips.remove(&VipKey { addr: vip.octets() });
+                for r in rules {
+                    let _ = self.rules.remove(&RuleKey {
+                        vip: vip.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    });
+                }
+            }
+            IpAddr::V6(vip) => {
+                let _ = self.vips6.remove(&Vip6Key { addr: vip.octets() });
+                for r in rules {
+                    let _ = self.rules6.remove(&Rule6Key {
+                        vip: vip.octets(),
+                        port_be: r.port.to_be(),
+                        proto: r.proto,
+                        pad: 0,
+                    });
+                }
+            }
         }
         self.slots[slot as usize] = None;
         // Another VIP at the same index position can take the fast path.
@@ -410,9 +503,9 @@ impl FarmFilter {
     /// Sets bucket ownership. Buckets this node loses are released before
     /// any bucket it gains is taken, so at no moment does it own a bucket it
     /// should not (each map element flips atomically).
-    pub fn set_owned(&mut self, vip: Ipv4Addr, owned: &[bool]) -> Result<(), FilterError> {
+    pub fn set_owned(&mut self, vip: impl Into<IpAddr>, owned: &[bool]) -> Result<(), FilterError> {
         let slot = self
-            .slot_of(vip)
+            .slot_of(vip.into())
             .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
         let Some(Slot { owned: current, .. }) = self.slots[slot as usize].as_mut() else {
             return Ok(());
@@ -429,6 +522,22 @@ impl FarmFilter {
             }
         }
         Ok(())
+    }
+
+    /// Sets the daemon's lease on `vip`'s slot: its buckets take new
+    /// traffic until `deadline_ns` (`CLOCK_MONOTONIC`, as
+    /// `bpf_ktime_get_ns`).
+    pub fn set_lease(
+        &mut self,
+        vip: impl Into<IpAddr>,
+        deadline_ns: u64,
+    ) -> Result<(), FilterError> {
+        let slot = self
+            .slot_of(vip.into())
+            .ok_or(FilterError::Missing("slot for this VIP (add_vip first)"))?;
+        self.lease
+            .set(slot, &deadline_ns.max(1), 0)
+            .map_err(Self::map_err("LEASE"))
     }
 
     /// Verdict counters summed over CPUs, indexed by

@@ -123,7 +123,7 @@ pub fn encode(hb: &Heartbeat, key: &HeartbeatKey) -> Result<Vec<u8>, EncodeError
 /// Authenticates and decodes a datagram. The MAC is verified (in constant
 /// time) before any field other than the framing is read.
 pub fn decode(buf: &[u8], key: &HeartbeatKey) -> Result<Heartbeat, Rejected> {
-    if buf.len() < MIN_LEN {
+    if buf.len() < MIN_LEN || buf.len() > MAX_LEN {
         return Err(Rejected::Truncated);
     }
     if &buf[0..4] != MAGIC || buf[4] != VERSION {
@@ -173,6 +173,28 @@ pub fn decode(buf: &[u8], key: &HeartbeatKey) -> Result<Heartbeat, Rejected> {
         counter,
         payload,
     })
+}
+
+/// For the fuzz targets (`fuzz/`): datagrams a key holder could send.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzzing {
+    use super::{HeartbeatKey, MAC_LEN, MAGIC, VERSION};
+
+    /// `body` made a datagram that passes the framing and MAC checks: magic
+    /// and version set, the declared length fixed up, the MAC appended.
+    /// The fields after the MAC check are left as they are.
+    pub(crate) fn authenticate(body: &[u8], key: &HeartbeatKey) -> Vec<u8> {
+        let mut out = body.to_vec();
+        if out.len() >= 8 {
+            out[..4].copy_from_slice(MAGIC);
+            out[4] = VERSION;
+            let total = u16::try_from(out.len() + MAC_LEN).unwrap_or(u16::MAX);
+            out[6..8].copy_from_slice(&total.to_be_bytes());
+        }
+        let mac = blake3::keyed_hash(&key.0, &out);
+        out.extend_from_slice(mac.as_bytes());
+        out
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +251,31 @@ mod tests {
                 "len {n}"
             );
         }
+    }
+
+    #[test]
+    fn datagrams_longer_than_sent_are_refused() {
+        // A 1401-byte datagram declaring its own length and correctly
+        // MACed: encode never makes one, decode refuses it.
+        let key = HeartbeatKey::derive(&[9; 32]);
+        let mut body = vec![0u8; MAX_LEN + 1 - MAC_LEN];
+        body[..4].copy_from_slice(MAGIC);
+        body[4] = VERSION;
+        body[6..8].copy_from_slice(&u16::try_from(MAX_LEN + 1).unwrap().to_be_bytes());
+        let pl = u16::try_from(body.len() - HEADER_LEN).unwrap();
+        body[27..29].copy_from_slice(&pl.to_be_bytes());
+        let mac = blake3::keyed_hash(&key.0, &body);
+        body.extend_from_slice(mac.as_bytes());
+        assert_eq!(decode(&body, &key), Err(Rejected::Truncated));
+        body.truncate(body.len() - MAC_LEN - 1);
+        body[6..8].copy_from_slice(&u16::try_from(MAX_LEN).unwrap().to_be_bytes());
+        body[27..29].copy_from_slice(&(pl - 1).to_be_bytes());
+        let mac = blake3::keyed_hash(&key.0, &body);
+        body.extend_from_slice(mac.as_bytes());
+        assert_eq!(
+            decode(&body, &key).map(|h| h.payload.len()),
+            Ok(usize::from(pl - 1))
+        );
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //!   module, state, epoch, counter and payload), checked in constant time
 //!   before any other field is trusted;
 //! - [`replay`]: the per-sender sliding replay window;
+//! - [`epochs`]: the last epoch of each peer, persisted, so a restarted
+//!   node still refuses heartbeats of a peer's older incarnations;
 //! - [`Rejected`]: why a datagram was dropped, one metrics label each.
 
 pub mod codec;
+pub mod epochs;
 pub mod replay;
 
 pub use codec::{Heartbeat, HeartbeatKey, decode, encode};
+pub use epochs::PeerEpochs;
 pub use replay::ReplayWindow;
 
 /// Why a received heartbeat was dropped. Each reason is counted separately
@@ -41,7 +45,8 @@ pub enum Rejected {
     #[error("unknown module")]
     UnknownModule,
     /// A counter already seen, or too old for the replay window, or an epoch
-    /// older than the sender's current one.
+    /// older than the sender's current one (as last seen by this node, even
+    /// before it restarted).
     #[error("replayed")]
     Replay,
     /// Fields that authenticate but do not parse (names not UTF-8, unknown

@@ -45,7 +45,7 @@ fn last_error() -> io::Error {
 }
 
 /// The reply to an Ethernet/IPv4 ARP request for a VIP, or None.
-fn reply(
+pub(crate) fn reply(
     frame: &[u8],
     ifmac: [u8; 6],
     vips: &BTreeMap<Ipv4Addr, [u8; 6]>,

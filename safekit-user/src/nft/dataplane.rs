@@ -2,7 +2,7 @@
 //! from the configuration: XDP ([`FarmFilter`]), nftables ([`NftFilter`]),
 //! or XDP with nftables where XDP cannot attach.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::{
     farm::filter::{AttachMode, FarmFilter, FilterError, FilterRule},
@@ -30,6 +30,11 @@ pub enum DataplaneError {
     /// From the nftables filter.
     #[error(transparent)]
     Nft(#[from] NftError),
+    /// The nftables backend filters IPv4 only.
+    #[error(
+        "the nftables farm backend handles IPv4 VIPs only, not {0}: use filter = \"xdp\" for IPv6 VIPs"
+    )]
+    Ipv6OnNftables(IpAddr),
     /// Neither could attach.
     #[error("{xdp}; and the nftables fallback failed too: {nft}")]
     Both {
@@ -117,25 +122,42 @@ impl FarmDataplane {
     /// See [`FarmFilter::add_vip`].
     pub fn add_vip(
         &mut self,
-        vip: Ipv4Addr,
+        vip: IpAddr,
         vmac: [u8; 6],
         rules: &[FilterRule],
     ) -> Result<u32, DataplaneError> {
-        both!(self, f => f.add_vip(vip, vmac, rules))
+        match (self, vip) {
+            (Self::Xdp(f), _) => Ok(f.add_vip(vip, vmac, rules)?),
+            (Self::Nft(f), IpAddr::V4(v)) => Ok(f.add_vip(v, vmac, rules)?),
+            (Self::Nft(_), IpAddr::V6(_)) => Err(DataplaneError::Ipv6OnNftables(vip)),
+        }
     }
 
     /// See [`FarmFilter::set_owned`].
-    pub fn set_owned(&mut self, vip: Ipv4Addr, owned: &[bool]) -> Result<(), DataplaneError> {
-        both!(self, f => f.set_owned(vip, owned))
+    pub fn set_owned(&mut self, vip: IpAddr, owned: &[bool]) -> Result<(), DataplaneError> {
+        match (self, vip) {
+            (Self::Xdp(f), _) => Ok(f.set_owned(vip, owned)?),
+            (Self::Nft(f), IpAddr::V4(v)) => Ok(f.set_owned(v, owned)?),
+            (Self::Nft(_), IpAddr::V6(_)) => Err(DataplaneError::Ipv6OnNftables(vip)),
+        }
+    }
+
+    /// See [`FarmFilter::set_lease`]. The nftables backend has no lease
+    /// (a stalled daemon's node keeps its buckets there).
+    pub fn set_lease(&mut self, vip: IpAddr, deadline_ns: u64) -> Result<(), DataplaneError> {
+        match self {
+            Self::Xdp(f) => Ok(f.set_lease(vip, deadline_ns)?),
+            Self::Nft(_) => Ok(()),
+        }
     }
 
     /// See [`FarmFilter::remove_vip`].
-    pub fn remove_vip(
-        &mut self,
-        vip: Ipv4Addr,
-        rules: &[FilterRule],
-    ) -> Result<(), DataplaneError> {
-        both!(self, f => f.remove_vip(vip, rules))
+    pub fn remove_vip(&mut self, vip: IpAddr, rules: &[FilterRule]) -> Result<(), DataplaneError> {
+        match (self, vip) {
+            (Self::Xdp(f), _) => Ok(f.remove_vip(vip, rules)?),
+            (Self::Nft(f), IpAddr::V4(v)) => Ok(f.remove_vip(v, rules)?),
+            (Self::Nft(_), IpAddr::V6(_)) => Ok(()),
+        }
     }
 
     /// See [`FarmFilter::is_empty`].

@@ -45,6 +45,10 @@ pub(crate) enum Base {
 pub(crate) enum MetaKey {
     /// `meta protocol`: the Ethernet type (`skb->protocol`), 2 bytes.
     Protocol = 1,
+    /// `meta mark`: `skb->mark`, 4 bytes (host order).
+    Mark = 3,
+    /// `meta iif`: the input interface index, 4 bytes (host order).
+    Iif = 4,
     /// `meta nfproto`: IPv4 or IPv6 in an `inet` table, 1 byte.
     NfProto = 15,
     /// `meta l4proto`: the transport protocol, 1 byte.

@@ -97,11 +97,12 @@
 //! released (one transaction) before the buckets it gains are taken (a
 //! second one), as [`crate::farm::filter::FarmFilter::set_owned`] does.
 
-mod arp_responder;
+pub(crate) mod arp_responder;
 pub mod dataplane;
 mod expr;
 mod farm;
 pub mod firewall;
+pub mod lease;
 mod netlink;
 
 pub use dataplane::{Backend, FarmDataplane};

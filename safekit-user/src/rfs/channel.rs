@@ -200,6 +200,11 @@ pub enum ChannelError {
     /// is not a safekit replication endpoint.
     #[error("handshake refused ({0}): the peer does not hold the cluster key")]
     Handshake(String),
+    /// The handshake did not complete in time: a slow or lossy link, or a
+    /// peer that is not a safekit replication endpoint. Nothing says it
+    /// lacks the key.
+    #[error("no complete handshake within {0:?} (a slow or lossy link, or not a safekit peer)")]
+    HandshakeTimeout(Duration),
     /// A frame failed authentication: tampered, replayed, reordered or forged.
     #[error("frame failed authentication (tampered, replayed or forged); connection dropped")]
     Tampered,
@@ -260,25 +265,34 @@ fn write_frame(stream: &mut TcpStream, msg: &[u8]) -> Result<(), ChannelError> {
     stream.write_all(&buf).map_err(io_err("handshake write"))
 }
 
-fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, ChannelError> {
+fn read_frame(stream: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>, ChannelError> {
     let mut len = [0u8; 2];
-    read_exact(stream, &mut len)?;
+    read_exact(stream, &mut len, timeout)?;
     let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    read_exact(stream, &mut msg)?;
+    read_exact(stream, &mut msg, timeout)?;
     Ok(msg)
 }
 
-fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), ChannelError> {
-    stream.read_exact(buf).map_err(|e| match e.kind() {
+fn read_exact(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<(), ChannelError> {
+    stream.read_exact(buf).map_err(|e| handshake_io(e, timeout))
+}
+
+/// A socket error during the handshake.
+fn handshake_io(e: io::Error, timeout: Duration) -> ChannelError {
+    match e.kind() {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => ChannelError::Closed,
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            ChannelError::Handshake("timed out".into())
+            ChannelError::HandshakeTimeout(timeout)
         }
         _ => ChannelError::Io {
             op: "handshake read",
             source: e,
         },
-    })
+    }
 }
 
 /// Runs the initiator's side of the handshake on a connected stream, with
@@ -359,11 +373,11 @@ fn handshake(
             .write_message(&[], &mut buf[1..])
             .map_err(handshake_err)?;
         write_frame(&mut stream, &buf[..=n])?;
-        let reply = read_frame(&mut stream)?;
+        let reply = read_frame(&mut stream, timeout)?;
         hs.read_message(&reply, &mut buf).map_err(handshake_err)?;
         (hs, cipher)
     } else {
-        let first = read_frame(&mut stream)?;
+        let first = read_frame(&mut stream, timeout)?;
         let (&byte, msg) = first
             .split_first()
             .ok_or_else(|| ChannelError::Handshake("empty first message".into()))?;
@@ -378,7 +392,23 @@ fn handshake(
         write_frame(&mut stream, &buf[..n])?;
         (hs, cipher)
     };
-    let noise = Arc::new(hs.into_stateless_transport_mode().map_err(handshake_err)?);
+    let noise = hs.into_stateless_transport_mode().map_err(handshake_err)?;
+    established(stream, noise, cipher, &[])
+}
+
+/// The channel over a stream whose handshake is done with `cipher`;
+/// `already_read` is wire data read past the handshake (whole frames),
+/// delivered first.
+fn established(
+    stream: TcpStream,
+    noise: StatelessTransportState,
+    cipher: Cipher,
+    already_read: &[u8],
+) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
+    let noise = Arc::new(noise);
+    stream
+        .set_nodelay(true)
+        .map_err(io_err("set TCP_NODELAY"))?;
     stream
         .set_read_timeout(None)
         .map_err(io_err("set read timeout"))?;
@@ -386,12 +416,15 @@ fn handshake(
         .set_write_timeout(None)
         .map_err(io_err("set write timeout"))?;
     let rx = stream.try_clone().map_err(io_err("clone socket"))?;
+    let mut receiver = ChannelReceiver::new(rx, Arc::clone(&noise));
+    receiver.raw[..already_read.len()].copy_from_slice(already_read);
+    receiver.raw_end = already_read.len();
     Ok((
         ChannelSender {
             cipher,
             sealer: Sealer {
                 stream,
-                noise: Arc::clone(&noise),
+                noise,
                 nonce: 0,
                 frame: vec![0u8; 2 + MAX_FRAME],
                 failed: None,
@@ -399,18 +432,95 @@ fn handshake(
             },
             pending: Vec::new(),
         },
-        ChannelReceiver {
-            stream: rx,
-            noise,
-            nonce: 0,
-            raw: vec![0u8; RAW_BUF],
-            raw_start: 0,
-            raw_end: 0,
-            plain: Vec::new(),
-            pos: 0,
-            end: 0,
-        },
+        receiver,
     ))
+}
+
+/// Largest frame a peer may send before it proved it holds the key: the
+/// handshake's first message, and the first transport frame (a hello with
+/// a path of at most 4 KiB).
+const MAX_UNAUTHENTICATED_FRAME: usize = 8192;
+
+/// Reads one frame (length, then the Noise message) from a connection
+/// that has not authenticated yet.
+async fn read_frame_async(stream: &mut tokio::net::TcpStream) -> Result<Vec<u8>, ChannelError> {
+    use tokio::io::AsyncReadExt as _;
+    let eof = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => ChannelError::Closed,
+        _ => ChannelError::Io {
+            op: "handshake read",
+            source: e,
+        },
+    };
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.map_err(eof)?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > MAX_UNAUTHENTICATED_FRAME {
+        return Err(ChannelError::Handshake(format!(
+            "a {len}-byte frame before authentication"
+        )));
+    }
+    let mut msg = vec![0u8; len];
+    stream.read_exact(&mut msg).await.map_err(eof)?;
+    Ok(msg)
+}
+
+/// Runs the responder's side of the handshake on an accepted connection
+/// without a thread, within `deadline` in all (not per read), and waits
+/// for the initiator's first transport frame — the first proof that it
+/// holds the key, since a replayed first handshake message cannot produce
+/// it. Only then does the connection become a (blocking) channel, that
+/// frame delivered first. So a peer without the key, or one that stalls,
+/// costs a task and a few KiB for at most `deadline`, never a thread.
+pub async fn accept_async(
+    mut stream: tokio::net::TcpStream,
+    key: &ChannelKey,
+    deadline: Duration,
+) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
+    use tokio::io::AsyncWriteExt as _;
+    let run = async {
+        // The first frame: the initiator's cipher byte, then its first
+        // Noise message.
+        let first = read_frame_async(&mut stream).await?;
+        let (&byte, msg) = first
+            .split_first()
+            .ok_or_else(|| ChannelError::Handshake("empty first message".into()))?;
+        let cipher = Cipher::from_byte(byte)
+            .ok_or_else(|| ChannelError::Handshake(format!("unknown cipher {byte}")))?;
+        let mut hs = snow::Builder::new(params(cipher))
+            .psk(0, &key.0)
+            .and_then(|b| b.prologue(PROLOGUE))
+            .and_then(snow::Builder::build_responder)
+            .map_err(handshake_err)?;
+        let mut buf = vec![0u8; MAX_UNAUTHENTICATED_FRAME + 2];
+        hs.read_message(msg, &mut buf).map_err(handshake_err)?;
+        let n = hs
+            .write_message(&[], &mut buf[2..])
+            .map_err(handshake_err)?;
+        let len = u16::try_from(n).map_err(|_| ChannelError::TooLarge(n))?;
+        buf[..2].copy_from_slice(&len.to_be_bytes());
+        stream
+            .write_all(&buf[..2 + n])
+            .await
+            .map_err(io_err("handshake write"))?;
+        let noise = hs.into_stateless_transport_mode().map_err(handshake_err)?;
+        let frame = read_frame_async(&mut stream).await?;
+        noise
+            .read_message(0, &frame, &mut buf)
+            .map_err(|_| ChannelError::Tampered)?;
+        Ok::<_, ChannelError>((noise, frame, cipher))
+    };
+    let (noise, frame, cipher) = tokio::time::timeout(deadline, run)
+        .await
+        .map_err(|_| ChannelError::HandshakeTimeout(deadline))??;
+    let stream = stream.into_std().map_err(io_err("detach socket"))?;
+    stream
+        .set_nonblocking(false)
+        .map_err(io_err("set blocking"))?;
+    let len = u16::try_from(frame.len()).map_err(|_| ChannelError::TooLarge(frame.len()))?;
+    let mut wire = len.to_be_bytes().to_vec();
+    wire.extend_from_slice(&frame);
+    established(stream, noise, cipher, &wire)
 }
 
 /// The sending half of a channel.
@@ -609,9 +719,10 @@ impl ShutdownHandle {
 /// Ciphertext read buffer: room for a few frames per `read`.
 const RAW_BUF: usize = 4 * (2 + MAX_FRAME);
 
-/// The receiving half of a channel.
-pub struct ChannelReceiver {
-    stream: TcpStream,
+/// The receiving half of a channel. `S` is the byte stream it reads: the
+/// TCP connection, or (fuzzing) a byte slice.
+pub struct ChannelReceiver<S = TcpStream> {
+    stream: S,
     noise: Arc<StatelessTransportState>,
     nonce: u64,
     /// Ciphertext read; `raw[raw_start..raw_end]` is not yet decrypted.
@@ -627,7 +738,7 @@ pub struct ChannelReceiver {
     end: usize,
 }
 
-impl std::fmt::Debug for ChannelReceiver {
+impl<S> std::fmt::Debug for ChannelReceiver<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChannelReceiver")
             .field("nonce", &self.nonce)
@@ -642,6 +753,22 @@ impl ChannelReceiver {
         self.stream
             .set_read_timeout(t)
             .map_err(io_err("set read timeout"))
+    }
+}
+
+impl<S: Read> ChannelReceiver<S> {
+    fn new(stream: S, noise: Arc<StatelessTransportState>) -> Self {
+        Self {
+            stream,
+            noise,
+            nonce: 0,
+            raw: vec![0u8; RAW_BUF],
+            raw_start: 0,
+            raw_end: 0,
+            plain: Vec::new(),
+            pos: 0,
+            end: 0,
+        }
     }
 
     /// Whether a whole message is already decrypted (the next
@@ -752,6 +879,81 @@ impl ChannelReceiver {
             self.raw_end = 0;
         }
         Ok(())
+    }
+}
+
+/// For the fuzz targets (`fuzz/`): a channel's two ends without sockets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzzing {
+    use super::{
+        Arc, ChannelError, ChannelKey, ChannelReceiver, MAX_FRAME, PROLOGUE,
+        StatelessTransportState, handshake_err, params,
+    };
+
+    /// Largest plaintext in one frame.
+    pub(crate) const MAX_PLAIN: usize = super::MAX_PLAIN;
+
+    /// The initiator's and the responder's transport states after a
+    /// handshake run in memory.
+    pub(crate) fn transport_pair(
+        key: &ChannelKey,
+    ) -> Result<(StatelessTransportState, StatelessTransportState), ChannelError> {
+        let builder = || {
+            snow::Builder::new(params(super::Cipher::preferred()))
+                .psk(0, &key.0)
+                .and_then(|b| b.prologue(PROLOGUE))
+                .map_err(handshake_err)
+        };
+        let mut initiator = builder()?.build_initiator().map_err(handshake_err)?;
+        let mut responder = builder()?.build_responder().map_err(handshake_err)?;
+        let (mut wire, mut payload) = (vec![0u8; MAX_FRAME], vec![0u8; MAX_FRAME]);
+        let n = initiator
+            .write_message(&[], &mut wire)
+            .map_err(handshake_err)?;
+        responder
+            .read_message(&wire[..n], &mut payload)
+            .map_err(handshake_err)?;
+        let n = responder
+            .write_message(&[], &mut wire)
+            .map_err(handshake_err)?;
+        initiator
+            .read_message(&wire[..n], &mut payload)
+            .map_err(handshake_err)?;
+        Ok((
+            initiator
+                .into_stateless_transport_mode()
+                .map_err(handshake_err)?,
+            responder
+                .into_stateless_transport_mode()
+                .map_err(handshake_err)?,
+        ))
+    }
+
+    /// Appends `plain` (at most a frame's plaintext) sealed as frame number
+    /// `nonce`, with its length, as a sender puts it on the wire.
+    pub(crate) fn seal(
+        noise: &StatelessTransportState,
+        nonce: u64,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChannelError> {
+        let mut frame = vec![0u8; MAX_FRAME];
+        let n = noise
+            .write_message(nonce, plain, &mut frame)
+            .map_err(|e| ChannelError::Handshake(format!("seal: {e}")))?;
+        let len = u16::try_from(n).map_err(|_| ChannelError::TooLarge(n))?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&frame[..n]);
+        Ok(())
+    }
+
+    /// A receiver reading the wire bytes `stream` with the responder's
+    /// transport state.
+    pub(crate) fn receiver(
+        noise: Arc<StatelessTransportState>,
+        stream: &[u8],
+    ) -> ChannelReceiver<&[u8]> {
+        ChannelReceiver::new(stream, noise)
     }
 }
 

@@ -286,7 +286,7 @@ fn widened(change: Change, g: u64) -> Change {
     }
 }
 
-fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
+pub(crate) fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
     let mut payload = Vec::with_capacity(path.as_bytes().len() + 24);
     match change {
         Change::Range { start, end } => {
@@ -312,7 +312,7 @@ fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
 }
 
 /// Parses records from `buf`; returns them and the length of the valid prefix.
-fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
+pub(crate) fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0;
     while let Some(hdr) = buf.get(pos..pos + 8) {

@@ -20,7 +20,7 @@ use rustix::{
 use super::sys;
 
 /// Undoes the octal escapes of `/proc/self/mountinfo` (`\040` for a space).
-fn unescape(field: &str) -> PathBuf {
+pub(crate) fn unescape(field: &str) -> PathBuf {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

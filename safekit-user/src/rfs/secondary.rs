@@ -16,7 +16,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -28,7 +28,7 @@ use tokio::{net::TcpListener, sync::mpsc::UnboundedSender};
 use super::{
     RfsError,
     apply::Applier,
-    channel::{self, ChannelError, ChannelKey, ChannelSender, ShutdownHandle},
+    channel::{self, ChannelError, ChannelKey, ChannelReceiver, ChannelSender, ShutdownHandle},
     journal::{self, Change, DirtySet, Journal},
     proto::{self, Message, Op, RelPath, Seq},
     state::DirState,
@@ -53,9 +53,6 @@ pub struct SecondaryConfig {
 /// Under a steady stream, an acknowledgement at least every this many
 /// operations.
 const ACK_EVERY: u32 = 16;
-
-/// Operations received and not yet applied, at most.
-const APPLY_QUEUE: usize = 4096;
 
 /// One directory this node receives.
 #[derive(Debug, Clone)]
@@ -134,6 +131,8 @@ struct DirSlot {
     dir: SecondaryDir,
     applier: Mutex<Option<Applier>>,
     current: Mutex<Option<ShutdownHandle>>,
+    /// The copy failed to apply something since it was last in sync.
+    failed: AtomicBool,
 }
 
 /// The directories this node currently receives, by name. The daemon adds a
@@ -142,7 +141,59 @@ struct DirSlot {
 #[derive(Default)]
 pub struct Registry {
     dirs: Mutex<HashMap<String, Arc<DirSlot>>>,
+    /// What the listener refused.
+    counters: ListenerCounters,
 }
+
+/// Replication connections this node's listener turned away before the
+/// peer proved it holds the cluster key, by reason; and accept errors.
+#[derive(Debug, Default)]
+pub struct ListenerCounters {
+    /// Closed at once: [`MAX_PENDING_HANDSHAKES`] handshakes already in
+    /// progress, or [`MAX_CONNECTIONS`] connections already served.
+    pub busy: AtomicU64,
+    /// The handshake failed: not the cluster key, or not the protocol.
+    pub handshake_failed: AtomicU64,
+    /// No complete handshake within the deadline.
+    pub handshake_timeout: AtomicU64,
+    /// The peer closed before completing the handshake.
+    pub closed: AtomicU64,
+    /// `accept` failed (e.g. out of file descriptors); retried.
+    pub accept_errors: AtomicU64,
+}
+
+impl ListenerCounters {
+    /// Every counter with its metrics label.
+    #[must_use]
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        [
+            ("busy", self.busy.load(Ordering::Relaxed)),
+            (
+                "handshake_failed",
+                self.handshake_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "handshake_timeout",
+                self.handshake_timeout.load(Ordering::Relaxed),
+            ),
+            ("closed", self.closed.load(Ordering::Relaxed)),
+            ("accept_error", self.accept_errors.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// Handshakes in progress at most (each a task and a few KiB, for at most
+/// the handshake deadline); connections past it are closed at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+/// Authenticated connections served at once (each two threads): one per
+/// replicated directory, plus verifications and a reconnection's overlap.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Bytes of operations received and not yet applied, at most: past it the
+/// reader waits for the applier (and stops acknowledging), which slows the
+/// primary down to what this copy can write.
+const APPLY_BACKLOG: u64 = 64 << 20;
+/// Refused connections are logged at most this often (with a count).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,6 +214,12 @@ impl Registry {
         Arc::new(Self::default())
     }
 
+    /// What the listener refused so far.
+    #[must_use]
+    pub fn counters(&self) -> &ListenerCounters {
+        &self.counters
+    }
+
     /// Accepts connections for `name` from now on.
     pub fn add(&self, name: String, dir: SecondaryDir) {
         lock(&self.dirs).insert(
@@ -171,22 +228,26 @@ impl Registry {
                 dir,
                 applier: Mutex::new(None),
                 current: Mutex::new(None),
+                failed: AtomicBool::new(false),
             }),
         );
     }
 
     /// Stops receiving `name`: the current connection is shut down and its
     /// applier finishes what it received. Blocking (call from
-    /// `spawn_blocking` in async code).
-    pub fn remove(&self, name: &str) {
+    /// `spawn_blocking` in async code). Returns true when the copy failed to
+    /// apply something since it was last in sync (it lacks what the
+    /// primary sent: nobody may start on it).
+    pub fn remove(&self, name: &str) -> bool {
         let Some(slot) = lock(&self.dirs).remove(name) else {
-            return;
+            return false;
         };
         if let Some(h) = lock(&slot.current).take() {
             h.shutdown();
         }
         // Wait for the applier (held by the connection while it runs).
         drop(lock(&slot.applier).take());
+        slot.failed.load(Ordering::Acquire)
     }
 
     /// Names served.
@@ -207,12 +268,58 @@ struct Ctx {
     handshake_timeout: Duration,
     registry: Arc<Registry>,
     events: Option<UnboundedSender<SecondaryEvent>>,
+    /// Authenticated connections being served.
+    connections: AtomicUsize,
+    refusals: Mutex<RefusalLog>,
 }
 
 impl Ctx {
     fn event(&self, e: SecondaryEvent) {
         if let Some(tx) = &self.events {
             let _ = tx.send(e);
+        }
+    }
+
+    /// Counts a connection turned away before authentication, and logs it
+    /// (rate-limited: anyone can cause these).
+    fn refused(&self, peer: SocketAddr, e: &ChannelError) {
+        let c = &self.registry.counters;
+        let counter = match e {
+            ChannelError::HandshakeTimeout(_) => &c.handshake_timeout,
+            ChannelError::Closed => &c.closed,
+            _ => &c.handshake_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        lock(&self.refusals).note(peer, &e.to_string());
+    }
+
+    fn busy(&self, peer: SocketAddr, why: &str) {
+        self.registry.counters.busy.fetch_add(1, Ordering::Relaxed);
+        lock(&self.refusals).note(peer, why);
+    }
+}
+
+/// Logs refused connections at most once per [`REFUSAL_LOG_EVERY`], with
+/// how many were not logged since.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, why: &str) {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now < t + REFUSAL_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.unlogged);
+        self.last = Some(now);
+        if more > 0 {
+            tracing::warn!(%peer, reason = %why, "replication connection refused ({more} more refused since the last report)");
+        } else {
+            tracing::warn!(%peer, reason = %why, "replication connection refused");
         }
     }
 }
@@ -248,8 +355,14 @@ pub async fn serve(
 }
 
 /// Serves replication connections for the directories of `registry` on
-/// `listener` until the task is dropped or aborted. Connections run on
-/// their own threads.
+/// `listener` until the task is dropped or aborted.
+///
+/// Each connection's handshake runs as a task, within `handshake_timeout`
+/// in all, at most [`MAX_PENDING_HANDSHAKES`] at once (more are closed at
+/// once); only a peer that proved it holds the cluster key gets threads
+/// (a reader and an applier), at most [`MAX_CONNECTIONS`] at once. A failed
+/// `accept` (out of file descriptors, ...) is retried after a pause
+/// ([`crate::sys::accept`]): the listener never stops by itself.
 pub async fn serve_registry(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -263,26 +376,71 @@ pub async fn serve_registry(
         handshake_timeout,
         registry,
         events,
+        connections: AtomicUsize::new(0),
+        refusals: Mutex::new(RefusalLog::default()),
     });
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut backoff = crate::sys::accept::AcceptBackoff::new("replication");
     loop {
-        let (stream, peer) = listener.accept().await.map_err(RfsError::Accept)?;
-        let stream = match stream.into_std().and_then(|s| {
-            s.set_nonblocking(false)?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => {
+                backoff.ok();
+                c
+            }
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "replication connection unusable");
+                ctx.registry
+                    .counters
+                    .accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+            ctx.busy(
+                peer,
+                &format!("{MAX_PENDING_HANDSHAKES} handshakes already in progress"),
+            );
+            continue;
+        };
         let ctx = Arc::clone(&ctx);
-        let spawned = thread::Builder::new()
-            .name("rfs-second".into())
-            .spawn(move || connection(&ctx, stream, peer));
-        if let Err(e) = spawned {
-            tracing::warn!(%peer, error = %e, "cannot start a replication thread");
-        }
+        tokio::spawn(async move {
+            let accepted = channel::accept_async(stream, &ctx.key, ctx.handshake_timeout).await;
+            drop(permit);
+            let (tx, rx) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx.refused(peer, &e);
+                    return;
+                }
+            };
+            if ctx.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                ctx.busy(
+                    peer,
+                    &format!("{MAX_CONNECTIONS} replication connections already served"),
+                );
+                return;
+            }
+            let thread_ctx = Arc::clone(&ctx);
+            let spawned = thread::Builder::new()
+                .name("rfs-second".into())
+                .spawn(move || {
+                    // Released however the connection ends, a panic too.
+                    struct Slot<'a>(&'a AtomicUsize);
+                    impl Drop for Slot<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    let _slot = Slot(&thread_ctx.connections);
+                    connection(&thread_ctx, tx, rx, peer);
+                });
+            if let Err(e) = spawned {
+                ctx.connections.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(%peer, error = %e, "cannot start a replication thread");
+            }
+        });
     }
 }
 
@@ -311,29 +469,100 @@ fn suspects(al: Option<&Journal>, alone: Option<&DirtySet>) -> Vec<(RelPath, Cha
     }
 }
 
+/// Most bytes a quarantine copies: past it nothing is copied (nor
+/// overwritten), the resynchronisation is refused with a clear error.
+pub const QUARANTINE_MAX: u64 = 1 << 30;
+
+/// The fingerprint of the divergence last quarantined, in a directory's
+/// state (removed when the copy is in sync again).
+const QUARANTINED: &str = "quarantined";
+
 /// Copies what this node changed alone (its journal) into a new quarantine
-/// directory; returns it and the number of paths kept.
+/// directory, once per divergence: its fingerprint is kept in `mark` (in
+/// the directory's state), so a primary that reconnects before the
+/// resynchronisation completes does not get it copied again. Returns the
+/// new directory and the number of paths kept (`None`: nothing to keep, or
+/// already kept). Past `max` bytes it copies nothing and fails.
 fn quarantine(
     local: &std::path::Path,
     alone: &DirtySet,
     to: &std::path::Path,
+    mark: Option<&std::path::Path>,
+    max: u64,
 ) -> std::io::Result<Option<(PathBuf, usize)>> {
     if alone.is_empty() {
         return Ok(None);
     }
+    let rel =
+        |p: &RelPath| std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes())).to_owned();
+    let mut fingerprint = blake3::Hasher::new();
+    for (p, c) in alone.to_records() {
+        fingerprint.update(p.as_bytes());
+        fingerprint.update(format!(" {c:?}\n").as_bytes());
+    }
+    let fingerprint = fingerprint.finalize().to_hex().to_string();
+    if let Some(mark) = mark
+        && std::fs::read_to_string(mark).is_ok_and(|m| m.lines().next() == Some(&fingerprint))
+    {
+        return Ok(None);
+    }
+    let mut bytes = 0u64;
+    for (p, _) in alone.iter() {
+        bytes = bytes.saturating_add(tree_bytes(&local.join(rel(p))));
+    }
+    if bytes > max {
+        return Err(std::io::Error::other(format!(
+            "the {bytes} bytes this node changed alone exceed the quarantine cap of {max}: nothing copied, nothing overwritten, this copy is not resynchronised; keep what matters from {} by hand, then remove this directory's journal (var/lib/safekit/<AM>/rfs/<dir>/journal) and start the module again",
+            local.display()
+        )));
+    }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let dest = to.join(format!("{stamp}"));
-    std::fs::create_dir_all(&dest)?;
+    std::fs::create_dir_all(to)?;
+    // A directory of its own, even for two quarantines in one second.
+    let mut dest = to.join(format!("{stamp}"));
+    for k in 1.. {
+        match std::fs::create_dir(&dest) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 1000 => {
+                dest = to.join(format!("{stamp}-{k}"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let mut n = 0;
     for (p, _) in alone.iter() {
-        let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes()));
-        if copy_tree(&local.join(rel), &dest.join(rel))? {
+        let rel = rel(p);
+        if copy_tree(&local.join(&rel), &dest.join(&rel))? {
             n += 1;
         }
     }
+    if let Some(mark) = mark {
+        crate::paths::write_durably(
+            mark,
+            format!("{fingerprint}\n{}\n", dest.display()).as_bytes(),
+        )?;
+    }
     Ok(Some((dest, n)))
+}
+
+/// Bytes of the regular files at or under `p` (0 if it does not exist).
+fn tree_bytes(p: &std::path::Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if md.is_dir() {
+        std::fs::read_dir(p).map_or(0, |rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| tree_bytes(&e.path()))
+                .fold(0u64, u64::saturating_add)
+        })
+    } else if md.is_file() {
+        md.len()
+    } else {
+        0
+    }
 }
 
 /// Copies `src` (file, symlink or directory, recursively) to `dst`; false if
@@ -387,17 +616,7 @@ fn serve_verify(ctx: &Ctx, mut tx: ChannelSender, dir: &str, peer: SocketAddr) {
     clippy::too_many_lines,
     reason = "the connection's life in order: handshake, hello, takeover, loop"
 )]
-fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
-    let (mut tx, mut rx) = match channel::accept(stream, &ctx.key, ctx.handshake_timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.event(SecondaryEvent::Refused {
-                peer,
-                reason: e.to_string(),
-            });
-            return;
-        }
-    };
+fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: SocketAddr) {
     let _ = rx.set_read_timeout(Some(ctx.handshake_timeout));
     let dir = match rx.recv() {
         Ok(Message::Hello { version, dir }) if version == proto::VERSION => dir,
@@ -461,7 +680,10 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         let kept = alone
             .as_ref()
             .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|alone| quarantine(&slot.dir.local, alone, q));
+            .and_then(|alone| {
+                let mark = state.as_ref().map(|st| st.dir().join(QUARANTINED));
+                quarantine(&slot.dir.local, alone, q, mark.as_deref(), QUARANTINE_MAX)
+            });
         match kept {
             Ok(Some((to, paths))) => {
                 tracing::warn!(%dir, to = %to.display(), paths, "files changed alone quarantined before resynchronisation");
@@ -509,10 +731,8 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
     let mode = slot.dir.async_mode;
     let insync = AtomicBool::new(false);
     let tx = Mutex::new(tx);
-    // Bounded: an applier that falls behind stops the reader, the TCP
-    // window fills, and the primary's own bounded queue pushes back on the
-    // application (a stalled copy ends in the primary's send timeout).
-    let (ops_tx, ops_rx) = mpsc::sync_channel::<Queued>(APPLY_QUEUE);
+    let (ops_tx, ops_rx) = mpsc::channel::<(Seq, Op, bool, bool)>();
+    let backlog = Backlog::new(APPLY_BACKLOG);
     let dir2 = dir.clone();
     let link = Link {
         ctx,
@@ -521,6 +741,8 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         state: state.as_ref(),
         insync: &insync,
         activity: &activity,
+        backlog: &backlog,
+        failed: &slot.failed,
     };
     let reason = thread::scope(|scope| {
         let applier = guard.as_mut();
@@ -528,6 +750,8 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
         scope.spawn(move || {
             if let Some(applier) = applier {
                 apply_loop(link, applier, &ops_rx);
+            } else {
+                link.backlog.close();
             }
         });
         let mut last: Seq = 0;
@@ -560,7 +784,11 @@ fn connection(ctx: &Ctx, stream: std::net::TcpStream, peer: SocketAddr) {
                             }
                         }
                     }
-                    if ops_tx.send((seq, op, batch_end, on_receipt)).is_err() {
+                    // Back-pressure: wait while the applier is that far
+                    // behind.
+                    if !backlog.take(weight(&op))
+                        || ops_tx.send((seq, op, batch_end, on_receipt)).is_err()
+                    {
                         break "applier stopped".to_string();
                     }
                     if batch_end && on_receipt {
@@ -592,6 +820,9 @@ struct Link<'a> {
     state: Option<&'a DirState>,
     insync: &'a AtomicBool,
     activity: &'a Mutex<Activity>,
+    backlog: &'a Backlog,
+    /// The slot's "failed since in sync" flag.
+    failed: &'a AtomicBool,
 }
 
 impl Link<'_> {
@@ -600,6 +831,7 @@ impl Link<'_> {
     }
 
     fn fail(&self, seq: Seq, errno: i32, detail: String) {
+        self.failed.store(true, Ordering::Release);
         self.ctx.event(SecondaryEvent::Failed {
             dir: self.dir.to_string(),
             seq,
@@ -617,11 +849,17 @@ impl Link<'_> {
                 .map_err(|e| format!("recording the synchronisation point: {e}"))?;
             let mut j = Journal::open(&st.journal()).map_err(|e| e.to_string())?;
             j.clear().map_err(|e| e.to_string())?;
+            // That divergence is over: the next one is kept again.
+            match std::fs::remove_file(st.dir().join(QUARANTINED)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.to_string()),
+                _ => {}
+            }
             let mut a = lock(self.activity);
             if let Some(log) = a.log.as_mut() {
                 log.reset_fast().map_err(|e| e.to_string())?;
             }
         }
+        self.failed.store(false, Ordering::Release);
         self.insync.store(true, Ordering::Release);
         self.ctx.event(SecondaryEvent::InSync {
             dir: self.dir.to_string(),
@@ -639,9 +877,18 @@ type Queued = (Seq, Op, bool, bool);
 /// (`async = "none"`), so a stream of small fsyncs costs one sync per path
 /// per batch, not one per operation.
 fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queued>) {
+    // However it ends, the reader must not wait for it any more.
+    struct Closed<'a>(&'a Backlog);
+    impl Drop for Closed<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _closed = Closed(link.backlog);
     let mut failed = false;
     let mut barriers = Barriers::default();
     while let Ok((seq, op, batch_end, acked_on_receipt)) = ops.recv() {
+        let w = weight(&op);
         if let Op::Fsync { path, data_only } = &op {
             barriers.add(path, *data_only);
         } else if let Op::InSync { sync_id } = op {
@@ -682,6 +929,7 @@ fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queue
         }
         // Resynchronisation and async = "none": acknowledged once written
         // (and synced, for the barriers of the batch).
+        link.backlog.give(w);
         if batch_end && !acked_on_receipt && !link.ack(seq) {
             return;
         }
@@ -707,6 +955,71 @@ impl Barriers {
             .drain(..)
             .map(|(path, data_only)| Op::Fsync { path, data_only })
             .collect()
+    }
+}
+
+/// What an operation weighs in the reader-to-applier queue: its payload
+/// plus a fixed overhead.
+fn weight(op: &Op) -> u64 {
+    let payload = match op {
+        Op::Write { data, .. } => data.len(),
+        Op::SetXattr { value, .. } => value.len(),
+        Op::Symlink { target, .. } => target.len(),
+        Op::Put { xattrs, target, .. } => {
+            target.len() + xattrs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        }
+        Op::Prune { keep, .. } => keep.iter().map(Vec::len).sum(),
+        _ => 0,
+    };
+    payload as u64 + 256
+}
+
+/// The bytes of operations queued for the applier, bounded: the reader
+/// [`take`](Self::take)s before queueing (waiting while the bound would be
+/// passed, unless the queue is empty), the applier
+/// [`give`](Self::give)s back once applied.
+#[derive(Debug)]
+struct Backlog {
+    max: u64,
+    state: Mutex<(u64, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Backlog {
+    fn new(max: u64) -> Self {
+        Self {
+            max,
+            state: Mutex::new((0, false)),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits for room for `n` bytes and takes it; false once the applier
+    /// is gone.
+    fn take(&self, n: u64) -> bool {
+        let mut st = lock(&self.state);
+        while !st.1 && st.0 > 0 && st.0 + n > self.max {
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if st.1 {
+            return false;
+        }
+        st.0 += n;
+        true
+    }
+
+    fn give(&self, n: u64) {
+        let mut st = lock(&self.state);
+        st.0 = st.0.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.changed.notify_all();
     }
 }
 
@@ -737,5 +1050,66 @@ mod tests {
         ];
         assert_eq!(bar.take(), want);
         assert_eq!(bar.take(), Vec::new());
+    }
+
+    #[test]
+    fn a_divergence_is_quarantined_once_and_refused_past_the_cap() {
+        let base = std::env::temp_dir().join(format!("safekit-quarantine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (local, q) = (base.join("local"), base.join("q"));
+        let mark = base.join("state/quarantined");
+        let mark = Some(mark.as_path());
+        std::fs::create_dir_all(local.join("d")).unwrap();
+        std::fs::write(local.join("a"), vec![1u8; 3000]).unwrap();
+        std::fs::write(local.join("d/b"), vec![2u8; 2000]).unwrap();
+        let mut alone = DirtySet::default();
+        alone.record(&RelPath::new("a").unwrap(), Change::Meta);
+        alone.record(&RelPath::new("d").unwrap(), Change::Tree);
+        // Past the cap: nothing copied, a clear error.
+        let e = quarantine(&local, &alone, &q, mark, 4999)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("5000 bytes") && e.contains("cap of 4999"), "{e}");
+        assert!(!q.exists() || std::fs::read_dir(&q).unwrap().count() == 0);
+        // Within it: copied once.
+        let (dest, n) = quarantine(&local, &alone, &q, mark, 5000).unwrap().unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(std::fs::read(dest.join("d/b")).unwrap(), vec![2u8; 2000]);
+        assert_eq!(
+            quarantine(&local, &alone, &q, mark, 5000).unwrap(),
+            None,
+            "same divergence"
+        );
+        // Another divergence is kept again.
+        alone.record(&RelPath::new("c").unwrap(), Change::Tree);
+        std::fs::write(local.join("c"), b"c").unwrap();
+        let (again, _) = quarantine(&local, &alone, &q, mark, 6000).unwrap().unwrap();
+        assert_ne!(again, dest);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_backlog_holds_the_reader_until_the_applier_catches_up() {
+        let b = Arc::new(Backlog::new(1000));
+        assert!(b.take(600));
+        assert!(b.take(400));
+        let reader = {
+            let b = Arc::clone(&b);
+            thread::spawn(move || b.take(10))
+        };
+        thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "full: the reader waits");
+        b.give(600);
+        assert!(reader.join().unwrap(), "room again");
+        // Larger than the bound on its own: passes when nothing is queued.
+        b.give(410);
+        assert!(b.take(5000));
+        let reader = {
+            let b = Arc::clone(&b);
+            thread::spawn(move || b.take(1))
+        };
+        thread::sleep(Duration::from_millis(20));
+        b.close();
+        assert!(!reader.join().unwrap(), "applier gone: the reader stops");
     }
 }

@@ -14,7 +14,7 @@
 //!   records; any other id means a full resynchronisation.
 
 use std::{
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
 };
 
@@ -66,13 +66,7 @@ impl DirState {
     /// Records the synchronisation point durably (write, fsync, rename,
     /// fsync the directory).
     pub fn set_sync_id(&self, id: u64) -> io::Result<()> {
-        self.create()?;
-        let tmp = self.dir.join("sync_id.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{id}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("sync_id"))?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        crate::paths::write_durably(&self.dir.join("sync_id"), format!("{id}\n").as_bytes())
     }
 }
 

@@ -24,9 +24,23 @@ pub fn garp_frame(eth_src: [u8; 6], mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
     f
 }
 
+/// The announcement of `vip` at `mac`, from `eth_src`: a gratuitous ARP
+/// for IPv4, an unsolicited neighbour advertisement for IPv6.
+#[must_use]
+pub fn announcement(eth_src: [u8; 6], mac: [u8; 6], vip: std::net::IpAddr) -> Vec<u8> {
+    match vip {
+        std::net::IpAddr::V4(v) => garp_frame(eth_src, mac, v).to_vec(),
+        std::net::IpAddr::V6(v) => super::ndp::unsolicited_na_frame(eth_src, mac, v).to_vec(),
+    }
+}
+
 /// Sends `frame` on interface `ifindex` through a raw `AF_PACKET` socket.
 pub fn send_frame(ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
-    let proto = u16::try_from(libc::ETH_P_ARP).unwrap_or(0x0806).to_be();
+    // The frame's own EtherType (ARP, or IPv6 for neighbour advertisements).
+    let proto = match frame.get(12..14) {
+        Some(t) => u16::from_ne_bytes([t[0], t[1]]),
+        None => return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
+    };
     // SAFETY: socket(2) returns a new fd or -1; no memory is passed.
     let raw = unsafe {
         libc::socket(

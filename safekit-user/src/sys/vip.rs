@@ -7,7 +7,7 @@ use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags},
         link::{LinkAttribute, LinkMessage},
     },
 };
@@ -25,10 +25,8 @@ pub enum VipError {
         source: rtnetlink::Error,
     },
     /// No interface carries an address of the VIP's subnet.
-    #[error(
-        "no interface has an IPv4 address in the subnet of VIP {0} (name one with vip.interface)"
-    )]
-    NoInterface(Ipv4Addr),
+    #[error("no interface has an address in the subnet of VIP {0} (name one with vip.interface)")]
+    NoInterface(IpAddr),
     /// The named interface does not exist.
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
@@ -48,7 +46,7 @@ pub struct Interface {
     pub mac: [u8; 6],
     /// The interface's own address in the VIP's subnet (ARP sender of
     /// probes).
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Prefix length of that subnet.
     pub prefix: u8,
 }
@@ -60,12 +58,24 @@ pub fn connect() -> Result<Handle, VipError> {
     Ok(handle)
 }
 
-fn in_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
-    if prefix == 0 {
-        return true;
+fn in_subnet(a: IpAddr, b: IpAddr, prefix: u8) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            if prefix == 0 {
+                return true;
+            }
+            let mask = u32::MAX << (32 - u32::from(prefix.min(32)));
+            (u32::from(a) & mask) == (u32::from(b) & mask)
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            if prefix == 0 {
+                return true;
+            }
+            let mask = u128::MAX << (128 - u32::from(prefix.min(128)));
+            (u128::from(a) & mask) == (u128::from(b) & mask)
+        }
+        _ => false,
     }
-    let mask = u32::MAX << (32 - u32::from(prefix.min(32)));
-    (u32::from(a) & mask) == (u32::from(b) & mask)
 }
 
 fn link_name_mac(link: &LinkMessage) -> (String, [u8; 6]) {
@@ -85,23 +95,21 @@ fn link_name_mac(link: &LinkMessage) -> (String, [u8; 6]) {
 /// ignoring addresses equal to the VIP itself.
 pub async fn find_interface(
     handle: &Handle,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     named: Option<&str>,
 ) -> Result<Interface, VipError> {
     let mut addrs = handle.address().get().execute();
-    let mut best: Option<(u32, Ipv4Addr, u8)> = None;
+    let mut best: Option<(u32, IpAddr, u8)> = None;
     while let Some(msg) = addrs.try_next().await.map_err(|source| VipError::Netlink {
         op: "address dump",
         source,
     })? {
         let addr = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) => {
-                Some(*v)
-            }
+            AddressAttribute::Local(v) | AddressAttribute::Address(v) => Some(*v),
             _ => None,
         });
         let Some(addr) = addr else { continue };
-        if addr == vip || addr.is_loopback() {
+        if addr == vip || addr.is_loopback() || addr.is_ipv6() != vip.is_ipv6() {
             continue;
         }
         let prefix = msg.header.prefix_len;
@@ -120,7 +128,16 @@ pub async fn find_interface(
         let (name, mac) = link_name_mac(&link);
         let (addr, prefix) = best
             .filter(|(i, _, _)| *i == link.header.index)
-            .map_or((Ipv4Addr::UNSPECIFIED, 32), |(_, a, p)| (a, p));
+            .map_or_else(
+                || {
+                    if vip.is_ipv6() {
+                        (IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 128)
+                    } else {
+                        (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 32)
+                    }
+                },
+                |(_, a, p)| (a, p),
+            );
         return Ok(Interface {
             index: link.header.index,
             name,
@@ -167,7 +184,7 @@ pub async fn loopback(handle: &Handle) -> Result<Interface, VipError> {
         index: link.header.index,
         name,
         mac,
-        addr: Ipv4Addr::LOCALHOST,
+        addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
         prefix: 32,
     })
 }
@@ -182,14 +199,22 @@ pub fn arp_only_own_addresses(iface: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Adds `vip` on `iface` with the subnet's prefix (no error if present).
-pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
-    match handle
-        .address()
-        .add(iface.index, IpAddr::V4(vip), iface.prefix)
-        .execute()
-        .await
-    {
+/// Adds `vip` on `iface` with prefix length `prefix` (no error if present).
+/// IPv6 addresses skip duplicate address detection: a VIP is usable at
+/// once, and its takeover is announced by unsolicited advertisements.
+pub async fn add(
+    handle: &Handle,
+    iface: &Interface,
+    vip: IpAddr,
+    prefix: u8,
+) -> Result<(), VipError> {
+    let mut req = handle.address().add(iface.index, vip, prefix);
+    if vip.is_ipv6() {
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    match req.execute().await {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
         Err(source) => Err(VipError::Netlink {
@@ -199,20 +224,27 @@ pub async fn add(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<()
     }
 }
 
-/// Removes `vip` from `iface` (no error if absent).
-pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result<(), VipError> {
+/// Full-length prefix of an address (/32, /128): a VIP on loopback.
+#[must_use]
+pub fn host_prefix(vip: IpAddr) -> u8 {
+    if vip.is_ipv6() { 128 } else { 32 }
+}
+
+/// Removes `vip` from `iface` (no error if absent); how many were removed.
+pub async fn remove(handle: &Handle, iface: &Interface, vip: IpAddr) -> Result<usize, VipError> {
+    let mut removed = 0;
     let mut addrs = handle
         .address()
         .get()
         .set_link_index_filter(iface.index)
-        .set_address_filter(IpAddr::V4(vip))
+        .set_address_filter(vip)
         .execute();
     while let Some(msg) = addrs.try_next().await.map_err(|source| VipError::Netlink {
         op: "address dump",
         source,
     })? {
         match handle.address().del(msg).execute().await {
-            Ok(()) => {}
+            Ok(()) => removed += 1,
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
             Err(source) => {
                 return Err(VipError::Netlink {
@@ -222,7 +254,7 @@ pub async fn remove(handle: &Handle, iface: &Interface, vip: Ipv4Addr) -> Result
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -231,9 +263,17 @@ mod tests {
 
     #[test]
     fn subnet_membership() {
-        let a = Ipv4Addr::new(10, 77, 1, 1);
-        assert!(in_subnet(a, Ipv4Addr::new(10, 77, 1, 200), 24));
-        assert!(!in_subnet(a, Ipv4Addr::new(10, 77, 2, 200), 24));
-        assert!(in_subnet(a, Ipv4Addr::new(10, 77, 2, 200), 16));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = ip("10.77.1.1");
+        assert!(in_subnet(a, ip("10.77.1.200"), 24));
+        assert!(!in_subnet(a, ip("10.77.2.200"), 24));
+        assert!(in_subnet(a, ip("10.77.2.200"), 16));
+        let b = ip("fd77:104::1");
+        assert!(in_subnet(b, ip("fd77:104::c8"), 64));
+        assert!(!in_subnet(b, ip("fd77:105::c8"), 64));
+        assert!(
+            !in_subnet(a, ip("fd77:104::c8"), 0),
+            "never across families"
+        );
     }
 }
