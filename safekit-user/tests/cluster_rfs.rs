@@ -34,12 +34,12 @@ use std::{
     net::SocketAddr,
     os::unix::{
         ffi::OsStrExt as _,
-        fs::{FileExt as _, MetadataExt as _, PermissionsExt as _},
+        fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -235,6 +235,16 @@ impl Rig {
     }
 
     /// Both nodes' `state -v`, the end of their daemon output and module log.
+    /// Waits until node `i` serves the replicated directory (its FUSE mount
+    /// is up: what the application there would see from then on).
+    fn wait_serving(&self, i: usize, limit: Duration, round: usize) {
+        assert!(
+            wait_for(limit, || is_fuse(&self.view(i))).is_some(),
+            "round {round}: node{i} ALONE but not serving its copy within {limit:?}\n{}",
+            self.diagnose()
+        );
+    }
+
     fn diagnose(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
@@ -696,6 +706,26 @@ fn parse_records(data: &[u8]) -> (BTreeSet<u64>, usize) {
 /// its daemon is down), kept current by the test for the writer.
 type Views = Arc<Mutex<Vec<Option<PathBuf>>>>;
 
+/// How a record writer makes each record durable.
+#[derive(Debug, Clone, Copy)]
+enum Durable {
+    /// `write` then `fsync`.
+    Fsync,
+    /// A `write` on a file opened `O_DSYNC`.
+    Dsync,
+}
+
+/// The primary's application view of the replicated directory, if a node
+/// is PRIM or ALONE and its view is known.
+fn primary_view(socks: &[PathBuf], views: &Views) -> Option<(usize, PathBuf)> {
+    let primary = (0..2).find(|&k| {
+        module_status(&socks[k])
+            .is_some_and(|m| matches!(m.state, ModuleState::Prim | ModuleState::Alone))
+    })?;
+    let path = views.lock().unwrap()[primary].clone()?;
+    Some((primary, path))
+}
+
 /// The writer thread: what it was told is durable.
 struct Writer {
     stop: Arc<AtomicBool>,
@@ -711,7 +741,7 @@ impl Writer {
     /// that just became SECOND) it closes the file and finds the primary
     /// again. It writes only through a FUSE mount: never into a copy that
     /// is not replicated. Returns the errors it saw, by kind.
-    fn start(rig: &Rig, views: &Views, file: &str, ack_log: PathBuf) -> Self {
+    fn start(rig: &Rig, views: &Views, file: &str, how: Durable, ack_log: PathBuf) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let socks: Vec<PathBuf> = (1..=2).map(|i| sock(&rig.lab, i)).collect();
@@ -726,17 +756,16 @@ impl Writer {
             let mut target: Option<File> = None;
             while !stop2.load(Ordering::Relaxed) {
                 let Some(f) = target.as_mut() else {
-                    let primary = (0..2).find(|&k| {
-                        module_status(&socks[k]).is_some_and(|m| {
-                            matches!(m.state, ModuleState::Prim | ModuleState::Alone)
-                        })
-                    });
-                    let path = primary.and_then(|k| views.lock().unwrap()[k].clone());
-                    let Some(path) = path else {
+                    let Some((primary, path)) = primary_view(&socks, &views) else {
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     };
-                    match OpenOptions::new().append(true).open(path.join(&file)) {
+                    let mut open = OpenOptions::new();
+                    open.append(true);
+                    if let Durable::Dsync = how {
+                        open.custom_flags(libc::O_DSYNC);
+                    }
+                    match open.open(path.join(&file)) {
                         Ok(f)
                             if rustix::fs::fstatfs(&f)
                                 .is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC) =>
@@ -749,7 +778,7 @@ impl Writer {
                             let fs_type = rustix::fs::fstatfs(&f).map_or(0, |s| s.f_type);
                             note(format!(
                                 "open node{}: writable, not a FUSE mount (f_type {fs_type:#x})",
-                                primary.unwrap_or(0) + 1
+                                primary + 1
                             ));
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -760,7 +789,12 @@ impl Writer {
                     }
                     continue;
                 };
-                match f.write_all(&record(next)).and_then(|()| f.sync_all()) {
+                let written = f.write_all(&record(next));
+                let durable = match how {
+                    Durable::Fsync => written.and_then(|()| f.sync_all()),
+                    Durable::Dsync => written,
+                };
+                match durable {
                     Ok(()) => {
                         writeln!(log, "{next}").expect("ack log write");
                         acked2.lock().unwrap().push(next);
@@ -838,11 +872,30 @@ fn missing_on(rig: &Rig, i: usize, file: &str, acked: &[u64]) -> (Vec<u64>, usiz
 
 #[test]
 fn no_acknowledged_write_is_lost_across_20_primary_crashes() {
+    crash_test("skpf1", 151, "");
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_across_20_primary_crashes_every_write() {
+    crash_test("skpf2", 152, "durability = \"every_write\"\n");
+}
+
+/// The record files and how their writers make records durable.
+const WRITERS: [(&str, Durable); 2] = [
+    ("records.log", Durable::Fsync),
+    ("dsync.log", Durable::Dsync),
+];
+
+/// Two writers (records made durable by fsync, and by `O_DSYNC` writes)
+/// through the primary; 20 `kill -9` of the primary at random points; after
+/// each, every record either writer was told is durable is on the node
+/// that takes over.
+#[expect(clippy::too_many_lines, reason = "the crash test's rounds in order")]
+fn crash_test(prefix: &str, subnet: u8, rfs_extra: &str) {
     const ROUNDS: usize = 20;
-    const FILE: &str = "records.log";
     let limit = Duration::from_secs(30);
     let _serial = serial();
-    let mut rig = Rig::new("skrf2", 62, "");
+    let mut rig = Rig::new(prefix, subnet, rfs_extra);
     rig.start_both();
     rig.wait_in_sync(1, 2, limit, "start");
     assert!(
@@ -850,30 +903,40 @@ fn no_acknowledged_write_is_lost_across_20_primary_crashes() {
         "node1's copy (PRIM) is not a FUSE mount\n{}",
         rig.diagnose()
     );
-    // The record file exists before the writer starts: it never creates
-    // one (so it cannot create one outside a mount).
-    File::create(rig.view(1).join(FILE)).expect("create the record file");
-    let ack_log = rig.dir.join("acked.log");
     let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), Some(rig.view(2))]));
-    let writer = Writer::start(&rig, &views, FILE, ack_log.clone());
+    let writers: Vec<(&str, Writer, PathBuf)> = WRITERS
+        .iter()
+        .map(|&(file, how)| {
+            // The record file exists before the writer starts: it never
+            // creates one (so it cannot create one outside a mount).
+            File::create(rig.view(1).join(file)).expect("create the record file");
+            let ack_log = rig.dir.join(format!("{file}.acked"));
+            let w = Writer::start(&rig, &views, file, how, ack_log.clone());
+            (file, w, ack_log)
+        })
+        .collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let seed = (now.as_secs() ^ (u64::from(now.subsec_nanos()) << 32)) | 1;
-    println!("crash test: seed {seed}, acknowledged numbers in {ack_log:?}");
+    println!(
+        "crash test ({rfs_extra:?}): seed {seed}, acknowledged numbers in {}",
+        rig.dir.display()
+    );
     let mut rng = Rng(seed);
-    let mut lost: BTreeSet<u64> = BTreeSet::new();
+    let mut lost: BTreeSet<(&str, u64)> = BTreeSet::new();
     let mut primary = 1;
     for round in 1..=ROUNDS {
         let other = 3 - primary;
-        // The writer is writing through this primary.
-        let before = writer.count();
-        assert!(
-            wait_for(limit, || writer.count() >= before + 20).is_some(),
-            "round {round}: the writer acknowledged nothing through node{primary} for {limit:?}\n{}",
-            rig.diagnose()
-        );
+        // The writers are writing through this primary.
+        for (file, w, _) in &writers {
+            let before = w.count();
+            assert!(
+                wait_for(limit, || w.count() >= before + 20).is_some(),
+                "round {round}: {file}'s writer acknowledged nothing through node{primary} for {limit:?}\n{}",
+                rig.diagnose()
+            );
+        }
         let delay = Duration::from_millis(rng.below(1500));
         std::thread::sleep(delay);
-        let at = writer.count();
         rig.lab.kill_daemon(primary);
         views.lock().unwrap()[primary - 1] = None;
         let took = rig.wait_state(
@@ -882,19 +945,22 @@ fn no_acknowledged_write_is_lost_across_20_primary_crashes() {
             limit,
             &format!("round {round}: after kill -9 of node{primary}"),
         );
-        let (missing, acked, found, bad) = missing_on(&rig, other, FILE, &writer.acked());
-        println!(
-            "round {round}: killed node{primary} after {delay:?} ({at} acked); node{other} ALONE in {took:?}; \
-             {acked} acked, {found} records on node{other} ({bad} torn), {} missing",
-            missing.len()
-        );
-        if !missing.is_empty() {
+        rig.wait_serving(other, limit, round);
+        for (file, w, _) in &writers {
+            let (missing, acked, found, bad) = missing_on(&rig, other, file, &w.acked());
             println!(
-                "round {round}: MISSING on node{other}: {:?}",
-                &missing[..missing.len().min(50)]
+                "round {round}: killed node{primary} after {delay:?}; node{other} ALONE in {took:?}; \
+                 {file}: {acked} acked, {found} records on node{other} ({bad} torn), {} missing",
+                missing.len()
             );
+            if !missing.is_empty() {
+                println!(
+                    "round {round}: MISSING from {file} on node{other}: {:?}",
+                    &missing[..missing.len().min(50)]
+                );
+            }
+            lost.extend(missing.into_iter().map(|n| (*file, n)));
         }
-        lost.extend(missing);
         // The killed node returns: SECOND, resync of what changed.
         rig.start_daemon(primary);
         views.lock().unwrap()[primary - 1] = Some(rig.view(primary));
@@ -908,34 +974,228 @@ fn no_acknowledged_write_is_lost_across_20_primary_crashes() {
         println!("round {round}: node{other} PRIM, node{primary} SECOND in sync after {back:?}");
         primary = other;
     }
-    let errors = writer.finish();
-    let acked = fs::read_to_string(&ack_log).expect("ack log");
-    let acked: Vec<u64> = acked.lines().map(|l| l.parse().unwrap()).collect();
-    let (missing, n, found, bad) = missing_on(&rig, primary, FILE, &acked);
-    lost.extend(missing);
-    println!("writer errors (expected while a primary is dead): {errors:?}");
-    println!("final: {n} acked, {found} records on node{primary} ({bad} torn)");
-    println!(
-        "acked lost: {} of {n} across {ROUNDS} failovers",
-        lost.len()
-    );
+    for (file, w, ack_log) in writers {
+        let errors = w.finish();
+        let acked = fs::read_to_string(&ack_log).expect("ack log");
+        let acked: Vec<u64> = acked.lines().map(|l| l.parse().unwrap()).collect();
+        let (missing, n, found, bad) = missing_on(&rig, primary, file, &acked);
+        lost.extend(missing.into_iter().map(|n| (file, n)));
+        println!("{file}: writer errors (expected while a primary is dead): {errors:?}");
+        println!("{file}: final: {n} acked, {found} records on node{primary} ({bad} torn)");
+        // Both copies equal once the writer stopped.
+        let other = 3 - primary;
+        let want = blake3::hash(&fs::read(rig.disk(primary).join(file)).unwrap());
+        assert!(
+            wait_for(Duration::from_secs(10), || fs::read(
+                rig.disk(other).join(file)
+            )
+            .is_ok_and(|d| blake3::hash(&d) == want))
+            .is_some(),
+            "node{other}'s copy of {file} differs from the primary's\n{}",
+            rig.diagnose()
+        );
+    }
+    println!("acked lost: {} across {ROUNDS} failovers", lost.len());
     assert!(
         lost.is_empty(),
         "acknowledged records lost: {:?}",
         lost.iter().take(50).collect::<Vec<_>>()
     );
-    // Both copies equal once the writer stopped.
-    let other = 3 - primary;
-    let want = blake3::hash(&fs::read(rig.disk(primary).join(FILE)).unwrap());
-    assert!(
-        wait_for(Duration::from_secs(10), || fs::read(
-            rig.disk(other).join(FILE)
-        )
-        .is_ok_and(|d| blake3::hash(&d) == want))
-        .is_some(),
-        "node{other}'s copy of {FILE} differs from the primary's\n{}",
-        rig.diagnose()
+}
+
+// ---- atomic replace across crashes ----
+
+/// Target files the atomic-replace writer rewrites in turn.
+const TARGETS: usize = 3;
+
+/// Version `v` of target `t`: a header, a body whose length depends on the
+/// version (up to 48 KiB, so a version spans several writes and pages),
+/// and a BLAKE3 trailer over both: a torn or mixed file fails the check.
+fn version_content(t: usize, v: u64) -> Vec<u8> {
+    let mut data = format!("V:{t}:{v:012}:").into_bytes();
+    let len = 1000 + usize::try_from(v * 7919 % 48_000).unwrap();
+    data.extend(
+        (0..len).map(|i| b'a' + u8::try_from((i + usize::try_from(v).unwrap()) % 26).unwrap()),
     );
+    let sum = blake3::hash(&data);
+    data.extend_from_slice(sum.as_bytes());
+    data
+}
+
+/// The version a target's content holds, if it is one complete version.
+fn parse_version(t: usize, data: &[u8]) -> Option<u64> {
+    let (body, sum) = data.split_at_checked(data.len().checked_sub(32)?)?;
+    if blake3::hash(body).as_bytes() != sum {
+        return None;
+    }
+    let head = format!("V:{t}:");
+    let rest = body.strip_prefix(head.as_bytes())?;
+    let v: u64 = std::str::from_utf8(rest.get(..12)?).ok()?.parse().ok()?;
+    (version_content(t, v) == data).then_some(v)
+}
+
+/// The atomic-replace writer: what it was told is durable, per target.
+struct Replacer {
+    stop: Arc<AtomicBool>,
+    durable: Arc<Mutex<[Option<u64>; TARGETS]>>,
+    done: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<BTreeMap<String, u64>>>,
+}
+
+impl Replacer {
+    /// Through the primary's mount, in a loop: an unsynced append to a
+    /// scratch file, write `t<k>.tmp` (two writes), fsync it, an unsynced
+    /// write to another scratch file, rename it over `t<k>`, fsync the
+    /// directory: then version v of `t<k>` is durable. On an error it finds
+    /// the primary again.
+    fn start(rig: &Rig, views: &Views) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let durable = Arc::new(Mutex::new([None; TARGETS]));
+        let done = Arc::new(AtomicU64::new(0));
+        let socks: Vec<PathBuf> = (1..=2).map(|i| sock(&rig.lab, i)).collect();
+        let views = views.clone();
+        let (stop2, durable2, done2) = (stop.clone(), durable.clone(), done.clone());
+        let handle = std::thread::spawn(move || {
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut v = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                let Some((_, dir)) = primary_view(&socks, &views) else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                if !rustix::fs::statfs(&dir).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                v += 1;
+                let t = usize::try_from(v).unwrap() % TARGETS;
+                let data = version_content(t, v);
+                let tmp = dir.join(format!("t{t}.tmp"));
+                let replace = || -> std::io::Result<()> {
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join("scratch-a"))?
+                        .write_all(&noise(&format!("a{v}"), 3000))?;
+                    let mut f = File::create(&tmp)?;
+                    let half = data.len() / 2;
+                    f.write_all(&data[..half])?;
+                    f.write_all(&data[half..])?;
+                    f.sync_all()?;
+                    drop(f);
+                    fs::write(dir.join("scratch-b"), noise(&format!("b{v}"), 5000))?;
+                    fs::rename(&tmp, dir.join(format!("t{t}")))?;
+                    File::open(&dir)?.sync_all()
+                };
+                match replace() {
+                    Ok(()) => {
+                        durable2.lock().unwrap()[t] = Some(v);
+                        done2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        *errors.entry(e.to_string()).or_default() += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            errors
+        });
+        Self {
+            stop,
+            durable,
+            done,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> BTreeMap<String, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().expect("replacer thread")
+    }
+}
+
+impl Drop for Replacer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// On node `i`'s disk, per target: what is wrong (not one complete
+/// version, or older than the version made durable), with what it holds.
+fn replace_violations(rig: &Rig, i: usize, durable: &[Option<u64>; TARGETS]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (t, want) in durable.iter().enumerate() {
+        let data = fs::read(rig.disk(i).join(format!("t{t}"))).ok();
+        let have = data.as_deref().map(|d| parse_version(t, d));
+        match (want, have) {
+            (_, Some(None)) => {
+                wrong.push(format!("t{t}: not one complete version (mixed or torn)"));
+            }
+            (Some(w), None) => wrong.push(format!("t{t}: missing, version {w} was durable")),
+            (Some(w), Some(Some(h))) if h < *w => {
+                wrong.push(format!("t{t}: version {h}, older than durable {w}"));
+            }
+            _ => {}
+        }
+    }
+    wrong
+}
+
+#[test]
+fn atomic_replace_survives_20_primary_crashes() {
+    const ROUNDS: usize = 20;
+    let limit = Duration::from_secs(30);
+    let _serial = serial();
+    let mut rig = Rig::new("skpf3", 153, "");
+    rig.start_both();
+    rig.wait_in_sync(1, 2, limit, "start");
+    let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), Some(rig.view(2))]));
+    let w = Replacer::start(&rig, &views);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let mut rng = Rng((now.as_secs() ^ u64::from(now.subsec_nanos())) | 1);
+    let mut violations = Vec::new();
+    let mut primary = 1;
+    for round in 1..=ROUNDS {
+        let other = 3 - primary;
+        let before = w.done.load(Ordering::Relaxed);
+        assert!(
+            wait_for(limit, || w.done.load(Ordering::Relaxed) >= before + 10).is_some(),
+            "round {round}: no replace made durable through node{primary} for {limit:?}\n{}",
+            rig.diagnose()
+        );
+        std::thread::sleep(Duration::from_millis(rng.below(800)));
+        rig.lab.kill_daemon(primary);
+        views.lock().unwrap()[primary - 1] = None;
+        // What the writer was told before the kill (a later success would be
+        // through a node that is not the survivor yet: none is primary).
+        let durable = *w.durable.lock().unwrap();
+        rig.wait_state(
+            other,
+            ModuleState::Alone,
+            limit,
+            &format!("round {round}: after kill -9 of node{primary}"),
+        );
+        rig.wait_serving(other, limit, round);
+        let wrong = replace_violations(&rig, other, &durable);
+        println!(
+            "round {round}: node{other} took over; durable versions {durable:?}; {} violation(s)",
+            wrong.len()
+        );
+        violations.extend(wrong.into_iter().map(|v| format!("round {round}: {v}")));
+        rig.start_daemon(primary);
+        views.lock().unwrap()[primary - 1] = Some(rig.view(primary));
+        rig.module_cmd(primary, "start");
+        rig.wait_in_sync(
+            other,
+            primary,
+            limit,
+            &format!("round {round}: node{primary} rejoining"),
+        );
+        primary = other;
+    }
+    let errors = w.finish();
+    println!("replacer errors (expected while a primary is dead): {errors:?}");
+    assert!(violations.is_empty(), "{violations:#?}");
 }
 
 // ---- reintegration ----
@@ -1593,7 +1853,7 @@ fn a_secondary_whose_disk_fills_never_takes_over_and_resyncs_once_there_is_room(
     let ack_log = rig.dir.join("acked.log");
     app_write(&rig, 1, FILE, b"");
     let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), None]));
-    let writer = Writer::start(&rig, &views, FILE, ack_log);
+    let writer = Writer::start(&rig, &views, FILE, Durable::Fsync, ack_log);
     wait_for(Duration::from_secs(10), || writer.count() > 50).expect("the writer writes");
 
     // More than node2 can hold, through the primary's mount.

@@ -12,8 +12,8 @@ use std::{
 use safekit::{
     config::AsyncMode,
     rfs::{
-        ChannelError, ChannelKey, SecondaryConfig, SecondaryEvent,
-        channel::{accept, connect},
+        ChannelError, ChannelKey, Cipher, SecondaryConfig, SecondaryEvent,
+        channel::{accept, connect, connect_with},
         proto::{self, Message, Op, RelPath, Timestamp},
         serve,
     },
@@ -202,4 +202,72 @@ fn a_client_without_the_key_can_neither_connect_nor_inject() {
         .expect("event in time");
     assert!(matches!(ev, Some(SecondaryEvent::Refused { .. })), "{ev:?}");
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir));
+}
+
+/// A server that accepts one connection and returns its first message.
+fn one_message_server() -> (
+    std::net::SocketAddr,
+    thread::JoinHandle<Result<Message, ChannelError>>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let server = thread::spawn(move || {
+        let (s, _) = l.accept().expect("accept");
+        let key = ChannelKey::from_cluster_key(&KEY).expect("key");
+        let (_tx, mut rx) = accept(s, &key, T)?;
+        rx.set_read_timeout(Some(T))?;
+        rx.recv()
+    });
+    (addr, server)
+}
+
+#[test]
+fn both_ciphers_connect_and_carry_messages() {
+    let key = ChannelKey::from_cluster_key(&KEY).expect("key");
+    let hello = Message::Hello {
+        version: proto::VERSION,
+        dir: "/data".into(),
+    };
+    println!("this machine proposes {}", Cipher::preferred().name());
+    for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+        let (addr, server) = one_message_server();
+        let c = TcpStream::connect(addr).expect("connect");
+        let (mut tx, _rx) = connect_with(c, &key, T, cipher).expect("handshake");
+        assert_eq!(tx.cipher(), cipher);
+        tx.send(&hello).expect("send");
+        let got = server.join().expect("server thread").expect("received");
+        assert_eq!(got, hello, "{}", cipher.name());
+    }
+}
+
+#[test]
+fn an_altered_cipher_choice_fails_the_handshake() {
+    // The proxy rewrites the initiator's cipher byte (AES-256-GCM →
+    // ChaCha20-Poly1305): the server must not complete a handshake.
+    let (server_addr, server) = one_message_server();
+    let proxy_l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy_addr = proxy_l.local_addr().expect("addr");
+    let proxy = thread::spawn(move || {
+        let (mut c, _) = proxy_l.accept().expect("accept");
+        let mut s = TcpStream::connect(server_addr).expect("connect");
+        let mut first = read_frame(&mut c).expect("first frame");
+        assert_eq!(first[2], 2, "the client proposed AES-256-GCM");
+        first[2] = 1;
+        s.write_all(&first).expect("forward");
+        // Whatever the server answers goes back (it should close).
+        let mut buf = [0u8; 4096];
+        let _ = s.set_read_timeout(Some(T));
+        if let Ok(n) = s.read(&mut buf) {
+            let _ = c.write_all(&buf[..n]);
+        }
+    });
+    let key = ChannelKey::from_cluster_key(&KEY).expect("key");
+    let c = TcpStream::connect(proxy_addr).expect("connect");
+    let client = connect_with(c, &key, T, Cipher::AesGcm);
+    assert!(client.is_err(), "the client completed a handshake");
+    assert!(
+        server.join().expect("server thread").is_err(),
+        "the server completed a handshake on an altered cipher"
+    );
+    proxy.join().expect("proxy thread");
 }

@@ -36,6 +36,8 @@ struct Pair {
     a: PathBuf,
     b: PathBuf,
     r: PathBuf,
+    /// The real directory under the mount (opened before mounting).
+    a_real: File,
     primary: Option<Primary>,
     events: UnboundedReceiver<RfsEvent>,
     rt: tokio::runtime::Runtime,
@@ -74,6 +76,7 @@ impl Pair {
             },
             None,
         ));
+        let a_real = File::open(&a).expect("open the real directory");
         let mut params = PrimaryParams::new("/data");
         params.send_timeout = Duration::from_secs(10);
         params.journal = Some(base.join("journal"));
@@ -94,6 +97,7 @@ impl Pair {
             a,
             b,
             r,
+            a_real,
             primary: Some(primary),
             events,
             rt,
@@ -126,8 +130,20 @@ impl Pair {
         self.assert_replicated();
     }
 
+    /// The primary's copy on disk (the real directory under the mount,
+    /// through its handle): what the secondary must hold, times included.
+    /// Under the write-back cache the kernel keeps its own mtime for a file
+    /// it wrote through the mount until it forgets the inode; the disk's is
+    /// the one replicated.
+    fn a_real(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.a_real)
+        ))
+    }
+
     fn assert_replicated(&mut self) {
-        let a = snapshot(&self.a, true);
+        let a = snapshot(&self.a_real(), true);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let b = snapshot(&self.b, true);
@@ -217,13 +233,18 @@ fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     out
 }
 
-/// Every entry under `root`: metadata, a content checksum, xattrs.
+/// Every entry under `root`: metadata, a content checksum, xattrs. The
+/// secondary's copy may change while it is read (its applier catches up):
+/// an entry gone meanwhile is left out or marked unreadable, and the caller
+/// compares again.
 fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let p = root.join(&rel);
-        let m = fs::symlink_metadata(&p).expect("lstat");
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         let ft = m.file_type();
         let kind = if ft.is_dir() {
             "dir"
@@ -236,12 +257,14 @@ fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
         };
         let mtime = times.then_some((m.mtime(), m.mtime_nsec()));
         let content = ft.is_file().then(|| {
-            let data = fs::read(&p).expect("read");
-            blake3::hash(&data).to_hex().to_string()
+            fs::read(&p).map_or_else(
+                |e| format!("unreadable: {e}"),
+                |data| blake3::hash(&data).to_hex().to_string(),
+            )
         });
         let link = ft
             .is_symlink()
-            .then(|| fs::read_link(&p).expect("readlink"));
+            .then(|| fs::read_link(&p).unwrap_or_default());
         out.insert(
             rel.clone(),
             Meta {
@@ -260,9 +283,11 @@ fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
                 xattrs: xattrs(&p),
             },
         );
-        if ft.is_dir() {
-            for e in fs::read_dir(&p).expect("readdir") {
-                stack.push(rel.join(e.expect("entry").file_name()));
+        if ft.is_dir()
+            && let Ok(entries) = fs::read_dir(&p)
+        {
+            for e in entries.flatten() {
+                stack.push(rel.join(e.file_name()));
             }
         }
     }
@@ -536,15 +561,19 @@ fn chmod_chown_and_utimes() {
         ));
         log
     });
-    // Explicit times are equal on both nodes, atime included (before any read).
+    // Explicit times are equal on both nodes, atime included (before any
+    // read; changes stream to the secondary, so within a bounded wait).
+    let times = |d: &Path, name: &str| {
+        fs::symlink_metadata(d.join(name))
+            .map(|m| (m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec()))
+            .ok()
+    };
     for name in ["f", "dir", "l"] {
-        let a = fs::symlink_metadata(p.a.join(name)).expect("a");
-        let b = fs::symlink_metadata(p.b.join(name)).expect("b");
-        assert_eq!(
-            (a.atime(), a.atime_nsec(), a.mtime(), a.mtime_nsec()),
-            (b.atime(), b.atime_nsec(), b.mtime(), b.mtime_nsec()),
-            "{name}"
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while times(&p.b, name) != times(&p.a, name) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(times(&p.a, name), times(&p.b, name), "{name}");
     }
     p.compare();
 }
@@ -890,4 +919,100 @@ fn concurrent_namespace_changes_never_fail_spuriously() {
         &failures[..failures.len().min(10)]
     );
     p.assert_replicated();
+}
+
+#[test]
+fn durability_points_are_on_the_secondary_when_they_return() {
+    // async = "none", default durability (at fsync): what the application
+    // is told is durable — fsync, fdatasync, an O_DSYNC write, msync of a
+    // shared mapping, fsync of a directory after a rename — is already in
+    // the secondary's copy on disk when the call returns (no wait here).
+    let p = Pair::new("durable", AsyncMode::None);
+    let on_b = |name: &str| fs::read(p.b.join(name)).ok();
+    // write + fsync
+    let mut f = File::create(p.a.join("fsynced")).expect("create");
+    f.write_all(b"made durable by fsync").expect("write");
+    f.sync_all().expect("fsync");
+    assert_eq!(
+        on_b("fsynced").as_deref(),
+        Some(&b"made durable by fsync"[..])
+    );
+    // write + fdatasync
+    f.write_all(b", then fdatasync").expect("write");
+    f.sync_data().expect("fdatasync");
+    assert_eq!(
+        on_b("fsynced").as_deref(),
+        Some(&b"made durable by fsync, then fdatasync"[..])
+    );
+    drop(f);
+    // O_DSYNC writes
+    let mut dsync = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(p.a.join("dsync"))
+        .expect("open O_DSYNC");
+    for i in 0..20u8 {
+        dsync.write_all(&[b'a' + i; 100]).expect("O_DSYNC write");
+        let got = on_b("dsync").unwrap_or_default();
+        assert_eq!(got.len(), 100 * (usize::from(i) + 1), "O_DSYNC write {i}");
+    }
+    drop(dsync);
+    // mmap + msync
+    let mapped = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(p.a.join("mapped"))
+        .expect("create");
+    mapped.set_len(8192).expect("set_len");
+    mapped.sync_all().expect("fsync the size");
+    // SAFETY: a fresh shared mapping of a file we own, unmapped below; no
+    // other reference to the region exists.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&mapped),
+            0,
+        )
+    };
+    assert_ne!(ptr, libc::MAP_FAILED);
+    // SAFETY: `ptr` maps 8192 writable bytes (checked above).
+    let region = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), 8192) };
+    region[5000..5011].copy_from_slice(b"mapped data");
+    // SAFETY: same mapping, still valid.
+    assert_eq!(unsafe { libc::msync(ptr, 8192, libc::MS_SYNC) }, 0, "msync");
+    let got = on_b("mapped").unwrap_or_default();
+    assert_eq!(
+        got.get(5000..5011),
+        Some(&b"mapped data"[..]),
+        "after msync"
+    );
+    // SAFETY: unmapping the region created above; `region` is not used after.
+    assert_eq!(unsafe { libc::munmap(ptr, 8192) }, 0);
+    drop(mapped);
+    // Atomic replace: temp file, fsync, rename over, fsync the directory.
+    fs::write(p.a.join("target"), b"old").expect("write old");
+    let mut tmp = File::create(p.a.join("target.tmp")).expect("create temp");
+    tmp.write_all(b"new complete content").expect("write temp");
+    tmp.sync_all().expect("fsync temp");
+    drop(tmp);
+    fs::rename(p.a.join("target.tmp"), p.a.join("target")).expect("rename");
+    File::open(&p.a)
+        .expect("open dir")
+        .sync_all()
+        .expect("fsync dir");
+    assert_eq!(
+        on_b("target").as_deref(),
+        Some(&b"new complete content"[..])
+    );
+    assert!(
+        on_b("target.tmp").is_none(),
+        "temp name still on the secondary"
+    );
 }

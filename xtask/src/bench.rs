@@ -18,10 +18,12 @@ pub(crate) enum Bench {
     /// ratio to the timeout.
     Failover,
     /// The replicated FUSE mount vs a plain directory of the same filesystem
-    /// (and the mount with no secondary), for `async = second` and `none`:
-    /// sequential 1 MiB writes, 4 KiB write+fsync, create/write/close/unlink,
-    /// cold and warm sequential reads and 4 KiB random reads (MB/s, op/s,
-    /// p50/p99, ratios); then each target met or missed.
+    /// (and the mount with no secondary), for `async = second` and `none`
+    /// at `durability = fsync`, and `second` at `every_write`: sequential
+    /// 1 MiB writes, 4 KiB write+fsync, create/write/close/unlink, cold and
+    /// warm sequential reads and 4 KiB random reads (MB/s, op/s, p50/p99,
+    /// ratios); pgbench TPS and `pgbench -i` time (plain, ALONE, PRIM at
+    /// both durabilities); then each target met or missed.
     Replication,
 }
 

@@ -71,6 +71,8 @@ pub const DEFAULT_RULE_FILTER: Filter = Filter::ClientIp;
 pub const DEFAULT_DIR_MODE: DirMode = DirMode::ReadOnly;
 /// Default `rfs.async`.
 pub const DEFAULT_ASYNC: AsyncMode = AsyncMode::Second;
+/// Default `rfs.durability`.
+pub const DEFAULT_DURABILITY: Durability = Durability::Fsync;
 /// Default `rfs.resync_workers`.
 pub const DEFAULT_RESYNC_WORKERS: u32 = 6;
 /// Default `rfs.send_timeout`.
@@ -321,6 +323,8 @@ pub struct Rfs {
     pub exclude: Vec<String>,
     /// When the secondary acknowledges.
     pub async_mode: AsyncMode,
+    /// Which of the application's operations wait for the secondary.
+    pub durability: Durability,
     /// Parallel file copies during resynchronisation.
     pub resync_workers: u32,
     /// Resynchronisation bandwidth cap, bytes per second (`None`: no cap).
@@ -358,6 +362,21 @@ pub enum AsyncMode {
     Second,
     /// The secondary writes, then acknowledges.
     None,
+}
+
+/// `rfs.durability`: which operations the application waits for the
+/// secondary on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// What POSIX makes durable (fsync/fdatasync of a file or directory,
+    /// `O_SYNC`/`O_DSYNC` writes, `msync`) waits for the secondary; every
+    /// other change streams to it in order, the application not waiting
+    /// (FUSE write-back caching for data).
+    Fsync,
+    /// Every write and metadata change waits for the secondary (no
+    /// write-back caching), for applications that never fsync.
+    EveryWrite,
 }
 
 /// `[user]`: script timeouts.
@@ -458,6 +477,7 @@ struct RawRfs {
     exclude: Spans<Text>,
     #[serde(rename = "async")]
     async_mode: Option<Spanned<AsyncMode>>,
+    durability: Option<Spanned<Durability>>,
     resync_workers: Option<Spanned<Int<u32, 1, 64>>>,
     resync_bandwidth: Option<Spanned<Bandwidth>>,
     send_timeout: Option<Spanned<Dur>>,
@@ -1239,6 +1259,9 @@ fn validate_rfs(raw: Option<Spanned<RawRfs>>, ctx: &mut Ctx<'_>) -> Option<Rfs> 
         dirs,
         exclude,
         async_mode: raw.async_mode.map_or(DEFAULT_ASYNC, Spanned::into_inner),
+        durability: raw
+            .durability
+            .map_or(DEFAULT_DURABILITY, Spanned::into_inner),
         resync_workers: raw
             .resync_workers
             .map_or(DEFAULT_RESYNC_WORKERS, |w| w.get_ref().0),

@@ -200,6 +200,7 @@ fn appendix_mirror_module_parses_into_expected_values() {
             }],
             exclude: vec![],
             async_mode: AsyncMode::Second,
+            durability: Durability::Fsync,
             resync_workers: 6,
             resync_bandwidth: None,
             send_timeout: secs(10),
@@ -322,6 +323,7 @@ tcp_reset = true
 
 [rfs]
 async = "none"
+durability = "every_write"
 exclude = ["*.tmp", "cache/**"]
 resync_workers = 4
 resync_bandwidth = "100MB/s"
@@ -388,6 +390,7 @@ force_stop_timeout = "30s"
     assert_eq!(rfs.dirs[0].path, PathBuf::from("/srv/a"));
     assert_eq!(rfs.dirs[1].mode, DirMode::ReadWrite);
     assert_eq!(rfs.async_mode, AsyncMode::None);
+    assert_eq!(rfs.durability, Durability::EveryWrite);
     assert_eq!(rfs.resync_bandwidth, Some(100_000_000));
     assert_eq!(m.errd[0].class, ProcClass::Both);
     assert_eq!(m.check_ping[0].when, When::Pre);
@@ -956,6 +959,7 @@ addrs = ["10.10.0.100", "not-an-ip"]
 
 [rfs]
 async = "sometimes"
+durability = "never"
 [[rfs.dir]]
 path = "relative"
 [[rfs.dir]]
@@ -974,13 +978,14 @@ mode = "rw"
             (Some(9), "heart.lans[1]"),
             (Some(12), "vip.addrs[1]"),
             (Some(15), "rfs.async"),
-            (Some(17), "rfs.dir[0].path"),
-            (Some(20), "rfs.dir[1].mode"),
+            (Some(16), "rfs.durability"),
+            (Some(18), "rfs.dir[0].path"),
+            (Some(21), "rfs.dir[1].mode"),
         ],
         "{errs:#?}"
     );
     let all = ConfigErrors(errs).to_string();
-    assert_eq!(all.lines().count(), 9, "{all}");
+    assert_eq!(all.lines().count(), 10, "{all}");
     assert!(
         all.lines().all(|l| l.starts_with(MODULE_FILE_PATH)),
         "{all}"

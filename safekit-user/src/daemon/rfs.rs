@@ -117,6 +117,7 @@ impl RfsRt {
             .collect();
         let mut params = PrimaryParams::new(String::new());
         params.send_timeout = rfs.send_timeout;
+        params.durability = rfs.durability;
         params.resync = ResyncOpts {
             full: false,
             workers: usize::try_from(rfs.resync_workers).unwrap_or(6),

@@ -3,9 +3,16 @@
 //!
 //! # Design
 //!
-//! The handshake is the Noise protocol `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`
+//! The handshake is the Noise protocol `Noise_NNpsk0_25519_<cipher>_BLAKE2s`
 //! (through `snow`): both sides mix a 32-byte pre-shared key into the very
-//! first message, then exchange ephemeral X25519 keys. The PSK is derived from
+//! first message, then exchange ephemeral X25519 keys. The transport cipher
+//! ([`Cipher`]) is the initiator's choice: AES-256-GCM where the CPU has
+//! AES-NI and it measured faster than ChaCha20-Poly1305 here (sealing a few
+//! MiB with each, once per process), ChaCha20-Poly1305 otherwise. The choice
+//! travels as one byte before the first handshake message; the responder
+//! builds its handshake with that protocol name, which both sides hash into
+//! the handshake: a byte altered on the way makes the handshake fail, never
+//! a session on another cipher. The PSK is derived from
 //! the cluster key with BLAKE3 in key-derivation mode under a context string of
 //! its own, so the raw cluster key (also the heartbeat MAC key) is never used
 //! for two purposes.
@@ -58,13 +65,107 @@ use std::{
     time::Duration,
 };
 
-use snow::{StatelessTransportState, params::NoiseParams};
+use snow::{
+    StatelessTransportState,
+    params::{CipherChoice, NoiseParams},
+    resolvers::{CryptoResolver, RingResolver},
+};
 use thiserror::Error;
 
 use super::proto::{self, DecodeError, Message};
 
-/// The Noise protocol name.
-const NOISE: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// A transport cipher of the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    /// ChaCha20-Poly1305.
+    ChaChaPoly,
+    /// AES-256-GCM.
+    AesGcm,
+}
+
+impl Cipher {
+    /// The Noise protocol name with this cipher.
+    fn noise(self) -> &'static str {
+        match self {
+            Self::ChaChaPoly => "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
+            Self::AesGcm => "Noise_NNpsk0_25519_AESGCM_BLAKE2s",
+        }
+    }
+
+    /// Its byte on the wire.
+    fn byte(self) -> u8 {
+        match self {
+            Self::ChaChaPoly => 1,
+            Self::AesGcm => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::ChaChaPoly),
+            2 => Some(Self::AesGcm),
+            _ => None,
+        }
+    }
+
+    /// The name shown in logs and status.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ChaChaPoly => "ChaCha20-Poly1305",
+            Self::AesGcm => "AES-256-GCM",
+        }
+    }
+
+    /// The cipher this node proposes: AES-256-GCM when the CPU has AES-NI
+    /// (and carry-less multiply) and sealing measured faster with it than
+    /// with ChaCha20-Poly1305; ChaCha20-Poly1305 otherwise. Measured once
+    /// per process (a few milliseconds).
+    #[must_use]
+    pub fn preferred() -> Self {
+        static CHOICE: std::sync::OnceLock<Cipher> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            if !aes_ni() {
+                return Self::ChaChaPoly;
+            }
+            match (
+                seal_time(CipherChoice::AESGCM),
+                seal_time(CipherChoice::ChaChaPoly),
+            ) {
+                (Some(aes), Some(chacha)) if aes <= chacha => Self::AesGcm,
+                _ => Self::ChaChaPoly,
+            }
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn aes_ni() -> bool {
+    std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn aes_ni() -> bool {
+    false
+}
+
+/// The best of three times to seal 64 frames of [`MAX_PLAIN`] bytes with
+/// `choice` (ring's implementation, the one the channel uses).
+fn seal_time(choice: CipherChoice) -> Option<Duration> {
+    let mut cipher = RingResolver.resolve_cipher(&choice)?;
+    cipher.set(&[0x5a; 32]);
+    let plain = vec![0u8; MAX_PLAIN];
+    let mut out = vec![0u8; MAX_FRAME];
+    (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            for nonce in 0..64 {
+                cipher.encrypt(nonce, &[], &plain, &mut out);
+            }
+            t.elapsed()
+        })
+        .min()
+}
 /// Bound into the handshake: both sides must speak this protocol.
 const PROLOGUE: &[u8] = b"safekit rfs replication v1";
 /// BLAKE3 derive-key context of the PSK.
@@ -146,9 +247,9 @@ impl ChannelKey {
     }
 }
 
-fn params() -> NoiseParams {
+fn params(cipher: Cipher) -> NoiseParams {
     // A constant, valid protocol name: parsing cannot fail.
-    NOISE.parse().expect("valid Noise protocol name")
+    cipher.noise().parse().expect("valid Noise protocol name")
 }
 
 #[expect(clippy::needless_pass_by_value, reason = "used as a map_err adapter")]
@@ -194,13 +295,24 @@ fn handshake_io(e: io::Error, timeout: Duration) -> ChannelError {
     }
 }
 
-/// Runs the initiator's side of the handshake on a connected stream.
+/// Runs the initiator's side of the handshake on a connected stream, with
+/// this node's [`Cipher::preferred`].
 pub fn connect(
     stream: TcpStream,
     key: &ChannelKey,
     timeout: Duration,
 ) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
-    handshake(stream, key, timeout, true)
+    connect_with(stream, key, timeout, Cipher::preferred())
+}
+
+/// Runs the initiator's side of the handshake proposing `cipher`.
+pub fn connect_with(
+    stream: TcpStream,
+    key: &ChannelKey,
+    timeout: Duration,
+    cipher: Cipher,
+) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
+    handshake(stream, key, timeout, Some(cipher))
 }
 
 /// Connects to `peer` (bounded by `timeout`), runs the initiator's side of
@@ -226,14 +338,16 @@ pub fn accept(
     key: &ChannelKey,
     timeout: Duration,
 ) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
-    handshake(stream, key, timeout, false)
+    handshake(stream, key, timeout, None)
 }
 
+/// `proposed`: the initiator's cipher (`None`: the responder, which takes
+/// the initiator's).
 fn handshake(
     mut stream: TcpStream,
     key: &ChannelKey,
     timeout: Duration,
-    initiator: bool,
+    proposed: Option<Cipher>,
 ) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
     stream
         .set_nodelay(true)
@@ -244,40 +358,51 @@ fn handshake(
     stream
         .set_write_timeout(Some(timeout))
         .map_err(io_err("set write timeout"))?;
-    let builder = snow::Builder::new(params())
-        .psk(0, &key.0)
-        .and_then(|b| b.prologue(PROLOGUE))
-        .map_err(handshake_err)?;
-    let mut hs = if initiator {
-        builder.build_initiator()
-    } else {
-        builder.build_responder()
-    }
-    .map_err(handshake_err)?;
+    let builder = |cipher| {
+        snow::Builder::new(params(cipher))
+            .psk(0, &key.0)
+            .and_then(|b| b.prologue(PROLOGUE))
+            .map_err(handshake_err)
+    };
     let mut buf = vec![0u8; MAX_FRAME];
-    if initiator {
-        let n = hs.write_message(&[], &mut buf).map_err(handshake_err)?;
-        write_frame(&mut stream, &buf[..n])?;
+    // The first frame: the cipher's byte, then the first Noise message.
+    let (hs, cipher) = if let Some(cipher) = proposed {
+        let mut hs = builder(cipher)?.build_initiator().map_err(handshake_err)?;
+        buf[0] = cipher.byte();
+        let n = hs
+            .write_message(&[], &mut buf[1..])
+            .map_err(handshake_err)?;
+        write_frame(&mut stream, &buf[..=n])?;
         let reply = read_frame(&mut stream, timeout)?;
         hs.read_message(&reply, &mut buf).map_err(handshake_err)?;
+        (hs, cipher)
     } else {
         let first = read_frame(&mut stream, timeout)?;
-        if let Err(e) = hs.read_message(&first, &mut buf) {
+        let (&byte, msg) = first
+            .split_first()
+            .ok_or_else(|| ChannelError::Handshake("empty first message".into()))?;
+        let cipher = Cipher::from_byte(byte)
+            .ok_or_else(|| ChannelError::Handshake(format!("unknown cipher {byte}")))?;
+        let mut hs = builder(cipher)?.build_responder().map_err(handshake_err)?;
+        if let Err(e) = hs.read_message(msg, &mut buf) {
             // Dropping the stream closes it: the peer learns nothing more.
             return Err(handshake_err(e));
         }
         let n = hs.write_message(&[], &mut buf).map_err(handshake_err)?;
         write_frame(&mut stream, &buf[..n])?;
-    }
+        (hs, cipher)
+    };
     let noise = hs.into_stateless_transport_mode().map_err(handshake_err)?;
-    established(stream, noise, &[])
+    established(stream, noise, cipher, &[])
 }
 
-/// The channel over a stream whose handshake is done; `already_read` is
-/// wire data read past the handshake (whole frames), delivered first.
+/// The channel over a stream whose handshake is done with `cipher`;
+/// `already_read` is wire data read past the handshake (whole frames),
+/// delivered first.
 fn established(
     stream: TcpStream,
     noise: StatelessTransportState,
+    cipher: Cipher,
     already_read: &[u8],
 ) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
     let noise = Arc::new(noise);
@@ -296,6 +421,7 @@ fn established(
     receiver.raw_end = already_read.len();
     Ok((
         ChannelSender {
+            cipher,
             sealer: Sealer {
                 stream,
                 noise,
@@ -353,14 +479,21 @@ pub async fn accept_async(
 ) -> Result<(ChannelSender, ChannelReceiver), ChannelError> {
     use tokio::io::AsyncWriteExt as _;
     let run = async {
-        let mut hs = snow::Builder::new(params())
+        // The first frame: the initiator's cipher byte, then its first
+        // Noise message.
+        let first = read_frame_async(&mut stream).await?;
+        let (&byte, msg) = first
+            .split_first()
+            .ok_or_else(|| ChannelError::Handshake("empty first message".into()))?;
+        let cipher = Cipher::from_byte(byte)
+            .ok_or_else(|| ChannelError::Handshake(format!("unknown cipher {byte}")))?;
+        let mut hs = snow::Builder::new(params(cipher))
             .psk(0, &key.0)
             .and_then(|b| b.prologue(PROLOGUE))
             .and_then(snow::Builder::build_responder)
             .map_err(handshake_err)?;
-        let first = read_frame_async(&mut stream).await?;
         let mut buf = vec![0u8; MAX_UNAUTHENTICATED_FRAME + 2];
-        hs.read_message(&first, &mut buf).map_err(handshake_err)?;
+        hs.read_message(msg, &mut buf).map_err(handshake_err)?;
         let n = hs
             .write_message(&[], &mut buf[2..])
             .map_err(handshake_err)?;
@@ -375,9 +508,9 @@ pub async fn accept_async(
         noise
             .read_message(0, &frame, &mut buf)
             .map_err(|_| ChannelError::Tampered)?;
-        Ok::<_, ChannelError>((noise, frame))
+        Ok::<_, ChannelError>((noise, frame, cipher))
     };
-    let (noise, frame) = tokio::time::timeout(deadline, run)
+    let (noise, frame, cipher) = tokio::time::timeout(deadline, run)
         .await
         .map_err(|_| ChannelError::HandshakeTimeout(deadline))??;
     let stream = stream.into_std().map_err(io_err("detach socket"))?;
@@ -387,11 +520,13 @@ pub async fn accept_async(
     let len = u16::try_from(frame.len()).map_err(|_| ChannelError::TooLarge(frame.len()))?;
     let mut wire = len.to_be_bytes().to_vec();
     wire.extend_from_slice(&frame);
-    established(stream, noise, &wire)
+    established(stream, noise, cipher, &wire)
 }
 
 /// The sending half of a channel.
 pub struct ChannelSender {
+    /// The transport cipher negotiated.
+    cipher: Cipher,
     sealer: Sealer,
     /// Plaintext stream not yet sealed: less than a frame between calls.
     pending: Vec<u8>,
@@ -467,6 +602,12 @@ impl std::fmt::Debug for ChannelSender {
 }
 
 impl ChannelSender {
+    /// The transport cipher of this connection.
+    #[must_use]
+    pub fn cipher(&self) -> Cipher {
+        self.cipher
+    }
+
     /// Appends a message to the stream. Every whole frame is sealed and
     /// written at once (blocking); the rest waits for [`flush`](Self::flush),
     /// which also reports a write that failed here.
@@ -758,7 +899,7 @@ pub(crate) mod fuzzing {
         key: &ChannelKey,
     ) -> Result<(StatelessTransportState, StatelessTransportState), ChannelError> {
         let builder = || {
-            snow::Builder::new(params())
+            snow::Builder::new(params(super::Cipher::preferred()))
                 .psk(0, &key.0)
                 .and_then(|b| b.prologue(PROLOGUE))
                 .map_err(handshake_err)

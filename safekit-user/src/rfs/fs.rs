@@ -13,29 +13,47 @@
 //! daemon holds, so the disk cannot give its number to a new file while the
 //! kernel may still use it: a node id names one file for its whole life (a
 //! stale handle on a deleted file stays on the deleted file, as on a local
-//! filesystem). Attributes and opens go through that handle, not the path.
+//! filesystem). Attributes and opens go through that handle, not the path;
+//! a directory's handle is the dirfd of every `*at` call in it (create,
+//! mkdir, unlink, rename, link, xattrs...), so no request walks a path from
+//! the root. A failed lookup is answered as a negative entry the kernel
+//! caches (only this daemon changes the tree), sparing the lookup before
+//! each creation.
 //!
 //! Ordering: one lock covers "apply locally, then submit to the replicator",
 //! so the sequence numbers are the order in which the local directory
-//! changed. Replies that must wait for the secondary (every mutation, see
-//! below) are handed to the replicator and sent from its receiver thread when
-//! the acknowledgement arrives, so no FUSE thread blocks on the network.
+//! changed. Replies that must wait for the secondary are handed to the
+//! replicator and sent from its receiver thread when the acknowledgement
+//! arrives, so no FUSE thread blocks on the network.
 //!
-//! Durability choice: write-back caching is off (the kernel sends every
-//! `write(2)` through, and mmap writes on `msync`/writeback). So every write
-//! and every metadata change is replied to only once the secondary
-//! acknowledged it (SPEC §5: "every write when write-back caching is off");
-//! fsync/fdatasync and `O_SYNC`/`O_DSYNC` writes also send a barrier that,
-//! with `async = "none"`, the secondary syncs before acknowledging, and are
-//! synced to the local disk: after the barrier is sequenced and outside the
-//! lock (the flush overlaps the barrier's round trip; see `fsync` for why the
-//! order holds), the reply waiting for both. When the secondary is lost
-//! (send timeout), the replicator journals and releases the waiting replies.
+//! Durability ([`Durability`], SPEC §5):
+//! - `Fsync` (default): the FUSE write-back cache is on (the kernel buffers
+//!   writes and sends them on writeback, close, fsync or msync). Writes and
+//!   metadata changes are answered as soon as they are applied locally and
+//!   queued (or, while alone, journalled). The durability points wait:
+//!   fsync/fdatasync of a file or directory, and so `O_SYNC`/`O_DSYNC`
+//!   writes and msync, which the kernel turns into a writeback then an
+//!   fsync request. Before any change, [`Replicator::admit`] waits while the
+//!   live queue is full (back-pressure).
+//! - `EveryWrite`: no write-back cache; every write and metadata change is
+//!   answered once the secondary acknowledged it, and an `O_SYNC`/`O_DSYNC`
+//!   write is itself a barrier.
+//!
+//! A barrier (fsync) is sequenced under the lock; with `async = "none"` the
+//! secondary syncs before acknowledging; the local sync runs after the
+//! barrier is sequenced and outside the lock (it overlaps the barrier's
+//! round trip; see `fsync` for why the order holds), the reply waiting for
+//! both. When the secondary is lost (send timeout), the replicator journals
+//! and releases the waiting replies.
 //!
 //! A write request (up to 1 MiB) is applied and submitted in pieces of
 //! [`WRITE_PIECE`] under one hold of the lock: the first piece travels to
-//! the secondary while the next is written here; the reply waits for the
-//! last piece's acknowledgement.
+//! the secondary while the next is written here.
+//!
+//! Under the write-back cache the kernel keeps its own mtime of a regular
+//! file it wrote (it sends it with a setattr on flush), so the mtime the
+//! mount shows can differ by the writeback delay from the disk's, which is
+//! the one replicated.
 //!
 //! Reads never wait: they are served from the kernel page cache or by
 //! `pread` into a per-thread buffer, or — read-only opens with passthrough
@@ -64,6 +82,7 @@ use fuser::{
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags as RxRename, Stat, XattrFlags};
 
 use super::{
+    Durability,
     journal::Change,
     proto::{NodeKind, Op, RelPath, Timestamp, rename},
     replicator::{Completion, Replicator, Ticket},
@@ -304,11 +323,16 @@ struct State {
 
 /// The filesystem served over one replicated directory.
 pub(crate) struct ReplicatedFs {
-    root: OwnedFd,
+    root: Dir,
     root_ino: u64,
     state: Mutex<State>,
     repl: Arc<Replicator>,
     passthrough: bool,
+    /// Which operations wait for the secondary (see the module docs).
+    durability: Durability,
+    /// The kernel caches writes (FUSE write-back cache, with
+    /// [`Durability::Fsync`] when the kernel grants it).
+    writeback: bool,
 }
 
 impl std::fmt::Debug for ReplicatedFs {
@@ -316,6 +340,7 @@ impl std::fmt::Debug for ReplicatedFs {
         f.debug_struct("ReplicatedFs")
             .field("root_ino", &self.root_ino)
             .field("passthrough", &self.passthrough)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -389,9 +414,13 @@ struct AttrChange {
     mtime: Option<TimeOrNow>,
 }
 
-/// A parent directory fd and a name inside it.
+/// A directory handle: the root's fd, a directory node's `O_PATH` pin, or
+/// a directory opened by path. Every `*at` call takes it as its dirfd.
+type Dir = Arc<OwnedFd>;
+
+/// A parent directory handle and a name inside it.
 struct Entry {
-    dir: OwnedFd,
+    dir: Dir,
     name: OsString,
 }
 
@@ -416,10 +445,15 @@ impl std::ops::DerefMut for Locked<'_> {
 }
 
 impl ReplicatedFs {
-    pub(crate) fn new(root: OwnedFd, repl: Arc<Replicator>, passthrough: bool) -> io::Result<Self> {
+    pub(crate) fn new(
+        root: OwnedFd,
+        repl: Arc<Replicator>,
+        passthrough: bool,
+        durability: Durability,
+    ) -> io::Result<Self> {
         let st = sys::fstat(&root)?;
         Ok(Self {
-            root,
+            root: Arc::new(root),
             root_ino: st.st_ino,
             state: Mutex::new(State {
                 next_fh: 1,
@@ -427,7 +461,14 @@ impl ReplicatedFs {
             }),
             repl,
             passthrough,
+            durability,
+            writeback: false,
         })
+    }
+
+    /// Every operation waits for the secondary ([`Durability::EveryWrite`]).
+    fn strict(&self) -> bool {
+        self.durability == Durability::EveryWrite
     }
 
     /// The state, with the replicator's gate held (shared) for as long: a
@@ -444,6 +485,18 @@ impl ReplicatedFs {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Locked { st, _gate: gate }
+    }
+
+    /// Flags to open the real file with: [`real_open_flags`], and
+    /// read-write instead of write-only under the write-back cache (the
+    /// kernel reads around a partial page write through any handle).
+    fn real_flags(&self, flags: i32) -> OFlags {
+        let f = real_open_flags(flags);
+        if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (f - OFlags::WRONLY) | OFlags::RDWR
+        } else {
+            f
+        }
     }
 
     /// Real inode number → FUSE inode number (the root and 1 swapped).
@@ -495,10 +548,53 @@ impl ReplicatedFs {
         st.tree.path(ino.0).ok_or(Errno::ENOENT)
     }
 
-    fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, OwnedFd), Errno> {
+    /// The handle of directory node `ino`, if the kernel knows it.
+    fn dir_fd(&self, st: &State, ino: u64) -> Option<Dir> {
+        if ino == INodeNo::ROOT.0 {
+            Some(Arc::clone(&self.root))
+        } else {
+            st.tree.pin(ino).cloned()
+        }
+    }
+
+    /// The path of directory node `ino` (for the wire) and its handle (for
+    /// the local calls: no path walk, whatever its depth).
+    fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, Dir), Errno> {
         let p = Self::path(st, ino)?;
-        let fd = sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?;
+        let fd = match self.dir_fd(st, ino.0) {
+            Some(fd) => fd,
+            None => Arc::new(sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?),
+        };
         Ok((p, fd))
+    }
+
+    /// A readable directory fd on a directory handle (a pin is `O_PATH`).
+    fn readable(dir: &Dir) -> Result<OwnedFd, Errno> {
+        sys::open_dir(dir.as_fd(), b"").map_err(|e| errno(&e))
+    }
+
+    /// The parent handle and name of node `ino` (its first known name; the
+    /// root: itself and `"."`).
+    fn entry_of(&self, st: &State, ino: INodeNo) -> Result<Entry, Errno> {
+        if ino == INodeNo::ROOT {
+            return Ok(Entry {
+                dir: Arc::clone(&self.root),
+                name: OsString::from("."),
+            });
+        }
+        let (parent, name) = st
+            .tree
+            .nodes
+            .get(&ino.0)
+            .and_then(|n| n.names.first())
+            .ok_or(Errno::ENOENT)?;
+        match self.dir_fd(st, *parent) {
+            Some(dir) => Ok(Entry {
+                dir,
+                name: name.clone(),
+            }),
+            None => self.entry(&Self::path(st, ino)?),
+        }
     }
 
     /// The parent fd and name of `path` (the root: itself and `"."`).
@@ -508,7 +604,7 @@ impl ReplicatedFs {
             Err(_) => (&[][..], OsStr::new(".")),
         };
         Ok(Entry {
-            dir: sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?,
+            dir: Arc::new(sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?),
             name: name.to_os_string(),
         })
     }
@@ -638,6 +734,17 @@ impl ReplicatedFs {
         self.repl.when_durable(ticket, done);
     }
 
+    /// Replies to an operation that is not a durability point: at once
+    /// (applied locally and queued for the secondary, or journalled while
+    /// alone), or, with [`Durability::EveryWrite`], once durable.
+    fn answer(&self, ticket: Ticket, f: impl FnOnce(Result<(), i32>) + Send + 'static) {
+        if self.strict() {
+            self.then(ticket, f);
+        } else {
+            self.repl.when_queued(ticket, Box::new(f));
+        }
+    }
+
     /// Like [`then`](Self::then), and `f` also waits for `flush` (the local
     /// disk flush of a barrier), run here after `ticket` was registered: the
     /// flush, outside the lock, overlaps the barrier's round trip, and the
@@ -654,17 +761,17 @@ impl ReplicatedFs {
         join.half(flush().map_err(Errno::code));
     }
 
-    /// Common path of mknod/mkdir/symlink: replies with the new entry once
-    /// the creation is durable.
+    /// Common path of mknod/mkdir/symlink: replies with the new entry (see
+    /// [`answer`](Self::answer) for when).
     fn reply_created_entry(&self, ticket: Ticket, attr: FileAttr, reply: ReplyEntry) {
-        self.then(ticket, move |r| match r {
+        self.answer(ticket, move |r| match r {
             Ok(()) => reply.entry(&TTL, &attr, Generation(0)),
             Err(e) => reply.error(Errno::from_i32(e)),
         });
     }
 
     fn reply_empty(&self, ticket: Ticket, reply: ReplyEmpty) {
-        self.then(ticket, empty(reply));
+        self.answer(ticket, empty(reply));
     }
 
     #[expect(
@@ -737,8 +844,8 @@ impl ReplicatedFs {
         };
         let (atime, mtime) = (resolve(access), resolve(modify));
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-            if let Some(p) = &path {
-                let e = self.entry(p)?;
+            if path.is_some() {
+                let e = self.entry_of(&st, ino)?;
                 if uid.is_some() || gid.is_some() {
                     sys::chown_at(e.dir.as_fd(), &e.name, uid, gid).map_err(|e| errno(&e))?;
                 }
@@ -792,15 +899,15 @@ impl ReplicatedFs {
 
     fn read_dir(&self, ino: INodeNo) -> Result<OpenDir, Errno> {
         let st = self.lock();
-        let (path, fd) = self.dir_of(&st, ino)?;
+        let (_, dir) = self.dir_of(&st, ino)?;
         let parent_ino = st
             .tree
             .nodes
             .get(&ino.0)
             .and_then(|n| n.names.first())
             .map_or(INodeNo::ROOT.0, |k| k.0);
-        let _ = path;
         drop(st);
+        let fd = Self::readable(&dir)?;
         let mut dir = rustix::fs::Dir::new(fd).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
         let mut entries = Vec::new();
         while let Some(ent) = dir.read() {
@@ -821,6 +928,16 @@ impl Filesystem for ReplicatedFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if config.set_max_write(MAX_WRITE).is_err() {
             tracing::debug!("kernel refused max_write of 1 MiB; using its maximum");
+        }
+        if !self.strict() {
+            self.writeback = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+            if !self.writeback {
+                tracing::info!(
+                    "FUSE write-back cache unavailable; writes reach the daemon one by one"
+                );
+            }
         }
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -846,6 +963,10 @@ impl Filesystem for ReplicatedFs {
                 drop(st);
                 reply.entry(&TTL, &attr, Generation(0));
             }
+            // Cached by the kernel for the entry lifetime: only this daemon
+            // changes the tree, and a creation through it replaces the
+            // negative entry.
+            Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &negative_entry(), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -891,8 +1012,9 @@ impl Filesystem for ReplicatedFs {
             atime,
             mtime,
         };
+        self.repl.admit();
         match self.do_setattr(ino, fh, set) {
-            Ok((attr, ticket)) => self.then(ticket, move |r| match r {
+            Ok((attr, ticket)) => self.answer(ticket, move |r| match r {
                 Ok(()) => reply.attr(&TTL, &attr),
                 Err(e) => reply.error(Errno::from_i32(e)),
             }),
@@ -902,9 +1024,9 @@ impl Filesystem for ReplicatedFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             rustix::fs::readlinkat(e.dir.as_fd(), &e.name, Vec::new())
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))
         });
@@ -924,6 +1046,7 @@ impl Filesystem for ReplicatedFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -980,6 +1103,7 @@ impl Filesystem for ReplicatedFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1027,6 +1151,7 @@ impl Filesystem for ReplicatedFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1068,6 +1193,7 @@ impl Filesystem for ReplicatedFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (pa, da) = self.dir_of(&st, parent)?;
@@ -1118,10 +1244,11 @@ impl Filesystem for ReplicatedFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let existing = Self::path(&st, ino)?;
-            let src = self.entry(&existing)?;
+            let src = self.entry_of(&st, ino)?;
             let (pb, db) = self.dir_of(&st, newparent)?;
             let path = Self::child(&pb, newname)?;
             rustix::fs::linkat(&src.dir, &src.name, &db, newname, AtFlags::empty())
@@ -1144,16 +1271,16 @@ impl Filesystem for ReplicatedFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let real = self.real_flags(flags.0);
         let mut st = self.lock();
         let r = (|| {
             // Through the node's own handle: the inode the kernel means,
             // an unlinked one included (as a local filesystem reopens it).
             if let Some(pin) = st.tree.pin(ino.0) {
-                return sys::reopen(pin.as_fd(), real_open_flags(flags.0)).map_err(|e| errno(&e));
+                return sys::reopen(pin.as_fd(), real).map_err(|e| errno(&e));
             }
             let p = Self::path(&st, ino)?;
-            let fd = sys::open_beneath(self.root(), p.as_bytes(), real_open_flags(flags.0))
-                .map_err(|e| errno(&e))?;
+            let fd = sys::open_beneath(self.root(), p.as_bytes(), real).map_err(|e| errno(&e))?;
             Ok(fd)
         })();
         let fd = match r {
@@ -1247,11 +1374,15 @@ impl Filesystem for ReplicatedFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
             let fd = Arc::clone(&f.fd);
-            let sync = f.sync || is_sync(flags.0);
+            // Strict mode: an O_SYNC/O_DSYNC write is its own barrier. At
+            // fsync durability the kernel follows such a write with an
+            // fsync request (generic_write_sync), the barrier then.
+            let sync = self.strict() && (f.sync || is_sync(flags.0));
             let data_only = flags.0 & libc::O_SYNC != libc::O_SYNC;
             let path = st.tree.path(ino.0);
             let (written, mut ticket) =
@@ -1275,7 +1406,7 @@ impl Filesystem for ReplicatedFs {
                     Some((fd, data_only)) => {
                         self.then_flushed(t, || sync_fd(fd.as_fd(), data_only), done);
                     }
-                    None => self.then(t, done),
+                    None => self.answer(t, done),
                 }
             }
             Err(e) => reply.error(e),
@@ -1290,7 +1421,10 @@ impl Filesystem for ReplicatedFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (writes are applied as they come; the
+        // kernel writes back dirty pages before sending this): ENOSYS tells
+        // the kernel never to send FLUSH again, a round trip less per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1418,7 +1552,11 @@ impl Filesystem for ReplicatedFs {
         });
         drop(st);
         match r {
-            Ok((fd, t)) => self.then_flushed(t, || sync_fd(fd.as_fd(), false), empty(reply)),
+            Ok((dir, t)) => self.then_flushed(
+                t,
+                || sync_fd(Self::readable(&dir)?.as_fd(), false),
+                empty(reply),
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -1449,10 +1587,11 @@ impl Filesystem for ReplicatedFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
-            let e = self.entry(&path)?;
+            let e = self.entry_of(&st, ino)?;
             #[expect(clippy::cast_sign_loss, reason = "flag bits")]
             let f = XattrFlags::from_bits_retain(flags as u32);
             rustix::fs::lsetxattr(sys::proc_entry(e.dir.as_fd(), &e.name), name, value, f)
@@ -1475,9 +1614,9 @@ impl Filesystem for ReplicatedFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             sys::get_xattr(&sys::proc_entry(e.dir.as_fd(), &e.name), name).map_err(|e| errno(&e))
         });
         reply_xattr(r, size, reply);
@@ -1485,19 +1624,20 @@ impl Filesystem for ReplicatedFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.lock();
-        let r = Self::path(&st, ino).and_then(|p| {
-            drop(st);
-            let e = self.entry(&p)?;
+        let e = self.entry_of(&st, ino);
+        drop(st);
+        let r = e.and_then(|e| {
             sys::list_xattrs(&sys::proc_entry(e.dir.as_fd(), &e.name)).map_err(|e| errno(&e))
         });
         reply_xattr(r, size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.repl.admit();
         let st = self.lock();
         let r = (|| {
             let path = Self::path(&st, ino)?;
-            let e = self.entry(&path)?;
+            let e = self.entry_of(&st, ino)?;
             rustix::fs::lremovexattr(sys::proc_entry(e.dir.as_fd(), &e.name), name)
                 .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
             Ok(self.submit(
@@ -1530,6 +1670,7 @@ impl Filesystem for ReplicatedFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, dir) = self.dir_of(&st, parent)?;
@@ -1537,7 +1678,7 @@ impl Filesystem for ReplicatedFs {
             let fd = rustix::fs::openat(
                 &dir,
                 name,
-                real_open_flags(flags)
+                self.real_flags(flags)
                     | OFlags::CREATE
                     | OFlags::EXCL
                     | OFlags::NOFOLLOW
@@ -1579,7 +1720,7 @@ impl Filesystem for ReplicatedFs {
         })();
         drop(st);
         match r {
-            Ok((attr, fh, t)) => self.then(t, move |r| match r {
+            Ok((attr, fh, t)) => self.answer(t, move |r| match r {
                 Ok(()) => reply.created(
                     &TTL,
                     &attr,
@@ -1591,6 +1732,22 @@ impl Filesystem for ReplicatedFs {
             }),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl is supported (FS_IOC_GETFLAGS and the like): the answer
+        // of a local filesystem to an unknown one, without a log line.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(
@@ -1610,6 +1767,7 @@ impl Filesystem for ReplicatedFs {
 
 impl ReplicatedFs {
     fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        self.repl.admit();
         let mut st = self.lock();
         let r = (|| {
             let (ppath, pfd) = self.dir_of(&st, parent)?;
@@ -1641,6 +1799,27 @@ impl ReplicatedFs {
             Ok(t) => self.reply_empty(t, reply),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// The attributes of a negative entry (node id 0: "no such name", cached).
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FuseType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 

@@ -7,9 +7,11 @@
 //! that directory fd. Each change applied locally is submitted, in the order it
 //! was applied, to the [`replicator`], which numbers it, encodes it
 //! ([`proto`]) and sends it over the [`channel`] (Noise `NNpsk0` keyed by the
-//! cluster key, TCP 5600) to the secondary. The FUSE reply waits for the
-//! secondary's acknowledgement (write-back caching is off: every write and
-//! metadata change is synchronous, see [`fs`]).
+//! cluster key, TCP 5600) to the secondary. With `durability = "fsync"` (the
+//! default) the FUSE reply goes out at once, except at the durability points
+//! (fsync, fdatasync, `O_SYNC`/`O_DSYNC` writes, msync), which wait for the
+//! secondary's acknowledgement; with `"every_write"` every reply waits (see
+//! [`fs`]).
 //!
 //! On the secondary, [`secondary::serve`] accepts one connection per
 //! directory, and an [`apply::Applier`] applies the operations in order under
@@ -21,6 +23,10 @@
 //! releases the waiting replies and from then on records each change in the
 //! [`journal`] (fsynced before the application's reply), so a reintegration
 //! needs to send only what changed.
+//!
+//! The live queue is bounded on both sides: the primary's application waits
+//! while 16 MiB are sent and unacknowledged ([`replicator`]), the
+//! secondary's reader while 4096 operations wait for its applier.
 //!
 //! # Not yet
 //!
@@ -55,7 +61,7 @@ use std::{
 use thiserror::Error;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-pub use channel::{ChannelError, ChannelKey};
+pub use channel::{ChannelError, ChannelKey, Cipher};
 pub use journal::{DirtySet, JournalError};
 pub use replicator::{Counters, LinkState, Progress, ResyncOpts};
 pub use secondary::{
@@ -63,6 +69,7 @@ pub use secondary::{
 };
 pub use state::DirState;
 
+use crate::config::Durability;
 use replicator::Replicator;
 
 /// A replication failure, with the directory or peer it concerns.
@@ -221,13 +228,15 @@ pub struct PrimaryParams {
     /// holds it fails with EIO. Only for directories whose files are written
     /// by replacement (write a new file, rename over).
     pub passthrough_reads: bool,
+    /// Which operations wait for the secondary (`rfs.durability`).
+    pub durability: Durability,
     /// FUSE request threads.
     pub threads: usize,
 }
 
 impl PrimaryParams {
     /// Defaults for directory `name`: 10 s send timeout, 5 s connect, no
-    /// journal, no passthrough, 2 threads.
+    /// journal, no passthrough, durability at fsync, 2 threads.
     #[must_use]
     pub fn new(name: impl Into<String>) -> Self {
         Self {
@@ -238,6 +247,7 @@ impl PrimaryParams {
             state: None,
             resync: ResyncOpts::default(),
             passthrough_reads: false,
+            durability: crate::config::DEFAULT_DURABILITY,
             threads: 2,
         }
     }
@@ -295,12 +305,16 @@ impl Primary {
             params.state.clone(),
             events_tx.clone(),
         )?;
-        let fs = fs::ReplicatedFs::new(root, Arc::clone(&repl), params.passthrough_reads).map_err(
-            |source| RfsError::Open {
-                path: dir.to_path_buf(),
-                source,
-            },
-        )?;
+        let fs = fs::ReplicatedFs::new(
+            root,
+            Arc::clone(&repl),
+            params.passthrough_reads,
+            params.durability,
+        )
+        .map_err(|source| RfsError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(mounts::FUSE_SOURCE.into()),

@@ -24,7 +24,7 @@ use thiserror::Error;
 pub type Seq = u64;
 
 /// Protocol version, checked in [`Message::Hello`].
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Longest relative path accepted (bytes), as Linux's `PATH_MAX`.
 pub const MAX_PATH: usize = 4096;
@@ -530,6 +530,14 @@ pub struct ManifestEntry {
     pub mtime: Timestamp,
     /// BLAKE3 of the content (files), the target (symlinks), else empty.
     pub digest: Vec<u8>,
+    /// BLAKE3 of the extended attributes (ACLs included), names sorted;
+    /// empty when there are none.
+    pub xattrs: Vec<u8>,
+    /// Device number (character and block devices; else 0).
+    pub rdev: u64,
+    /// Hard links: the first path (in path order) of the tree naming the
+    /// same inode, when another path does; else empty.
+    pub link: Vec<u8>,
 }
 
 /// Most entries in one [`Message::Manifest`].
@@ -961,6 +969,9 @@ pub fn encode(out: &mut Vec<u8>, msg: &Message) {
                 put_u64(out, e.size);
                 put_time(out, e.mtime);
                 put_bytes(out, &e.digest);
+                put_bytes(out, &e.xattrs);
+                put_u64(out, e.rdev);
+                put_bytes(out, &e.link);
             }
         }
         Message::ManifestEnd => out.push(MSG_MANIFEST_END),
@@ -1444,6 +1455,9 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                     size: r.u64("manifest.size")?,
                     mtime: r.time("manifest.mtime")?,
                     digest: r.bytes("manifest.digest", MAX_PATH)?.to_vec(),
+                    xattrs: r.bytes("manifest.xattrs", 64)?.to_vec(),
+                    rdev: r.u64("manifest.rdev")?,
+                    link: r.bytes("manifest.link", MAX_PATH)?.to_vec(),
                 });
             }
             Message::Manifest { entries }
@@ -1630,6 +1644,9 @@ mod tests {
                     size: 3,
                     mtime: t(5, 6),
                     digest: vec![7; 32],
+                    xattrs: vec![8; 32],
+                    rdev: 9,
+                    link: b"a/c".to_vec(),
                 }],
             },
             Message::ManifestEnd,

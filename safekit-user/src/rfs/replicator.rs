@@ -389,7 +389,7 @@ impl Replicator {
             s.shutdown = Some(shutdown);
             s.epoch
         };
-        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), "resynchronising the secondary");
+        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), cipher = tx.cipher().name(), "resynchronising the secondary");
         *self.progress_lock() = Progress {
             active: true,
             full,
@@ -733,6 +733,37 @@ impl Replicator {
         }
     }
 
+    /// Waits while the live queue (sent, not yet acknowledged) is full:
+    /// back-pressure on the application rather than a queue without bound.
+    /// Called before a change is applied, outside the filesystem's lock. A
+    /// secondary that stops acknowledging is declared lost after
+    /// `send_timeout` (the receiver thread), which ends the wait.
+    pub(crate) fn admit(&self) {
+        let mut s = self.lock();
+        while s.state == LinkState::Connected && queue_full(s.inflight_bytes, s.inflight.len()) {
+            s = self
+                .acks
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Runs `done` once the operation is queued for the secondary (now), or,
+    /// if the secondary is absent, once journalled on disk: what a change
+    /// that is not a durability point waits for.
+    pub(crate) fn when_queued(&self, ticket: Ticket, done: Completion) {
+        let mut s = self.lock();
+        let res = match ticket.0 {
+            // Sent on the current connection: lost or not, it is in the
+            // order of operations (journalled if the connection is lost).
+            Some((epoch, _)) if epoch == s.epoch => Ok(()),
+            _ => self.journal_sync(&mut s),
+        };
+        drop(s);
+        done(res);
+    }
+
     /// Runs `done` once the operation is durable: acknowledged by the
     /// secondary, or journalled on disk if the secondary is absent.
     pub(crate) fn when_durable(&self, ticket: Ticket, done: Completion) {
@@ -973,6 +1004,16 @@ impl Replicator {
     }
 }
 
+/// Live operations sent and not yet acknowledged, in bytes and in number,
+/// past which the application waits ([`Replicator::admit`]).
+const MAX_QUEUED_BYTES: u64 = 16 << 20;
+const MAX_QUEUED_OPS: usize = 1 << 16;
+
+/// Whether the live queue is full (pure).
+fn queue_full(bytes: u64, ops: usize) -> bool {
+    bytes >= MAX_QUEUED_BYTES || ops >= MAX_QUEUED_OPS
+}
+
 /// At most this many rounds before the last step.
 const MAX_ROUNDS: u32 = 8;
 /// Resynchronisation bytes in flight before the sender waits for acks.
@@ -986,6 +1027,14 @@ fn small(set: &DirtySet) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_queue_is_bounded_in_bytes_and_operations() {
+        assert!(!queue_full(0, 0));
+        assert!(!queue_full(MAX_QUEUED_BYTES - 1, MAX_QUEUED_OPS - 1));
+        assert!(queue_full(MAX_QUEUED_BYTES, 1));
+        assert!(queue_full(64, MAX_QUEUED_OPS));
+    }
 
     #[test]
     fn overdue_only_past_the_timeout() {

@@ -872,6 +872,10 @@ impl Link<'_> {
 /// whether the reader acknowledged it on receipt.
 type Queued = (Seq, Op, bool, bool);
 
+/// Applies in order. Barriers (fsync of a path) are grouped: each path
+/// synced once at the end of a batch, before that batch is acknowledged
+/// (`async = "none"`), so a stream of small fsyncs costs one sync per path
+/// per batch, not one per operation.
 fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queued>) {
     // However it ends, the reader must not wait for it any more.
     struct Closed<'a>(&'a Backlog);
@@ -882,9 +886,12 @@ fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queue
     }
     let _closed = Closed(link.backlog);
     let mut failed = false;
+    let mut barriers = Barriers::default();
     while let Ok((seq, op, batch_end, acked_on_receipt)) = ops.recv() {
         let w = weight(&op);
-        if let Op::InSync { sync_id } = op {
+        if let Op::Fsync { path, data_only } = &op {
+            barriers.add(path, *data_only);
+        } else if let Op::InSync { sync_id } = op {
             if let Err(detail) = link.in_sync(sync_id) {
                 tracing::warn!(dir = %link.dir, %detail, "cannot record the synchronisation point");
                 if !failed {
@@ -909,11 +916,45 @@ fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queue
                 let _ = log.reset_fast();
             }
         }
+        if batch_end {
+            for op in barriers.take() {
+                if let Err(e) = applier.apply(&op, true) {
+                    tracing::warn!(dir = %link.dir, seq, error = %e, "cannot sync replicated data");
+                    if !failed {
+                        failed = true;
+                        link.fail(seq, e.errno(), e.to_string());
+                    }
+                }
+            }
+        }
+        // Resynchronisation and async = "none": acknowledged once written
+        // (and synced, for the barriers of the batch).
         link.backlog.give(w);
-        // Resynchronisation and async = "none": acknowledged once written.
         if batch_end && !acked_on_receipt && !link.ack(seq) {
             return;
         }
+    }
+}
+
+/// The barriers of a batch not yet synced: each path once (a full sync if
+/// any of its barriers asked for one).
+#[derive(Debug, Default)]
+struct Barriers(Vec<(RelPath, bool)>);
+
+impl Barriers {
+    fn add(&mut self, path: &RelPath, data_only: bool) {
+        match self.0.iter_mut().find(|(p, _)| p == path) {
+            Some((_, d)) => *d &= data_only,
+            None => self.0.push((path.clone(), data_only)),
+        }
+    }
+
+    /// The sync operations to run, in the order first asked.
+    fn take(&mut self) -> Vec<Op> {
+        self.0
+            .drain(..)
+            .map(|(path, data_only)| Op::Fsync { path, data_only })
+            .collect()
     }
 }
 
@@ -985,6 +1026,31 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn barriers_of_a_batch_sync_each_path_once_fully_if_any_asked() {
+        let (a, b) = (
+            RelPath::new(*b"a").expect("path"),
+            RelPath::new(*b"b").expect("path"),
+        );
+        let mut bar = Barriers::default();
+        bar.add(&a, true);
+        bar.add(&b, true);
+        bar.add(&a, false);
+        bar.add(&a, true);
+        let want = vec![
+            Op::Fsync {
+                path: a,
+                data_only: false,
+            },
+            Op::Fsync {
+                path: b,
+                data_only: true,
+            },
+        ];
+        assert_eq!(bar.take(), want);
+        assert_eq!(bar.take(), Vec::new());
+    }
 
     #[test]
     fn a_divergence_is_quarantined_once_and_refused_past_the_cap() {

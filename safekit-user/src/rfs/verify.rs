@@ -1,5 +1,6 @@
 //! `safekit rfs verify`: both copies of a replicated directory compared by
-//! content checksum (BLAKE3), kind, mode, owner, size and mtime.
+//! content checksum (BLAKE3), kind, mode, owner, size, mtime, extended
+//! attributes (ACLs included), device numbers and hard-link grouping.
 //!
 //! The primary computes the manifest of its real directory (beneath the
 //! FUSE mount), opens a verification connection to the secondary (same
@@ -33,11 +34,60 @@ use super::{
 pub fn manifest(root: BorrowedFd<'_>) -> io::Result<Vec<ManifestEntry>> {
     let mut out = Vec::new();
     walk(root, &RelPath::root(), &mut out)?;
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    // Hard links: every path of an inode named more than once in the tree
+    // points at the first of them.
+    let mut first: BTreeMap<u64, (RelPath, usize)> = BTreeMap::new();
+    for (e, ino) in out.iter().filter(|(_, ino)| *ino != 0) {
+        first
+            .entry(*ino)
+            .and_modify(|f| f.1 += 1)
+            .or_insert((e.path.clone(), 1));
+    }
+    Ok(out
+        .into_iter()
+        .map(|(mut e, ino)| {
+            if let Some((p, n)) = first.get(&ino)
+                && *n > 1
+            {
+                e.link = p.as_bytes().to_vec();
+            }
+            e
+        })
+        .collect())
 }
 
-fn walk(root: BorrowedFd<'_>, dir: &RelPath, out: &mut Vec<ManifestEntry>) -> io::Result<()> {
+/// BLAKE3 of the extended attributes of `dir/name` (names sorted, each name
+/// and value length-prefixed); empty when it has none.
+fn xattrs_digest(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+    let path = sys::proc_entry(dir, name);
+    let list = match sys::list_xattrs(&path) {
+        Ok(l) => l,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<&[u8]> = list.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    names.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    for n in names {
+        let value = sys::get_xattr(&path, OsStr::from_bytes(n))?;
+        h.update(&(n.len() as u64).to_le_bytes());
+        h.update(n);
+        h.update(&(value.len() as u64).to_le_bytes());
+        h.update(&value);
+    }
+    Ok(h.finalize().as_bytes().to_vec())
+}
+
+/// Entries with their inode number when it has several links (else 0).
+fn walk(
+    root: BorrowedFd<'_>,
+    dir: &RelPath,
+    out: &mut Vec<(ManifestEntry, u64)>,
+) -> io::Result<()> {
     let d = sys::open_dir(root, dir.as_bytes())?;
     for name in apply::list_dir(d.as_fd())? {
         let path = dir
@@ -62,20 +112,34 @@ fn walk(root: BorrowedFd<'_>, dir: &RelPath, out: &mut Vec<ManifestEntry>) -> io
             ),
             _ => (3, Vec::new(), sys::mtime(&st)),
         };
-        out.push(ManifestEntry {
-            path: path.clone(),
-            kind,
-            mode: sys::perm(&st),
-            uid: st.st_uid,
-            gid: st.st_gid,
-            size: if kind == 0 {
-                u64::try_from(st.st_size).unwrap_or(0)
-            } else {
-                0
+        let name = OsStr::from_bytes(&name);
+        let xattrs = match xattrs_digest(d.as_fd(), name) {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let device = matches!(ft, FileType::CharacterDevice | FileType::BlockDevice);
+        let linked = kind != 1 && st.st_nlink > 1;
+        out.push((
+            ManifestEntry {
+                path: path.clone(),
+                kind,
+                mode: sys::perm(&st),
+                uid: st.st_uid,
+                gid: st.st_gid,
+                size: if kind == 0 {
+                    u64::try_from(st.st_size).unwrap_or(0)
+                } else {
+                    0
+                },
+                mtime,
+                digest,
+                xattrs,
+                rdev: if device { st.st_rdev } else { 0 },
+                link: Vec::new(),
             },
-            mtime,
-            digest,
-        });
+            if linked { st.st_ino } else { 0 },
+        ));
         if kind == 1 {
             walk(root, &path, out)?;
         }
@@ -190,6 +254,15 @@ pub fn compare(primary: &[ManifestEntry], secondary: &[ManifestEntry]) -> Vec<St
                 if (x.uid, x.gid) != (y.uid, y.gid) {
                     what.push("owner");
                 }
+                if x.xattrs != y.xattrs {
+                    what.push("xattrs");
+                }
+                if x.rdev != y.rdev {
+                    what.push("device number");
+                }
+                if x.link != y.link {
+                    what.push("hard links");
+                }
                 if !what.is_empty() {
                     out.push(format!("{} differs: {p}", what.join(", ")));
                 }
@@ -218,6 +291,9 @@ mod tests {
             size: 1,
             mtime: Timestamp { sec: 1, nsec: 0 },
             digest: vec![digest; 32],
+            xattrs: Vec::new(),
+            rdev: 0,
+            link: Vec::new(),
         }
     }
 
@@ -226,13 +302,23 @@ mod tests {
         let a = vec![e("a", 1), e("b", 1), e("c", 1)];
         let mut c2 = e("c", 1);
         c2.mode = 0o600;
-        let b = vec![e("b", 2), c2, e("d", 1)];
+        let mut xattr = e("x", 1);
+        xattr.xattrs = vec![1; 32];
+        let mut dev = e("y", 1);
+        dev.rdev = 0x0801;
+        let mut link = e("z", 1);
+        link.link = b"x".to_vec();
+        let a = [a, vec![e("x", 1), e("y", 1), e("z", 1)]].concat();
+        let b = vec![e("b", 2), c2, e("d", 1), xattr, dev, link];
         assert_eq!(
             compare(&a, &b),
             vec![
                 "only on the primary: a".to_string(),
                 "content differs: b".into(),
                 "mode differs: c".into(),
+                "xattrs differs: x".into(),
+                "device number differs: y".into(),
+                "hard links differs: z".into(),
                 "only on the secondary: d".into(),
             ]
         );
@@ -245,6 +331,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("x")).expect("mkdir");
         std::fs::write(d.join("x/f"), b"hello").expect("write");
+        std::fs::hard_link(d.join("x/f"), d.join("h")).expect("link");
+        rustix::fs::setxattr(d.join("x"), "user.k", b"v", rustix::fs::XattrFlags::empty())
+            .expect("setxattr");
         std::os::unix::fs::symlink("x/f", d.join("l")).expect("symlink");
         let fd = rustix::fs::open(
             &d,
@@ -254,9 +343,17 @@ mod tests {
         .expect("open");
         let m = manifest(fd.as_fd()).expect("manifest");
         let names: Vec<String> = m.iter().map(|e| e.path.to_string()).collect();
-        assert_eq!(names, vec!["l", "x", "x/f"]);
-        assert_eq!(m[2].digest, blake3::hash(b"hello").as_bytes().to_vec());
-        assert_eq!(m[0].digest, b"x/f".to_vec());
+        assert_eq!(names, vec!["h", "l", "x", "x/f"]);
+        assert_eq!(m[3].digest, blake3::hash(b"hello").as_bytes().to_vec());
+        assert_eq!(m[1].digest, b"x/f".to_vec());
+        // Both names of the hard-linked file point at the first one.
+        assert_eq!(
+            (m[0].link.as_slice(), m[3].link.as_slice()),
+            (&b"h"[..], &b"h"[..])
+        );
+        assert!(m[1].link.is_empty() && m[2].link.is_empty());
+        assert_eq!(m[2].xattrs.len(), 32, "the directory's xattr is hashed");
+        assert_eq!(m[3].xattrs, Vec::<u8>::new());
         let _ = std::fs::remove_dir_all(&d);
     }
 }
