@@ -2039,7 +2039,7 @@ fn a_secondary_meeting_io_errors_never_takes_over_and_resyncs_once_repaired() {
     let rig = &t.rig;
     app_write(rig, 1, FILE, b"");
     let views: Views = Arc::new(Mutex::new(vec![Some(rig.view(1)), None]));
-    let writer = Writer::start(rig, &views, FILE, rig.dir.join("acked.log"));
+    let writer = Writer::start(rig, &views, FILE, Durable::Fsync, rig.dir.join("acked.log"));
     wait_for(Duration::from_secs(10), || writer.count() > 50).expect("the writer writes");
 
     // I/O errors under node2's copy.
