@@ -56,6 +56,9 @@ pub struct Applier {
     root: OwnedFd,
     /// Open files for writes, by path; dropped on any rename or removal.
     files: HashMap<RelPath, OwnedFd>,
+    /// Bytes written since the disk writeback of the open files was last
+    /// started.
+    unflushed: u64,
 }
 
 /// A parent directory and a final component.
@@ -71,6 +74,7 @@ impl Applier {
         Ok(Self {
             root,
             files: HashMap::new(),
+            unflushed: 0,
         })
     }
 
@@ -79,6 +83,7 @@ impl Applier {
         Ok(Self {
             root,
             files: HashMap::new(),
+            unflushed: 0,
         })
     }
 
@@ -149,7 +154,17 @@ impl Applier {
             } => {
                 let fd = self.file(path)?;
                 sys::write_all_at(fd, data, *offset)?;
-                sys::set_fd_mtime(fd, *mtime)
+                sys::set_fd_mtime(fd, *mtime)?;
+                self.unflushed += data.len() as u64;
+                if self.unflushed >= sys::WRITEBACK_AFTER {
+                    // Writes stream in: their pages go to disk meanwhile,
+                    // not all at the next barrier's sync.
+                    self.unflushed = 0;
+                    for fd in self.files.values() {
+                        sys::start_writeback(fd.as_fd());
+                    }
+                }
+                Ok(())
             }
             Op::Truncate { path, size, mtime } => {
                 let fd = self.file(path)?;

@@ -297,6 +297,8 @@ struct OpenFile {
     io: Io,
     /// Kept alive while the kernel uses it for passthrough.
     backing_id: Option<BackingId>,
+    /// Bytes written since its disk writeback was last started.
+    unflushed: u64,
 }
 
 /// How the kernel does I/O on an open file.
@@ -703,16 +705,7 @@ impl ReplicatedFs {
                         |_| from_system_time(SystemTime::now()),
                         |st| sys::mtime(&st),
                     );
-                    let end = at + n as u64;
-                    ticket = self.submit(
-                        &Op::Write {
-                            path: path.clone(),
-                            offset: at,
-                            data: piece[..n].to_vec(),
-                            mtime,
-                        },
-                        &[(path.clone(), Change::Range { start: at, end })],
-                    );
+                    ticket = self.repl.submit_write(path, at, &piece[..n], mtime);
                 }
             }
             if let Some(e) = err {
@@ -1317,6 +1310,7 @@ impl Filesystem for ReplicatedFs {
             sync: is_sync(flags.0),
             io,
             backing_id: backing,
+            unflushed: 0,
         };
         match (&f.backing_id, io) {
             // The reply borrows the id; the handle keeps it alive until
@@ -1375,7 +1369,7 @@ impl Filesystem for ReplicatedFs {
         reply: ReplyWrite,
     ) {
         self.repl.admit();
-        let st = self.lock();
+        let mut st = self.lock();
         let r = (|| {
             let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
             let fd = Arc::clone(&f.fd);
@@ -1392,11 +1386,25 @@ impl Filesystem for ReplicatedFs {
                 // outside the lock (see `fsync`).
                 ticket = self.submit(&Op::Fsync { path, data_only }, &[]);
             }
-            Ok((written, ticket, sync.then_some((fd, data_only))))
+            let writeback = st.files.get_mut(&fh.0).is_some_and(|f| {
+                f.unflushed += written as u64;
+                let due = f.unflushed >= sys::WRITEBACK_AFTER;
+                if due {
+                    f.unflushed = 0;
+                }
+                due
+            });
+            Ok((written, ticket, sync.then_some((Arc::clone(&fd), data_only)), writeback.then_some(fd)))
         })();
         drop(st);
         match r {
-            Ok((written, t, sync)) => {
+            Ok((written, t, sync, writeback)) => {
+                // A long write's pages go to disk while it goes on, not all
+                // at its fsync (outside the lock: this may wait for the
+                // device's queue).
+                if let Some(fd) = writeback {
+                    sys::start_writeback(fd.as_fd());
+                }
                 let len = u32::try_from(written).unwrap_or(u32::MAX);
                 let done = move |r| match r {
                     Ok(()) => reply.written(len),
@@ -1714,6 +1722,7 @@ impl Filesystem for ReplicatedFs {
                     sync: is_sync(flags),
                     io: Io::Cached,
                     backing_id: None,
+                    unflushed: 0,
                 },
             );
             Ok((attr, fh, self.submit(&op, &[(path, Change::Tree)])))

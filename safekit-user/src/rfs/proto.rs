@@ -705,6 +705,16 @@ fn kind_tag(k: NodeKind) -> u8 {
     }
 }
 
+/// Appends the encoding of an [`Op::Write`] from its borrowed parts (the
+/// FUSE write path encodes the kernel's buffer without an owned copy).
+pub fn encode_write(out: &mut Vec<u8>, path: &RelPath, offset: u64, data: &[u8], mtime: Timestamp) {
+    out.push(OP_WRITE);
+    put_bytes(out, path.as_bytes());
+    put_u64(out, offset);
+    put_time(out, mtime);
+    put_bytes(out, data);
+}
+
 /// Appends the encoding of `op`.
 #[expect(clippy::too_many_lines, reason = "one arm per operation")]
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -714,13 +724,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             offset,
             data,
             mtime,
-        } => {
-            out.push(OP_WRITE);
-            put_bytes(out, path.as_bytes());
-            put_u64(out, *offset);
-            put_time(out, *mtime);
-            put_bytes(out, data);
-        }
+        } => encode_write(out, path, *offset, data, *mtime),
         Op::Truncate { path, size, mtime } => {
             out.push(OP_TRUNCATE);
             put_bytes(out, path.as_bytes());
@@ -916,9 +920,15 @@ pub(crate) fn put_change(out: &mut Vec<u8>, path: &RelPath, change: Change) {
 /// Appends the encoding of `Message::Op { seq, op }` from a borrowed
 /// operation (no copy of a write's data).
 pub fn encode_op_message(out: &mut Vec<u8>, seq: Seq, op: &Op) {
+    encode_op_header(out, seq);
+    encode_op(out, op);
+}
+
+/// Appends the header of a [`Message::Op`]: what precedes the operation's
+/// own encoding.
+pub fn encode_op_header(out: &mut Vec<u8>, seq: Seq) {
     out.push(MSG_OP);
     put_u64(out, seq);
-    encode_op(out, op);
 }
 
 /// Appends the encoding of `msg`.
