@@ -646,31 +646,32 @@ mod tests {
 
     #[test]
     fn a_tree_deeper_than_path_max_is_applied_and_removed() {
-        let d = tmp("deep");
-        let mut a = Applier::open(&d).expect("open");
+        let base = tmp("deep");
+        let mut applier = Applier::open(&base).expect("open");
         let name = "n".repeat(200);
         let mut dir = RelPath::root();
         for i in 0..45 {
             dir = dir.join(name.as_bytes()).expect("join");
-            a.apply(
-                &Op::Mkdir {
-                    path: dir.clone(),
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    mtime: t(i),
-                    dir_mtime: t(i),
-                },
-                true,
-            )
-            .expect("mkdir");
+            applier
+                .apply(
+                    &Op::Mkdir {
+                        path: dir.clone(),
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: t(i),
+                        dir_mtime: t(i),
+                    },
+                    true,
+                )
+                .expect("mkdir");
         }
         assert!(dir.as_bytes().len() > 2 * 4096);
-        let f = dir.join(b"f").expect("join");
-        let g = dir.join(b"g").expect("join");
+        let file = dir.join(b"f").expect("join");
+        let renamed = dir.join(b"g").expect("join");
         let ops = [
             Op::Mknod {
-                path: f.clone(),
+                path: file.clone(),
                 kind: NodeKind::File,
                 mode: 0o600,
                 rdev: 0,
@@ -680,20 +681,20 @@ mod tests {
                 dir_mtime: t(50),
             },
             Op::Write {
-                path: f.clone(),
+                path: file.clone(),
                 offset: 0,
                 data: b"deep".to_vec(),
                 mtime: t(51),
             },
             Op::Rename {
-                from: f.clone(),
-                to: g.clone(),
+                from: file.clone(),
+                to: renamed.clone(),
                 flags: 0,
                 from_dir_mtime: t(52),
                 to_dir_mtime: t(52),
             },
             Op::SetXattr {
-                path: g.clone(),
+                path: renamed.clone(),
                 name: b"user.k".to_vec(),
                 value: b"v".to_vec(),
             },
@@ -706,28 +707,33 @@ mod tests {
                 dir_mtime: t(53),
             },
             Op::Fsync {
-                path: g.clone(),
+                path: renamed.clone(),
                 data_only: false,
             },
         ];
         for op in &ops {
-            a.apply(op, true).expect("apply");
+            applier.apply(op, true).expect("apply");
         }
         // Read back level by level (the whole path is too long for a call).
-        let deep = sys::open_dir(a.root(), dir.as_bytes()).expect("deep dir");
-        let fd = rustix::fs::openat(&deep, "g", OFlags::RDONLY, Mode::empty()).expect("open g");
+        let deep = sys::open_dir(applier.root(), dir.as_bytes()).expect("deep dir");
+        let copy = rustix::fs::openat(&deep, "g", OFlags::RDONLY, Mode::empty()).expect("open g");
         let mut buf = [0u8; 16];
-        let n = rustix::io::read(&fd, &mut buf).expect("read");
-        assert_eq!(&buf[..n], b"deep");
-        let x = sys::get_xattr(&sys::proc_entry(deep.as_fd(), OsStr::new("g")), OsStr::new("user.k"))
-            .expect("xattr");
+        let len = rustix::io::read(&copy, &mut buf).expect("read");
+        assert_eq!(&buf[..len], b"deep");
+        let x = sys::get_xattr(
+            &sys::proc_entry(deep.as_fd(), OsStr::new("g")),
+            OsStr::new("user.k"),
+        )
+        .expect("xattr");
         assert_eq!(x, b"v");
-        drop((fd, deep));
+        drop((copy, deep));
         // Removed whole, iteratively.
         let top = RelPath::new(name.clone()).expect("top");
-        a.apply(&Op::Remove { path: top }, true).expect("remove");
-        assert_eq!(std::fs::read_dir(&d).expect("readdir").count(), 0);
-        let _ = std::fs::remove_dir_all(&d);
+        applier
+            .apply(&Op::Remove { path: top }, true)
+            .expect("remove");
+        assert_eq!(std::fs::read_dir(&base).expect("readdir").count(), 0);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -1899,7 +1899,7 @@ mod tests {
         assert_eq!(at(&t, 144), Some(want));
         // Deeper than the wire allows (MAX_PATH / 201 levels fit): an
         // error, never "no name" (which would keep changes local).
-        for ino in 145..(100 + MAX_PATH as u64 / 201 + 1) {
+        for ino in 145..=(100 + MAX_PATH as u64 / 201) {
             t.learn(ino, parent, OsStr::new(&name), pin());
             parent = ino;
         }

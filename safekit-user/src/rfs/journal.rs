@@ -703,7 +703,13 @@ mod tests {
         let file = deep.join(b"f").expect("join");
         let mid = RelPath::from_names_upwards(&names[..20]).expect("mid");
         let mut d = DirtySet::default();
-        assert!(d.record(&file, Change::Range { start: 0, end: 4096 }));
+        assert!(d.record(
+            &file,
+            Change::Range {
+                start: 0,
+                end: 4096
+            }
+        ));
         assert!(d.record(&mid, Change::Tree));
         assert!(d.covers(&file, Change::Meta), "below a recorded subtree");
         assert_eq!(d.len(), 1);

@@ -1828,11 +1828,8 @@ mod tests {
         put_bytes(&mut b, &too_long);
         put_time(&mut b, t(0, 0));
         assert!(matches!(decode(&b), Err(DecodeError::Invalid { .. })));
-        let many: Vec<&[u8]> = (0..MAX_PATH / 2 + 1).map(|_| &b"q"[..]).collect();
-        assert_eq!(
-            RelPath::from_names_upwards(&many),
-            Err(PathError::TooLong)
-        );
+        let many: Vec<&[u8]> = (0..=MAX_PATH / 2).map(|_| &b"q"[..]).collect();
+        assert_eq!(RelPath::from_names_upwards(&many), Err(PathError::TooLong));
         // A name is still limited to NAME_MAX.
         let long_name = vec![b'n'; MAX_NAME + 1];
         assert_eq!(

@@ -38,8 +38,8 @@ use super::{
     state::DirState,
     sys,
 };
-use rustix::fs::OFlags;
 use crate::config::AsyncMode;
+use rustix::fs::OFlags;
 
 /// What the secondary serves (a fixed set of directories; see [`Registry`]
 /// for directories added and removed as modules change roles).
@@ -545,10 +545,10 @@ fn quarantine(
             Err(e) => return Err(e),
         }
     }
-    let dst = super::mounts::open_dir(&dest)?;
+    let kept = super::mounts::open_dir(&dest)?;
     let mut n = 0;
     for (p, _) in alone.iter() {
-        if copy_tree(src.as_fd(), dst.as_fd(), p)? {
+        if copy_tree(src.as_fd(), kept.as_fd(), p)? {
             n += 1;
         }
     }
@@ -667,13 +667,18 @@ fn copy_tree(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, p: &RelPath) -> std::io::
         match sys::file_type(&st) {
             rustix::fs::FileType::Directory => {
                 let _ = make_dir(dd.as_fd(), name, 0o755)?;
-                let sub = sys::open_beneath(sd.as_fd(), name.as_bytes(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+                let sub = sys::open_beneath(
+                    sd.as_fd(),
+                    name.as_bytes(),
+                    OFlags::RDONLY | OFlags::DIRECTORY,
+                )?;
                 for child in super::apply::list_dir(sub.as_fd())? {
                     stack.push(below(&rel, &child));
                 }
             }
             rustix::fs::FileType::Symlink => {
-                let target = rustix::fs::readlinkat(sd.as_fd(), name, Vec::new()).map_err(sys::io)?;
+                let target =
+                    rustix::fs::readlinkat(sd.as_fd(), name, Vec::new()).map_err(sys::io)?;
                 let _ = rustix::fs::unlinkat(dd.as_fd(), name, rustix::fs::AtFlags::empty());
                 rustix::fs::symlinkat(target.as_c_str(), dd.as_fd(), name).map_err(sys::io)?;
             }
@@ -1216,7 +1221,7 @@ mod tests {
         let base =
             std::env::temp_dir().join(format!("safekit-quarantine-deep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
-        let (local, q) = (base.join("local"), base.join("q"));
+        let (local, quarantined) = (base.join("local"), base.join("q"));
         std::fs::create_dir_all(&local).unwrap();
         let name = "n".repeat(200);
         let mut here = super::super::mounts::open_dir(&local).unwrap();
@@ -1225,14 +1230,14 @@ mod tests {
             here = make_dir(here.as_fd(), OsStr::new(&name), 0o755).unwrap();
             deep = deep.join(name.as_bytes()).unwrap();
         }
-        let f = rustix::fs::openat(
+        let file = rustix::fs::openat(
             &here,
             "f",
             OFlags::WRONLY | OFlags::CREATE,
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .unwrap();
-        rustix::io::write(&f, b"changed alone, deep").unwrap();
+        rustix::io::write(&file, b"changed alone, deep").unwrap();
         rustix::fs::symlinkat("f", &here, "l").unwrap();
         let mut mid = deep.clone();
         for _ in 0..20 {
@@ -1241,16 +1246,21 @@ mod tests {
         let mut alone = DirtySet::default();
         alone.record(&mid, Change::Tree);
         alone.record(&deep.join(b"gone").unwrap(), Change::Meta);
-        let (dest, n) = quarantine(&local, &alone, &q, None, 1 << 20).unwrap().unwrap();
-        assert_eq!(n, 1, "the missing path is not counted");
+        let (dest, paths) = quarantine(&local, &alone, &quarantined, None, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(paths, 1, "the missing path is not counted");
         let kept = super::super::mounts::open_dir(&dest).unwrap();
-        let d = sys::open_dir(kept.as_fd(), deep.as_bytes()).unwrap();
-        let g = rustix::fs::openat(&d, "f", OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        let bottom = sys::open_dir(kept.as_fd(), deep.as_bytes()).unwrap();
+        let copy =
+            rustix::fs::openat(&bottom, "f", OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
         let mut buf = [0u8; 64];
-        let n = rustix::io::read(&g, &mut buf).unwrap();
-        assert_eq!(&buf[..n], b"changed alone, deep");
+        let len = rustix::io::read(&copy, &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"changed alone, deep");
         assert_eq!(
-            rustix::fs::readlinkat(&d, "l", Vec::new()).unwrap().as_bytes(),
+            rustix::fs::readlinkat(&bottom, "l", Vec::new())
+                .unwrap()
+                .as_bytes(),
             b"f"
         );
         std::fs::remove_dir_all(&base).unwrap();

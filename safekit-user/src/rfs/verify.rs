@@ -414,11 +414,14 @@ mod tests {
         assert!(chunks.len() > 2);
         for c in &chunks {
             assert!(!c.is_empty() && c.len() <= MANIFEST_CHUNK);
-            let bytes = proto::to_bytes(&Message::Manifest { entries: c.to_vec() }).len();
+            let bytes = proto::to_bytes(&Message::Manifest {
+                entries: c.to_vec(),
+            })
+            .len();
             assert!(bytes < channel::MAX_MESSAGE / 2, "{bytes} bytes");
         }
         assert_eq!(chunks.concat(), entries);
-        assert!(manifest_chunks(&[]).is_empty());
+        assert_eq!(manifest_chunks(&[]), [] as [&[ManifestEntry]; 0]);
     }
 
     #[test]
@@ -437,8 +440,13 @@ mod tests {
         for _ in 0..45 {
             rustix::fs::mkdirat(&here, name.as_str(), rustix::fs::Mode::from_raw_mode(0o755))
                 .expect("mkdirat");
-            here = rustix::fs::openat(&here, name.as_str(), OFlags::RDONLY, rustix::fs::Mode::empty())
-                .expect("openat");
+            here = rustix::fs::openat(
+                &here,
+                name.as_str(),
+                OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )
+            .expect("openat");
         }
         let f = rustix::fs::openat(
             &here,
@@ -453,7 +461,10 @@ mod tests {
         let last = m.last().expect("entries");
         assert!(last.path.as_bytes().len() > 2 * 4096);
         assert!(last.path.as_bytes().ends_with(b"/bottom"));
-        assert_eq!(last.digest, blake3::hash(b"at the bottom").as_bytes().to_vec());
+        assert_eq!(
+            last.digest,
+            blake3::hash(b"at the bottom").as_bytes().to_vec()
+        );
         assert_eq!(last.mode, 0o640);
         let _ = std::fs::remove_dir_all(&d);
     }
