@@ -58,7 +58,9 @@ fn max_len(target: &str) -> usize {
         "arp" => 2048,
         // Room for a few whole frames and messages past a frame.
         "channel" => 1 << 18,
-        "rfs_message" | "journal" => 1 << 16,
+        // A rename's two paths at the wire limit (rfs::proto::MAX_PATH,
+        // 64 KiB each) with room past it; a journal record's path.
+        "rfs_message" | "journal" => 1 << 18,
         _ => 4096,
     }
 }
