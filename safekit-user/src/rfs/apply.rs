@@ -2,7 +2,9 @@
 //!
 //! Everything goes through a directory fd of the root and `*at` calls; paths
 //! are resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | ...)`,
-//! final components are never followed. [`RelPath`] already refused `..`,
+//! piece by piece when longer than `PATH_MAX` (`sys::open_beneath`: a path
+//! from the root may be up to [`super::proto::MAX_PATH`]), final components
+//! are never followed. [`RelPath`] already refused `..`,
 //! absolute paths and NUL bytes when the message was decoded; a symlink
 //! planted in the copy (say `d -> /etc`) makes the operation fail with
 //! `ELOOP` instead of escaping.

@@ -4,9 +4,11 @@
 //! request is then served with `*at` calls below that fd (the mount hides the
 //! path). Inode numbers are the real ones (the root's swapped with 1); a table
 //! maps each inode the kernel knows to its names (parent inode, name), which
-//! gives the relative path each replicated operation carries. An open file
-//! that was unlinked has no name: writes to it stay local (nothing on the
-//! secondary can reach it either).
+//! gives the relative path each replicated operation carries (built walking
+//! up, once per operation; it may exceed `PATH_MAX`, never
+//! [`MAX_PATH`]: past it the operation fails with `ENAMETOOLONG`). An open
+//! file that was unlinked has no name: writes to it stay local (nothing on
+//! the secondary can reach it either).
 //!
 //! Node identity: every inode the kernel knows (from a lookup or a
 //! creation until its last `forget`) is pinned by an `O_PATH` handle the

@@ -77,7 +77,7 @@ struct Frame {
 /// A subtree is walked without recursion (a stack of directories, each
 /// with the names of its children left), and each entry is reached through
 /// its parent directory, opened from the root piece by piece
-/// ([`sys::open_dir`]): a tree of any depth is sent with one or two
+/// (`sys::open_dir`): a tree of any depth is sent with one or two
 /// directories open at a time.
 pub fn item_ops(
     root: &OwnedFd,

@@ -2,7 +2,9 @@
 //! applier: every path is resolved from a directory fd with `openat2`
 //! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
 //! RESOLVE_NO_XDEV`), so nothing outside the replicated directory is ever
-//! reached, even if the tree holds hostile symlinks.
+//! reached, even if the tree holds hostile symlinks. A path longer than one
+//! call takes (`PATH_MAX`) is resolved in pieces, each beneath the
+//! directory the previous one reached ([`open_beneath`]).
 
 use std::{
     ffi::OsStr,
