@@ -575,8 +575,13 @@ fn parent_of<'p>(
     }
 }
 
+/// Not there as a path of the copy: missing, or reached through a symlink
+/// (never followed: what it points to is not this copy's).
 fn is_gone(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
 }
 
 /// `parent/name` as bytes (relative to some directory).
@@ -1243,13 +1248,20 @@ mod tests {
         for _ in 0..20 {
             mid.pop();
         }
+        // A symlink in the copy to a directory outside: never followed.
+        let outside = base.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not this copy's").unwrap();
+        std::os::unix::fs::symlink(&outside, local.join("evil")).unwrap();
         let mut alone = DirtySet::default();
         alone.record(&mid, Change::Tree);
         alone.record(&deep.join(b"gone").unwrap(), Change::Meta);
+        alone.record(&RelPath::new("evil/secret").unwrap(), Change::Meta);
         let (dest, paths) = quarantine(&local, &alone, &quarantined, None, 1 << 20)
             .unwrap()
             .unwrap();
         assert_eq!(paths, 1, "the missing path is not counted");
+        assert!(!dest.join("evil").exists(), "copied through a symlink");
         let kept = super::super::mounts::open_dir(&dest).unwrap();
         let bottom = sys::open_dir(kept.as_fd(), deep.as_bytes()).unwrap();
         let copy =
