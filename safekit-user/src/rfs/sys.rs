@@ -80,30 +80,28 @@ pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> 
 /// directory it starts from (no `..`, no symlink, no mount crossing): the
 /// whole stays beneath `root`.
 pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
+    let open = |at: BorrowedFd<'_>, piece: &[u8], flags: OFlags| {
+        rustix::fs::openat2(
+            at,
+            OsStr::from_bytes(piece),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(io)
+    };
+    // The common case: one call.
+    if rel.len() <= STEP {
+        return open(root, if rel.is_empty() { b"." } else { rel }, flags);
+    }
     let mut pieces = pieces(rel, STEP);
     let last = pieces.pop().unwrap_or(b".");
     let mut here: Option<OwnedFd> = None;
     for piece in pieces {
         let at = here.as_ref().map_or(root, AsFd::as_fd);
-        let next = rustix::fs::openat2(
-            at,
-            OsStr::from_bytes(piece),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-            RESOLVE,
-        )
-        .map_err(io)?;
-        here = Some(next);
+        here = Some(open(at, piece, OFlags::PATH | OFlags::DIRECTORY)?);
     }
-    let at = here.as_ref().map_or(root, AsFd::as_fd);
-    rustix::fs::openat2(
-        at,
-        OsStr::from_bytes(last),
-        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        RESOLVE,
-    )
-    .map_err(io)
+    open(here.as_ref().map_or(root, AsFd::as_fd), last, flags)
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
