@@ -52,12 +52,33 @@ fn is_enoent(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
+/// What [`visit`] found at a path.
+enum Visited {
+    /// Gone here: removed there (already emitted and counted).
+    Removed,
+    /// The entry (and a file's content) is sent; its times go last, after
+    /// the children of a directory sent whole (their names, in order).
+    Sent {
+        times: (proto::Timestamp, proto::Timestamp),
+        children: Option<Vec<Vec<u8>>>,
+    },
+}
+
+/// A directory being sent whole: its path, the children left, its times.
+struct Frame {
+    path: RelPath,
+    children: std::vec::IntoIter<Vec<u8>>,
+    times: (proto::Timestamp, proto::Timestamp),
+}
+
 /// Emits the operations that bring `path` on the secondary to its state
 /// here, for the recorded `changes`.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one path in order: entry, content, children, times"
-)]
+///
+/// A subtree is walked without recursion (a stack of directories, each
+/// with the names of its children left), and each entry is reached through
+/// its parent directory, opened from the root piece by piece
+/// (`sys::open_dir`): a tree of any depth is sent with one or two
+/// directories open at a time.
 pub fn item_ops(
     root: &OwnedFd,
     path: &RelPath,
@@ -65,6 +86,78 @@ pub fn item_ops(
     emit: &mut Emit<'_>,
     done: &dyn Fn(),
 ) -> Result<(), ItemError> {
+    let whole = PathChanges {
+        tree: true,
+        ..PathChanges::default()
+    };
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut next = Some((path.clone(), changes));
+    loop {
+        if let Some((path, changes)) = next.take() {
+            match visit(root, &path, changes, emit, done)? {
+                Visited::Removed => {}
+                Visited::Sent {
+                    times,
+                    children: None,
+                } => times_last(&path, times, emit, done)?,
+                Visited::Sent {
+                    times,
+                    children: Some(names),
+                } => stack.push(Frame {
+                    path,
+                    children: names.into_iter(),
+                    times,
+                }),
+            }
+        }
+        let Some(top) = stack.last_mut() else {
+            return Ok(());
+        };
+        match top.children.next() {
+            Some(name) => {
+                let child = top
+                    .path
+                    .join(&name)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+                next = Some((child, &whole));
+            }
+            None => {
+                if let Some(f) = stack.pop() {
+                    times_last(&f.path, f.times, emit, done)?;
+                }
+            }
+        }
+    }
+}
+
+/// The times of `path`, sent after its content and children.
+fn times_last(
+    path: &RelPath,
+    (atime, mtime): (proto::Timestamp, proto::Timestamp),
+    emit: &mut Emit<'_>,
+    done: &dyn Fn(),
+) -> Result<(), ItemError> {
+    emit(Op::SetAttr {
+        path: path.clone(),
+        mode: None,
+        uid: None,
+        gid: None,
+        atime: Some(atime),
+        mtime: Some(mtime),
+    })?;
+    done();
+    Ok(())
+}
+
+/// The entry at `path`: [`Op::Put`], a file's recorded ranges, a directory's
+/// [`Op::Prune`] when sent whole (its children are the caller's to send).
+fn visit(
+    root: &OwnedFd,
+    path: &RelPath,
+    changes: &PathChanges,
+    emit: &mut Emit<'_>,
+    done: &dyn Fn(),
+) -> Result<Visited, ItemError> {
     // The entry and its parent directory (the root: itself).
     let (dir, name): (OwnedFd, &OsStr) = if path.is_root() {
         (sys::open_dir(root.as_fd(), b"")?, OsStr::new("."))
@@ -118,6 +211,9 @@ pub fn item_ops(
         target,
         xattrs: xattrs(dir.as_fd(), name, kind)?,
     })?;
+    let times = (sys::atime(&st), sys::mtime(&st));
+    // The entry itself, beneath its parent (one short piece).
+    let open = |flags| sys::open_beneath(dir.as_fd(), name.as_bytes(), flags);
     match kind {
         EntryKind::Node(NodeKind::File) => {
             let ranges: Vec<(u64, u64)> = if changes.tree {
@@ -131,11 +227,7 @@ pub fn item_ops(
                     .collect()
             };
             if !ranges.is_empty() {
-                let fd = sys::open_beneath(
-                    root.as_fd(),
-                    path.as_bytes(),
-                    OFlags::RDONLY | OFlags::NONBLOCK,
-                )?;
+                let fd = open(OFlags::RDONLY | OFlags::NONBLOCK)?;
                 let mtime = sys::mtime(&st);
                 for (start, end) in ranges {
                     file_range(fd.as_fd(), path, start, end, mtime, emit)?;
@@ -143,11 +235,7 @@ pub fn item_ops(
             }
         }
         EntryKind::Dir if changes.tree => {
-            let sub = if path.is_root() {
-                sys::open_dir(root.as_fd(), b"")?
-            } else {
-                sys::open_dir(root.as_fd(), path.as_bytes())?
-            };
+            let sub = open(OFlags::RDONLY | OFlags::DIRECTORY)?;
             let names = apply::list_dir(sub.as_fd())?;
             if names.len() > proto::MAX_PRUNE {
                 return Err(io::Error::from_raw_os_error(libc::EFBIG).into());
@@ -156,35 +244,28 @@ pub fn item_ops(
                 path: path.clone(),
                 keep: names.clone(),
             })?;
-            let whole = PathChanges {
-                tree: true,
-                ..PathChanges::default()
-            };
-            for n in names {
-                let child = path
-                    .join(&n)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                item_ops(root, &child, &whole, emit, done)?;
-            }
+            return Ok(Visited::Sent {
+                times,
+                children: Some(names),
+            });
         }
         _ => {}
     }
-    emit(Op::SetAttr {
-        path: path.clone(),
-        mode: None,
-        uid: None,
-        gid: None,
-        atime: Some(sys::atime(&st)),
-        mtime: Some(sys::mtime(&st)),
-    })?;
-    done();
-    Ok(())
+    Ok(Visited::Sent {
+        times,
+        children: None,
+    })
 }
 
 /// Paths and data bytes below (and including) `path`, for the progress
-/// totals of a subtree before it is sent.
+/// totals of a subtree before it is sent. Walked without recursion, one
+/// directory open at a time (see [`item_ops`]).
 pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
-    let (mut paths, mut bytes) = (1u64, 0u64);
+    let bytes_of = |st: &rustix::fs::Stat| {
+        u64::try_from(st.st_size)
+            .unwrap_or(0)
+            .min(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+    };
     let st = if path.is_root() {
         sys::fstat(root)?
     } else {
@@ -194,39 +275,64 @@ pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
         let d = sys::open_dir(root.as_fd(), parent)?;
         sys::stat_at(d.as_fd(), OsStr::from_bytes(name))?
     };
+    let (mut paths, mut bytes) = (1u64, 0u64);
     match sys::file_type(&st) {
-        FileType::RegularFile => {
-            bytes += u64::try_from(st.st_size)
-                .unwrap_or(0)
-                .min(u64::try_from(st.st_blocks).unwrap_or(0) * 512);
-        }
-        FileType::Directory => {
-            let d = sys::open_dir(root.as_fd(), path.as_bytes())?;
+        FileType::RegularFile => return Ok((1, bytes_of(&st))),
+        FileType::Directory => {}
+        _ => return Ok((1, 0)),
+    }
+    // Directories with the subdirectories left to count.
+    let mut stack: Vec<(RelPath, std::vec::IntoIter<Vec<u8>>)> = Vec::new();
+    let mut next = Some(path.clone());
+    loop {
+        if let Some(dir) = next.take() {
+            let d = match sys::open_dir(root.as_fd(), dir.as_bytes()) {
+                Ok(d) => d,
+                // Gone meanwhile.
+                Err(e) if is_enoent(&e) && dir != *path => {
+                    paths -= 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut subdirs = Vec::new();
             for n in apply::list_dir(d.as_fd())? {
-                let child = path
-                    .join(&n)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                match count_tree(root, &child) {
-                    Ok((p, b)) => {
-                        paths += p;
-                        bytes += b;
-                    }
-                    // Gone meanwhile.
-                    Err(e) if is_enoent(&e) => {}
+                let st = match sys::stat_at(d.as_fd(), OsStr::from_bytes(&n)) {
+                    Ok(st) => st,
+                    Err(e) if is_enoent(&e) => continue,
                     Err(e) => return Err(e),
+                };
+                paths += 1;
+                match sys::file_type(&st) {
+                    FileType::RegularFile => bytes += bytes_of(&st),
+                    FileType::Directory => subdirs.push(n),
+                    _ => {}
                 }
             }
+            stack.push((dir, subdirs.into_iter()));
         }
-        _ => {}
+        let Some((dir, subdirs)) = stack.last_mut() else {
+            return Ok((paths, bytes));
+        };
+        match subdirs.next() {
+            Some(n) => {
+                next = Some(
+                    dir.join(&n)
+                        .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?,
+                );
+            }
+            None => {
+                stack.pop();
+            }
+        }
     }
-    Ok((paths, bytes))
 }
 
 /// The path is gone here: gone there too.
-fn removed(path: &RelPath, emit: &mut Emit<'_>, done: &dyn Fn()) -> Result<(), ItemError> {
+fn removed(path: &RelPath, emit: &mut Emit<'_>, done: &dyn Fn()) -> Result<Visited, ItemError> {
     emit(Op::Remove { path: path.clone() })?;
     done();
-    Ok(())
+    Ok(Visited::Removed)
 }
 
 /// Every extended attribute of the entry (none asked of symlinks: Linux
