@@ -387,6 +387,67 @@ fn rres<T: std::fmt::Debug>(r: rustix::io::Result<T>) -> String {
     }
 }
 
+/// Runs `script` with `sh -c` as the unprivileged user 65534 (no
+/// capabilities, so no `CAP_FSETID`); its exit status.
+fn as_nobody(script: &str) -> String {
+    match std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+    {
+        Ok(s) => format!("{:?}", s.code()),
+        Err(e) => format!("setpriv: {e}"),
+    }
+}
+
+/// The set-id bits that a write or truncate by an unprivileged caller
+/// clears (the daemon does it: `FUSE_HANDLE_KILLPRIV_V2`, which spares every
+/// write a GETXATTR of `security.capability`), as on a plain directory and
+/// on the secondary; a privileged writer keeps them.
+#[test]
+fn set_id_bits_cleared_by_unprivileged_writes_and_truncates() {
+    let mut p = Pair::new("setid", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let mode = |n: &str| res(fs::metadata(d.join(n)).map(|m| m.mode() & 0o7777));
+        for (name, m) in [
+            ("w", 0o6775),
+            ("w-noexec", 0o6764),
+            ("t", 0o6775),
+            ("root", 0o6775),
+        ] {
+            fs::write(d.join(name), b"data").expect("write");
+            std::os::unix::fs::chown(d.join(name), Some(65534), Some(65534)).expect("chown");
+            fs::set_permissions(d.join(name), fs::Permissions::from_mode(m)).expect("chmod");
+        }
+        let q = |n: &str| d.join(n).display().to_string();
+        // An append by the owner, unprivileged: set-user-ID goes, and
+        // set-group-ID where the group may execute.
+        log.push(as_nobody(&format!("printf more >> '{}'", q("w"))));
+        log.push(mode("w"));
+        log.push(as_nobody(&format!("printf more >> '{}'", q("w-noexec"))));
+        log.push(mode("w-noexec"));
+        log.push(as_nobody(&format!("truncate -s 2 '{}'", q("t"))));
+        log.push(mode("t"));
+        // Root (CAP_FSETID) keeps them.
+        log.push(res(OpenOptions::new()
+            .append(true)
+            .open(d.join("root"))
+            .and_then(|mut f| f.write_all(b"more"))));
+        log.push(mode("root"));
+        for n in ["w", "w-noexec", "t", "root"] {
+            log.push(res(fs::read(d.join(n))));
+        }
+        log
+    });
+}
+
 #[test]
 fn create_and_write_at_offsets() {
     let mut p = Pair::new("write", AsyncMode::None);
