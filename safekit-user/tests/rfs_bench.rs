@@ -291,96 +291,105 @@ mod pg {
     }
 
     /// A database cluster in `dir/pg` (a fresh directory), served on a Unix
-    /// socket in `dir/sock`: `pgbench -i -s 10`, then `pgbench -c 4 -j 2
-    /// -T secs`. Returns (init time, TPS). The server is stopped after.
-    pub(super) fn measure(
-        bin: &Path,
-        dir: &Path,
+    /// socket in `dir/sock` until dropped.
+    pub(super) struct Db {
+        bin: PathBuf,
+        data: PathBuf,
+        sock: PathBuf,
         port: u16,
-        secs: u64,
-    ) -> Result<(Duration, f64), String> {
-        let data = dir.join("pg");
-        let sock = dir.join("sock");
-        for d in [&data, &sock] {
-            fs::create_dir_all(d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.args(["postgres:postgres"]).arg(d);
-                    c
-                },
-                "chown",
-            )?;
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-                .map_err(|e| format!("chmod {}: {e}", d.display()))?;
-        }
-        let mut init = as_postgres(bin, "initdb");
-        init.args(["-A", "trust", "-U", "postgres", "-D"])
-            .arg(&data);
-        run(init, "initdb")?;
-        let mut start = as_postgres(bin, "pg_ctl");
-        start
-            .args(["-w", "-l"])
-            .arg(sock.join("server.log"))
-            .args(["-D"])
-            .arg(&data)
-            .args(["-o"])
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=''",
-                sock.display()
-            ))
-            .arg("start");
-        run(start, "pg_ctl start")?;
-        let server = Server { bin, data: &data };
-        let conn = |c: &mut Command| {
-            c.arg("-h")
-                .arg(&sock)
-                .args(["-p", &port.to_string(), "-U", "postgres"]);
-        };
-        let mut i = as_postgres(bin, "pgbench");
-        conn(&mut i);
-        i.args(["-i", "-q", "-s", SCALE, "postgres"]);
-        let t = Instant::now();
-        run(i, "pgbench -i")?;
-        let init_time = t.elapsed();
-        let mut b = as_postgres(bin, "pgbench");
-        conn(&mut b);
-        b.args([
-            "-c",
-            CLIENTS,
-            "-j",
-            "2",
-            "-T",
-            &secs.to_string(),
-            "postgres",
-        ]);
-        let out = run(b, "pgbench")?;
-        drop(server);
-        let tps = out
-            .lines()
-            .find(|l| l.starts_with("tps = "))
-            .and_then(|l| {
-                l.trim_start_matches("tps = ")
-                    .split(' ')
-                    .next()?
-                    .parse()
-                    .ok()
+    }
+
+    impl Db {
+        /// initdb and start the server.
+        pub(super) fn start(bin: &Path, dir: &Path, port: u16) -> Result<Self, String> {
+            let data = dir.join("pg");
+            let sock = dir.join("sock");
+            for d in [&data, &sock] {
+                fs::create_dir_all(d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+                run(
+                    {
+                        let mut c = Command::new("chown");
+                        c.args(["postgres:postgres"]).arg(d);
+                        c
+                    },
+                    "chown",
+                )?;
+                fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| format!("chmod {}: {e}", d.display()))?;
+            }
+            let mut init = as_postgres(bin, "initdb");
+            init.args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&data);
+            run(init, "initdb")?;
+            let mut start = as_postgres(bin, "pg_ctl");
+            start
+                .args(["-w", "-l"])
+                .arg(sock.join("server.log"))
+                .args(["-D"])
+                .arg(&data)
+                .args(["-o"])
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=''",
+                    sock.display()
+                ))
+                .arg("start");
+            run(start, "pg_ctl start")?;
+            Ok(Self {
+                bin: bin.to_path_buf(),
+                data,
+                sock,
+                port,
             })
-            .ok_or_else(|| format!("no tps in pgbench output: {out}"))?;
-        Ok((init_time, tps))
+        }
+
+        fn pgbench(&self) -> Command {
+            let mut c = as_postgres(&self.bin, "pgbench");
+            c.arg("-h")
+                .arg(&self.sock)
+                .args(["-p", &self.port.to_string(), "-U", "postgres"]);
+            c
+        }
+
+        /// `pgbench -i -s 10` (tables dropped and made again): its time.
+        pub(super) fn init(&self) -> Result<Duration, String> {
+            let mut i = self.pgbench();
+            i.args(["-i", "-q", "-s", SCALE, "postgres"]);
+            let t = Instant::now();
+            run(i, "pgbench -i")?;
+            Ok(t.elapsed())
+        }
+
+        /// `pgbench -c 4 -j 2 -T secs`: TPS.
+        pub(super) fn tps(&self, secs: u64) -> Result<f64, String> {
+            let mut b = self.pgbench();
+            b.args([
+                "-c",
+                CLIENTS,
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "postgres",
+            ]);
+            let out = run(b, "pgbench")?;
+            out.lines()
+                .find(|l| l.starts_with("tps = "))
+                .and_then(|l| {
+                    l.trim_start_matches("tps = ")
+                        .split(' ')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .ok_or_else(|| format!("no tps in pgbench output: {out}"))
+        }
     }
 
-    /// Stops the server on drop.
-    struct Server<'a> {
-        bin: &'a Path,
-        data: &'a Path,
-    }
-
-    impl Drop for Server<'_> {
+    impl Drop for Db {
         fn drop(&mut self) {
-            let mut stop = as_postgres(self.bin, "pg_ctl");
+            let mut stop = as_postgres(&self.bin, "pg_ctl");
             stop.args(["-w", "-m", "fast", "-D"])
-                .arg(self.data)
+                .arg(&self.data)
                 .arg("stop");
             let _ = run(stop, "pg_ctl stop");
         }
@@ -897,14 +906,18 @@ fn run_mode(base: &Path, mode: AsyncMode, durability: Durability) -> [Figures; S
     std::array::from_fn(|side| Figures::median(&rounds.iter().map(|r| r[side]).collect::<Vec<_>>()))
 }
 
-/// `pgbench -i` time and TPS, or why it failed.
-type PgResult = Result<(Duration, f64), String>;
+/// Rounds of the pgbench comparison: each round runs `pgbench -i`, then
+/// pgbench for a third of the run length, on every side in turn (starting
+/// with a different side each round), so that all see the same machine
+/// load; the medians are compared.
+const PG_ROUNDS: usize = 3;
 
 /// pgbench (tpcb-like, scale 10, 4 clients) on a plain directory, the
 /// mount with no secondary (ALONE), and the replicated mount (`async =
-/// "second"`) at both durabilities, one after the other; `pgbench -i` time
-/// and TPS, then the targets. `RFS_BENCH_PG_SECS` sets the run length (30 s
-/// by default; 0 skips).
+/// "second"`) at both durabilities, all four servers up at once and
+/// measured in interleaved rounds; `pgbench -i` time and TPS (medians),
+/// then the targets. `RFS_BENCH_PG_SECS` sets the run length per side (30 s
+/// by default, split over the rounds; 0 skips).
 fn pgbench_compare(base: &Path) {
     let secs = std::env::var("RFS_BENCH_PG_SECS")
         .ok()
@@ -921,67 +934,111 @@ fn pgbench_compare(base: &Path) {
             return;
         }
     };
+    let per_round = (secs / PG_ROUNDS as u64).max(1);
     println!(
-        "\npgbench (tpcb-like, scale 10, 4 clients, {secs} s; {}), load average {}",
+        "\npgbench (tpcb-like, scale 10, 4 clients, {PG_ROUNDS} interleaved rounds of {per_round} s \
+         per side; {}), load average {}",
         bin.display(),
         loadavg()
     );
     let port = 20_000 + u16::try_from(std::process::id() % 20_000).unwrap_or(0);
-    let mut rows: Vec<(&str, PgResult)> = Vec::new();
-    let plain = base.join("pg-plain");
-    fs::create_dir_all(&plain).expect("mkdir");
-    rows.push(("plain directory", pg::measure(&bin, &plain, port, secs)));
-    let alone_dir = base.join("pg-alone");
-    fs::create_dir_all(&alone_dir).expect("mkdir");
-    let alone = rfs::Mount::alone(&alone_dir);
-    rows.push((
+    let names = [
+        "plain directory",
         "mount, ALONE (no secondary)",
-        pg::measure(&bin, &alone_dir, port + 1, secs),
-    ));
-    alone.stop();
-    for (k, (name, durability)) in [
-        ("PRIM with SECOND, durability = fsync", Durability::Fsync),
-        (
-            "PRIM with SECOND, durability = every_write",
-            Durability::EveryWrite,
-        ),
-    ]
-    .into_iter()
-    .enumerate()
+        "PRIM with SECOND, durability = fsync",
+        "PRIM with SECOND, durability = every_write",
+    ];
+    let dirs: Vec<PathBuf> = ["pg-plain", "pg-alone", "pg-a0", "pg-a1"]
+        .iter()
+        .map(|d| base.join(d))
+        .collect();
+    for d in &dirs {
+        fs::create_dir_all(d).expect("mkdir");
+    }
+    let alone = rfs::Mount::alone(&dirs[1]);
+    let mut prim = Vec::new();
+    for (k, durability) in [Durability::Fsync, Durability::EveryWrite]
+        .into_iter()
+        .enumerate()
     {
-        let (a, b) = (base.join(format!("pg-a{k}")), base.join(format!("pg-b{k}")));
-        fs::create_dir_all(&a).expect("mkdir");
+        let b = base.join(format!("pg-b{k}"));
         fs::create_dir_all(&b).expect("mkdir");
-        let mut m = rfs::Mount::replicated(&a, &b, AsyncMode::Second, durability);
-        let port = port + 2 + u16::try_from(k).unwrap_or(0);
-        rows.push((name, pg::measure(&bin, &a, port, secs)));
+        prim.push(rfs::Mount::replicated(
+            &dirs[2 + k],
+            &b,
+            AsyncMode::Second,
+            durability,
+        ));
+    }
+    let dbs: Vec<Result<pg::Db, String>> = dirs
+        .iter()
+        .enumerate()
+        .map(|(k, d)| pg::Db::start(&bin, d, port + u16::try_from(k).unwrap_or(0)))
+        .collect();
+    let mut init_times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut errors: Vec<Option<String>> = dbs.iter().map(|d| d.as_ref().err().cloned()).collect();
+    for round in 0..PG_ROUNDS {
+        for k in (0..names.len()).map(|i| (i + round) % names.len()) {
+            let (Ok(db), None) = (&dbs[k], &errors[k]) else {
+                continue;
+            };
+            match db.init().and_then(|t| Ok((t, db.tps(per_round)?))) {
+                Ok((t, v)) => {
+                    init_times[k].push(t.as_secs_f64());
+                    tps[k].push(v);
+                }
+                Err(e) => errors[k] = Some(e),
+            }
+        }
+    }
+    drop(dbs);
+    for m in &mut prim {
         m.assert_connected();
+    }
+    for m in prim {
         m.stop();
     }
-    let base_row = rows[0].1.as_ref().ok().copied();
-    for (name, r) in &rows {
+    alone.stop();
+    let median = |v: &[f64]| -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let rows: Vec<Result<(f64, f64), String>> = (0..names.len())
+        .map(|k| match (&errors[k], median(&init_times[k]), median(&tps[k])) {
+            (Some(e), _, _) => Err(e.clone()),
+            (None, Some(i), Some(t)) => Ok((i, t)),
+            _ => Err("no round completed".into()),
+        })
+        .collect();
+    print_pg_rows(&names, &rows);
+}
+
+/// The pgbench table (medians against the plain directory's) and targets.
+fn print_pg_rows(names: &[&str], rows: &[Result<(f64, f64), String>]) {
+    let base_row = rows[0].as_ref().ok().copied();
+    for (name, r) in names.iter().zip(rows) {
         match (r, base_row) {
             (Ok((init, tps)), Some((init0, tps0))) => println!(
-                "  {name:<44} pgbench -i {:>6.1} s ({:.2}x plain)   {tps:>7.0} TPS ({:.0} % of plain)",
-                init.as_secs_f64(),
-                init.as_secs_f64() / init0.as_secs_f64(),
+                "  {name:<44} pgbench -i {init:>6.1} s ({:.2}x plain)   {tps:>7.0} TPS ({:.0} % of plain)",
+                init / init0,
                 100.0 * tps / tps0
             ),
-            (Ok((init, tps)), None) => println!(
-                "  {name:<44} pgbench -i {:>6.1} s   {tps:>7.0} TPS",
-                init.as_secs_f64()
-            ),
+            (Ok((init, tps)), None) => {
+                println!("  {name:<44} pgbench -i {init:>6.1} s   {tps:>7.0} TPS");
+            }
             (Err(e), _) => println!("  {name:<44} failed: {e}"),
         }
     }
-    if let (Some((init0, tps0)), Some(Ok((init, tps)))) = (base_row, rows.get(2).map(|r| &r.1)) {
+    if let (Some((init0, tps0)), Some(Ok((init, tps)))) = (base_row, rows.get(2)) {
         let verdict = |ok: bool| if ok { "MET" } else { "MISS" };
         println!(
             "  target: pgbench TPS >= 90 % of plain (PRIM, fsync): {:.0} % {}",
             100.0 * tps / tps0,
             verdict(*tps >= 0.9 * tps0)
         );
-        let ratio = init.as_secs_f64() / init0.as_secs_f64();
+        let ratio = init / init0;
         println!(
             "  target: pgbench -i <= 1.5x plain (PRIM, fsync): {ratio:.2}x {}",
             verdict(ratio <= 1.5)
