@@ -44,6 +44,7 @@ const MAGIC: &[u8; 8] = b"SKRFSJ1\n";
 const KIND_RANGE: u8 = 1;
 const KIND_META: u8 = 2;
 const KIND_TREE: u8 = 3;
+const KIND_AFTER: u8 = 4;
 
 /// A journal failure.
 #[derive(Debug, Error)]
@@ -79,6 +80,11 @@ pub enum Change {
     /// The entry and everything below it (renamed directories, unknown
     /// divergence).
     Tree,
+    /// At `dir/name`: every entry of `dir` whose name sorts after `name`
+    /// (bytewise), with everything below it; `dir/name` itself is not
+    /// included. What remains of a subtree whose resynchronisation stopped
+    /// after `name` was begun (its entries are sent in name order).
+    After,
 }
 
 /// Disjoint, non-adjacent half-open ranges.
@@ -105,6 +111,29 @@ impl RangeSet {
             }
         }
         self.0.insert(start, end);
+    }
+
+    /// Removes `[start, end)`.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .0
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in hit {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
     }
 
     /// Whether `[start, end)` is entirely inside the set.
@@ -145,6 +174,9 @@ pub struct PathChanges {
     pub meta: bool,
     /// The whole subtree changed.
     pub tree: bool,
+    /// The entries of this directory sorting after this name changed, with
+    /// their subtrees ([`Change::After`]).
+    pub after: Option<Vec<u8>>,
 }
 
 /// The merged changes by path.
@@ -155,54 +187,135 @@ pub struct DirtySet {
 
 impl DirtySet {
     /// Whether `change` at `path` is already implied by the set (an ancestor
-    /// or the path itself marked `Tree`, the entry marked, the range covered).
+    /// or the path itself marked `Tree`, or below a directory's `After`
+    /// cursor; the entry marked, the range covered).
     #[must_use]
     pub fn covers(&self, path: &RelPath, change: Change) -> bool {
-        let mut anc = path.clone();
-        loop {
-            if self.paths.get(&anc).is_some_and(|c| c.tree) {
-                return true;
-            }
-            match anc.split() {
-                Ok((parent, _)) => anc = RelPath::new(parent.to_vec()).unwrap_or_default(),
-                Err(_) => break,
-            }
+        if change == Change::After {
+            let Ok((dir, name)) = path.split() else {
+                return self.implied(path);
+            };
+            let dir = RelPath::new(dir.to_vec()).unwrap_or_default();
+            return self.implied(&dir)
+                || self
+                    .paths
+                    .get(&dir)
+                    .and_then(|c| c.after.as_deref())
+                    .is_some_and(|a| a <= name);
+        }
+        if self.implied(path) {
+            return true;
         }
         let Some(c) = self.paths.get(path) else {
             return false;
         };
         match change {
-            Change::Tree => false,
+            Change::Tree | Change::After => false,
             Change::Meta => c.meta,
             Change::Range { start, end } => c.ranges.covers(start, end),
         }
     }
 
+    /// Whether the whole subtree at `path` is implied: the path or an
+    /// ancestor marked `Tree`, or the path or an ancestor sorting after its
+    /// parent's `After` cursor.
+    fn implied(&self, path: &RelPath) -> bool {
+        let mut anc = path.clone();
+        loop {
+            if self.paths.get(&anc).is_some_and(|c| c.tree) {
+                return true;
+            }
+            let Ok((parent, name)) = anc.split() else {
+                return false;
+            };
+            let parent = RelPath::new(parent.to_vec()).unwrap_or_default();
+            if self
+                .paths
+                .get(&parent)
+                .and_then(|c| c.after.as_deref())
+                .is_some_and(|a| name > a)
+            {
+                return true;
+            }
+            anc = parent;
+        }
+    }
+
     /// Merges `change` at `path`; returns whether it added information.
     pub fn record(&mut self, path: &RelPath, change: Change) -> bool {
+        if change == Change::After && path.is_root() {
+            // Meaningless at the root (no parent): the whole tree.
+            return self.record(path, Change::Tree);
+        }
         if self.covers(path, change) {
             return false;
         }
-        let c = self.paths.entry(path.clone()).or_default();
         match change {
-            Change::Range { start, end } => c.ranges.insert(start, end),
-            Change::Meta => c.meta = true,
+            Change::Range { start, end } => {
+                self.paths
+                    .entry(path.clone())
+                    .or_default()
+                    .ranges
+                    .insert(start, end);
+            }
+            Change::Meta => self.paths.entry(path.clone()).or_default().meta = true,
             Change::Tree => {
+                let c = self.paths.entry(path.clone()).or_default();
                 c.tree = true;
                 c.ranges = RangeSet::default();
+                c.after = None;
                 // Descendants are now implied.
-                let below: Vec<RelPath> = self
-                    .paths
-                    .keys()
-                    .filter(|p| *p != path && p.starts_with(path))
-                    .cloned()
-                    .collect();
-                for p in below {
-                    self.paths.remove(&p);
+                self.remove_below(path, None);
+            }
+            Change::After => {
+                let Ok((dir, name)) = path.split() else {
+                    return false;
+                };
+                let dir = RelPath::new(dir.to_vec()).unwrap_or_default();
+                let name = name.to_vec();
+                let c = self.paths.entry(dir.clone()).or_default();
+                match &mut c.after {
+                    Some(a) if *a <= name => {}
+                    a => *a = Some(name.clone()),
                 }
+                // Entries below the names after the cursor are implied.
+                self.remove_below(&dir, Some(&name));
             }
         }
         true
+    }
+
+    /// Forgets what is recorded below `dir` (below its entries sorting after
+    /// `after`, if given).
+    fn remove_below(&mut self, dir: &RelPath, after: Option<&[u8]>) {
+        let mut prefix = dir.as_bytes().to_vec();
+        if !prefix.is_empty() {
+            prefix.push(b'/');
+        }
+        let below: Vec<RelPath> = self
+            .paths
+            .range::<[u8], _>((std::ops::Bound::Included(&prefix[..]), std::ops::Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.as_bytes().starts_with(&prefix))
+            .filter(|p| !p.is_root())
+            .filter(|p| {
+                after.is_none_or(|a| {
+                    let rest = &p.as_bytes()[prefix.len()..];
+                    let first = rest.split(|&b| b == b'/').next().unwrap_or(rest);
+                    first > a
+                })
+            })
+            .cloned()
+            .collect();
+        for p in below {
+            self.paths.remove(&p);
+        }
+    }
+
+    /// Sets what is recorded at `path`, as is: for entries known not to
+    /// overlap the rest of the set (the items of a snapshot of a set).
+    pub fn insert_changes(&mut self, path: RelPath, changes: PathChanges) {
+        self.paths.insert(path, changes);
     }
 
     /// Whether nothing is recorded.
@@ -213,8 +326,7 @@ impl DirtySet {
 
     /// Merges every change of `other`.
     pub fn merge(&mut self, other: &DirtySet) {
-        let recs: Vec<(RelPath, Change)> = other.records().map(|(p, c)| (p.clone(), c)).collect();
-        for (p, c) in recs {
+        for (p, c) in other.records() {
             self.record(&p, c);
         }
     }
@@ -222,7 +334,7 @@ impl DirtySet {
     /// Every change, as records.
     #[must_use]
     pub fn to_records(&self) -> Vec<(RelPath, Change)> {
-        self.records().map(|(p, c)| (p.clone(), c)).collect()
+        self.records()
     }
 
     /// Bytes of the recorded ranges (an upper bound of what a
@@ -248,16 +360,43 @@ impl DirtySet {
     }
 
     /// The records that rebuild this set.
-    fn records(&self) -> impl Iterator<Item = (&RelPath, Change)> {
-        self.paths.iter().flat_map(|(p, c)| {
-            let tree = c.tree.then_some((p, Change::Tree));
-            let meta = (c.meta && !c.tree).then_some((p, Change::Meta));
-            let ranges = c
-                .ranges
-                .iter()
-                .map(move |(start, end)| (p, Change::Range { start, end }));
-            tree.into_iter().chain(meta).chain(ranges)
-        })
+    fn records(&self) -> Vec<(RelPath, Change)> {
+        let mut out = Vec::new();
+        for (p, c) in &self.paths {
+            if c.tree {
+                out.push((p.clone(), Change::Tree));
+                continue;
+            }
+            if c.meta {
+                out.push((p.clone(), Change::Meta));
+            }
+            if let Some(a) = &c.after {
+                // A name taken from a valid path joins again; else the
+                // whole subtree, which implies it.
+                match p.join(a) {
+                    Ok(at) => out.push((at, Change::After)),
+                    Err(_) => out.push((p.clone(), Change::Tree)),
+                }
+            }
+            for (start, end) in c.ranges.iter() {
+                out.push((p.clone(), Change::Range { start, end }));
+            }
+        }
+        out
+    }
+
+    /// Number of records that rebuild this set.
+    fn record_count(&self) -> usize {
+        self.paths
+            .values()
+            .map(|c| {
+                if c.tree {
+                    1
+                } else {
+                    usize::from(c.meta) + usize::from(c.after.is_some()) + c.ranges.len()
+                }
+            })
+            .sum()
     }
 }
 
@@ -303,6 +442,10 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
             payload.push(KIND_TREE);
             proto::put_bytes(&mut payload, path.as_bytes());
         }
+        Change::After => {
+            payload.push(KIND_AFTER);
+            proto::put_bytes(&mut payload, path.as_bytes());
+        }
     }
     // Records are a few bytes plus a path of at most 4 KiB.
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
@@ -334,6 +477,7 @@ pub(crate) fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
                 },
                 KIND_META => Change::Meta,
                 KIND_TREE => Change::Tree,
+                KIND_AFTER => Change::After,
                 _ => return None,
             };
             (r.remaining() == 0).then_some((path, change))
@@ -393,7 +537,7 @@ pub fn changes_of(op: &proto::Op) -> Vec<(RelPath, Change)> {
         Op::Rename { from, to, .. } => {
             vec![(from.clone(), Change::Tree), (to.clone(), Change::Tree)]
         }
-        Op::Fsync { .. } | Op::InSync { .. } => vec![],
+        Op::Fsync { .. } | Op::InSync { .. } | Op::FullSync { .. } => vec![],
     }
 }
 
@@ -510,7 +654,7 @@ impl Journal {
         if !self.unsynced {
             return Ok(());
         }
-        if self.records > 1024 && self.records > 4 * self.set.records().count() {
+        if self.records > 1024 && self.records > 4 * self.set.record_count() {
             return self.compact();
         }
         self.file.sync_data().map_err(self.io("fsync"))?;
@@ -524,7 +668,7 @@ impl Journal {
         let mut buf = MAGIC.to_vec();
         let mut n = 0;
         for (p, c) in self.set.records() {
-            encode_record(&mut buf, p, c);
+            encode_record(&mut buf, &p, c);
             n += 1;
         }
         self.replace(&buf)?;
@@ -536,15 +680,15 @@ impl Journal {
     /// resynchronisation round, what changed during it.
     pub fn reset_to(&mut self, set: DirtySet) -> Result<(), JournalError> {
         let mut buf = MAGIC.to_vec();
-        let mut n = 0;
-        for (p, c) in set.records() {
-            encode_record(&mut buf, p, c);
-            n += 1;
+        let records = set.records();
+        for (p, c) in &records {
+            encode_record(&mut buf, p, *c);
         }
+        let n = records.len();
         self.replace(&buf)?;
         self.coarse = DirtySet::default();
-        for (p, c) in set.records() {
-            self.coarse.record(p, widened(c, CHUNK));
+        for (p, c) in records {
+            self.coarse.record(&p, widened(c, CHUNK));
         }
         self.set = set;
         self.records = n;

@@ -1,13 +1,24 @@
 //! Resynchronisation: turns what the journal recorded about a path (byte
-//! ranges, the entry, the whole subtree) into the operations that make the
-//! secondary's copy of it equal to the primary's, reading the primary's real
-//! directory (never through the FUSE mount).
+//! ranges, the entry, the whole subtree, the entries of a directory after a
+//! name) into the operations that make the secondary's copy of it equal to
+//! the primary's, reading the primary's real directory (never through the
+//! FUSE mount).
 //!
 //! Per path: absent here → [`Op::Remove`]; else [`Op::Put`] (kind, mode,
 //! owner, size, xattrs), then for a file the recorded ranges (whole file for
 //! a subtree) as [`Op::Write`] for data and [`Op::Hole`] for holes found with
 //! `SEEK_DATA`/`SEEK_HOLE`, for a subtree directory [`Op::Prune`] and every
-//! child, and last the times ([`Op::SetAttr`]) so the writes do not move them.
+//! child in name order (for [`Change::After`], the children after the
+//! name), and last the times ([`Op::SetAttr`]) so the writes do not move
+//! them.
+//!
+//! After each operation the [`Sink`] is told what of the path remains once
+//! the operations sent so far are applied there, as journal records: a
+//! subtree being walked is its directories' times ([`Change::Meta`]) and
+//! the entries after the child being sent ([`Change::After`]), down to the
+//! file being sent (its times and the ranges not yet sent). The replicator
+//! makes that the journal once the secondary confirmed those operations
+//! written, so an interrupted resynchronisation resumes where it stopped.
 
 use std::{
     ffi::OsStr,
@@ -22,7 +33,7 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use super::{
     apply,
-    journal::PathChanges,
+    journal::{Change, PathChanges, RangeSet},
     proto::{self, EntryKind, NodeKind, Op, RelPath},
     sys,
 };
@@ -45,26 +56,144 @@ impl From<io::Error> for ItemError {
     }
 }
 
-/// Where the operations go: `emit(op)`; `Err` when the link is gone.
-pub type Emit<'a> = dyn FnMut(Op) -> Result<(), ItemError> + 'a;
+/// Where a path's operations go.
+pub trait Sink {
+    /// Sends one operation; `Err` when the link is gone.
+    fn op(&mut self, op: Op) -> Result<(), ItemError>;
+    /// What of the path remains to be sent once every operation sent so far
+    /// is applied (empty: the path is done).
+    fn remaining(&mut self, records: Vec<(RelPath, Change)>);
+    /// One more path sent (progress).
+    fn path_done(&mut self);
+}
 
 fn is_enoent(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
+/// How far one path of the walk is.
+#[derive(Debug)]
+enum Stage {
+    /// Nothing sent beyond what its changes describe (for a directory: its
+    /// entry and the prune, which are sent again if it stops here).
+    Start,
+    /// The entry is sent; its times and these ranges remain.
+    Data(RangeSet),
+    /// A directory: its children up to this name are begun.
+    Child(Vec<u8>),
+}
+
+#[derive(Debug)]
+struct Level {
+    path: RelPath,
+    /// What this path had to send.
+    changes: PathChanges,
+    stage: Stage,
+}
+
+/// A path being resynchronised, with the paths of its subtree being walked.
+struct Walk<'a> {
+    root: &'a OwnedFd,
+    sink: &'a mut dyn Sink,
+    levels: Vec<Level>,
+}
+
+impl Walk<'_> {
+    /// Sends `op`, then tells the sink what remains.
+    fn emit(&mut self, op: Op) -> Result<(), ItemError> {
+        self.sink.op(op)?;
+        let rest = self.remaining();
+        self.sink.remaining(rest);
+        Ok(())
+    }
+
+    /// What remains of the walk once what it sent is applied, as journal
+    /// records.
+    fn remaining(&self) -> Vec<(RelPath, Change)> {
+        let mut out = Vec::new();
+        for l in &self.levels {
+            match &l.stage {
+                Stage::Start => {
+                    let c = &l.changes;
+                    if c.tree {
+                        out.push((l.path.clone(), Change::Tree));
+                        continue;
+                    }
+                    if c.meta {
+                        out.push((l.path.clone(), Change::Meta));
+                    }
+                    if let Some(a) = &c.after {
+                        match l.path.join(a) {
+                            Ok(p) => out.push((p, Change::After)),
+                            Err(_) => out.push((l.path.clone(), Change::Tree)),
+                        }
+                    }
+                    for (start, end) in c.ranges.iter() {
+                        out.push((l.path.clone(), Change::Range { start, end }));
+                    }
+                }
+                Stage::Data(ranges) => {
+                    out.push((l.path.clone(), Change::Meta));
+                    for (start, end) in ranges.iter() {
+                        out.push((l.path.clone(), Change::Range { start, end }));
+                    }
+                }
+                Stage::Child(name) => {
+                    out.push((l.path.clone(), Change::Meta));
+                    match l.path.join(name) {
+                        Ok(p) => out.push((p, Change::After)),
+                        // Cannot happen (the child was joined); whole.
+                        Err(_) => out.push((l.path.clone(), Change::Tree)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn top(&mut self) -> &mut Level {
+        let n = self.levels.len();
+        &mut self.levels[n - 1]
+    }
+
+    /// The path at the top of the stack is done.
+    fn pop_done(&mut self) {
+        self.levels.pop();
+        let rest = self.remaining();
+        self.sink.remaining(rest);
+        self.sink.path_done();
+    }
+}
+
 /// Emits the operations that bring `path` on the secondary to its state
-/// here, for the recorded `changes`.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one path in order: entry, content, children, times"
-)]
+/// here, for the recorded `changes`, telling `sink` after each what
+/// remains.
 pub fn item_ops(
     root: &OwnedFd,
     path: &RelPath,
     changes: &PathChanges,
-    emit: &mut Emit<'_>,
-    done: &dyn Fn(),
+    sink: &mut dyn Sink,
 ) -> Result<(), ItemError> {
+    let mut walk = Walk {
+        root,
+        sink,
+        levels: Vec::new(),
+    };
+    walk_path(&mut walk, path.clone(), changes.clone())
+}
+
+/// One path of the walk (pushes its level, pops it when done).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one path in order: entry, content, children, times"
+)]
+fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<(), ItemError> {
+    w.levels.push(Level {
+        path: path.clone(),
+        changes,
+        stage: Stage::Start,
+    });
+    let root = w.root;
     // The entry and its parent directory (the root: itself).
     let (dir, name): (OwnedFd, &OsStr) = if path.is_root() {
         (sys::open_dir(root.as_fd(), b"")?, OsStr::new("."))
@@ -74,14 +203,14 @@ pub fn item_ops(
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match sys::open_dir(root.as_fd(), parent) {
             Ok(d) => (d, OsStr::from_bytes(name)),
-            Err(e) if is_enoent(&e) => return removed(path, emit, done),
+            Err(e) if is_enoent(&e) => return removed(w, &path),
             Err(e) => return Err(e.into()),
         }
     };
     let st = match sys::stat_at(dir.as_fd(), name) {
         Ok(st) => st,
         Err(e) if is_enoent(&e) && !path.is_root() => {
-            return removed(path, emit, done);
+            return removed(w, &path);
         }
         Err(e) => return Err(e.into()),
     };
@@ -103,7 +232,25 @@ pub fn item_ops(
         Vec::new()
     };
     let size = u64::try_from(st.st_size).unwrap_or(0);
-    emit(Op::Put {
+    let (tree, after) = {
+        let c = &w.top().changes;
+        (c.tree, c.after.clone())
+    };
+    // The ranges this path has to send (a file).
+    let ranges = {
+        let mut r = RangeSet::default();
+        if kind == EntryKind::Node(NodeKind::File) {
+            if tree {
+                r.insert(0, size);
+            } else {
+                for (s, e) in w.top().changes.ranges.iter() {
+                    r.insert(s.min(size), e.min(size));
+                }
+            }
+        }
+        r
+    };
+    let put = Op::Put {
         path: path.clone(),
         kind,
         mode: sys::perm(&st),
@@ -117,42 +264,40 @@ pub fn item_ops(
         rdev: st.st_rdev,
         target,
         xattrs: xattrs(dir.as_fd(), name, kind)?,
-    })?;
+    };
+    let walks_children = kind == EntryKind::Dir && (tree || after.is_some());
+    if !walks_children {
+        // Once the entry is there: its times and data remain.
+        w.top().stage = Stage::Data(ranges.clone());
+    }
+    w.emit(put)?;
     match kind {
-        EntryKind::Node(NodeKind::File) => {
-            let ranges: Vec<(u64, u64)> = if changes.tree {
-                vec![(0, size)]
-            } else {
-                changes
-                    .ranges
-                    .iter()
-                    .map(|(s, e)| (s.min(size), e.min(size)))
-                    .filter(|(s, e)| s < e)
-                    .collect()
-            };
-            if !ranges.is_empty() {
-                let fd = sys::open_beneath(
-                    root.as_fd(),
-                    path.as_bytes(),
-                    OFlags::RDONLY | OFlags::NONBLOCK,
-                )?;
-                let mtime = sys::mtime(&st);
-                for (start, end) in ranges {
-                    file_range(fd.as_fd(), path, start, end, mtime, emit)?;
-                }
+        EntryKind::Node(NodeKind::File) if !ranges.is_empty() => {
+            let fd = sys::open_beneath(
+                root.as_fd(),
+                path.as_bytes(),
+                OFlags::RDONLY | OFlags::NONBLOCK,
+            )?;
+            let mtime = sys::mtime(&st);
+            for (start, end) in ranges.iter() {
+                file_range(w, fd.as_fd(), &path, start, end, mtime)?;
             }
         }
-        EntryKind::Dir if changes.tree => {
+        EntryKind::Dir if walks_children => {
             let sub = if path.is_root() {
                 sys::open_dir(root.as_fd(), b"")?
             } else {
                 sys::open_dir(root.as_fd(), path.as_bytes())?
             };
-            let names = apply::list_dir(sub.as_fd())?;
+            let mut names = apply::list_dir(sub.as_fd())?;
             if names.len() > proto::MAX_PRUNE {
                 return Err(io::Error::from_raw_os_error(libc::EFBIG).into());
             }
-            emit(Op::Prune {
+            // Name order: what is done is what sorts before the cursor.
+            names.sort_unstable();
+            // Everything else there goes; entries removed here since an
+            // interrupted walk passed them go too.
+            w.emit(Op::Prune {
                 path: path.clone(),
                 keep: names.clone(),
             })?;
@@ -160,16 +305,21 @@ pub fn item_ops(
                 tree: true,
                 ..PathChanges::default()
             };
+            let first = if tree { None } else { after };
             for n in names {
+                if first.as_ref().is_some_and(|a| n <= *a) {
+                    continue;
+                }
                 let child = path
                     .join(&n)
                     .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                item_ops(root, &child, &whole, emit, done)?;
+                w.top().stage = Stage::Child(n);
+                walk_path(w, child, whole.clone())?;
             }
         }
         _ => {}
     }
-    emit(Op::SetAttr {
+    w.emit(Op::SetAttr {
         path: path.clone(),
         mode: None,
         uid: None,
@@ -177,8 +327,31 @@ pub fn item_ops(
         atime: Some(sys::atime(&st)),
         mtime: Some(sys::mtime(&st)),
     })?;
-    done();
+    w.pop_done();
     Ok(())
+}
+
+/// Paths and data bytes an item will send (subtrees walked), for the
+/// progress totals before it is sent.
+pub fn count_item(root: &OwnedFd, path: &RelPath, changes: &PathChanges) -> (u64, u64) {
+    if changes.tree {
+        return count_tree(root, path).unwrap_or((1, 0));
+    }
+    let mut total = (1, changes.ranges.iter().map(|(s, e)| e - s).sum::<u64>().min(1 << 50));
+    if let Some(after) = &changes.after
+        && let Ok(d) = sys::open_dir(root.as_fd(), path.as_bytes())
+        && let Ok(names) = apply::list_dir(d.as_fd())
+    {
+        for n in names.into_iter().filter(|n| n > after) {
+            if let Ok(child) = path.join(&n)
+                && let Ok((p, b)) = count_tree(root, &child)
+            {
+                total.0 += p;
+                total.1 += b;
+            }
+        }
+    }
+    total
 }
 
 /// Paths and data bytes below (and including) `path`, for the progress
@@ -223,9 +396,10 @@ pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
 }
 
 /// The path is gone here: gone there too.
-fn removed(path: &RelPath, emit: &mut Emit<'_>, done: &dyn Fn()) -> Result<(), ItemError> {
-    emit(Op::Remove { path: path.clone() })?;
-    done();
+fn removed(w: &mut Walk<'_>, path: &RelPath) -> Result<(), ItemError> {
+    w.top().stage = Stage::Data(RangeSet::default());
+    w.emit(Op::Remove { path: path.clone() })?;
+    w.pop_done();
     Ok(())
 }
 
@@ -257,15 +431,21 @@ fn xattrs(
     Ok(out)
 }
 
-/// Data and holes of `[start, end)`.
+/// Data and holes of `[start, end)`; each piece sent leaves the ranges that
+/// remain of the path at the top of the walk.
 fn file_range(
+    w: &mut Walk<'_>,
     fd: BorrowedFd<'_>,
     path: &RelPath,
     start: u64,
     end: u64,
     mtime: proto::Timestamp,
-    emit: &mut Emit<'_>,
 ) -> Result<(), ItemError> {
+    let sent = |w: &mut Walk<'_>, a: u64, b: u64| {
+        if let Stage::Data(r) = &mut w.top().stage {
+            r.remove(a, b);
+        }
+    };
     let mut pos = start;
     let mut buf = vec![0u8; CHUNK];
     while pos < end {
@@ -276,7 +456,8 @@ fn file_range(
             Err(_) => pos,
         };
         if data > pos {
-            emit(Op::Hole {
+            sent(w, pos, data);
+            w.emit(Op::Hole {
                 path: path.clone(),
                 offset: pos,
                 len: data - pos,
@@ -294,7 +475,8 @@ fn file_range(
                 // Truncated meanwhile: the journal has it.
                 return Ok(());
             }
-            emit(Op::Write {
+            sent(w, at, at + n as u64);
+            w.emit(Op::Write {
                 path: path.clone(),
                 offset: at,
                 data: buf[..n].to_vec(),
