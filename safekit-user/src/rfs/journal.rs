@@ -839,6 +839,57 @@ mod tests {
     }
 
     #[test]
+    fn ranges_remove_cuts_and_splits() {
+        let mut r = RangeSet::default();
+        r.insert(0, 100);
+        r.insert(200, 300);
+        r.remove(50, 60);
+        r.remove(90, 250);
+        r.remove(1000, 2000);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 50), (60, 90), (250, 300)]);
+        r.remove(0, u64::MAX);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn after_covers_the_later_entries_of_a_directory_and_their_subtrees() {
+        let mut d = DirtySet::default();
+        d.record(&p("top/x/deep"), Change::Meta);
+        d.record(&p("top/b/f"), Change::Range { start: 0, end: 10 });
+        d.record(&p("top/a"), Change::Meta);
+        assert!(d.record(&p("top/b"), Change::After));
+        // Below the names after "b": implied, and forgotten.
+        assert!(d.covers(&p("top/c"), Change::Tree));
+        assert!(d.covers(&p("top/x/deep/er"), Change::Range { start: 0, end: 1 }));
+        assert!(!d.record(&p("top/c/new"), Change::Meta));
+        assert!(!d.iter().any(|(p, _)| p.as_bytes() == b"top/x/deep"));
+        // "b" itself and what sorts before it are not.
+        assert!(!d.covers(&p("top/b"), Change::Meta));
+        assert!(d.covers(&p("top/b/f"), Change::Range { start: 0, end: 10 }));
+        assert!(!d.covers(&p("top/a"), Change::Tree));
+        assert!(d.covers(&p("top/a"), Change::Meta));
+        assert!(!d.covers(&p("top"), Change::Meta));
+        assert!(!d.covers(&p("topx"), Change::Meta));
+        // A later cursor adds nothing, an earlier one widens it.
+        assert!(!d.record(&p("top/c"), Change::After));
+        assert!(d.record(&p("top/a"), Change::After));
+        assert!(!d.iter().any(|(p, _)| p.as_bytes() == b"top/b/f"));
+        assert_eq!(d.iter().find(|(p, _)| p.as_bytes() == b"top").map(|(_, c)| c.after.clone()), Some(Some(b"a".to_vec())));
+        // The records rebuild the set; a tree above swallows the cursor.
+        let mut again = DirtySet::default();
+        for (path, c) in d.to_records() {
+            again.record(&path, c);
+        }
+        assert_eq!(again, d);
+        assert!(d.record(&RelPath::root(), Change::Tree));
+        assert_eq!(d.len(), 1);
+        // At the root (no parent) it means the whole tree.
+        let mut r = DirtySet::default();
+        r.record(&RelPath::root(), Change::After);
+        assert!(r.covers(&p("any/thing"), Change::Meta));
+    }
+
+    #[test]
     fn widening_rounds_to_chunks() {
         assert_eq!(widen(0, 1), (0, CHUNK));
         assert_eq!(widen(CHUNK + 1, 2 * CHUNK + 1), (CHUNK, 3 * CHUNK));
@@ -865,6 +916,7 @@ mod tests {
             }
             j.record(&p("gone"), Change::Meta).expect("record");
             j.record(&p("d"), Change::Tree).expect("record");
+            j.record(&p("e/m"), Change::After).expect("record");
             j.sync().expect("sync");
         }
         // A torn record at the end: never acknowledged, cut off on open.
@@ -874,7 +926,8 @@ mod tests {
         std::fs::write(&path, &raw).expect("write");
         let mut j = Journal::open(&path).expect("reopen");
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), before as u64);
-        assert_eq!(j.dirty().len(), 3);
+        assert_eq!(j.dirty().len(), 4);
+        assert!(j.dirty().covers(&p("e/n/o"), Change::Meta));
         assert!(
             j.dirty()
                 .covers(&p("big"), Change::Range { start: 0, end: 1 })

@@ -488,3 +488,127 @@ fn file_range(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::FileExt, path::Path};
+
+    use super::*;
+    use crate::rfs::{apply::Applier, journal::DirtySet, mounts, verify};
+
+    /// Records every operation and what remained after each.
+    #[derive(Default)]
+    struct Record {
+        ops: Vec<Op>,
+        /// `rest[k]`: what remained once `ops[..=k]` are applied.
+        rest: Vec<Vec<(RelPath, Change)>>,
+    }
+
+    impl Sink for Record {
+        fn op(&mut self, op: Op) -> Result<(), ItemError> {
+            self.ops.push(op);
+            self.rest.push(Vec::new());
+            Ok(())
+        }
+        fn remaining(&mut self, records: Vec<(RelPath, Change)>) {
+            if let Some(last) = self.rest.last_mut() {
+                *last = records;
+            }
+        }
+        fn path_done(&mut self) {}
+    }
+
+    /// Applies at once, counting the data sent.
+    struct Apply<'a>(&'a mut Applier, u64);
+
+    impl Sink for Apply<'_> {
+        fn op(&mut self, op: Op) -> Result<(), ItemError> {
+            if let Op::Write { data, .. } = &op {
+                self.1 += data.len() as u64;
+            }
+            self.0.apply(&op, false).map_err(|e| ItemError::Io(e.source))
+        }
+        fn remaining(&mut self, _: Vec<(RelPath, Change)>) {}
+        fn path_done(&mut self) {}
+    }
+
+    fn data_bytes(ops: &[Op]) -> u64 {
+        ops.iter()
+            .map(|op| match op {
+                Op::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn tree(src: &Path) {
+        for d in ["d1", "d2/sub", "empty"] {
+            fs::create_dir_all(src.join(d)).unwrap();
+        }
+        let big: Vec<u8> = (0..(5 * CHUNK / 2)).map(|i| (i % 251) as u8).collect();
+        fs::write(src.join("d1/big"), &big).unwrap();
+        fs::write(src.join("d1/small"), b"small").unwrap();
+        let sparse = fs::File::create(src.join("d2/sparse")).unwrap();
+        sparse.write_at(b"tail", 3 * CHUNK as u64).unwrap();
+        fs::write(src.join("d2/sub/g"), vec![7u8; 3000]).unwrap();
+        fs::write(src.join("top"), vec![1u8; CHUNK + 10]).unwrap();
+        std::os::unix::fs::symlink("d1/small", src.join("link")).unwrap();
+    }
+
+    /// What a secondary held before: stale entries, a file with other
+    /// content, a directory where a file is.
+    fn stale(dst: &Path) {
+        fs::create_dir_all(dst.join("d1")).unwrap();
+        fs::create_dir_all(dst.join("top")).unwrap();
+        fs::write(dst.join("d1/big"), b"old").unwrap();
+        fs::write(dst.join("d1/zzz"), b"gone there").unwrap();
+        fs::write(dst.join("stale"), b"gone").unwrap();
+    }
+
+    #[test]
+    fn a_walk_cut_after_any_operation_resumes_from_what_it_reported() {
+        let base = std::env::temp_dir().join(format!("rfs-resync-walk-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (src, dst) = (base.join("src"), base.join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        tree(&src);
+        let root = mounts::open_dir(&src).unwrap();
+        let whole = PathChanges {
+            tree: true,
+            ..PathChanges::default()
+        };
+        let mut full = Record::default();
+        item_ops(&root, &RelPath::root(), &whole, &mut full).unwrap();
+        let total = data_bytes(&full.ops);
+        assert!(total >= (5 * CHUNK / 2 + CHUNK) as u64, "{total}");
+        assert!(full.rest.last().unwrap().is_empty(), "done at the end");
+        let want = verify::manifest(root.as_fd()).unwrap();
+        for cut in 0..full.ops.len() {
+            let _ = fs::remove_dir_all(&dst);
+            fs::create_dir_all(&dst).unwrap();
+            stale(&dst);
+            let mut applier = Applier::open(&dst).unwrap();
+            for op in &full.ops[..=cut] {
+                applier.apply(op, false).unwrap();
+            }
+            // What the journal would hold: a handful of records, never the
+            // whole listing of a directory.
+            let rest = &full.rest[cut];
+            assert!(rest.len() <= 8, "cut {cut}: {rest:?}");
+            let mut set = DirtySet::default();
+            for (p, c) in rest {
+                set.record(p, *c);
+            }
+            let mut again = Apply(&mut applier, 0);
+            for (p, c) in set.iter() {
+                item_ops(&root, p, c, &mut again).unwrap();
+            }
+            let resent = again.1;
+            let diff = verify::compare(&want, &verify::manifest(applier.root()).unwrap());
+            assert!(diff.is_empty(), "cut {cut} ({:?}): {diff:?}", full.ops[cut].name());
+            // Nothing sent twice.
+            assert_eq!(data_bytes(&full.ops[..=cut]) + resent, total, "cut {cut}");
+        }
+        let _ = fs::remove_dir_all(&base);
+    }
+}
