@@ -372,8 +372,7 @@ impl Replicator {
         // A full resynchronisation that was interrupted: both recorded its
         // id, and the journal here holds what remains of it.
         let my_resume = self.state.as_ref().map_or(0, |st| st.resume_id(Side::Sent));
-        let resumed =
-            !opts.full && their_resume != 0 && their_resume == my_resume && their_id != my_id;
+        let resumed = !opts.full && their_resume != 0 && their_resume == my_resume;
         let full = opts.full || ((their_id == 0 || their_id != my_id) && !resumed);
         let tick =
             (self.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(200));
