@@ -1138,7 +1138,7 @@ fn queue_full(bytes: u64, ops: usize) -> bool {
 /// At most this many rounds before the last step.
 const MAX_ROUNDS: u32 = 8;
 /// Resynchronisation bytes in flight before the sender waits for acks.
-const MAX_INFLIGHT: u64 = 16 << 20;
+const MAX_INFLIGHT: u64 = 8 << 20;
 
 /// A checkpoint at least every this many bytes of resynchronisation sent
 /// (and every [`CHECKPOINT_EVERY`]): what an interruption sends again is at

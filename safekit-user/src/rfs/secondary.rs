@@ -51,8 +51,11 @@ pub struct SecondaryConfig {
 }
 
 /// Under a steady stream, an acknowledgement at least every this many
-/// operations.
+/// operations, and every this many bytes of them (a resynchronisation's
+/// 1 MiB writes: the primary keeps sending while earlier ones are written,
+/// and learns soon what is written).
 const ACK_EVERY: u32 = 16;
+const ACK_BYTES: u64 = 2 << 20;
 
 /// One directory this node receives.
 #[derive(Debug, Clone)]
@@ -774,7 +777,7 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
             }
         });
         let mut last: Seq = 0;
-        let mut batch = 0u32;
+        let (mut batch, mut batch_bytes) = (0u32, 0u64);
         let reason = loop {
             match rx.recv() {
                 Ok(Message::Op { seq, op }) => {
@@ -783,12 +786,15 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
                     }
                     last = seq;
                     // A batch ends when nothing more is buffered, or every
-                    // so many operations under a steady stream, so that
-                    // acknowledgements keep flowing.
+                    // so many operations or bytes under a steady stream, so
+                    // that acknowledgements keep flowing.
                     batch += 1;
-                    let batch_end = !rx.has_buffered() || batch >= ACK_EVERY;
+                    batch_bytes += weight(&op);
+                    let batch_end =
+                        !rx.has_buffered() || batch >= ACK_EVERY || batch_bytes >= ACK_BYTES;
                     if batch_end {
                         batch = 0;
+                        batch_bytes = 0;
                     }
                     // Live and acknowledged on receipt: in the activity log
                     // first, so a crash before it is written is known.
