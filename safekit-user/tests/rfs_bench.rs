@@ -81,7 +81,7 @@ mod rfs {
         config::{AsyncMode, Durability},
         rfs::{
             DirState, LinkState, Primary, PrimaryParams, Registry, RfsError, RfsEvent,
-            SecondaryDir, SecondaryConfig, serve, serve_registry,
+            SecondaryConfig, SecondaryDir, serve, serve_registry,
         },
     };
     use tokio::{runtime::Runtime, sync::mpsc::UnboundedReceiver, task::JoinHandle};
@@ -224,7 +224,12 @@ mod rfs {
     /// synchronisation state under `state`, as the daemon keeps them), at
     /// most `bandwidth` bytes per second: how long until the secondary was
     /// live.
-    pub(super) fn full_resync(a: &Path, b: &Path, state: &Path, bandwidth: Option<u64>) -> Duration {
+    pub(super) fn full_resync(
+        a: &Path,
+        b: &Path,
+        state: &Path,
+        bandwidth: Option<u64>,
+    ) -> Duration {
         let rt = runtime();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -1113,7 +1118,10 @@ fn resync_compare(base: &Path) {
         plain.push(mbps(bytes, plain_copy(&src, &to)));
         fs::remove_dir_all(&to).expect("remove");
         settle();
-        let (b, state) = (base.join(format!("resync-b{k}")), base.join(format!("resync-s{k}")));
+        let (b, state) = (
+            base.join(format!("resync-b{k}")),
+            base.join(format!("resync-s{k}")),
+        );
         fs::create_dir_all(&b).expect("mkdir");
         resync.push(mbps(bytes, rfs::full_resync(&src, &b, &state, None)));
         fs::remove_dir_all(&b).expect("remove");
@@ -1121,7 +1129,10 @@ fn resync_compare(base: &Path) {
     }
     let (b, state) = (base.join("resync-paced"), base.join("resync-paced-s"));
     fs::create_dir_all(&b).expect("mkdir");
-    let paced = mbps(bytes, rfs::full_resync(&src, &b, &state, Some(100 * MIB as u64)));
+    let paced = mbps(
+        bytes,
+        rfs::full_resync(&src, &b, &state, Some(100 * MIB as u64)),
+    );
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]

@@ -294,7 +294,10 @@ impl DirtySet {
         }
         let below: Vec<RelPath> = self
             .paths
-            .range::<[u8], _>((std::ops::Bound::Included(&prefix[..]), std::ops::Bound::Unbounded))
+            .range::<[u8], _>((
+                std::ops::Bound::Included(&prefix[..]),
+                std::ops::Bound::Unbounded,
+            ))
             .map(|(p, _)| p)
             .take_while(|p| p.as_bytes().starts_with(&prefix))
             .filter(|p| !p.is_root())
@@ -846,7 +849,10 @@ mod tests {
         r.remove(50, 60);
         r.remove(90, 250);
         r.remove(1000, 2000);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![(0, 50), (60, 90), (250, 300)]);
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            vec![(0, 50), (60, 90), (250, 300)]
+        );
         r.remove(0, u64::MAX);
         assert!(r.is_empty());
     }
@@ -874,7 +880,12 @@ mod tests {
         assert!(!d.record(&p("top/c"), Change::After));
         assert!(d.record(&p("top/a"), Change::After));
         assert!(!d.iter().any(|(p, _)| p.as_bytes() == b"top/b/f"));
-        assert_eq!(d.iter().find(|(p, _)| p.as_bytes() == b"top").map(|(_, c)| c.after.clone()), Some(Some(b"a".to_vec())));
+        assert_eq!(
+            d.iter()
+                .find(|(p, _)| p.as_bytes() == b"top")
+                .map(|(_, c)| c.after.clone()),
+            Some(Some(b"a".to_vec()))
+        );
         // The records rebuild the set; a tree above swallows the cursor.
         let mut again = DirtySet::default();
         for (path, c) in d.to_records() {

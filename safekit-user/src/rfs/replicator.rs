@@ -1167,9 +1167,12 @@ fn small(set: &DirtySet) -> bool {
 /// operation that what it took reflects precedes the barrier. Once the
 /// barrier is acknowledged, the journal becomes that, plus every change
 /// made since the round began ([`Replicator::checkpoint`]).
+/// An item a worker is on, and what remains of it (`None`: all of it).
+type Slot = (usize, Option<Vec<(RelPath, Change)>>);
+
 struct Round {
     next: usize,
-    slots: Vec<Option<(usize, Option<Vec<(RelPath, Change)>>)>>,
+    slots: Vec<Option<Slot>>,
     /// Bytes sent since the last checkpoint, and when it was.
     since: u64,
     last: Instant,
@@ -1241,7 +1244,8 @@ impl resync::Sink for WorkerSink<'_> {
         let due = {
             let mut r = lock_round(self.ctx.round);
             r.slots[self.w] = Some((self.i, Some(records)));
-            if r.checkpoints && (r.since >= CHECKPOINT_BYTES || r.last.elapsed() >= CHECKPOINT_EVERY)
+            if r.checkpoints
+                && (r.since >= CHECKPOINT_BYTES || r.last.elapsed() >= CHECKPOINT_EVERY)
             {
                 r.since = 0;
                 r.last = Instant::now();

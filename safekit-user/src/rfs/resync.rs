@@ -179,7 +179,7 @@ pub fn item_ops(
         sink,
         levels: Vec::new(),
     };
-    walk_path(&mut walk, path.clone(), changes.clone())
+    walk_path(&mut walk, path, changes.clone())
 }
 
 /// One path of the walk (pushes its level, pops it when done).
@@ -187,7 +187,7 @@ pub fn item_ops(
     clippy::too_many_lines,
     reason = "one path in order: entry, content, children, times"
 )]
-fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<(), ItemError> {
+fn walk_path(w: &mut Walk<'_>, path: &RelPath, changes: PathChanges) -> Result<(), ItemError> {
     w.levels.push(Level {
         path: path.clone(),
         changes,
@@ -203,14 +203,14 @@ fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<()
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match sys::open_dir(root.as_fd(), parent) {
             Ok(d) => (d, OsStr::from_bytes(name)),
-            Err(e) if is_enoent(&e) => return removed(w, &path),
+            Err(e) if is_enoent(&e) => return removed(w, path),
             Err(e) => return Err(e.into()),
         }
     };
     let st = match sys::stat_at(dir.as_fd(), name) {
         Ok(st) => st,
         Err(e) if is_enoent(&e) && !path.is_root() => {
-            return removed(w, &path);
+            return removed(w, path);
         }
         Err(e) => return Err(e.into()),
     };
@@ -280,7 +280,7 @@ fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<()
             )?;
             let mtime = sys::mtime(&st);
             for (start, end) in ranges.iter() {
-                file_range(w, fd.as_fd(), &path, start, end, mtime)?;
+                file_range(w, fd.as_fd(), path, start, end, mtime)?;
             }
         }
         EntryKind::Dir if walks_children => {
@@ -314,7 +314,7 @@ fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<()
                     .join(&n)
                     .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
                 w.top().stage = Stage::Child(n);
-                walk_path(w, child, whole.clone())?;
+                walk_path(w, &child, whole.clone())?;
             }
         }
         _ => {}
@@ -333,11 +333,20 @@ fn walk_path(w: &mut Walk<'_>, path: RelPath, changes: PathChanges) -> Result<()
 
 /// Paths and data bytes an item will send (subtrees walked), for the
 /// progress totals before it is sent.
+#[must_use]
 pub fn count_item(root: &OwnedFd, path: &RelPath, changes: &PathChanges) -> (u64, u64) {
     if changes.tree {
         return count_tree(root, path).unwrap_or((1, 0));
     }
-    let mut total = (1, changes.ranges.iter().map(|(s, e)| e - s).sum::<u64>().min(1 << 50));
+    let mut total = (
+        1,
+        changes
+            .ranges
+            .iter()
+            .map(|(s, e)| e - s)
+            .sum::<u64>()
+            .min(1 << 50),
+    );
     if let Some(after) = &changes.after
         && let Ok(d) = sys::open_dir(root.as_fd(), path.as_bytes())
         && let Ok(names) = apply::list_dir(d.as_fd())
@@ -526,7 +535,9 @@ mod tests {
             if let Op::Write { data, .. } = &op {
                 self.1 += data.len() as u64;
             }
-            self.0.apply(&op, false).map_err(|e| ItemError::Io(e.source))
+            self.0
+                .apply(&op, false)
+                .map_err(|e| ItemError::Io(e.source))
         }
         fn remaining(&mut self, _: Vec<(RelPath, Change)>) {}
         fn path_done(&mut self) {}
@@ -545,7 +556,9 @@ mod tests {
         for d in ["d1", "d2/sub", "empty"] {
             fs::create_dir_all(src.join(d)).unwrap();
         }
-        let big: Vec<u8> = (0..(5 * CHUNK / 2)).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..(5 * CHUNK / 2))
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect();
         fs::write(src.join("d1/big"), &big).unwrap();
         fs::write(src.join("d1/small"), b"small").unwrap();
         let sparse = fs::File::create(src.join("d2/sparse")).unwrap();
@@ -605,7 +618,11 @@ mod tests {
             }
             let resent = again.1;
             let diff = verify::compare(&want, &verify::manifest(applier.root()).unwrap());
-            assert!(diff.is_empty(), "cut {cut} ({:?}): {diff:?}", full.ops[cut].name());
+            assert!(
+                diff.is_empty(),
+                "cut {cut} ({:?}): {diff:?}",
+                full.ops[cut].name()
+            );
             // Nothing sent twice.
             assert_eq!(data_bytes(&full.ops[..=cut]) + resent, total, "cut {cut}");
         }
