@@ -485,6 +485,21 @@ fn wait_sent(primary: &Primary, bytes: u64) {
     }
 }
 
+/// Waits for the report of the loss (it follows the state: drained before
+/// it, it would be taken for a loss of the next attempt).
+#[track_caller]
+fn wait_lost(events: &mut tokio::sync::mpsc::UnboundedReceiver<RfsEvent>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no loss reported");
+        match events.try_recv() {
+            Ok(RfsEvent::SecondaryLost { .. }) => return,
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
 #[track_caller]
 fn wait_alone(primary: &Primary) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -560,11 +575,13 @@ fn full_sync_cut_at_half(tag: &str, cut: Cut) {
         Cut::Link => {
             relay.cut();
             wait_alone(&primary);
+            wait_lost(&mut events);
         }
         Cut::Secondary => {
             let addr = sec.addr;
             sec.stop();
             wait_alone(&primary);
+            wait_lost(&mut events);
             sec = Secondary::start(&d, Some(addr));
         }
         Cut::Primary => {
@@ -650,6 +667,7 @@ fn a_delta_resync_cut_by_a_broken_link_resumes_where_it_stopped() {
     // 190 MiB: two MiB of each file, 80 new files of 1 MiB, a new 64 MiB one.
     relay.cut();
     wait_alone(&primary);
+    wait_lost(&mut events);
     let mut changed = 0u64;
     for i in 0..24u8 {
         let f = OpenOptions::new()
@@ -709,6 +727,7 @@ fn a_delta_resync_cut_by_a_broken_link_resumes_where_it_stopped() {
     wait_sent(&primary, before + changed / 2);
     relay.cut();
     wait_alone(&primary);
+    wait_lost(&mut events);
     let first = primary.counters().resync_bytes.load(Ordering::Relaxed) - before;
     while events.try_recv().is_ok() {}
     primary.resync(relay.addr, false);

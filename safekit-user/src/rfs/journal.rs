@@ -18,11 +18,16 @@
 //!   mid-append, never acknowledged) is cut off.
 //! - When the file holds many more records than the merged set, it is
 //!   compacted: the merged set is written to a temporary file, synced, and
-//!   renamed over the journal.
+//!   renamed over the journal. A resynchronisation's checkpoints replace
+//!   the set the same way ([`Journal::reset_to`]) with what remains to send.
+//! - [`Change::After`] keeps a subtree's walk short: "the entries of this
+//!   directory after this name", so what remains of a tree of any size is
+//!   a few records.
 //!
 //! File format: the 8-byte magic `SKRFSJ1\n`, then records `u32` LE length,
 //! `u32` LE checksum (first 4 bytes of BLAKE3 of the payload), payload (kind
-//! byte, path as varint-length bytes, start and end as varints).
+//! byte — 1 range, 2 entry, 3 subtree, 4 after —, path as varint-length
+//! bytes, for a range start and end as varints).
 
 use std::{
     collections::BTreeMap,

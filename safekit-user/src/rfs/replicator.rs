@@ -9,6 +9,15 @@
 //! that, the receiver declares the secondary lost, shuts the socket down (which
 //! unblocks a sender stuck on a full TCP buffer), journals every
 //! unacknowledged operation, and completes every waiter.
+//!
+//! A resynchronisation ([`Replicator::resync`]) sends what the journal
+//! records, round after round, and checkpoints as the secondary confirms:
+//! every `CHECKPOINT_BYTES` or `CHECKPOINT_EVERY` it takes what remains
+//! of the round (`Round`) and queues a barrier; once the barrier is
+//! acknowledged (written and synced there), the journal is rewritten to
+//! that plus what the application changed since the round began. An
+//! interrupted resynchronisation, full ones included (their id is recorded
+//! on both sides, [`Op::FullSync`]), resumes from the journal.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -1166,7 +1175,7 @@ fn small(set: &DirtySet) -> bool {
 /// (an `Fsync` of the root: the secondary syncs its filesystem), so every
 /// operation that what it took reflects precedes the barrier. Once the
 /// barrier is acknowledged, the journal becomes that, plus every change
-/// made since the round began ([`Replicator::checkpoint`]).
+/// made since the round began (`Replicator::checkpoint`).
 /// An item a worker is on, and what remains of it (`None`: all of it).
 type Slot = (usize, Option<Vec<(RelPath, Change)>>);
 
