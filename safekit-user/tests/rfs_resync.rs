@@ -650,6 +650,7 @@ fn a_full_sync_cut_by_a_primary_restart_resumes_where_it_stopped() {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "the scenario in order")]
 fn a_delta_resync_cut_by_a_broken_link_resumes_where_it_stopped() {
     let d = Dirs::new("cut-delta");
     for i in 0..24u8 {
