@@ -20,7 +20,7 @@ use safekit::{
     config::AsyncMode,
     rfs::{
         DirState, LinkState, Primary, PrimaryParams, Registry, RfsEvent, SecondaryDir,
-        serve_registry,
+        serve_registry, state::Side,
     },
 };
 
@@ -525,11 +525,16 @@ fn params(d: &Dirs) -> PrimaryParams {
 /// later second.)
 #[track_caller]
 fn assert_verified(d: &Dirs, primary: &Primary, sec: &Secondary) {
+    assert_verified_min(d, primary, sec, 100);
+}
+
+#[track_caller]
+fn assert_verified_min(d: &Dirs, primary: &Primary, sec: &Secondary, min: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (n, diffs) = primary.verifier().verify(sec.addr).expect("verify");
         if diffs.is_empty() {
-            assert!(n > 100, "{n} entries");
+            assert!(n >= min, "{n} entries");
             break;
         }
         assert!(Instant::now() < deadline, "{n} entries: {diffs:?}");
@@ -756,6 +761,44 @@ fn a_delta_resync_cut_by_a_broken_link_resumes_where_it_stopped() {
         "sent {total} bytes in all for {changed} changed"
     );
     assert_verified(&d, &primary, &sec);
+    primary.stop().expect("stop");
+    sec.stop();
+}
+
+#[test]
+fn a_full_sync_is_not_resumed_on_a_secondary_that_forgot_it() {
+    let d = Dirs::new("forgot");
+    for i in 0..16u8 {
+        let p = d.p("a").join(format!("f{i}"));
+        fs::write(p, fill(2 * MIB, i)).expect("write");
+    }
+    let tree = (32 * MIB) as u64;
+    let sec = Secondary::start(&d, None);
+    let relay = Relay::start(sec.addr);
+    let mut params = params(&d);
+    // Paced: slow enough to be cut at half.
+    params.resync.bandwidth = Some(16 << 20);
+    let (primary, mut events) =
+        Primary::start(&d.p("a"), Some(relay.addr), &KEY, params).expect("start");
+    wait_sent(&primary, tree / 2);
+    relay.cut();
+    wait_alone(&primary);
+    wait_lost(&mut events);
+    let first = primary.counters().resync_bytes.load(Ordering::Relaxed);
+    // What `safekit second fullsync` does on the secondary's node.
+    let sb = DirState::new(d.p("sb"));
+    assert_ne!(sb.resume_id(Side::Received), 0, "recorded on receipt");
+    sb.forget_resume(Side::Received).expect("forget");
+    primary.resync(relay.addr, false);
+    wait_connected(&mut events);
+    let p = primary.progress();
+    assert!(p.full && !p.resumed, "{p:?}");
+    let second = primary.counters().resync_bytes.load(Ordering::Relaxed) - first;
+    assert!(second >= tree, "the whole tree again: {second} of {tree}");
+    assert_verified_min(&d, &primary, &sec, 16);
+    // In sync: both sides forgot the full resynchronisation.
+    assert_eq!(DirState::new(d.p("sa")).resume_id(Side::Sent), 0);
+    assert_eq!(sb.resume_id(Side::Received), 0);
     primary.stop().expect("stop");
     sec.stop();
 }

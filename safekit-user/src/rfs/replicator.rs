@@ -236,6 +236,13 @@ impl Replicator {
             dir: dir.clone(),
             source,
         };
+        // A journal that is not there (any more) says nothing of what a
+        // full resynchronisation left to send: it cannot be resumed.
+        if journal.as_ref().is_none_or(|p| !p.exists())
+            && let Some(st) = &state
+        {
+            let _ = st.forget_resume(Side::Sent);
+        }
         let mut journal = journal
             .map(|p| Journal::open(&p))
             .transpose()
