@@ -746,7 +746,9 @@ fn safekit_bench_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-#[cfg(not(test))]
+// On the BPF target only: a host build (clippy --workspace) gets std's
+// through a dependency.
+#[cfg(all(not(test), target_arch = "bpf"))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

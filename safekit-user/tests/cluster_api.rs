@@ -446,6 +446,17 @@ fn api_roles_verbs_proxy_and_swap() {
     let a = post(&lab, 1, &control, "/api/v1/modules/web/swap", "");
     assert_eq!(a.code, 200, "{a:?}");
     assert!(wait_roles(&lab, SECOND, PRIM), "API swap: node2 primary");
+    // Recorded in the commands log like the CLI's, under the API identity.
+    let commands =
+        std::fs::read_to_string(lab.root(1).join("var/log/safekit/commands.log")).unwrap();
+    assert!(
+        commands
+            .lines()
+            .any(|l| l.contains("| api control-key (control, key) |")
+                && l.contains("swap")
+                && l.contains("| ok")),
+        "API swap in the commands log:\n{commands}"
+    );
     assert_eq!(
         api_state(&get(&lab, 2, &monitor, "/api/v1/modules")),
         ("PRIM".into(), "green".into())

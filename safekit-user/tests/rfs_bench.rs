@@ -1185,11 +1185,18 @@ fn replicated_mount_vs_plain_directory() {
     );
     let started = Instant::now();
     let mut results = Vec::new();
-    for (mode, durability) in [
-        (AsyncMode::Second, Durability::Fsync),
-        (AsyncMode::None, Durability::Fsync),
-        (AsyncMode::Second, Durability::EveryWrite),
-    ] {
+    // `RFS_BENCH_ONLY=pgbench`: the pgbench comparison alone.
+    let pg_only = std::env::var("RFS_BENCH_ONLY").is_ok_and(|v| v == "pgbench");
+    let modes = if pg_only {
+        Vec::new()
+    } else {
+        vec![
+            (AsyncMode::Second, Durability::Fsync),
+            (AsyncMode::None, Durability::Fsync),
+            (AsyncMode::Second, Durability::EveryWrite),
+        ]
+    };
+    for (mode, durability) in modes {
         let name = format!("async = {mode:?}, durability = {durability:?}").to_lowercase();
         println!("\n{name}");
         let dir = format!("{mode:?}-{durability:?}").to_lowercase();

@@ -13,6 +13,7 @@ use std::{
     ffi::OsStr,
     fs::{self, File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
+    os::fd::OwnedFd,
     os::unix::{
         ffi::OsStrExt,
         fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
@@ -22,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::fs::{AtFlags, Mode, OFlags};
 use safekit::{
     config::AsyncMode,
     rfs::{LinkState, Primary, PrimaryParams, RfsEvent, SecondaryConfig, serve},
@@ -233,65 +235,142 @@ fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     out
 }
 
+/// `/proc/self/fd/<dir>/<name>`: `dir/name` for the `l*xattr` calls,
+/// whatever the depth of `dir` (its own path may exceed `PATH_MAX`).
+fn proc_entry(dir: &OwnedFd, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd_for_test()));
+    p.push(name);
+    p
+}
+
+/// The content of the regular file `dir/name`, as a checksum.
+fn content_at(dir: &OwnedFd, name: &OsStr) -> String {
+    let read = || -> std::io::Result<Vec<u8>> {
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut data = Vec::new();
+        File::from(fd).read_to_end(&mut data)?;
+        Ok(data)
+    };
+    read().map_or_else(
+        |e| format!("unreadable: {e}"),
+        |data| blake3::hash(&data).to_hex().to_string(),
+    )
+}
+
 /// Every entry under `root`: metadata, a content checksum, xattrs. The
 /// secondary's copy may change while it is read (its applier catches up):
 /// an entry gone meanwhile is left out or marked unreadable, and the caller
-/// compares again.
+/// compares again. Walked by directory fds (`*at` calls), so entries whose
+/// path from `root` exceeds `PATH_MAX` are compared too.
 fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let p = root.join(&rel);
-        let Ok(m) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            "dir"
-        } else if ft.is_symlink() {
-            "symlink"
-        } else if ft.is_file() {
-            "file"
-        } else {
-            "other"
-        };
-        let mtime = times.then_some((m.mtime(), m.mtime_nsec()));
-        let content = ft.is_file().then(|| {
-            fs::read(&p).map_or_else(
-                |e| format!("unreadable: {e}"),
-                |data| blake3::hash(&data).to_hex().to_string(),
-            )
-        });
-        let link = ft
-            .is_symlink()
-            .then(|| fs::read_link(&p).unwrap_or_default());
+    let Ok(top) = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return out;
+    };
+    // The root itself (through a trailing `/`: the directory a
+    // `/proc/self/fd/N` link names, not the link).
+    let rp = root.join("");
+    if let Ok(m) = fs::metadata(&rp) {
         out.insert(
-            rel.clone(),
+            PathBuf::new(),
             Meta {
-                kind,
-                mode: if ft.is_symlink() {
-                    0
-                } else {
-                    m.mode() & 0o7777
-                },
+                kind: "dir",
+                mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
-                size: if ft.is_dir() { 0 } else { m.len() },
-                mtime,
-                content,
-                link,
-                xattrs: xattrs(&p),
+                size: 0,
+                mtime: times.then_some((m.mtime(), m.mtime_nsec())),
+                content: None,
+                link: None,
+                xattrs: xattrs(&rp),
             },
         );
-        if ft.is_dir()
-            && let Ok(entries) = fs::read_dir(&p)
-        {
-            for e in entries.flatten() {
-                stack.push(rel.join(e.file_name()));
+    }
+    let mut stack = vec![(PathBuf::new(), top)];
+    while let Some((rel, dir)) = stack.pop() {
+        let Ok(names) = list(&dir) else {
+            continue;
+        };
+        for name in names {
+            let name = OsStr::from_bytes(&name);
+            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+            let (is_dir, is_link, is_file) = (
+                ft == rustix::fs::FileType::Directory,
+                ft == rustix::fs::FileType::Symlink,
+                ft == rustix::fs::FileType::RegularFile,
+            );
+            let kind = if is_dir {
+                "dir"
+            } else if is_link {
+                "symlink"
+            } else if is_file {
+                "file"
+            } else {
+                "other"
+            };
+            let link = is_link.then(|| {
+                rustix::fs::readlinkat(&dir, name, Vec::new())
+                    .map(|t| PathBuf::from(OsStr::from_bytes(t.as_bytes())))
+                    .unwrap_or_default()
+            });
+            let path = rel.join(name);
+            #[expect(
+                clippy::cast_sign_loss,
+                clippy::cast_possible_wrap,
+                reason = "sizes and times of stat"
+            )]
+            out.insert(
+                path.clone(),
+                Meta {
+                    kind,
+                    mode: if is_link { 0 } else { st.st_mode & 0o7777 },
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    size: if is_dir { 0 } else { st.st_size as u64 },
+                    mtime: times.then_some((st.st_mtime, st.st_mtime_nsec as i64)),
+                    content: is_file.then(|| content_at(&dir, name)),
+                    link,
+                    xattrs: xattrs(&proc_entry(&dir, name)),
+                },
+            );
+            if is_dir
+                && let Ok(sub) = rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            {
+                stack.push((path, sub));
             }
         }
     }
     out
+}
+
+/// The names in directory `dir` (without `.` and `..`).
+fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    let mut out = Vec::new();
+    while let Some(e) = d.read() {
+        let name = e?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
 }
 
 fn res<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
@@ -306,6 +385,67 @@ fn rres<T: std::fmt::Debug>(r: rustix::io::Result<T>) -> String {
         Ok(v) => format!("ok {v:?}"),
         Err(e) => format!("err {}", e.raw_os_error()),
     }
+}
+
+/// Runs `script` with `sh -c` as the unprivileged user 65534 (no
+/// capabilities, so no `CAP_FSETID`); its exit status.
+fn as_nobody(script: &str) -> String {
+    match std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+    {
+        Ok(s) => format!("{:?}", s.code()),
+        Err(e) => format!("setpriv: {e}"),
+    }
+}
+
+/// The set-id bits that a write or truncate by an unprivileged caller
+/// clears (the daemon does it: `FUSE_HANDLE_KILLPRIV_V2`, which spares every
+/// write a GETXATTR of `security.capability`), as on a plain directory and
+/// on the secondary; a privileged writer keeps them.
+#[test]
+fn set_id_bits_cleared_by_unprivileged_writes_and_truncates() {
+    let mut p = Pair::new("setid", AsyncMode::None);
+    p.check(|d| {
+        let mut log = Vec::new();
+        let mode = |n: &str| res(fs::metadata(d.join(n)).map(|m| m.mode() & 0o7777));
+        for (name, m) in [
+            ("w", 0o6775),
+            ("w-noexec", 0o6764),
+            ("t", 0o6775),
+            ("root", 0o6775),
+        ] {
+            fs::write(d.join(name), b"data").expect("write");
+            std::os::unix::fs::chown(d.join(name), Some(65534), Some(65534)).expect("chown");
+            fs::set_permissions(d.join(name), fs::Permissions::from_mode(m)).expect("chmod");
+        }
+        let q = |n: &str| d.join(n).display().to_string();
+        // An append by the owner, unprivileged: set-user-ID goes, and
+        // set-group-ID where the group may execute.
+        log.push(as_nobody(&format!("printf more >> '{}'", q("w"))));
+        log.push(mode("w"));
+        log.push(as_nobody(&format!("printf more >> '{}'", q("w-noexec"))));
+        log.push(mode("w-noexec"));
+        log.push(as_nobody(&format!("truncate -s 2 '{}'", q("t"))));
+        log.push(mode("t"));
+        // Root (CAP_FSETID) keeps them.
+        log.push(res(OpenOptions::new()
+            .append(true)
+            .open(d.join("root"))
+            .and_then(|mut f| f.write_all(b"more"))));
+        log.push(mode("root"));
+        for n in ["w", "w-noexec", "t", "root"] {
+            log.push(res(fs::read(d.join(n))));
+        }
+        log
+    });
 }
 
 #[test]
@@ -1014,5 +1154,190 @@ fn durability_points_are_on_the_secondary_when_they_return() {
     assert!(
         on_b("target.tmp").is_none(),
         "temp name still on the secondary"
+    );
+}
+
+/// `dir/name` (a directory) opened.
+fn open_sub(dir: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The whole content of `dir/name`.
+fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<Vec<u8>> {
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut data = Vec::new();
+    File::from(fd).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "the scenario in order")]
+fn a_tree_deeper_than_path_max() {
+    // 45 levels of 200-byte names: the path from the root is over twice
+    // PATH_MAX, yet every call below names at most one level, from the fd
+    // of the level above, as `mkdir -p` with `chdir` would: legal on any
+    // local filesystem, so through the mount too, and replicated.
+    let mut p = Pair::new("deep", AsyncMode::None);
+    let name = "d".repeat(200);
+    let levels = 45;
+    let deep_run = |d: &Path| {
+        let mut log = Vec::new();
+        let top = rustix::fs::open(d, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+            .expect("open the top");
+        let mut dirs = vec![top];
+        for _ in 0..levels {
+            let here = dirs.last().expect("a level");
+            log.push(rres(rustix::fs::mkdirat(
+                here,
+                name.as_str(),
+                Mode::from_raw_mode(0o750),
+            )));
+            let next = open_sub(here, &name).expect("open the new level");
+            dirs.push(next);
+        }
+        let whole = d.join(vec![name.as_str(); levels].join("/"));
+        assert!(whole.as_os_str().len() > 2 * 4096);
+        // One call on the whole path: too long for any filesystem.
+        log.push(res(fs::metadata(&whole).map(|_| ())));
+        let bottom = dirs.last().expect("bottom");
+        // A file at the bottom: create, write, fsync, read back.
+        let created = rustix::fs::openat(
+            bottom,
+            "file",
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o640),
+        );
+        log.push(rres(created.as_ref().map(|_| ()).map_err(|e| *e)));
+        let mut f = File::from(created.expect("create at the bottom"));
+        log.push(res(f.write_all(b"the content at the bottom of the tree")));
+        log.push(res(f.write_at(b"BOTTOM", 4)));
+        log.push(res(f.sync_all()));
+        drop(f);
+        log.push(res(read_at(bottom, "file").map(String::from_utf8)));
+        // Rename at the bottom, then up twenty levels.
+        log.push(rres(rustix::fs::renameat(
+            bottom, "file", bottom, "renamed",
+        )));
+        log.push(rres(rustix::fs::renameat(
+            bottom, "renamed", &dirs[25], "moved-up",
+        )));
+        log.push(rres(rustix::fs::renameat(
+            &dirs[25], "moved-up", bottom, "renamed",
+        )));
+        // A symlink, read through.
+        log.push(rres(rustix::fs::symlinkat("renamed", bottom, "link")));
+        log.push(rres(
+            rustix::fs::readlinkat(bottom, "link", Vec::new()).map(std::ffi::CString::into_bytes),
+        ));
+        log.push(res(read_at(bottom, "link").map(String::from_utf8)));
+        // Extended attributes on the deep file: set, read, replace, remove.
+        let obj = proc_entry(bottom, OsStr::new("renamed"));
+        let flags = rustix::fs::XattrFlags::empty();
+        log.push(rres(rustix::fs::lsetxattr(
+            &obj,
+            "user.deep",
+            b"one",
+            flags,
+        )));
+        log.push(rres(rustix::fs::lsetxattr(&obj, "user.gone", b"x", flags)));
+        log.push(rres(rustix::fs::lsetxattr(
+            &obj,
+            "user.deep",
+            b"two",
+            flags,
+        )));
+        log.push(rres(rustix::fs::lremovexattr(&obj, "user.gone")));
+        let mut v = [0u8; 64];
+        log.push(rres(
+            rustix::fs::lgetxattr(&obj, "user.deep", &mut v[..]).map(|n| v[..n].to_vec()),
+        ));
+        // Attributes: mode, times.
+        log.push(rres(rustix::fs::chmodat(
+            bottom,
+            "renamed",
+            Mode::from_raw_mode(0o604),
+            AtFlags::empty(),
+        )));
+        // A hard link, then a file created, written and unlinked.
+        log.push(rres(rustix::fs::linkat(
+            bottom,
+            "renamed",
+            &dirs[levels - 1],
+            "hard",
+            AtFlags::empty(),
+        )));
+        let tmp = rustix::fs::openat(
+            bottom,
+            "tmp",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(File::from)
+        .expect("create tmp");
+        log.push(res((&tmp).write_all(b"short-lived")));
+        drop(tmp);
+        log.push(rres(rustix::fs::unlinkat(bottom, "tmp", AtFlags::empty())));
+        log.push(rres(
+            rustix::fs::statat(bottom, "tmp", AtFlags::empty()).map(|_| ()),
+        ));
+        // NAME_MAX still holds for one component.
+        log.push(rres(rustix::fs::mkdirat(
+            bottom,
+            "n".repeat(256).as_str(),
+            Mode::from_raw_mode(0o755),
+        )));
+        // A directory in the middle renamed: everything below moves, and a
+        // write below lands at the new path.
+        log.push(rres(rustix::fs::renameat(
+            &dirs[20],
+            name.as_str(),
+            &dirs[20],
+            "middle",
+        )));
+        let g = rustix::fs::openat(
+            bottom,
+            "renamed",
+            OFlags::WRONLY | OFlags::APPEND,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .expect("reopen");
+        log.push(res((&g).write_all(b" and after the move")));
+        log.push(res(g.sync_data()));
+        drop(g);
+        log.push(res(
+            read_at(&dirs[levels - 1], "hard").map(String::from_utf8)
+        ));
+        // An empty directory at the bottom, removed.
+        log.push(rres(rustix::fs::mkdirat(
+            bottom,
+            "empty",
+            Mode::from_raw_mode(0o755),
+        )));
+        log.push(rres(rustix::fs::unlinkat(
+            bottom,
+            "empty",
+            AtFlags::REMOVEDIR,
+        )));
+        log
+    };
+    p.check(deep_run);
+    // The secondary's copy holds the deep file, content included (compared
+    // above by checksum); and is reachable there level by level.
+    let b =
+        rustix::fs::open(&p.b, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).expect("open b");
+    let mut here = b;
+    for i in 0..levels {
+        let n = if i == 20 { "middle" } else { name.as_str() };
+        here = open_sub(&here, n).expect("level on the secondary");
+    }
+    assert_eq!(
+        read_at(&here, "renamed").expect("deep file on the secondary"),
+        b"the BOTTOMt at the bottom of the tree and after the move"
     );
 }

@@ -5,9 +5,16 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
     fs::{self, OpenOptions},
     io::Write,
-    os::unix::fs::{FileExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::OwnedFd,
+        unix::{
+            ffi::OsStrExt,
+            fs::{FileExt, MetadataExt, PermissionsExt},
+        },
+    },
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -16,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::fs::{AtFlags, Mode, OFlags};
 use safekit::{
     config::AsyncMode,
     rfs::{
@@ -57,45 +65,100 @@ impl Drop for Dirs {
 }
 
 /// Path → (kind, mode, size, mtime, content checksum or link target).
+/// Walked by directory fds (`*at` calls), so entries whose path from the
+/// root exceeds `PATH_MAX` are compared too; an entry gone meanwhile is
+/// left out (the caller compares again).
 fn digest(root: &Path) -> BTreeMap<PathBuf, (String, u32, u64, i64, String)> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).expect("readdir") {
-            let e = e.expect("entry");
-            let p = e.path();
-            let md = fs::symlink_metadata(&p).expect("lstat");
-            let rel = p.strip_prefix(root).expect("below").to_path_buf();
-            let (kind, sum) = if md.file_type().is_symlink() {
-                (
-                    "link",
-                    fs::read_link(&p).expect("readlink").display().to_string(),
-                )
-            } else if md.is_dir() {
-                stack.push(p.clone());
-                ("dir", String::new())
-            } else {
-                (
-                    "file",
-                    blake3::hash(&fs::read(&p).expect("read"))
-                        .to_hex()
-                        .to_string(),
-                )
+    let top = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        .expect("open the root");
+    let mut stack = vec![(PathBuf::new(), top)];
+    while let Some((rel, dir)) = stack.pop() {
+        let Ok(names) = list(&dir) else {
+            continue;
+        };
+        for name in names {
+            let name = OsStr::from_bytes(&name);
+            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
             };
-            let mtime = if md.is_dir() { 0 } else { md.mtime() };
+            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+            let path = rel.join(name);
+            let (kind, sum) = match ft {
+                rustix::fs::FileType::Symlink => (
+                    "link",
+                    rustix::fs::readlinkat(&dir, name, Vec::new())
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
+                rustix::fs::FileType::Directory => {
+                    if let Ok(sub) = open_sub(&dir, name) {
+                        stack.push((path.clone(), sub));
+                    }
+                    ("dir", String::new())
+                }
+                _ => (
+                    "file",
+                    read_at(&dir, name).map_or_else(
+                        |e| format!("unreadable: {e}"),
+                        |data| blake3::hash(&data).to_hex().to_string(),
+                    ),
+                ),
+            };
+            let is_dir = ft == rustix::fs::FileType::Directory;
             out.insert(
-                rel,
+                path,
                 (
                     kind.to_string(),
-                    md.permissions().mode() & 0o7777,
-                    if md.is_dir() { 0 } else { md.len() },
-                    mtime,
+                    st.st_mode & 0o7777,
+                    if is_dir {
+                        0
+                    } else {
+                        u64::try_from(st.st_size).unwrap_or(0)
+                    },
+                    if is_dir { 0 } else { st.st_mtime },
                     sum,
                 ),
             );
         }
     }
     out
+}
+
+/// The names in directory `dir` (without `.` and `..`).
+fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    let mut out = Vec::new();
+    while let Some(e) = d.read() {
+        let name = e?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// `dir/name` (a directory) opened.
+fn open_sub(dir: &OwnedFd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The whole content of `dir/name`.
+fn read_at(dir: &OwnedFd, name: &OsStr) -> std::io::Result<Vec<u8>> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut fs::File::from(fd), &mut data)?;
+    Ok(data)
 }
 
 fn fill(len: usize, seed: u8) -> Vec<u8> {
@@ -386,6 +449,136 @@ fn what_the_secondary_changed_alone_is_quarantined_then_overwritten() {
     assert!(!p.full, "{p:?}");
     primary.stop().expect("stop");
     sec.stop();
+}
+
+/// `levels` directories of 200-byte names made level by level below
+/// `top` (a directory opened on the primary's copy or its mount): the fds
+/// of the top and of every level.
+fn deep_dirs(top: &Path, levels: usize) -> Vec<OwnedFd> {
+    let name = "d".repeat(200);
+    let mut dirs = vec![
+        rustix::fs::open(top, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).expect("open"),
+    ];
+    for _ in 0..levels {
+        let here = dirs.last().expect("a level");
+        match rustix::fs::mkdirat(here, name.as_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("mkdirat: {e}"),
+        }
+        let next = open_sub(here, OsStr::new(&name)).expect("open the level");
+        dirs.push(next);
+    }
+    dirs
+}
+
+/// Writes `data` at `offset` of `dir/name` (created if missing).
+fn write_at(dir: &OwnedFd, name: &str, data: &[u8], offset: u64) {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .expect("open for writing");
+    fs::File::from(fd)
+        .write_all_at(data, offset)
+        .expect("write");
+}
+
+#[test]
+fn a_tree_deeper_than_path_max_is_resynchronised_and_verified() {
+    // 45 levels of 200-byte names (over twice PATH_MAX from the root), with
+    // files at several depths: a full resynchronisation copies it, verify
+    // finds both copies equal, and what changes down there while the
+    // secondary is away is sent again by the journal.
+    let d = Dirs::new("deep");
+    let levels = 45;
+    {
+        let dirs = deep_dirs(&d.p("a"), levels);
+        let bottom = dirs.last().expect("bottom");
+        write_at(bottom, "big", &fill(3 * MIB, 7), 0);
+        write_at(bottom, "sparse", b"end", (16 * MIB) as u64);
+        write_at(&dirs[20], "middle", b"in the middle", 0);
+        rustix::fs::symlinkat("big", bottom, "link").expect("symlink");
+        rustix::fs::setxattr(
+            format!("/proc/self/fd/{}/big", bottom.as_raw_fd_for_test()),
+            "user.deep",
+            b"value",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("setxattr");
+    }
+    let sec = Secondary::start(&d, None);
+    let mut params = PrimaryParams::new(d.name());
+    params.journal = Some(d.p("sa").join("journal"));
+    params.state = Some(DirState::new(d.p("sa")));
+    params.send_timeout = Duration::from_secs(5);
+    let (primary, mut events) =
+        Primary::start(&d.p("a"), Some(sec.addr), &KEY, params).expect("start");
+    wait_connected(&mut events);
+    wait_equal(&d);
+    let a = digest(&d.p("a"));
+    assert_eq!(a.len(), levels + 4, "{:?}", a.keys().collect::<Vec<_>>());
+    assert!(
+        a.keys().any(|p| p.as_os_str().len() > 2 * 4096),
+        "the tree is deeper than twice PATH_MAX"
+    );
+    let (entries, diffs) = primary.verifier().verify(sec.addr).expect("verify");
+    assert_eq!(entries, levels + 4);
+    assert!(diffs.is_empty(), "{diffs:?}");
+
+    // The secondary goes away; down there, through the mount, a write goes
+    // on alone, a file is created, one renamed, one removed.
+    let addr = sec.addr;
+    sec.stop();
+    {
+        let dirs = deep_dirs(&d.p("a"), levels);
+        let bottom = dirs.last().expect("bottom");
+        write_at(bottom, "big", &[1; 10], 5);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while primary.state() != LinkState::Alone {
+            assert!(Instant::now() < deadline, "still connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        write_at(bottom, "big", &fill(MIB, 9), (2 * MIB) as u64);
+        write_at(bottom, "new", b"created alone, deep", 0);
+        rustix::fs::renameat(&dirs[20], "middle", bottom, "moved").expect("rename");
+        rustix::fs::unlinkat(bottom, "sparse", AtFlags::empty()).expect("unlink");
+    }
+    let sec = Secondary::start(&d, Some(addr));
+    while events.try_recv().is_ok() {}
+    let before = primary.counters().resync_bytes.load(Ordering::Relaxed);
+    primary.resync(sec.addr, false);
+    wait_connected(&mut events);
+    wait_equal(&d);
+    let sent = primary.counters().resync_bytes.load(Ordering::Relaxed) - before;
+    // Two 1 MiB chunks of the big file and the two small files: not the
+    // whole tree again.
+    assert!(sent <= (2 * MIB + 4096) as u64, "resync sent {sent} bytes");
+    assert!(!primary.progress().full);
+    let (entries, diffs) = primary.verifier().verify(sec.addr).expect("verify");
+    assert_eq!(entries, levels + 4);
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // Live again, down there too.
+    {
+        let dirs = deep_dirs(&d.p("a"), levels);
+        write_at(dirs.last().expect("bottom"), "after", b"live", 0);
+    }
+    wait_equal(&d);
+    assert_eq!(primary.state(), LinkState::Connected);
+    primary.stop().expect("stop");
+    sec.stop();
+}
+
+/// `as_raw_fd` for an `OwnedFd`.
+trait RawForTest {
+    fn as_raw_fd_for_test(&self) -> i32;
+}
+
+impl RawForTest for OwnedFd {
+    fn as_raw_fd_for_test(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 /// A TCP relay between the primary and the secondary whose connections can

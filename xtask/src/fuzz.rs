@@ -56,9 +56,10 @@ fn max_len(target: &str) -> usize {
         "heartbeat" | "farm_view" => 1400,
         // The ARP responder's receive buffer.
         "arp" => 2048,
-        // Room for a few whole frames and messages past a frame.
-        "channel" => 1 << 18,
-        "rfs_message" | "journal" => 1 << 16,
+        // channel: room for a few whole frames and messages past a frame;
+        // rfs_message, journal: a rename's two paths at the wire limit
+        // (rfs::proto::MAX_PATH, 64 KiB each) with room past it.
+        "channel" | "rfs_message" | "journal" => 1 << 18,
         _ => 4096,
     }
 }

@@ -206,7 +206,7 @@ async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
 
 /// Appends `time | uid U pid P | command | result` to the commands log; a
 /// failure to write it is reported and never fails the command.
-fn record_command(path: &std::path::Path, caller: &str, command: &str, outcome: &str) {
+pub(super) fn record_command(path: &std::path::Path, caller: &str, command: &str, outcome: &str) {
     let line = format!(
         "{} | {caller} | {command} | {outcome}\n",
         humantime::format_rfc3339_millis(std::time::SystemTime::now())

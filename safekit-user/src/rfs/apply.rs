@@ -2,7 +2,9 @@
 //!
 //! Everything goes through a directory fd of the root and `*at` calls; paths
 //! are resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | ...)`,
-//! final components are never followed. [`RelPath`] already refused `..`,
+//! piece by piece when longer than `PATH_MAX` (`sys::open_beneath`: a path
+//! from the root may be up to [`super::proto::MAX_PATH`]), final components
+//! are never followed. [`RelPath`] already refused `..`,
 //! absolute paths and NUL bytes when the message was decoded; a symlink
 //! planted in the copy (say `d -> /etc`) makes the operation fail with
 //! `ELOOP` instead of escaping.
@@ -56,6 +58,9 @@ pub struct Applier {
     root: OwnedFd,
     /// Open files for writes, by path; dropped on any rename or removal.
     files: HashMap<RelPath, OwnedFd>,
+    /// Bytes written since the disk writeback of the open files was last
+    /// started.
+    unflushed: u64,
 }
 
 /// A parent directory and a final component.
@@ -71,6 +76,7 @@ impl Applier {
         Ok(Self {
             root,
             files: HashMap::new(),
+            unflushed: 0,
         })
     }
 
@@ -79,6 +85,7 @@ impl Applier {
         Ok(Self {
             root,
             files: HashMap::new(),
+            unflushed: 0,
         })
     }
 
@@ -149,7 +156,17 @@ impl Applier {
             } => {
                 let fd = self.file(path)?;
                 sys::write_all_at(fd, data, *offset)?;
-                sys::set_fd_mtime(fd, *mtime)
+                sys::set_fd_mtime(fd, *mtime)?;
+                self.unflushed += data.len() as u64;
+                if self.unflushed >= sys::WRITEBACK_AFTER {
+                    // Writes stream in: their pages go to disk meanwhile,
+                    // not all at the next barrier's sync.
+                    self.unflushed = 0;
+                    for fd in self.files.values() {
+                        sys::start_writeback(fd.as_fd());
+                    }
+                }
+                Ok(())
             }
             Op::Truncate { path, size, mtime } => {
                 let fd = self.file(path)?;
@@ -468,24 +485,43 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
 }
 
 /// Removes `name` in `dir`, recursively for a directory (never following
-/// symlinks).
+/// symlinks). Iterative, one directory open at a time, each reached from
+/// `dir` piece by piece ([`sys::open_dir`]): a tree of any depth is removed
+/// without deep recursion or one fd per level.
 pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let st = sys::stat_at(dir, name)?;
-    if sys::file_type(&st) == FileType::Directory {
-        let sub = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(sys::io)?;
-        for child in list_dir(sub.as_fd())? {
-            remove_tree(sub.as_fd(), OsStr::from_bytes(&child))?;
-        }
-        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(sys::io)
-    } else {
-        rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(sys::io)
+    if sys::file_type(&st) != FileType::Directory {
+        return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(sys::io);
     }
+    // Directories below `dir` (relative paths), each emptied, then removed
+    // once what was pushed after it is gone.
+    let mut stack: Vec<(Vec<u8>, bool)> = vec![(name.as_bytes().to_vec(), false)];
+    while let Some((rel, emptied)) = stack.pop() {
+        if emptied {
+            let (parent, last) = match rel.iter().rposition(|&b| b == b'/') {
+                Some(i) => (&rel[..i], &rel[i + 1..]),
+                None => (&[][..], &rel[..]),
+            };
+            let p = sys::open_dir(dir, parent)?;
+            rustix::fs::unlinkat(&p, OsStr::from_bytes(last), AtFlags::REMOVEDIR)
+                .map_err(sys::io)?;
+            continue;
+        }
+        let sub = sys::open_dir(dir, &rel)?;
+        stack.push((rel.clone(), true));
+        for child in list_dir(sub.as_fd())? {
+            let c = OsStr::from_bytes(&child);
+            if sys::file_type(&sys::stat_at(sub.as_fd(), c)?) == FileType::Directory {
+                let mut below = rel.clone();
+                below.push(b'/');
+                below.extend_from_slice(&child);
+                stack.push((below, false));
+            } else {
+                rustix::fs::unlinkat(&sub, c, AtFlags::empty()).map_err(sys::io)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes `[offset, offset + len)` of a file read as zeros (a hole where the
@@ -623,6 +659,98 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&d).expect("root").mtime(), 108);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_tree_deeper_than_path_max_is_applied_and_removed() {
+        let base = tmp("deep");
+        let mut applier = Applier::open(&base).expect("open");
+        let name = "n".repeat(200);
+        let mut dir = RelPath::root();
+        for i in 0..45 {
+            dir = dir.join(name.as_bytes()).expect("join");
+            applier
+                .apply(
+                    &Op::Mkdir {
+                        path: dir.clone(),
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: t(i),
+                        dir_mtime: t(i),
+                    },
+                    true,
+                )
+                .expect("mkdir");
+        }
+        assert!(dir.as_bytes().len() > 2 * 4096);
+        let file = dir.join(b"f").expect("join");
+        let renamed = dir.join(b"g").expect("join");
+        let ops = [
+            Op::Mknod {
+                path: file.clone(),
+                kind: NodeKind::File,
+                mode: 0o600,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+                mtime: t(50),
+                dir_mtime: t(50),
+            },
+            Op::Write {
+                path: file.clone(),
+                offset: 0,
+                data: b"deep".to_vec(),
+                mtime: t(51),
+            },
+            Op::Rename {
+                from: file.clone(),
+                to: renamed.clone(),
+                flags: 0,
+                from_dir_mtime: t(52),
+                to_dir_mtime: t(52),
+            },
+            Op::SetXattr {
+                path: renamed.clone(),
+                name: b"user.k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            Op::Symlink {
+                path: dir.join(b"l").expect("join"),
+                target: b"g".to_vec(),
+                uid: 0,
+                gid: 0,
+                mtime: t(53),
+                dir_mtime: t(53),
+            },
+            Op::Fsync {
+                path: renamed.clone(),
+                data_only: false,
+            },
+        ];
+        for op in &ops {
+            applier.apply(op, true).expect("apply");
+        }
+        // Read back level by level (the whole path is too long for a call).
+        let deep = sys::open_dir(applier.root(), dir.as_bytes()).expect("deep dir");
+        let copy = rustix::fs::openat(&deep, "g", OFlags::RDONLY, Mode::empty()).expect("open g");
+        let mut buf = [0u8; 16];
+        let len = rustix::io::read(&copy, &mut buf).expect("read");
+        assert_eq!(&buf[..len], b"deep");
+        let x = sys::get_xattr(
+            &sys::proc_entry(deep.as_fd(), OsStr::new("g")),
+            OsStr::new("user.k"),
+        )
+        .expect("xattr");
+        assert_eq!(x, b"v");
+        drop((copy, deep));
+        // Removed whole, iteratively.
+        let top = RelPath::new(name.clone()).expect("top");
+        applier
+            .apply(&Op::Remove { path: top }, true)
+            .expect("remove");
+        assert_eq!(std::fs::read_dir(&base).expect("readdir").count(), 0);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

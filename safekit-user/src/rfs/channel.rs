@@ -176,8 +176,9 @@ const MAX_FRAME: usize = 65535;
 const TAG: usize = 16;
 /// Largest plaintext in one frame.
 const MAX_PLAIN: usize = MAX_FRAME - TAG;
-/// Largest protocol message accepted.
-pub const MAX_MESSAGE: usize = proto::MAX_WRITE + 64 * 1024;
+/// Largest protocol message accepted: the largest write, two paths (a
+/// rename's) and room for the other fields.
+pub const MAX_MESSAGE: usize = proto::MAX_WRITE + 2 * proto::MAX_PATH + 64 * 1024;
 /// Shortest cluster key accepted.
 pub const MIN_KEY: usize = 32;
 

@@ -4,9 +4,11 @@
 //! request is then served with `*at` calls below that fd (the mount hides the
 //! path). Inode numbers are the real ones (the root's swapped with 1); a table
 //! maps each inode the kernel knows to its names (parent inode, name), which
-//! gives the relative path each replicated operation carries. An open file
-//! that was unlinked has no name: writes to it stay local (nothing on the
-//! secondary can reach it either).
+//! gives the relative path each replicated operation carries (built walking
+//! up, once per operation; it may exceed `PATH_MAX`, never
+//! [`MAX_PATH`]: past it the operation fails with `ENAMETOOLONG`). An open
+//! file that was unlinked has no name: writes to it stay local (nothing on
+//! the secondary can reach it either).
 //!
 //! Node identity: every inode the kernel knows (from a lookup or a
 //! creation until its last `forget`) is pinned by an `O_PATH` handle the
@@ -84,7 +86,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags as RxRename, Stat,
 use super::{
     Durability,
     journal::Change,
-    proto::{NodeKind, Op, RelPath, Timestamp, rename},
+    proto::{MAX_PATH, NodeKind, Op, PathError, RelPath, Timestamp, rename},
     replicator::{Completion, Replicator, Ticket},
     sys,
 };
@@ -189,24 +191,30 @@ struct Node {
 }
 
 impl Tree {
-    /// The relative path of `ino` (its first known name), `None` if it has
-    /// none (unlinked, or forgotten).
-    fn path(&self, ino: u64) -> Option<RelPath> {
-        let mut parts: Vec<&OsStr> = Vec::new();
+    /// The relative path of `ino` (its first known name), for the wire:
+    /// `Ok(None)` if it has none (unlinked, or forgotten), `Err` if it is
+    /// longer than [`MAX_PATH`] (an ancestor renamed deeper). Built once
+    /// from the names walking up, whatever the depth.
+    fn path(&self, ino: u64) -> Result<Option<RelPath>, PathError> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut len = 0usize;
         let mut cur = ino;
-        for _ in 0..4096 {
+        // Each level adds at least two bytes (a name and a `/`).
+        for _ in 0..=MAX_PATH / 2 + 1 {
             if cur == INodeNo::ROOT.0 {
-                let mut p = RelPath::root();
-                for part in parts.iter().rev() {
-                    p = p.join(part.as_bytes()).ok()?;
-                }
-                return Some(p);
+                return RelPath::from_names_upwards(&names).map(Some);
             }
-            let (parent, name) = self.nodes.get(&cur)?.names.first()?;
-            parts.push(name);
+            let Some((parent, name)) = self.nodes.get(&cur).and_then(|n| n.names.first()) else {
+                return Ok(None);
+            };
+            len += name.len() + 1;
+            if len > MAX_PATH + 1 {
+                return Err(PathError::TooLong);
+            }
+            names.push(name.as_bytes());
             cur = *parent;
         }
-        None
+        Err(PathError::TooLong)
     }
 
     /// The `O_PATH` handle pinning `ino`, if the kernel knows it.
@@ -297,6 +305,8 @@ struct OpenFile {
     io: Io,
     /// Kept alive while the kernel uses it for passthrough.
     backing_id: Option<BackingId>,
+    /// Bytes written since its disk writeback was last started.
+    unflushed: u64,
 }
 
 /// How the kernel does I/O on an open file.
@@ -412,6 +422,20 @@ struct AttrChange {
     size: Option<u64>,
     atime: Option<TimeOrNow>,
     mtime: Option<TimeOrNow>,
+    /// A truncate by an unprivileged caller: clear the set-id bits as the
+    /// VFS would ([`killed_mode`]).
+    kill_suid: bool,
+}
+
+/// `mode` once a write or truncate by a caller without `CAP_FSETID` has
+/// cleared its set-id bits (the VFS's rule: set-user-ID always, set-group-ID
+/// only with group execute); `None` if nothing changes.
+fn killed_mode(mode: u32) -> Option<u32> {
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    (mode & kill != 0).then_some(mode & !kill & 0o7777)
 }
 
 /// A directory handle: the root's fd, a directory node's `O_PATH` pin, or
@@ -544,8 +568,19 @@ impl ReplicatedFs {
         self.root.as_fd()
     }
 
+    /// The path of node `ino` for the wire: ENOENT if it has no name,
+    /// ENAMETOOLONG past [`MAX_PATH`].
     fn path(st: &State, ino: INodeNo) -> Result<RelPath, Errno> {
-        st.tree.path(ino.0).ok_or(Errno::ENOENT)
+        Self::maybe_path(st, ino)?.ok_or(Errno::ENOENT)
+    }
+
+    /// The path of node `ino` for the wire, `None` if it has no name (an
+    /// open file unlinked: its changes stay local); ENAMETOOLONG past
+    /// [`MAX_PATH`] (never a silent local-only change).
+    fn maybe_path(st: &State, ino: INodeNo) -> Result<Option<RelPath>, Errno> {
+        st.tree
+            .path(ino.0)
+            .map_err(|_| Errno::from_i32(libc::ENAMETOOLONG))
     }
 
     /// The handle of directory node `ino`, if the kernel knows it.
@@ -558,13 +593,11 @@ impl ReplicatedFs {
     }
 
     /// The path of directory node `ino` (for the wire) and its handle (for
-    /// the local calls: no path walk, whatever its depth).
+    /// the local calls: no path walk, whatever its depth). Every node the
+    /// kernel knows is pinned, so a node without a handle is gone.
     fn dir_of(&self, st: &State, ino: INodeNo) -> Result<(RelPath, Dir), Errno> {
         let p = Self::path(st, ino)?;
-        let fd = match self.dir_fd(st, ino.0) {
-            Some(fd) => fd,
-            None => Arc::new(sys::open_dir(self.root(), p.as_bytes()).map_err(|e| errno(&e))?),
-        };
+        let fd = self.dir_fd(st, ino.0).ok_or(Errno::ENOENT)?;
         Ok((p, fd))
     }
 
@@ -588,24 +621,11 @@ impl ReplicatedFs {
             .get(&ino.0)
             .and_then(|n| n.names.first())
             .ok_or(Errno::ENOENT)?;
-        match self.dir_fd(st, *parent) {
-            Some(dir) => Ok(Entry {
-                dir,
-                name: name.clone(),
-            }),
-            None => self.entry(&Self::path(st, ino)?),
-        }
-    }
-
-    /// The parent fd and name of `path` (the root: itself and `"."`).
-    fn entry(&self, path: &RelPath) -> Result<Entry, Errno> {
-        let (parent, name) = match path.split() {
-            Ok((parent, name)) => (parent, OsStr::from_bytes(name)),
-            Err(_) => (&[][..], OsStr::new(".")),
-        };
+        // The parent is pinned as long as the kernel knows the node.
+        let dir = self.dir_fd(st, *parent).ok_or(Errno::ENOENT)?;
         Ok(Entry {
-            dir: Arc::new(sys::open_dir(self.root(), parent).map_err(|e| errno(&e))?),
-            name: name.to_os_string(),
+            dir,
+            name: name.clone(),
         })
     }
 
@@ -703,16 +723,7 @@ impl ReplicatedFs {
                         |_| from_system_time(SystemTime::now()),
                         |st| sys::mtime(&st),
                     );
-                    let end = at + n as u64;
-                    ticket = self.submit(
-                        &Op::Write {
-                            path: path.clone(),
-                            offset: at,
-                            data: piece[..n].to_vec(),
-                            mtime,
-                        },
-                        &[(path.clone(), Change::Range { start: at, end })],
-                    );
+                    ticket = self.repl.submit_write(path, at, &piece[..n], mtime);
                 }
             }
             if let Some(e) = err {
@@ -785,32 +796,38 @@ impl ReplicatedFs {
         set: AttrChange,
     ) -> Result<(FileAttr, Ticket), Errno> {
         let AttrChange {
-            mode,
+            mut mode,
             uid,
             gid,
             size,
             atime: access,
             mtime: modify,
+            kill_suid,
         } = set;
         let st = self.lock();
-        let path = st.tree.path(ino.0);
+        let path = Self::maybe_path(&st, ino)?;
         let held = Self::open_fd(&st, ino, fh);
         let mut ticket = None;
         if let Some(size) = size {
-            let fd = match (&held, &path) {
-                (Some(fd), _) => Arc::clone(fd),
-                (None, Some(p)) => Arc::new(
-                    sys::open_beneath(self.root(), p.as_bytes(), OFlags::WRONLY)
-                        .map_err(|e| errno(&e))?,
-                ),
-                (None, None) => return Err(Errno::ENOENT),
+            // Through the node's own handle, never a path from the root.
+            let reopen = || {
+                let pin = st.tree.pin(ino.0).ok_or(Errno::ENOENT)?;
+                sys::reopen(pin.as_fd(), OFlags::WRONLY)
+                    .map(Arc::new)
+                    .map_err(|e| errno(&e))
             };
-            // A read-only handle cannot truncate; reopen by path then.
+            let fd = match &held {
+                Some(fd) => Arc::clone(fd),
+                None => reopen()?,
+            };
+            // A read-only handle cannot truncate; reopen writable then.
             if let Err(e) = rustix::fs::ftruncate(fd.as_fd(), size) {
-                let p = path.as_ref().ok_or(Errno::from_i32(e.raw_os_error()))?;
-                let fd = sys::open_beneath(self.root(), p.as_bytes(), OFlags::WRONLY)
-                    .map_err(|e| errno(&e))?;
-                rustix::fs::ftruncate(&fd, size).map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                if held.is_none() {
+                    return Err(Errno::from_i32(e.raw_os_error()));
+                }
+                let fd = reopen()?;
+                rustix::fs::ftruncate(fd.as_fd(), size)
+                    .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
             }
             if let Some(p) = &path {
                 let stat = self.stat_ino(&st, ino, fh)?;
@@ -834,6 +851,9 @@ impl ReplicatedFs {
                     ],
                 ));
             }
+        }
+        if kill_suid && size.is_some() && mode.is_none() {
+            mode = killed_mode(sys::perm(&self.stat_ino(&st, ino, fh)?));
         }
         let now = from_system_time(SystemTime::now());
         let resolve = |t: Option<TimeOrNow>| {
@@ -939,6 +959,17 @@ impl Filesystem for ReplicatedFs {
                 );
             }
         }
+        // This daemon clears the set-id bits where a write or truncate by
+        // an unprivileged caller must (FUSE_WRITE_KILL_SUIDGID, `kill_suid`
+        // below): the kernel then marks the superblock SB_NOSEC and stops
+        // asking for `security.capability` (a GETXATTR round trip) before
+        // every write(2) — 5x the cost of an 8 KiB cached write without it.
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_err()
+        {
+            tracing::debug!("FUSE_HANDLE_KILLPRIV_V2 unavailable");
+        }
         if self.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -988,7 +1019,7 @@ impl Filesystem for ReplicatedFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1011,6 +1042,9 @@ impl Filesystem for ReplicatedFs {
             size,
             atime,
             mtime,
+            // The kernel leaves this to the daemon (FUSE_HANDLE_KILLPRIV_V2);
+            // root stands for a caller with CAP_FSETID.
+            kill_suid: req.uid() != 0,
         };
         self.repl.admit();
         match self.do_setattr(ino, fh, set) {
@@ -1276,12 +1310,8 @@ impl Filesystem for ReplicatedFs {
         let r = (|| {
             // Through the node's own handle: the inode the kernel means,
             // an unlinked one included (as a local filesystem reopens it).
-            if let Some(pin) = st.tree.pin(ino.0) {
-                return sys::reopen(pin.as_fd(), real).map_err(|e| errno(&e));
-            }
-            let p = Self::path(&st, ino)?;
-            let fd = sys::open_beneath(self.root(), p.as_bytes(), real).map_err(|e| errno(&e))?;
-            Ok(fd)
+            let pin = self.dir_fd(&st, ino.0).ok_or(Errno::ENOENT)?;
+            sys::reopen(pin.as_fd(), real).map_err(|e| errno(&e))
         })();
         let fd = match r {
             Ok(fd) => fd,
@@ -1317,6 +1347,7 @@ impl Filesystem for ReplicatedFs {
             sync: is_sync(flags.0),
             io,
             backing_id: backing,
+            unflushed: 0,
         };
         match (&f.backing_id, io) {
             // The reply borrows the id; the handle keeps it alive until
@@ -1369,13 +1400,13 @@ impl Filesystem for ReplicatedFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.repl.admit();
-        let st = self.lock();
+        let mut st = self.lock();
         let r = (|| {
             let f = st.files.get(&fh.0).ok_or(Errno::from_i32(libc::EBADF))?;
             let fd = Arc::clone(&f.fd);
@@ -1384,19 +1415,60 @@ impl Filesystem for ReplicatedFs {
             // fsync request (generic_write_sync), the barrier then.
             let sync = self.strict() && (f.sync || is_sync(flags.0));
             let data_only = flags.0 & libc::O_SYNC != libc::O_SYNC;
-            let path = st.tree.path(ino.0);
+            let path = Self::maybe_path(&st, ino)?;
             let (written, mut ticket) =
                 self.write_pieces(fd.as_fd(), path.as_ref(), offset, data)?;
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                // An unprivileged writer (FUSE_HANDLE_KILLPRIV_V2): the
+                // set-id bits go, here and on the secondary.
+                let stat = sys::fstat(fd.as_fd()).map_err(|e| errno(&e))?;
+                if let Some(m) = killed_mode(sys::perm(&stat)) {
+                    rustix::fs::fchmod(fd.as_fd(), Mode::from_raw_mode(m))
+                        .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+                    if let Some(p) = &path {
+                        ticket = self.submit(
+                            &Op::SetAttr {
+                                path: p.clone(),
+                                mode: Some(m),
+                                uid: None,
+                                gid: None,
+                                atime: None,
+                                mtime: None,
+                            },
+                            &[(p.clone(), Change::Meta)],
+                        );
+                    }
+                }
+            }
             if sync && let Some(path) = path {
                 // Sequenced after the pieces; the local sync follows below,
                 // outside the lock (see `fsync`).
                 ticket = self.submit(&Op::Fsync { path, data_only }, &[]);
             }
-            Ok((written, ticket, sync.then_some((fd, data_only))))
+            let writeback = st.files.get_mut(&fh.0).is_some_and(|f| {
+                f.unflushed += written as u64;
+                let due = f.unflushed >= sys::WRITEBACK_AFTER;
+                if due {
+                    f.unflushed = 0;
+                }
+                due
+            });
+            Ok((
+                written,
+                ticket,
+                sync.then_some((Arc::clone(&fd), data_only)),
+                writeback.then_some(fd),
+            ))
         })();
         drop(st);
         match r {
-            Ok((written, t, sync)) => {
+            Ok((written, t, sync, writeback)) => {
+                // A long write's pages go to disk while it goes on, not all
+                // at its fsync (outside the lock: this may wait for the
+                // device's queue).
+                if let Some(fd) = writeback {
+                    sys::start_writeback(fd.as_fd());
+                }
                 let len = u32::try_from(written).unwrap_or(u32::MAX);
                 let done = move |r| match r {
                     Ok(()) => reply.written(len),
@@ -1461,8 +1533,8 @@ impl Filesystem for ReplicatedFs {
         let st = self.lock();
         let r = Self::open_fd(&st, ino, Some(fh))
             .ok_or(Errno::from_i32(libc::EBADF))
-            .map(|fd| {
-                let t = match st.tree.path(ino.0) {
+            .and_then(|fd| {
+                let t = match Self::maybe_path(&st, ino)? {
                     Some(path) => self.submit(
                         &Op::Fsync {
                             path,
@@ -1472,7 +1544,7 @@ impl Filesystem for ReplicatedFs {
                     ),
                     None => Ticket::DONE,
                 };
-                (fd, t)
+                Ok((fd, t))
             });
         drop(st);
         match r {
@@ -1714,6 +1786,7 @@ impl Filesystem for ReplicatedFs {
                     sync: is_sync(flags),
                     io: Io::Cached,
                     backing_id: None,
+                    unflushed: 0,
                 },
             );
             Ok((attr, fh, self.submit(&op, &[(path, Change::Tree)])))
@@ -1836,6 +1909,11 @@ fn reply_xattr(r: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
 mod tests {
     use super::*;
 
+    /// The path of `ino` in `t`, as a string.
+    fn at(t: &Tree, ino: u64) -> Option<String> {
+        t.path(ino).expect("not too long").map(|p| p.to_string())
+    }
+
     #[test]
     fn tree_tracks_names_through_renames_and_unlinks() {
         // Any O_PATH handle stands for the node's pin here.
@@ -1845,32 +1923,58 @@ mod tests {
         let mut t = Tree::default();
         t.learn(10, 1, OsStr::new("d"), pin());
         t.learn(11, 10, OsStr::new("f"), pin());
-        assert_eq!(t.path(11).map(|p| p.to_string()), Some("d/f".into()));
+        assert_eq!(at(&t, 11), Some("d/f".into()));
         t.rename((1, OsStr::new("d")), (1, OsStr::new("e")), false);
-        assert_eq!(t.path(11).map(|p| p.to_string()), Some("e/f".into()));
+        assert_eq!(at(&t, 11), Some("e/f".into()));
         // Hard link, then the first name goes: the other one remains.
         t.learn(11, 1, OsStr::new("h"), pin());
         t.unlearn(10, OsStr::new("f"));
-        assert_eq!(t.path(11).map(|p| p.to_string()), Some("h".into()));
+        assert_eq!(at(&t, 11), Some("h".into()));
         t.unlearn(1, OsStr::new("h"));
-        assert_eq!(t.path(11), None);
+        assert_eq!(at(&t, 11), None);
         // Rename over an existing entry: the target loses its name.
         t.learn(12, 1, OsStr::new("a"), pin());
         t.learn(13, 1, OsStr::new("b"), pin());
         t.rename((1, OsStr::new("a")), (1, OsStr::new("b")), false);
-        assert_eq!(t.path(12).map(|p| p.to_string()), Some("b".into()));
-        assert_eq!(t.path(13), None);
+        assert_eq!(at(&t, 12), Some("b".into()));
+        assert_eq!(at(&t, 13), None);
         // Exchange swaps.
         t.learn(14, 1, OsStr::new("c"), pin());
         t.rename((1, OsStr::new("b")), (1, OsStr::new("c")), true);
-        assert_eq!(t.path(12).map(|p| p.to_string()), Some("c".into()));
-        assert_eq!(t.path(14).map(|p| p.to_string()), Some("b".into()));
+        assert_eq!(at(&t, 12), Some("c".into()));
+        assert_eq!(at(&t, 14), Some("b".into()));
         assert!(t.pin(14).is_some());
         t.forget(14, 1);
-        assert!(t.path(14).is_none() && !t.by_name.values().any(|&i| i == 14));
+        assert!(at(&t, 14).is_none() && !t.by_name.values().any(|&i| i == 14));
         // Forgotten: the handle that pinned the inode is released.
         assert!(t.pin(14).is_none());
-        assert_eq!(t.path(1).map(|p| p.to_string()), Some(".".into()));
+        assert_eq!(at(&t, 1), Some(".".into()));
+    }
+
+    #[test]
+    fn deep_paths_are_built_past_path_max_and_refused_past_the_wire_limit() {
+        let pin = || {
+            rustix::fs::open(".", OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).expect("O_PATH")
+        };
+        let name = "n".repeat(200);
+        let mut t = Tree::default();
+        // 45 levels of 200-byte names below the root (inodes 100..145).
+        let mut parent = INodeNo::ROOT.0;
+        for ino in 100..145 {
+            t.learn(ino, parent, OsStr::new(&name), pin());
+            parent = ino;
+        }
+        let want = vec![name.as_str(); 45].join("/");
+        assert!(want.len() > 2 * 4096);
+        assert_eq!(at(&t, 144), Some(want));
+        // Deeper than the wire allows (MAX_PATH / 201 levels fit): an
+        // error, never "no name" (which would keep changes local).
+        for ino in 145..=(100 + MAX_PATH as u64 / 201) {
+            t.learn(ino, parent, OsStr::new(&name), pin());
+            parent = ino;
+        }
+        assert!(t.path(parent - 1).expect("fits").is_some());
+        assert_eq!(t.path(parent), Err(PathError::TooLong));
     }
 
     #[test]

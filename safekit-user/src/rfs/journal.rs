@@ -225,24 +225,27 @@ impl DirtySet {
     /// ancestor marked `Tree`, or the path or an ancestor sorting after its
     /// parent's `After` cursor.
     fn implied(&self, path: &RelPath) -> bool {
+        // One copy, shortened in place: linear in the path's length,
+        // whatever its depth.
         let mut anc = path.clone();
         loop {
             if self.paths.get(&anc).is_some_and(|c| c.tree) {
                 return true;
             }
-            let Ok((parent, name)) = anc.split() else {
+            let Some(name) = anc.split().ok().map(|(_, n)| n.to_vec()) else {
                 return false;
             };
-            let parent = RelPath::new(parent.to_vec()).unwrap_or_default();
+            if !anc.pop() {
+                return false;
+            }
             if self
                 .paths
-                .get(&parent)
+                .get(&anc)
                 .and_then(|c| c.after.as_deref())
-                .is_some_and(|a| name > a)
+                .is_some_and(|a| name.as_slice() > a)
             {
                 return true;
             }
-            anc = parent;
         }
     }
 
@@ -455,7 +458,7 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
             proto::put_bytes(&mut payload, path.as_bytes());
         }
     }
-    // Records are a few bytes plus a path of at most 4 KiB.
+    // Records are a few bytes plus a path of at most `proto::MAX_PATH`.
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&blake3::hash(&payload).as_bytes()[..4]);
@@ -903,6 +906,31 @@ mod tests {
         let mut r = DirtySet::default();
         r.record(&RelPath::root(), Change::After);
         assert!(r.covers(&p("any/thing"), Change::Meta));
+    }
+
+    #[test]
+    fn paths_deeper_than_path_max_are_recorded_and_read_back() {
+        let name = vec![b'n'; 200];
+        let names: Vec<&[u8]> = (0..45).map(|_| name.as_slice()).collect();
+        let deep = RelPath::from_names_upwards(&names).expect("deep");
+        let file = deep.join(b"f").expect("join");
+        let mid = RelPath::from_names_upwards(&names[..20]).expect("mid");
+        let mut d = DirtySet::default();
+        assert!(d.record(
+            &file,
+            Change::Range {
+                start: 0,
+                end: 4096
+            }
+        ));
+        assert!(d.record(&mid, Change::Tree));
+        assert!(d.covers(&file, Change::Meta), "below a recorded subtree");
+        assert_eq!(d.len(), 1);
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &file, Change::Meta);
+        let (recs, valid) = decode_records(&buf);
+        assert_eq!(valid, buf.len());
+        assert_eq!(recs, vec![(file, Change::Meta)]);
     }
 
     #[test]

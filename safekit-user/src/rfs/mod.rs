@@ -330,6 +330,9 @@ impl Primary {
             path: dir.to_path_buf(),
             source,
         })?;
+        if let Err(e) = mounts::relax_dirty_limit(dir) {
+            tracing::info!(dir = %dir.display(), "FUSE mount keeps the kernel's strict dirty-page limit: {e}");
+        }
         let primary = Self {
             dir: dir.to_path_buf(),
             session: Some(session),

@@ -44,6 +44,8 @@ pub(crate) fn unescape(field: &str) -> PathBuf {
 struct MountEntry {
     id: u64,
     parent: u64,
+    /// The device, `major:minor`.
+    dev: String,
     point: PathBuf,
     fstype: String,
     source: String,
@@ -56,13 +58,15 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let mut l = left.split(' ');
     let id = l.next()?.parse().ok()?;
     let parent = l.next()?.parse().ok()?;
-    let point = unescape(l.nth(2)?);
+    let dev = l.next()?.to_owned();
+    let point = unescape(l.nth(1)?);
     let mut r = right.split(' ');
     let fstype = r.next()?.to_owned();
     let source = unescape(r.next()?).to_string_lossy().into_owned();
     Some(MountEntry {
         id,
         parent,
+        dev,
         point,
         fstype,
         source,
@@ -107,6 +111,24 @@ pub const FUSE_SUBTYPE: &str = "safekit";
 fn is_our_fuse(m: &MountEntry) -> bool {
     let fuse = m.fstype == "fuse" || m.fstype.strip_prefix("fuse.") == Some(FUSE_SUBTYPE);
     fuse && m.source == FUSE_SOURCE
+}
+
+/// Lifts the kernel's strict per-device dirty-page limit off this daemon's
+/// FUSE mount on `dir` (`/sys/class/bdi/<dev>/strict_limit` = 0). The
+/// kernel sets it on every FUSE mount against untrusted daemons: the
+/// mount's dirty pages are then held to about 1 % of the dirty limit, and
+/// every writer beyond it sleeps in the page-cache throttle (PostgreSQL's
+/// backends, say, at every dirty buffer they evict). safekitd is trusted
+/// (root, its own mount): the mount is then throttled like a local
+/// filesystem, by the global limits. Best effort: `Err` says why it could
+/// not, the mount works all the same.
+pub fn relax_dirty_limit(dir: &Path) -> io::Result<()> {
+    let ours = stack_on(dir)
+        .into_iter()
+        .rev()
+        .find(is_our_fuse)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no safekit FUSE mount"))?;
+    std::fs::write(format!("/sys/class/bdi/{}/strict_limit", ours.dev), "0")
 }
 
 /// Where a daemon records the read-only bind mount it made over a

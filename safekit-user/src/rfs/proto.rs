@@ -7,6 +7,16 @@
 //! the replicated directory's root, validated on decode, so a message can never
 //! name anything outside the root.
 //!
+//! A path counted from the replicated root may be longer than `PATH_MAX`
+//! (4096): a local filesystem limits the path of one system call, not the
+//! depth of a tree, and an application reaches deep entries through
+//! directory fds (`chdir`, `openat`). So a [`RelPath`] is bounded by
+//! [`MAX_PATH`] (64 KiB, every decoder stays bounded), each component by
+//! [`MAX_NAME`] (`NAME_MAX`), and no side ever hands a whole [`RelPath`] to a
+//! system call: the primary works from the parent inode's handle, the
+//! secondary resolves a path piece by piece, each piece shorter than
+//! `PATH_MAX` (see `sys::open_beneath`).
+//!
 //! Each operation travels with its sequence number ([`Message::Op`]); the
 //! secondary applies them in that order and acknowledges cumulatively
 //! ([`Message::Ack`]: every operation up to that number).
@@ -26,8 +36,15 @@ pub type Seq = u64;
 /// Protocol version, checked in [`Message::Hello`].
 pub const VERSION: u32 = 4;
 
-/// Longest relative path accepted (bytes), as Linux's `PATH_MAX`.
-pub const MAX_PATH: usize = 4096;
+/// Longest relative path on the wire (bytes): 64 KiB, sixteen times Linux's
+/// `PATH_MAX` (a deep tree's path from the replicated root may exceed
+/// `PATH_MAX`; see the module docs). On the primary, an operation whose path
+/// from the root would be longer fails with `ENAMETOOLONG`.
+pub const MAX_PATH: usize = 64 << 10;
+/// Linux's `PATH_MAX` (the terminating NUL included): the longest path one
+/// system call takes. Bounds symlink targets and the directory names of the
+/// hellos.
+pub const PATH_MAX: usize = 4096;
 /// Longest path component accepted (bytes), as Linux's `NAME_MAX`.
 pub const MAX_NAME: usize = 255;
 /// Largest data of one [`Op::Write`] (the FUSE side writes at most 1 MiB).
@@ -153,6 +170,38 @@ impl RelPath {
             Some(i) => (&self.0[..i], &self.0[i + 1..]),
             None => (&[][..], &self.0[..]),
         })
+    }
+
+    /// `name_n/.../name_1` from the names of an entry and its ancestors,
+    /// nearest first (as found walking up from the entry): one allocation,
+    /// each name checked, the whole bounded by [`MAX_PATH`].
+    pub fn from_names_upwards(names: &[&[u8]]) -> Result<Self, PathError> {
+        let mut len = 0usize;
+        for n in names {
+            validate_name(n)?;
+            len = len.saturating_add(n.len() + 1);
+            if len > MAX_PATH + 1 {
+                return Err(PathError::TooLong);
+            }
+        }
+        let mut v = Vec::with_capacity(len);
+        for n in names.iter().rev() {
+            if !v.is_empty() {
+                v.push(b'/');
+            }
+            v.extend_from_slice(n);
+        }
+        Ok(Self(v))
+    }
+
+    /// Becomes its parent; false (unchanged) for the root.
+    pub fn pop(&mut self) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let keep = self.0.iter().rposition(|&b| b == b'/').unwrap_or(0);
+        self.0.truncate(keep);
+        true
     }
 
     /// Whether `self` is `other` or lies below it.
@@ -726,6 +775,16 @@ fn kind_tag(k: NodeKind) -> u8 {
     }
 }
 
+/// Appends the encoding of an [`Op::Write`] from its borrowed parts (the
+/// FUSE write path encodes the kernel's buffer without an owned copy).
+pub fn encode_write(out: &mut Vec<u8>, path: &RelPath, offset: u64, data: &[u8], mtime: Timestamp) {
+    out.push(OP_WRITE);
+    put_bytes(out, path.as_bytes());
+    put_u64(out, offset);
+    put_time(out, mtime);
+    put_bytes(out, data);
+}
+
 /// Appends the encoding of `op`.
 #[expect(clippy::too_many_lines, reason = "one arm per operation")]
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -735,13 +794,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             offset,
             data,
             mtime,
-        } => {
-            out.push(OP_WRITE);
-            put_bytes(out, path.as_bytes());
-            put_u64(out, *offset);
-            put_time(out, *mtime);
-            put_bytes(out, data);
-        }
+        } => encode_write(out, path, *offset, data, *mtime),
         Op::Truncate { path, size, mtime } => {
             out.push(OP_TRUNCATE);
             put_bytes(out, path.as_bytes());
@@ -942,9 +995,15 @@ pub(crate) fn put_change(out: &mut Vec<u8>, path: &RelPath, change: Change) {
 /// Appends the encoding of `Message::Op { seq, op }` from a borrowed
 /// operation (no copy of a write's data).
 pub fn encode_op_message(out: &mut Vec<u8>, seq: Seq, op: &Op) {
+    encode_op_header(out, seq);
+    encode_op(out, op);
+}
+
+/// Appends the header of a [`Message::Op`]: what precedes the operation's
+/// own encoding.
+pub fn encode_op_header(out: &mut Vec<u8>, seq: Seq) {
     out.push(MSG_OP);
     put_u64(out, seq);
-    encode_op(out, op);
 }
 
 /// Appends the encoding of `msg`.
@@ -1272,7 +1331,7 @@ fn decode_op_from(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
         }
         OP_SYMLINK => {
             let path = r.entry("symlink.path")?;
-            let target = r.bytes("symlink.target", MAX_PATH)?;
+            let target = r.bytes("symlink.target", PATH_MAX)?;
             if target.is_empty() || target.contains(&0) {
                 return Err(DecodeError::Invalid {
                     field: "symlink.target",
@@ -1354,7 +1413,7 @@ fn decode_op_from(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             let gid = r.u32("put.gid")?;
             let size = r.u64("put.size")?;
             let rdev = r.u64("put.rdev")?;
-            let target = r.bytes("put.target", MAX_PATH)?.to_vec();
+            let target = r.bytes("put.target", PATH_MAX)?.to_vec();
             if kind == EntryKind::Symlink && (target.is_empty() || target.contains(&0)) {
                 return Err(DecodeError::Invalid {
                     field: "put.target",
@@ -1436,7 +1495,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     let msg = match r.u8("message")? {
         MSG_HELLO => Message::Hello {
             version: r.u32("hello.version")?,
-            dir: r.string("hello.dir", MAX_PATH)?,
+            dir: r.string("hello.dir", PATH_MAX)?,
         },
         MSG_WELCOME => {
             let sync_id = r.u64("welcome.sync_id")?;
@@ -1479,7 +1538,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         },
         MSG_VERIFY => Message::Verify {
             version: r.u32("verify.version")?,
-            dir: r.string("verify.dir", MAX_PATH)?,
+            dir: r.string("verify.dir", PATH_MAX)?,
         },
         MSG_MANIFEST => {
             let n = r.count("manifest.entries", MANIFEST_CHUNK)?;
@@ -1493,7 +1552,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                     gid: r.u32("manifest.gid")?,
                     size: r.u64("manifest.size")?,
                     mtime: r.time("manifest.mtime")?,
-                    digest: r.bytes("manifest.digest", MAX_PATH)?.to_vec(),
+                    digest: r.bytes("manifest.digest", PATH_MAX)?.to_vec(),
                     xattrs: r.bytes("manifest.xattrs", 64)?.to_vec(),
                     rdev: r.u64("manifest.rdev")?,
                     link: r.bytes("manifest.link", MAX_PATH)?.to_vec(),
@@ -1787,6 +1846,68 @@ mod tests {
         assert!(a.starts_with(&p("a/b")));
         assert!(a.starts_with(&RelPath::root()));
         assert!(!p("a/bc").starts_with(&p("a/b")));
+    }
+
+    #[test]
+    fn paths_longer_than_path_max_travel_up_to_the_wire_limit() {
+        // 45 levels of 200-byte names: over twice PATH_MAX, legal on any local
+        // filesystem when reached level by level.
+        let name = vec![b'n'; 200];
+        let names: Vec<&[u8]> = (0..45).map(|_| name.as_slice()).collect();
+        let deep = RelPath::from_names_upwards(&names).expect("deep path");
+        assert_eq!(deep.as_bytes().len(), 45 * 201 - 1);
+        assert!(deep.as_bytes().len() > 2 * PATH_MAX);
+        assert_eq!(RelPath::new(deep.as_bytes().to_vec()), Ok(deep.clone()));
+        let op = Op::Rename {
+            from: deep.join(b"f").expect("join"),
+            to: deep.join(b"g").expect("join"),
+            flags: 0,
+            from_dir_mtime: t(1, 2),
+            to_dir_mtime: t(3, 4),
+        };
+        let msg = Message::Op { seq: 7, op };
+        assert_eq!(decode(&to_bytes(&msg)), Ok(msg));
+        // Exactly the limit passes; one byte more fails, by every route.
+        let mut full = RelPath::root();
+        while full.as_bytes().len() + 201 <= MAX_PATH {
+            full = full.join(&[b'x'; 200]).expect("below the limit");
+        }
+        let room = MAX_PATH - full.as_bytes().len() - 1;
+        let full = full.join(&vec![b'z'; room]).expect("exactly MAX_PATH");
+        assert_eq!(full.as_bytes().len(), MAX_PATH);
+        assert_eq!(full.join(b"a"), Err(PathError::TooLong));
+        let mut too_long = full.as_bytes().to_vec();
+        too_long.push(b'a');
+        assert_eq!(RelPath::new(too_long.clone()), Err(PathError::TooLong));
+        let mut b = vec![MSG_OP, 1, OP_UNLINK];
+        put_bytes(&mut b, &too_long);
+        put_time(&mut b, t(0, 0));
+        assert!(matches!(decode(&b), Err(DecodeError::Invalid { .. })));
+        let many: Vec<&[u8]> = (0..=MAX_PATH / 2).map(|_| &b"q"[..]).collect();
+        assert_eq!(RelPath::from_names_upwards(&many), Err(PathError::TooLong));
+        // A name is still limited to NAME_MAX.
+        let long_name = vec![b'n'; MAX_NAME + 1];
+        assert_eq!(
+            RelPath::from_names_upwards(&[&long_name]),
+            Err(PathError::TooLong)
+        );
+        assert_eq!(
+            RelPath::from_names_upwards(&[b"..".as_slice()]),
+            Err(PathError::DotDot)
+        );
+    }
+
+    #[test]
+    fn relpath_built_upwards_and_popped() {
+        let names: [&[u8]; 3] = [b"c", b"b", b"a"];
+        let mut p3 = RelPath::from_names_upwards(&names).expect("path");
+        assert_eq!(p3, p("a/b/c"));
+        assert_eq!(RelPath::from_names_upwards(&[]), Ok(RelPath::root()));
+        assert!(p3.pop());
+        assert_eq!(p3, p("a/b"));
+        assert!(p3.pop() && p3.pop());
+        assert!(p3.is_root());
+        assert!(!p3.pop());
     }
 
     #[test]

@@ -739,13 +739,26 @@ impl Replicator {
     /// Numbers, encodes and queues `op` for the sender (under the lock), with
     /// what to journal should it never be acknowledged.
     fn enqueue(s: &mut Shared, op: &Op, changes: Vec<(RelPath, Change)>) -> Seq {
-        let seq = s.next_seq;
-        s.next_seq += 1;
-        let mut buf = Vec::with_capacity(match op {
+        let capacity = match op {
             Op::Write { data, .. } => data.len() + 64,
             _ => 64,
-        });
-        proto::encode_op_message(&mut buf, seq, op);
+        };
+        Self::enqueue_with(s, capacity, changes, |buf| proto::encode_op(buf, op))
+    }
+
+    /// [`enqueue`](Self::enqueue) with the operation's encoding appended by
+    /// `encode` (after the message header), into a buffer of `capacity`.
+    fn enqueue_with(
+        s: &mut Shared,
+        capacity: usize,
+        changes: Vec<(RelPath, Change)>,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Seq {
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let mut buf = Vec::with_capacity(capacity);
+        proto::encode_op_header(&mut buf, seq);
+        encode(&mut buf);
         let size = buf.len() as u64;
         s.outbox.push(buf);
         s.inflight.push_back((seq, Instant::now(), changes, size));
@@ -755,12 +768,18 @@ impl Replicator {
 
     /// After queueing (lock released): wake the sender, count.
     fn sent(&self, op: &Op) {
+        self.sent_bytes(match op {
+            Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        });
+    }
+
+    /// [`sent`](Self::sent) for an operation carrying `data` written bytes.
+    fn sent_bytes(&self, data: u64) {
         self.wake.notify_all();
         self.counters.ops_sent.fetch_add(1, Ordering::Relaxed);
-        if let Op::Write { data, .. } = op {
-            self.counters
-                .bytes_sent
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if data > 0 {
+            self.counters.bytes_sent.fetch_add(data, Ordering::Relaxed);
         }
     }
 
@@ -770,6 +789,40 @@ impl Replicator {
     /// `changes` is what to journal should the secondary be (or become)
     /// absent; empty for barriers.
     pub(crate) fn submit(&self, op: &Op, changes: Vec<(RelPath, Change)>) -> Ticket {
+        let (capacity, data) = match op {
+            Op::Write { data, .. } => (data.len() + 64, data.len() as u64),
+            _ => (64, 0),
+        };
+        self.submit_with(changes, capacity, data, |buf| proto::encode_op(buf, op))
+    }
+
+    /// [`submit`](Self::submit) of an [`Op::Write`] from its borrowed parts:
+    /// the data is copied once, into the message.
+    pub(crate) fn submit_write(
+        &self,
+        path: &RelPath,
+        offset: u64,
+        data: &[u8],
+        mtime: proto::Timestamp,
+    ) -> Ticket {
+        let end = offset + data.len() as u64;
+        self.submit_with(
+            vec![(path.clone(), Change::Range { start: offset, end })],
+            data.len() + 64 + path.as_bytes().len(),
+            data.len() as u64,
+            |buf| proto::encode_write(buf, path, offset, data, mtime),
+        )
+    }
+
+    /// What [`submit`](Self::submit) does, the operation given by its
+    /// encoder (`capacity`: its encoded size, about; `data`: bytes written).
+    fn submit_with(
+        &self,
+        changes: Vec<(RelPath, Change)>,
+        capacity: usize,
+        data: u64,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Ticket {
         let mut s = self.lock();
         match s.state {
             LinkState::Connected => {
@@ -779,9 +832,9 @@ impl Replicator {
                     }
                 }
                 let epoch = s.epoch;
-                let seq = Self::enqueue(&mut s, op, changes);
+                let seq = Self::enqueue_with(&mut s, capacity, changes, encode);
                 drop(s);
-                self.sent(op);
+                self.sent_bytes(data);
                 Ticket(Some((epoch, seq)))
             }
             LinkState::Resyncing => {

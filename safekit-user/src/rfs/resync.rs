@@ -89,9 +89,14 @@ struct Level {
     /// What this path had to send.
     changes: PathChanges,
     stage: Stage,
+    /// A directory being walked: the children left to send, in name order.
+    children: Option<std::vec::IntoIter<Vec<u8>>>,
+    /// Its times, sent last.
+    times: (proto::Timestamp, proto::Timestamp),
 }
 
-/// A path being resynchronised, with the paths of its subtree being walked.
+/// A path being resynchronised, with the paths of its subtree being walked
+/// (a stack: no recursion, whatever the depth).
 struct Walk<'a> {
     root: &'a OwnedFd,
     sink: &'a mut dyn Sink,
@@ -168,32 +173,99 @@ impl Walk<'_> {
 /// Emits the operations that bring `path` on the secondary to its state
 /// here, for the recorded `changes`, telling `sink` after each what
 /// remains.
+///
+/// A subtree is walked without recursion (a stack of directories, each
+/// with the names of its children left), and each entry is reached through
+/// its parent directory, opened from the root piece by piece
+/// (`sys::open_dir`): a tree of any depth is sent with one or two
+/// directories open at a time.
 pub fn item_ops(
     root: &OwnedFd,
     path: &RelPath,
     changes: &PathChanges,
     sink: &mut dyn Sink,
 ) -> Result<(), ItemError> {
-    let mut walk = Walk {
+    let mut w = Walk {
         root,
         sink,
         levels: Vec::new(),
     };
-    walk_path(&mut walk, path, changes.clone())
+    let whole = PathChanges {
+        tree: true,
+        ..PathChanges::default()
+    };
+    let mut next = Some((path.clone(), changes.clone()));
+    loop {
+        if let Some((path, changes)) = next.take() {
+            w.levels.push(Level {
+                path,
+                changes,
+                stage: Stage::Start,
+                children: None,
+                times: Default::default(),
+            });
+            match visit(&mut w)? {
+                Visited::Removed => {}
+                Visited::Sent { children: None } => times_last(&mut w)?,
+                Visited::Sent {
+                    children: Some(names),
+                } => w.top().children = Some(names.into_iter()),
+            }
+        }
+        let Some(top) = w.levels.last_mut() else {
+            return Ok(());
+        };
+        match top.children.as_mut().and_then(Iterator::next) {
+            Some(name) => {
+                let child = top
+                    .path
+                    .join(&name)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+                top.stage = Stage::Child(name);
+                next = Some((child, whole.clone()));
+            }
+            None => times_last(&mut w)?,
+        }
+    }
 }
 
-/// One path of the walk (pushes its level, pops it when done).
+/// What [`visit`] found at a path.
+enum Visited {
+    /// Gone here: removed there (already emitted, the path popped).
+    Removed,
+    /// The entry (and a file's content) is sent; its times go last, after
+    /// the children of a directory being walked (their names, in order).
+    Sent { children: Option<Vec<Vec<u8>>> },
+}
+
+/// The times of the path at the top of the walk, sent after its content
+/// and children; the path is done.
+fn times_last(w: &mut Walk<'_>) -> Result<(), ItemError> {
+    let top = w.top();
+    let (path, (atime, mtime)) = (top.path.clone(), top.times);
+    w.emit(Op::SetAttr {
+        path,
+        mode: None,
+        uid: None,
+        gid: None,
+        atime: Some(atime),
+        mtime: Some(mtime),
+    })?;
+    w.pop_done();
+    Ok(())
+}
+
+/// The entry at the top of the walk: [`Op::Put`], a file's ranges, a
+/// directory's [`Op::Prune`] when walked (its children are the caller's to
+/// send).
 #[expect(
     clippy::too_many_lines,
-    reason = "one path in order: entry, content, children, times"
+    reason = "one entry in order: kind, entry, content"
 )]
-fn walk_path(w: &mut Walk<'_>, path: &RelPath, changes: PathChanges) -> Result<(), ItemError> {
-    w.levels.push(Level {
-        path: path.clone(),
-        changes,
-        stage: Stage::Start,
-    });
+fn visit(w: &mut Walk<'_>) -> Result<Visited, ItemError> {
     let root = w.root;
+    let path = w.top().path.clone();
+    let path = &path;
     // The entry and its parent directory (the root: itself).
     let (dir, name): (OwnedFd, &OsStr) = if path.is_root() {
         (sys::open_dir(root.as_fd(), b"")?, OsStr::new("."))
@@ -265,30 +337,25 @@ fn walk_path(w: &mut Walk<'_>, path: &RelPath, changes: PathChanges) -> Result<(
         target,
         xattrs: xattrs(dir.as_fd(), name, kind)?,
     };
+    w.top().times = (sys::atime(&st), sys::mtime(&st));
     let walks_children = kind == EntryKind::Dir && (tree || after.is_some());
     if !walks_children {
         // Once the entry is there: its times and data remain.
         w.top().stage = Stage::Data(ranges.clone());
     }
     w.emit(put)?;
+    // The entry itself, beneath its parent (one short piece).
+    let open = |flags| sys::open_beneath(dir.as_fd(), name.as_bytes(), flags);
     match kind {
         EntryKind::Node(NodeKind::File) if !ranges.is_empty() => {
-            let fd = sys::open_beneath(
-                root.as_fd(),
-                path.as_bytes(),
-                OFlags::RDONLY | OFlags::NONBLOCK,
-            )?;
+            let fd = open(OFlags::RDONLY | OFlags::NONBLOCK)?;
             let mtime = sys::mtime(&st);
             for (start, end) in ranges.iter() {
                 file_range(w, fd.as_fd(), path, start, end, mtime)?;
             }
         }
         EntryKind::Dir if walks_children => {
-            let sub = if path.is_root() {
-                sys::open_dir(root.as_fd(), b"")?
-            } else {
-                sys::open_dir(root.as_fd(), path.as_bytes())?
-            };
+            let sub = open(OFlags::RDONLY | OFlags::DIRECTORY)?;
             let mut names = apply::list_dir(sub.as_fd())?;
             if names.len() > proto::MAX_PRUNE {
                 return Err(io::Error::from_raw_os_error(libc::EFBIG).into());
@@ -301,34 +368,16 @@ fn walk_path(w: &mut Walk<'_>, path: &RelPath, changes: PathChanges) -> Result<(
                 path: path.clone(),
                 keep: names.clone(),
             })?;
-            let whole = PathChanges {
-                tree: true,
-                ..PathChanges::default()
-            };
-            let first = if tree { None } else { after };
-            for n in names {
-                if first.as_ref().is_some_and(|a| n <= *a) {
-                    continue;
-                }
-                let child = path
-                    .join(&n)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                w.top().stage = Stage::Child(n);
-                walk_path(w, &child, whole.clone())?;
+            if let (false, Some(a)) = (tree, &after) {
+                names.retain(|n| n > a);
             }
+            return Ok(Visited::Sent {
+                children: Some(names),
+            });
         }
         _ => {}
     }
-    w.emit(Op::SetAttr {
-        path: path.clone(),
-        mode: None,
-        uid: None,
-        gid: None,
-        atime: Some(sys::atime(&st)),
-        mtime: Some(sys::mtime(&st)),
-    })?;
-    w.pop_done();
-    Ok(())
+    Ok(Visited::Sent { children: None })
 }
 
 /// Paths and data bytes an item will send (subtrees walked), for the
@@ -364,9 +413,14 @@ pub fn count_item(root: &OwnedFd, path: &RelPath, changes: &PathChanges) -> (u64
 }
 
 /// Paths and data bytes below (and including) `path`, for the progress
-/// totals of a subtree before it is sent.
+/// totals of a subtree before it is sent. Walked without recursion, one
+/// directory open at a time (see [`item_ops`]).
 pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
-    let (mut paths, mut bytes) = (1u64, 0u64);
+    let bytes_of = |st: &rustix::fs::Stat| {
+        u64::try_from(st.st_size)
+            .unwrap_or(0)
+            .min(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+    };
     let st = if path.is_root() {
         sys::fstat(root)?
     } else {
@@ -376,40 +430,65 @@ pub fn count_tree(root: &OwnedFd, path: &RelPath) -> io::Result<(u64, u64)> {
         let d = sys::open_dir(root.as_fd(), parent)?;
         sys::stat_at(d.as_fd(), OsStr::from_bytes(name))?
     };
+    let (mut paths, mut bytes) = (1u64, 0u64);
     match sys::file_type(&st) {
-        FileType::RegularFile => {
-            bytes += u64::try_from(st.st_size)
-                .unwrap_or(0)
-                .min(u64::try_from(st.st_blocks).unwrap_or(0) * 512);
-        }
-        FileType::Directory => {
-            let d = sys::open_dir(root.as_fd(), path.as_bytes())?;
+        FileType::RegularFile => return Ok((1, bytes_of(&st))),
+        FileType::Directory => {}
+        _ => return Ok((1, 0)),
+    }
+    // Directories with the subdirectories left to count.
+    let mut stack: Vec<(RelPath, std::vec::IntoIter<Vec<u8>>)> = Vec::new();
+    let mut next = Some(path.clone());
+    loop {
+        if let Some(dir) = next.take() {
+            let d = match sys::open_dir(root.as_fd(), dir.as_bytes()) {
+                Ok(d) => d,
+                // Gone meanwhile.
+                Err(e) if is_enoent(&e) && dir != *path => {
+                    paths -= 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut subdirs = Vec::new();
             for n in apply::list_dir(d.as_fd())? {
-                let child = path
-                    .join(&n)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-                match count_tree(root, &child) {
-                    Ok((p, b)) => {
-                        paths += p;
-                        bytes += b;
-                    }
-                    // Gone meanwhile.
-                    Err(e) if is_enoent(&e) => {}
+                let st = match sys::stat_at(d.as_fd(), OsStr::from_bytes(&n)) {
+                    Ok(st) => st,
+                    Err(e) if is_enoent(&e) => continue,
                     Err(e) => return Err(e),
+                };
+                paths += 1;
+                match sys::file_type(&st) {
+                    FileType::RegularFile => bytes += bytes_of(&st),
+                    FileType::Directory => subdirs.push(n),
+                    _ => {}
                 }
             }
+            stack.push((dir, subdirs.into_iter()));
         }
-        _ => {}
+        let Some((dir, subdirs)) = stack.last_mut() else {
+            return Ok((paths, bytes));
+        };
+        match subdirs.next() {
+            Some(n) => {
+                next = Some(
+                    dir.join(&n)
+                        .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?,
+                );
+            }
+            None => {
+                stack.pop();
+            }
+        }
     }
-    Ok((paths, bytes))
 }
 
 /// The path is gone here: gone there too.
-fn removed(w: &mut Walk<'_>, path: &RelPath) -> Result<(), ItemError> {
+fn removed(w: &mut Walk<'_>, path: &RelPath) -> Result<Visited, ItemError> {
     w.top().stage = Stage::Data(RangeSet::default());
     w.emit(Op::Remove { path: path.clone() })?;
     w.pop_done();
-    Ok(())
+    Ok(Visited::Removed)
 }
 
 /// Every extended attribute of the entry (none asked of symlinks: Linux

@@ -11,8 +11,12 @@
 
 use std::{
     collections::HashMap,
+    ffi::OsStr,
     net::SocketAddr,
-    os::unix::ffi::OsStrExt as _,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -32,8 +36,10 @@ use super::{
     journal::{self, Change, DirtySet, Journal},
     proto::{self, Message, Op, RelPath, Seq},
     state::{DirState, Side},
+    sys,
 };
 use crate::config::AsyncMode;
+use rustix::fs::OFlags;
 
 /// What the secondary serves (a fixed set of directories; see [`Registry`]
 /// for directories added and removed as modules change roles).
@@ -455,8 +461,14 @@ struct Activity {
     applied: Seq,
 }
 
+/// Bytes of suspects in a welcome at most (paths may be long, see
+/// [`proto::MAX_PATH`]): past it, the whole tree is asked for, and the
+/// welcome stays far below the channel's largest message.
+const SUSPECT_BYTES: usize = 8 << 20;
+
 /// What this copy may hold that the primary lacks: its activity log and
-/// what it changed alone, whole tree past [`proto::MAX_SUSPECTS`].
+/// what it changed alone, whole tree past [`proto::MAX_SUSPECTS`] entries or
+/// [`SUSPECT_BYTES`].
 fn suspects(al: Option<&Journal>, alone: Option<&DirtySet>) -> Vec<(RelPath, Change)> {
     let (Some(al), Some(alone)) = (al, alone) else {
         tracing::warn!("activity log or journal unreadable: asking for the whole tree");
@@ -465,7 +477,8 @@ fn suspects(al: Option<&Journal>, alone: Option<&DirtySet>) -> Vec<(RelPath, Cha
     let mut set = al.dirty().clone();
     set.merge(alone);
     let recs = set.to_records();
-    if recs.len() > proto::MAX_SUSPECTS {
+    let bytes: usize = recs.iter().map(|(p, _)| p.as_bytes().len() + 24).sum();
+    if recs.len() > proto::MAX_SUSPECTS || bytes > SUSPECT_BYTES {
         vec![(RelPath::root(), Change::Tree)]
     } else {
         recs
@@ -496,8 +509,6 @@ fn quarantine(
     if alone.is_empty() {
         return Ok(None);
     }
-    let rel =
-        |p: &RelPath| std::path::Path::new(std::ffi::OsStr::from_bytes(p.as_bytes())).to_owned();
     let mut fingerprint = blake3::Hasher::new();
     for (p, c) in alone.to_records() {
         fingerprint.update(p.as_bytes());
@@ -509,9 +520,12 @@ fn quarantine(
     {
         return Ok(None);
     }
+    // Paths from the copy's root may be longer than PATH_MAX: everything is
+    // reached from directory fds, piece by piece, never following a symlink.
+    let src = super::mounts::open_dir(local)?;
     let mut bytes = 0u64;
     for (p, _) in alone.iter() {
-        bytes = bytes.saturating_add(tree_bytes(&local.join(rel(p))));
+        bytes = bytes.saturating_add(tree_bytes(src.as_fd(), p)?);
     }
     if bytes > max {
         return Err(std::io::Error::other(format!(
@@ -534,10 +548,10 @@ fn quarantine(
             Err(e) => return Err(e),
         }
     }
+    let kept = super::mounts::open_dir(&dest)?;
     let mut n = 0;
     for (p, _) in alone.iter() {
-        let rel = rel(p);
-        if copy_tree(&local.join(&rel), &dest.join(&rel))? {
+        if copy_tree(src.as_fd(), kept.as_fd(), p)? {
             n += 1;
         }
     }
@@ -550,47 +564,166 @@ fn quarantine(
     Ok(Some((dest, n)))
 }
 
-/// Bytes of the regular files at or under `p` (0 if it does not exist).
-fn tree_bytes(p: &std::path::Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    if md.is_dir() {
-        std::fs::read_dir(p).map_or(0, |rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| tree_bytes(&e.path()))
-                .fold(0u64, u64::saturating_add)
-        })
-    } else if md.is_file() {
-        md.len()
-    } else {
-        0
+/// The parent directory of `p` below `root` and its last name (the root:
+/// itself and `.`); `None` if the parent does not exist.
+fn parent_of<'p>(
+    root: BorrowedFd<'_>,
+    p: &'p RelPath,
+) -> std::io::Result<Option<(OwnedFd, &'p OsStr)>> {
+    let (parent, name) = p.split().unwrap_or((&[][..], &b"."[..]));
+    match sys::open_dir(root, parent) {
+        Ok(d) => Ok(Some((d, OsStr::from_bytes(name)))),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
-/// Copies `src` (file, symlink or directory, recursively) to `dst`; false if
-/// `src` does not exist.
-fn copy_tree(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<bool> {
-    let Ok(md) = std::fs::symlink_metadata(src) else {
+/// Not there as a path of the copy: missing, or reached through a symlink
+/// (never followed: what it points to is not this copy's).
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
+/// `parent/name` as bytes (relative to some directory).
+fn below(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = parent.to_vec();
+    if !v.is_empty() {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
+/// Bytes of the regular files at or under `p` below `root` (0 if it does
+/// not exist). Walked without recursion, one directory open at a time.
+fn tree_bytes(root: BorrowedFd<'_>, p: &RelPath) -> std::io::Result<u64> {
+    let Some((top, name)) = parent_of(root, p)? else {
+        return Ok(0);
+    };
+    let mut total = 0u64;
+    // Paths below `top`.
+    let mut stack = vec![name.as_bytes().to_vec()];
+    while let Some(rel) = stack.pop() {
+        let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&[][..], &rel[..]),
+        };
+        let d = match sys::open_dir(top.as_fd(), parent) {
+            Ok(d) => d,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let st = match sys::stat_at(d.as_fd(), OsStr::from_bytes(name)) {
+            Ok(st) => st,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        match sys::file_type(&st) {
+            rustix::fs::FileType::RegularFile => {
+                total = total.saturating_add(u64::try_from(st.st_size).unwrap_or(0));
+            }
+            rustix::fs::FileType::Directory => {
+                let sub = sys::open_dir(top.as_fd(), &rel)?;
+                for child in super::apply::list_dir(sub.as_fd())? {
+                    stack.push(below(&rel, &child));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(total)
+}
+
+/// Copies `p` (file, symlink or directory, recursively) from below `src`
+/// to the same path below `dst`, making the directories on the way; false
+/// if `p` does not exist. Walked without recursion, every directory reached
+/// from `src` or `dst` piece by piece, never following a symlink.
+fn copy_tree(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, p: &RelPath) -> std::io::Result<bool> {
+    let Some((from, name)) = parent_of(src, p)? else {
         return Ok(false);
     };
-    if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent)?;
+    if let Err(e) = sys::stat_at(from.as_fd(), name) {
+        return if is_gone(&e) { Ok(false) } else { Err(e) };
     }
-    if md.is_dir() {
-        std::fs::create_dir_all(dst)?;
-        for e in std::fs::read_dir(src)? {
-            let e = e?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+    // The destination's parent, made level by level.
+    let mut to = sys::open_dir(dst, b"")?;
+    if let Ok((parent, _)) = p.split() {
+        for c in parent.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            to = make_dir(to.as_fd(), OsStr::from_bytes(c), 0o755)?;
         }
-    } else if md.file_type().is_symlink() {
-        let t = std::fs::read_link(src)?;
-        let _ = std::fs::remove_file(dst);
-        std::os::unix::fs::symlink(t, dst)?;
-    } else if md.is_file() {
-        std::fs::copy(src, dst)?;
+    }
+    // Paths below `from` and `to`.
+    let mut stack = vec![name.as_bytes().to_vec()];
+    while let Some(rel) = stack.pop() {
+        let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&[][..], &rel[..]),
+        };
+        let name = OsStr::from_bytes(name);
+        let (sd, dd) = (
+            sys::open_dir(from.as_fd(), parent)?,
+            sys::open_dir(to.as_fd(), parent)?,
+        );
+        let st = match sys::stat_at(sd.as_fd(), name) {
+            Ok(st) => st,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        match sys::file_type(&st) {
+            rustix::fs::FileType::Directory => {
+                let _ = make_dir(dd.as_fd(), name, 0o755)?;
+                let sub = sys::open_beneath(
+                    sd.as_fd(),
+                    name.as_bytes(),
+                    OFlags::RDONLY | OFlags::DIRECTORY,
+                )?;
+                for child in super::apply::list_dir(sub.as_fd())? {
+                    stack.push(below(&rel, &child));
+                }
+            }
+            rustix::fs::FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(sd.as_fd(), name, Vec::new()).map_err(sys::io)?;
+                let _ = rustix::fs::unlinkat(dd.as_fd(), name, rustix::fs::AtFlags::empty());
+                rustix::fs::symlinkat(target.as_c_str(), dd.as_fd(), name).map_err(sys::io)?;
+            }
+            rustix::fs::FileType::RegularFile => {
+                let mut r = std::fs::File::from(sys::open_beneath(
+                    sd.as_fd(),
+                    name.as_bytes(),
+                    OFlags::RDONLY | OFlags::NONBLOCK,
+                )?);
+                let mut w = std::fs::File::from(
+                    rustix::fs::openat(
+                        dd.as_fd(),
+                        name,
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::TRUNC
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        rustix::fs::Mode::from_raw_mode(sys::perm(&st)),
+                    )
+                    .map_err(sys::io)?,
+                );
+                std::io::copy(&mut r, &mut w)?;
+            }
+            _ => {}
+        }
     }
     Ok(true)
+}
+
+/// `dir/name` as a directory (made with `mode` if missing), opened.
+fn make_dir(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> std::io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(sys::io(e)),
+    }
+    sys::open_beneath(dir, name.as_bytes(), OFlags::RDONLY | OFlags::DIRECTORY)
 }
 
 /// A verification connection: the manifest of the local copy.
@@ -1125,6 +1258,63 @@ mod tests {
         std::fs::write(local.join("c"), b"c").unwrap();
         let (again, _) = quarantine(&local, &alone, &q, mark, 6000).unwrap().unwrap();
         assert_ne!(again, dest);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_divergence_deeper_than_path_max_is_quarantined() {
+        let base =
+            std::env::temp_dir().join(format!("safekit-quarantine-deep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (local, quarantined) = (base.join("local"), base.join("q"));
+        std::fs::create_dir_all(&local).unwrap();
+        let name = "n".repeat(200);
+        let mut here = super::super::mounts::open_dir(&local).unwrap();
+        let mut deep = RelPath::root();
+        for _ in 0..45 {
+            here = make_dir(here.as_fd(), OsStr::new(&name), 0o755).unwrap();
+            deep = deep.join(name.as_bytes()).unwrap();
+        }
+        let file = rustix::fs::openat(
+            &here,
+            "f",
+            OFlags::WRONLY | OFlags::CREATE,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        rustix::io::write(&file, b"changed alone, deep").unwrap();
+        rustix::fs::symlinkat("f", &here, "l").unwrap();
+        let mut mid = deep.clone();
+        for _ in 0..20 {
+            mid.pop();
+        }
+        // A symlink in the copy to a directory outside: never followed.
+        let outside = base.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not this copy's").unwrap();
+        std::os::unix::fs::symlink(&outside, local.join("evil")).unwrap();
+        let mut alone = DirtySet::default();
+        alone.record(&mid, Change::Tree);
+        alone.record(&deep.join(b"gone").unwrap(), Change::Meta);
+        alone.record(&RelPath::new("evil/secret").unwrap(), Change::Meta);
+        let (dest, paths) = quarantine(&local, &alone, &quarantined, None, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(paths, 1, "the missing path is not counted");
+        assert!(!dest.join("evil").exists(), "copied through a symlink");
+        let kept = super::super::mounts::open_dir(&dest).unwrap();
+        let bottom = sys::open_dir(kept.as_fd(), deep.as_bytes()).unwrap();
+        let copy =
+            rustix::fs::openat(&bottom, "f", OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        let mut buf = [0u8; 64];
+        let len = rustix::io::read(&copy, &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"changed alone, deep");
+        assert_eq!(
+            rustix::fs::readlinkat(&bottom, "l", Vec::new())
+                .unwrap()
+                .as_bytes(),
+            b"f"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 

@@ -2,7 +2,9 @@
 //! applier: every path is resolved from a directory fd with `openat2`
 //! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
 //! RESOLVE_NO_XDEV`), so nothing outside the replicated directory is ever
-//! reached, even if the tree holds hostile symlinks.
+//! reached, even if the tree holds hostile symlinks. A path longer than one
+//! call takes (`PATH_MAX`) is resolved in pieces, each beneath the
+//! directory the previous one reached ([`open_beneath`]).
 
 use std::{
     ffi::OsStr,
@@ -31,38 +33,75 @@ pub(crate) fn io(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-/// `"."` for the root, the path otherwise.
-fn dot(rel: &[u8]) -> &OsStr {
-    if rel.is_empty() {
-        OsStr::new(".")
-    } else {
-        OsStr::from_bytes(rel)
+/// Longest piece of a relative path resolved by one `openat2`: below
+/// `PATH_MAX` (4096 with its NUL), with room to spare. A path from the
+/// replicated root may be longer (see [`super::proto::MAX_PATH`]).
+pub(crate) const STEP: usize = 4000;
+
+/// `rel` cut at `/` into pieces of whole components, each at most `max`
+/// bytes (a component longer than `max` is a piece of its own, which the
+/// system call then refuses); none for the root.
+pub(crate) fn pieces(rel: &[u8], max: usize) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = rel;
+    while !rest.is_empty() {
+        if rest.len() <= max {
+            out.push(rest);
+            break;
+        }
+        // The last `/` that leaves a piece of at most `max` bytes.
+        let cut = rest[..=max]
+            .iter()
+            .rposition(|&b| b == b'/')
+            .filter(|&i| i > 0)
+            .or_else(|| rest.iter().position(|&b| b == b'/'));
+        let Some(i) = cut else {
+            out.push(rest);
+            break;
+        };
+        out.push(&rest[..i]);
+        rest = &rest[i + 1..];
     }
+    out
 }
 
 /// Opens a directory below `root` (read-only, usable as a dirfd and with
 /// `futimens`).
 pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
-    rustix::fs::openat2(
-        root,
-        dot(rel),
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        RESOLVE,
-    )
-    .map_err(io)
+    open_beneath(root, rel, OFlags::RDONLY | OFlags::DIRECTORY)
 }
 
 /// Opens a file below `root` with `flags` (symlinks refused).
+///
+/// The path is resolved piece by piece ([`pieces`] of at most [`STEP`]
+/// bytes): each directory on the way is opened (`O_PATH`) beneath the
+/// previous one with [`RESOLVE`], so a path of any length is resolved by
+/// calls that each take less than `PATH_MAX`, and no piece can leave the
+/// directory it starts from (no `..`, no symlink, no mount crossing): the
+/// whole stays beneath `root`.
 pub(crate) fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
-    rustix::fs::openat2(
-        root,
-        dot(rel),
-        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        RESOLVE,
-    )
-    .map_err(io)
+    let open = |at: BorrowedFd<'_>, piece: &[u8], flags: OFlags| {
+        rustix::fs::openat2(
+            at,
+            OsStr::from_bytes(piece),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )
+        .map_err(io)
+    };
+    // The common case: one call.
+    if rel.len() <= STEP {
+        return open(root, if rel.is_empty() { b"." } else { rel }, flags);
+    }
+    let mut pieces = pieces(rel, STEP);
+    let last = pieces.pop().unwrap_or(b".");
+    let mut here: Option<OwnedFd> = None;
+    for piece in pieces {
+        let at = here.as_ref().map_or(root, AsFd::as_fd);
+        here = Some(open(at, piece, OFlags::PATH | OFlags::DIRECTORY)?);
+    }
+    open(here.as_ref().map_or(root, AsFd::as_fd), last, flags)
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
@@ -252,6 +291,22 @@ pub(crate) fn chown_at(
 }
 
 /// Writes all of `data` at `offset`.
+/// Bytes written to a file (or, on the secondary, to its copy) after
+/// which the disk writeback of its dirty pages is started
+/// ([`start_writeback`]): a later fsync then finds most of them written
+/// instead of writing them all while the application waits.
+pub(crate) const WRITEBACK_AFTER: u64 = 8 << 20;
+
+/// Starts writing `fd`'s dirty pages to disk without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a hint, its failure ignored;
+/// durability still comes from fsync.
+pub(crate) fn start_writeback(fd: BorrowedFd<'_>) {
+    // SAFETY: a valid fd for the duration of the call; no memory is passed.
+    unsafe {
+        libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<()> {
     while !data.is_empty() {
         match rustix::io::pwrite(fd, data, offset) {
@@ -301,5 +356,71 @@ pub(crate) fn get_xattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
             Err(rustix::io::Errno::RANGE) => {}
             Err(e) => return Err(io(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_are_cut_into_whole_components() {
+        assert_eq!(pieces(b"", 10), [] as [&[u8]; 0]);
+        assert_eq!(pieces(b"a/b/c", 10), [&b"a/b/c"[..]]);
+        assert_eq!(pieces(b"aaa/bbb/ccc", 7), [&b"aaa/bbb"[..], b"ccc"]);
+        assert_eq!(pieces(b"aaa/bbb/ccc", 6), [&b"aaa"[..], b"bbb", b"ccc"]);
+        // A component longer than the bound stays whole (and is refused by
+        // the system call, as it would be anyway).
+        assert_eq!(pieces(b"a/bbbbbbbb/c", 4), [&b"a"[..], b"bbbbbbbb", b"c"]);
+        assert_eq!(pieces(b"bbbbbbbb", 4), [&b"bbbbbbbb"[..]]);
+        // 45 levels of 200 bytes: pieces under PATH_MAX whose components
+        // rebuild the path.
+        let name = "n".repeat(200);
+        let deep = vec![name.as_str(); 45].join("/");
+        let got = pieces(deep.as_bytes(), STEP);
+        assert!(got.len() >= 2);
+        assert!(got.iter().all(|p| p.len() <= STEP && !p.is_empty()));
+        assert_eq!(got.join(&b'/'), deep.as_bytes());
+    }
+
+    #[test]
+    fn paths_longer_than_path_max_open_beneath_the_root() {
+        let base = std::env::temp_dir().join(format!("rfs-sys-deep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("root")).expect("mkdir");
+        let root = rustix::fs::open(
+            base.join("root"),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("open root");
+        // 45 levels of 200-byte names, made level by level.
+        let name = "d".repeat(200);
+        let mut here = root.try_clone().expect("dup");
+        for _ in 0..45 {
+            rustix::fs::mkdirat(&here, name.as_str(), Mode::from_raw_mode(0o755)).expect("mkdirat");
+            here = rustix::fs::openat(&here, name.as_str(), OFlags::RDONLY, Mode::empty())
+                .expect("openat");
+        }
+        let deep = vec![name.as_str(); 45].join("/");
+        assert!(deep.len() > 2 * 4096);
+        let d = open_dir(root.as_fd(), deep.as_bytes()).expect("deep directory");
+        assert_eq!(
+            fstat(&d).expect("stat").st_ino,
+            fstat(&here).expect("stat").st_ino
+        );
+        // A symlink anywhere on the way is refused, in any piece.
+        std::os::unix::fs::symlink(&base, base.join("root").join("link")).expect("symlink");
+        let via_link = format!("link/root/{deep}");
+        assert!(open_dir(root.as_fd(), via_link.as_bytes()).is_err());
+        rustix::fs::symlinkat(&base, &here, "esc").expect("deep symlink");
+        let deep_link = format!("{deep}/esc/root");
+        assert!(open_dir(root.as_fd(), deep_link.as_bytes()).is_err());
+        assert!(open_dir(here.as_fd(), b"esc/root").is_err());
+        // `..` never leaves the directory a piece starts from: not from a
+        // deep directory, not from the root.
+        assert!(open_dir(here.as_fd(), b"..").is_err());
+        assert!(open_dir(root.as_fd(), format!("../{deep}").as_bytes()).is_err());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -83,17 +83,61 @@ fn xattrs_digest(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
 }
 
 /// Entries with their inode number when it has several links (else 0).
+///
+/// Walked without recursion: a stack of directories with the names of the
+/// subdirectories left, each directory opened from the root piece by piece
+/// ([`sys::open_dir`]) and its entries reached through it, so a tree of any
+/// depth is read with one directory open at a time.
 fn walk(
     root: BorrowedFd<'_>,
-    dir: &RelPath,
+    top: &RelPath,
     out: &mut Vec<(ManifestEntry, u64)>,
 ) -> io::Result<()> {
-    let d = sys::open_dir(root, dir.as_bytes())?;
-    for name in apply::list_dir(d.as_fd())? {
+    let mut stack: Vec<(RelPath, std::vec::IntoIter<Vec<u8>>)> = Vec::new();
+    let mut next = Some(top.clone());
+    loop {
+        if let Some(dir) = next.take() {
+            match sys::open_dir(root, dir.as_bytes()) {
+                Ok(d) => {
+                    let subdirs = entries(d.as_fd(), &dir, out)?;
+                    stack.push((dir, subdirs.into_iter()));
+                }
+                // Removed meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && dir != *top => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((dir, subdirs)) = stack.last_mut() else {
+            return Ok(());
+        };
+        match subdirs.next() {
+            Some(name) => {
+                next = Some(
+                    dir.join(&name)
+                        .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?,
+                );
+            }
+            None => {
+                stack.pop();
+            }
+        }
+    }
+}
+
+/// The entries of directory `d` (at `dir`) into `out`; the names of its
+/// subdirectories.
+fn entries(
+    d: BorrowedFd<'_>,
+    dir: &RelPath,
+    out: &mut Vec<(ManifestEntry, u64)>,
+) -> io::Result<Vec<Vec<u8>>> {
+    let mut subdirs = Vec::new();
+    for name in apply::list_dir(d)? {
         let path = dir
             .join(&name)
             .map_err(|_| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
-        let st = match sys::stat_at(d.as_fd(), OsStr::from_bytes(&name)) {
+        let name = OsStr::from_bytes(&name);
+        let st = match sys::stat_at(d, name) {
             Ok(st) => st,
             // Removed meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
@@ -101,19 +145,22 @@ fn walk(
         };
         let ft = sys::file_type(&st);
         let (kind, digest, mtime) = match ft {
-            FileType::RegularFile => (0, hash_file(root, &path)?, sys::mtime(&st)),
+            FileType::RegularFile => match hash_file(d, name) {
+                Ok(h) => (0, h, sys::mtime(&st)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            },
             FileType::Directory => (1, Vec::new(), Timestamp::default()),
             FileType::Symlink => (
                 2,
-                rustix::fs::readlinkat(d.as_fd(), OsStr::from_bytes(&name), Vec::new())
+                rustix::fs::readlinkat(d, name, Vec::new())
                     .map_err(sys::io)?
                     .into_bytes(),
                 sys::mtime(&st),
             ),
             _ => (3, Vec::new(), sys::mtime(&st)),
         };
-        let name = OsStr::from_bytes(&name);
-        let xattrs = match xattrs_digest(d.as_fd(), name) {
+        let xattrs = match xattrs_digest(d, name) {
             Ok(x) => x,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
@@ -122,7 +169,7 @@ fn walk(
         let linked = kind != 1 && st.st_nlink > 1;
         out.push((
             ManifestEntry {
-                path: path.clone(),
+                path,
                 kind,
                 mode: sys::perm(&st),
                 uid: st.st_uid,
@@ -141,14 +188,15 @@ fn walk(
             if linked { st.st_ino } else { 0 },
         ));
         if kind == 1 {
-            walk(root, &path, out)?;
+            subdirs.push(name.as_bytes().to_vec());
         }
     }
-    Ok(())
+    Ok(subdirs)
 }
 
-fn hash_file(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Vec<u8>> {
-    let fd = sys::open_beneath(root, path.as_bytes(), OFlags::RDONLY | OFlags::NONBLOCK)?;
+/// BLAKE3 of the content of `dir/name`.
+fn hash_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
+    let fd = sys::open_beneath(dir, name.as_bytes(), OFlags::RDONLY | OFlags::NONBLOCK)?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
@@ -163,10 +211,35 @@ fn hash_file(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<Vec<u8>> {
     Ok(h.finalize().as_bytes().to_vec())
 }
 
+/// Bytes of manifest entries in one [`Message::Manifest`] at most (besides
+/// [`MANIFEST_CHUNK`] entries): far below the channel's largest message,
+/// whatever the paths' length.
+const MANIFEST_BYTES: usize = 4 << 20;
+
+/// The entries cut into messages of at most [`MANIFEST_CHUNK`] entries and
+/// about [`MANIFEST_BYTES`] bytes.
+fn manifest_chunks(entries: &[ManifestEntry]) -> Vec<&[ManifestEntry]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, e) in entries.iter().enumerate() {
+        let size = e.path.as_bytes().len() + e.digest.len() + e.xattrs.len() + e.link.len() + 64;
+        if i > start && (i - start >= MANIFEST_CHUNK || bytes + size > MANIFEST_BYTES) {
+            out.push(&entries[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
 /// Sends the manifest of `root` on a verification connection.
 pub(crate) fn send_manifest(tx: &mut ChannelSender, root: BorrowedFd<'_>) -> Result<(), String> {
     let entries = manifest(root).map_err(|e| format!("manifest: {e}"))?;
-    for chunk in entries.chunks(MANIFEST_CHUNK) {
+    for chunk in manifest_chunks(&entries) {
         tx.send(&Message::Manifest {
             entries: chunk.to_vec(),
         })
@@ -323,6 +396,77 @@ mod tests {
             ]
         );
         assert_eq!(compare(&a, &a), [] as [std::string::String; 0]);
+    }
+
+    #[test]
+    fn manifest_messages_stay_small_whatever_the_paths() {
+        let name = "n".repeat(250);
+        let long: Vec<&str> = vec![name.as_str(); 250];
+        let mut entries = Vec::new();
+        for i in 0..300 {
+            let mut x = e(&long.join("/"), 1);
+            x.path = x.path.join(format!("f{i}").as_bytes()).expect("join");
+            x.link = x.path.as_bytes().to_vec();
+            entries.push(x);
+        }
+        entries.extend((0..5000).map(|i| e(&format!("short{i}"), 2)));
+        let chunks = manifest_chunks(&entries);
+        assert!(chunks.len() > 2);
+        for c in &chunks {
+            assert!(!c.is_empty() && c.len() <= MANIFEST_CHUNK);
+            let bytes = proto::to_bytes(&Message::Manifest {
+                entries: c.to_vec(),
+            })
+            .len();
+            assert!(bytes < channel::MAX_MESSAGE / 2, "{bytes} bytes");
+        }
+        assert_eq!(chunks.concat(), entries);
+        assert_eq!(manifest_chunks(&[]), [] as [&[ManifestEntry]; 0]);
+    }
+
+    #[test]
+    fn manifest_of_a_tree_deeper_than_path_max() {
+        let d = std::env::temp_dir().join(format!("rfs-verify-deep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let root = rustix::fs::open(
+            &d,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open");
+        let name = "d".repeat(200);
+        let mut here = root.try_clone().expect("dup");
+        for _ in 0..45 {
+            rustix::fs::mkdirat(&here, name.as_str(), rustix::fs::Mode::from_raw_mode(0o755))
+                .expect("mkdirat");
+            here = rustix::fs::openat(
+                &here,
+                name.as_str(),
+                OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )
+            .expect("openat");
+        }
+        let f = rustix::fs::openat(
+            &here,
+            "bottom",
+            OFlags::WRONLY | OFlags::CREATE,
+            rustix::fs::Mode::from_raw_mode(0o640),
+        )
+        .expect("create");
+        rustix::io::write(&f, b"at the bottom").expect("write");
+        let m = manifest(root.as_fd()).expect("manifest");
+        assert_eq!(m.len(), 46);
+        let last = m.last().expect("entries");
+        assert!(last.path.as_bytes().len() > 2 * 4096);
+        assert!(last.path.as_bytes().ends_with(b"/bottom"));
+        assert_eq!(
+            last.digest,
+            blake3::hash(b"at the bottom").as_bytes().to_vec()
+        );
+        assert_eq!(last.mode, 0o640);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -483,6 +483,37 @@ pub(super) async fn engine_call(
     }
 }
 
+/// [`engine_call`] for a command (not a read-only query), recorded in the
+/// commands log as `safekit` commands are, the caller named by its API
+/// identity: `api NAME (ROLE, key|session|proxy)`.
+pub(super) async fn engine_command(
+    state: &ApiState,
+    caller: &Caller,
+    req: control::Request,
+) -> Result<control::Response, ApiError> {
+    let command = req.command_line();
+    let r = engine_call(state, req).await;
+    if let Some(command) = command {
+        let via = match caller.via {
+            Via::ApiKey => "key",
+            Via::Session(_) => "session",
+            Via::Proxy => "proxy",
+        };
+        let who = format!("api {} ({}, {via})", caller.name, caller.role.name());
+        let outcome = match &r {
+            Ok(resp) => resp.outcome(),
+            Err(e) => format!("error: {}", e.message),
+        };
+        let log = state.paths.commands_log();
+        // A file append: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::daemon::net::record_command(&log, &who, &command, &outcome);
+        })
+        .await;
+    }
+    r
+}
+
 /// A verb's answer: 200 with the message, 409 with the refusal.
 fn verb_answer(r: control::Response) -> Result<Json<Message>, ApiError> {
     match r {
@@ -547,7 +578,7 @@ async fn verb(
         Verb::Swap => mirror(MirrorCmd::Swap),
     };
     tracing::info!(caller = %caller.name, module = %module, ?verb, "API control verb");
-    verb_answer(engine_call(&state, req).await?)
+    verb_answer(engine_command(&state, &caller, req).await?)
 }
 
 /// `up` or `down`.
@@ -591,7 +622,7 @@ async fn set_resource(
         resource: body.resource,
         up: body.value == UpDown::Up,
     };
-    verb_answer(engine_call(&state, req).await?)
+    verb_answer(engine_command(&state, &caller, req).await?)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -928,8 +959,9 @@ async fn config_apply(
         };
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(refused)).into_response());
     }
-    let r = engine_call(
+    let r = engine_command(
         &state,
+        &caller,
         control::Request::ConfigApply {
             module: None,
             rollback: false,
