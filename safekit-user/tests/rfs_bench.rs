@@ -10,7 +10,12 @@
 //! 4. sequential 1 MiB reads of the 256 MiB file, cold (dropped from the page
 //!    cache first) and warm, and 4 KiB random reads, cold.
 //!
-//! 5. PostgreSQL's pgbench (tpcb-like, scale 10, 4 clients, 30 s;
+//! 5. (test `full_resync_rate`) a full resynchronisation of a 256 MiB tree (one 128 MiB file, 64 of
+//!    1 MiB, 512 of 128 KiB) to an empty secondary, journal and checkpoints
+//!    as in production: resync MB/s, against a plain copy of the same tree
+//!    on the same filesystem (read, write, syncfs), and paced by
+//!    `resync_bandwidth` = 100 MiB/s (MB/s here are MiB per second);
+//! 6. PostgreSQL's pgbench (tpcb-like, scale 10, 4 clients, 30 s;
 //!    `RFS_BENCH_PG_SECS` to change, 0 to skip), `pgbench -i` time and TPS,
 //!    on a plain directory, the mount ALONE, and the replicated mount at
 //!    both durabilities (Debian's postgresql, installed if missing).
@@ -74,7 +79,10 @@ mod rfs {
 
     use safekit::{
         config::{AsyncMode, Durability},
-        rfs::{LinkState, Primary, PrimaryParams, RfsError, RfsEvent, SecondaryConfig, serve},
+        rfs::{
+            DirState, LinkState, Primary, PrimaryParams, Registry, RfsError, RfsEvent,
+            SecondaryConfig, SecondaryDir, serve, serve_registry,
+        },
     };
     use tokio::{runtime::Runtime, sync::mpsc::UnboundedReceiver, task::JoinHandle};
 
@@ -210,6 +218,57 @@ mod rfs {
                 p.stop().expect("unmount");
             }
         }
+    }
+
+    /// A full resynchronisation of `a` to an empty `b` (journal and
+    /// synchronisation state under `state`, as the daemon keeps them), at
+    /// most `bandwidth` bytes per second: how long until the secondary was
+    /// live.
+    pub(super) fn full_resync(
+        a: &Path,
+        b: &Path,
+        state: &Path,
+        bandwidth: Option<u64>,
+    ) -> Duration {
+        let rt = runtime();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the secondary's listener");
+        let addr = listener.local_addr().expect("listener address");
+        let registry = Registry::new();
+        registry.add(
+            NAME.into(),
+            SecondaryDir {
+                local: b.to_path_buf(),
+                root: None,
+                async_mode: AsyncMode::Second,
+                state: Some(DirState::new(state.join("b"))),
+                quarantine: None,
+            },
+        );
+        let r = std::sync::Arc::clone(&registry);
+        let secondary = rt.spawn(async move {
+            serve_registry(listener, r, &KEY, Duration::from_secs(5), None).await
+        });
+        std::fs::create_dir_all(state.join("a")).expect("mkdir the state directory");
+        let mut params = PrimaryParams::new(NAME);
+        params.journal = Some(state.join("a/journal"));
+        params.state = Some(DirState::new(state.join("a")));
+        params.resync.bandwidth = bandwidth;
+        let started = Instant::now();
+        let (primary, events) = Primary::start(a, Some(addr), &KEY, params).expect("mount");
+        let mut m = Mount {
+            primary: Some(primary),
+            events,
+            secondary: Some(secondary),
+            rt,
+        };
+        m.wait_connected();
+        let took = started.elapsed();
+        m.assert_connected();
+        m.stop();
+        registry.remove(NAME);
+        took
     }
 
     impl Drop for Mount {
@@ -402,8 +461,14 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Self {
+        Self::named("")
+    }
+
+    /// `<tmp>/rfs-bench-<pid><suffix>`: one per benchmark test, which may
+    /// run at once.
+    fn named(suffix: &str) -> Self {
         remove_leftovers();
-        let base = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
+        let base = std::env::temp_dir().join(format!("{PREFIX}{}{suffix}", std::process::id()));
         unmount_under(&base);
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(&base).expect("mkdir the scratch directory");
@@ -442,7 +507,11 @@ fn remove_leftovers() {
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.split('-').next())
+        else {
             continue;
         };
         if Path::new("/proc").join(pid).exists() {
@@ -1046,6 +1115,106 @@ fn print_pg_rows(names: &[&str], rows: &[Result<(f64, f64), String>]) {
     }
 }
 
+/// A tree of 256 MiB: one 128 MiB file, 64 of 1 MiB, 512 of 128 KiB in 16
+/// directories. Its bytes.
+fn resync_tree(root: &Path) -> usize {
+    let mut rng = Rng(7);
+    let mut bytes = 0;
+    let mut put = |rel: &str, len: usize| {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        let mut data = vec![0u8; len];
+        for chunk in data.chunks_mut(8) {
+            let v = rng.below(usize::MAX).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        fs::write(p, data).expect("write");
+        bytes += len;
+    };
+    put("big", 128 * MIB);
+    for i in 0..64 {
+        put(&format!("m{}/f{i}", i % 4), MIB);
+    }
+    for i in 0..512 {
+        put(&format!("d{}/s{i}", i % 16), 128 << 10);
+    }
+    bytes
+}
+
+/// Copies the tree `from` to `to` (read, write), then syncs the filesystem:
+/// what the disk allows for a copy on one machine.
+fn plain_copy(from: &Path, to: &Path) -> Duration {
+    fn walk(from: &Path, to: &Path) {
+        fs::create_dir_all(to).expect("mkdir");
+        for e in fs::read_dir(from).expect("readdir") {
+            let e = e.expect("entry");
+            let (src, dst) = (e.path(), to.join(e.file_name()));
+            if e.file_type().expect("type").is_dir() {
+                walk(&src, &dst);
+            } else {
+                fs::copy(&src, &dst).expect("copy");
+            }
+        }
+    }
+    let started = Instant::now();
+    walk(from, to);
+    let f = File::open(to).expect("open");
+    rustix::fs::syncfs(&f).expect("syncfs");
+    started.elapsed()
+}
+
+/// Full resynchronisation rate, against a plain copy, and paced.
+fn resync_compare(base: &Path) {
+    let src = base.join("resync-a");
+    let bytes = resync_tree(&src);
+    let mut plain = Vec::new();
+    let mut resync = Vec::new();
+    for k in 0..ROUNDS {
+        settle();
+        let to = base.join(format!("resync-copy{k}"));
+        plain.push(mbps(bytes, plain_copy(&src, &to)));
+        fs::remove_dir_all(&to).expect("remove");
+        settle();
+        let (b, state) = (
+            base.join(format!("resync-b{k}")),
+            base.join(format!("resync-s{k}")),
+        );
+        fs::create_dir_all(&b).expect("mkdir");
+        resync.push(mbps(bytes, rfs::full_resync(&src, &b, &state, None)));
+        fs::remove_dir_all(&b).expect("remove");
+        fs::remove_dir_all(&state).expect("remove");
+    }
+    let (b, state) = (base.join("resync-paced"), base.join("resync-paced-s"));
+    fs::create_dir_all(&b).expect("mkdir");
+    let paced = mbps(
+        bytes,
+        rfs::full_resync(&src, &b, &state, Some(100 * MIB as u64)),
+    );
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, resync) = (median(plain), median(resync));
+    println!(
+        "\nfull resynchronisation of a {} MiB tree (1 x 128 MiB, 64 x 1 MiB, 512 x 128 KiB) \
+         to an empty secondary on this machine; load average {}",
+        bytes >> 20,
+        loadavg()
+    );
+    println!(
+        "  resync {resync:>6.0} MB/s   plain copy on the same filesystem (read, write, \
+         syncfs) {plain:>6.0} MB/s ({:.0} % of it)",
+        100.0 * resync / plain
+    );
+    println!(
+        "  resync paced by resync_bandwidth = {} (100 MiB/s): {paced:.0} MB/s",
+        100 * MIB
+    );
+    fs::remove_dir_all(&src).expect("remove");
+    fs::remove_dir_all(&b).expect("remove");
+    fs::remove_dir_all(&state).expect("remove");
+}
+
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
 fn replicated_mount_vs_plain_directory() {
@@ -1105,4 +1274,19 @@ fn replicated_mount_vs_plain_directory() {
          (e.g. Vangoor et al., FAST '17); DRBD claims < 3 % overhead at block level"
     );
     println!("total {:.0} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+fn full_resync_rate() {
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        eprintln!("skipped: /dev/fuse unavailable ({e})");
+        return;
+    }
+    let scratch = Scratch::named("-resync");
+    resync_compare(&scratch.0);
 }

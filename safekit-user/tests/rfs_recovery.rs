@@ -66,6 +66,7 @@ fn stalled_secondary(stop: Arc<AtomicBool>) -> SocketAddr {
         let _ = tx.send(&Message::Welcome {
             sync_id: 0,
             suspects: vec![],
+            resume_id: 0,
         });
         // Take part in the resynchronisation until the synchronisation
         // point, then stall: read nothing more, acknowledge nothing.

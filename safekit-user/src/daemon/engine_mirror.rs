@@ -863,7 +863,11 @@ impl Engine {
         };
         if here {
             for d in &r.dirs {
-                if let Err(e) = d.state.set_sync_id(0) {
+                let forgot = d
+                    .state
+                    .set_sync_id(0)
+                    .and_then(|()| d.state.forget_resume(crate::rfs::state::Side::Received));
+                if let Err(e) = forgot {
                     log.error(&format!(
                         "{}: forgetting the synchronisation point: {e}",
                         d.path

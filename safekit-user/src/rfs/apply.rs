@@ -376,7 +376,7 @@ impl Applier {
                 punch_hole(fd, *offset, *len)
             }
             // A synchronisation point: nothing on disk (the caller records it).
-            Op::InSync { .. } => Ok(()),
+            Op::InSync { .. } | Op::FullSync { .. } => Ok(()),
         }
     }
 

@@ -1017,13 +1017,15 @@ mod tests {
         stx.send(&Message::Welcome {
             sync_id: 1,
             suspects: vec![],
+            resume_id: 0,
         })
         .expect("send");
         assert_eq!(
             crx.recv().expect("recv"),
             Message::Welcome {
                 sync_id: 1,
-                suspects: vec![]
+                suspects: vec![],
+                resume_id: 0,
             }
         );
         // A read timeout loses nothing.

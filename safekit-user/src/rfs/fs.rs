@@ -1453,7 +1453,12 @@ impl Filesystem for ReplicatedFs {
                 }
                 due
             });
-            Ok((written, ticket, sync.then_some((Arc::clone(&fd), data_only)), writeback.then_some(fd)))
+            Ok((
+                written,
+                ticket,
+                sync.then_some((Arc::clone(&fd), data_only)),
+                writeback.then_some(fd),
+            ))
         })();
         drop(st);
         match r {

@@ -18,11 +18,16 @@
 //!   mid-append, never acknowledged) is cut off.
 //! - When the file holds many more records than the merged set, it is
 //!   compacted: the merged set is written to a temporary file, synced, and
-//!   renamed over the journal.
+//!   renamed over the journal. A resynchronisation's checkpoints replace
+//!   the set the same way ([`Journal::reset_to`]) with what remains to send.
+//! - [`Change::After`] keeps a subtree's walk short: "the entries of this
+//!   directory after this name", so what remains of a tree of any size is
+//!   a few records.
 //!
 //! File format: the 8-byte magic `SKRFSJ1\n`, then records `u32` LE length,
 //! `u32` LE checksum (first 4 bytes of BLAKE3 of the payload), payload (kind
-//! byte, path as varint-length bytes, start and end as varints).
+//! byte — 1 range, 2 entry, 3 subtree, 4 after —, path as varint-length
+//! bytes, for a range start and end as varints).
 
 use std::{
     collections::BTreeMap,
@@ -44,6 +49,7 @@ const MAGIC: &[u8; 8] = b"SKRFSJ1\n";
 const KIND_RANGE: u8 = 1;
 const KIND_META: u8 = 2;
 const KIND_TREE: u8 = 3;
+const KIND_AFTER: u8 = 4;
 
 /// A journal failure.
 #[derive(Debug, Error)]
@@ -79,6 +85,11 @@ pub enum Change {
     /// The entry and everything below it (renamed directories, unknown
     /// divergence).
     Tree,
+    /// At `dir/name`: every entry of `dir` whose name sorts after `name`
+    /// (bytewise), with everything below it; `dir/name` itself is not
+    /// included. What remains of a subtree whose resynchronisation stopped
+    /// after `name` was begun (its entries are sent in name order).
+    After,
 }
 
 /// Disjoint, non-adjacent half-open ranges.
@@ -105,6 +116,29 @@ impl RangeSet {
             }
         }
         self.0.insert(start, end);
+    }
+
+    /// Removes `[start, end)`.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .0
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in hit {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
     }
 
     /// Whether `[start, end)` is entirely inside the set.
@@ -145,6 +179,9 @@ pub struct PathChanges {
     pub meta: bool,
     /// The whole subtree changed.
     pub tree: bool,
+    /// The entries of this directory sorting after this name changed, with
+    /// their subtrees ([`Change::After`]).
+    pub after: Option<Vec<u8>>,
 }
 
 /// The merged changes by path.
@@ -155,9 +192,39 @@ pub struct DirtySet {
 
 impl DirtySet {
     /// Whether `change` at `path` is already implied by the set (an ancestor
-    /// or the path itself marked `Tree`, the entry marked, the range covered).
+    /// or the path itself marked `Tree`, or below a directory's `After`
+    /// cursor; the entry marked, the range covered).
     #[must_use]
     pub fn covers(&self, path: &RelPath, change: Change) -> bool {
+        if change == Change::After {
+            let Ok((dir, name)) = path.split() else {
+                return self.implied(path);
+            };
+            let dir = RelPath::new(dir.to_vec()).unwrap_or_default();
+            return self.implied(&dir)
+                || self
+                    .paths
+                    .get(&dir)
+                    .and_then(|c| c.after.as_deref())
+                    .is_some_and(|a| a <= name);
+        }
+        if self.implied(path) {
+            return true;
+        }
+        let Some(c) = self.paths.get(path) else {
+            return false;
+        };
+        match change {
+            Change::Tree | Change::After => false,
+            Change::Meta => c.meta,
+            Change::Range { start, end } => c.ranges.covers(start, end),
+        }
+    }
+
+    /// Whether the whole subtree at `path` is implied: the path or an
+    /// ancestor marked `Tree`, or the path or an ancestor sorting after its
+    /// parent's `After` cursor.
+    fn implied(&self, path: &RelPath) -> bool {
         // One copy, shortened in place: linear in the path's length,
         // whatever its depth.
         let mut anc = path.clone();
@@ -165,45 +232,101 @@ impl DirtySet {
             if self.paths.get(&anc).is_some_and(|c| c.tree) {
                 return true;
             }
+            let Some(name) = anc.split().ok().map(|(_, n)| n.to_vec()) else {
+                return false;
+            };
             if !anc.pop() {
-                break;
+                return false;
             }
-        }
-        let Some(c) = self.paths.get(path) else {
-            return false;
-        };
-        match change {
-            Change::Tree => false,
-            Change::Meta => c.meta,
-            Change::Range { start, end } => c.ranges.covers(start, end),
+            if self
+                .paths
+                .get(&anc)
+                .and_then(|c| c.after.as_deref())
+                .is_some_and(|a| name.as_slice() > a)
+            {
+                return true;
+            }
         }
     }
 
     /// Merges `change` at `path`; returns whether it added information.
     pub fn record(&mut self, path: &RelPath, change: Change) -> bool {
+        if change == Change::After && path.is_root() {
+            // Meaningless at the root (no parent): the whole tree.
+            return self.record(path, Change::Tree);
+        }
         if self.covers(path, change) {
             return false;
         }
-        let c = self.paths.entry(path.clone()).or_default();
         match change {
-            Change::Range { start, end } => c.ranges.insert(start, end),
-            Change::Meta => c.meta = true,
+            Change::Range { start, end } => {
+                self.paths
+                    .entry(path.clone())
+                    .or_default()
+                    .ranges
+                    .insert(start, end);
+            }
+            Change::Meta => self.paths.entry(path.clone()).or_default().meta = true,
             Change::Tree => {
+                let c = self.paths.entry(path.clone()).or_default();
                 c.tree = true;
                 c.ranges = RangeSet::default();
+                c.after = None;
                 // Descendants are now implied.
-                let below: Vec<RelPath> = self
-                    .paths
-                    .keys()
-                    .filter(|p| *p != path && p.starts_with(path))
-                    .cloned()
-                    .collect();
-                for p in below {
-                    self.paths.remove(&p);
+                self.remove_below(path, None);
+            }
+            Change::After => {
+                let Ok((dir, name)) = path.split() else {
+                    return false;
+                };
+                let dir = RelPath::new(dir.to_vec()).unwrap_or_default();
+                let name = name.to_vec();
+                let c = self.paths.entry(dir.clone()).or_default();
+                match &mut c.after {
+                    Some(a) if *a <= name => {}
+                    a => *a = Some(name.clone()),
                 }
+                // Entries below the names after the cursor are implied.
+                self.remove_below(&dir, Some(&name));
             }
         }
         true
+    }
+
+    /// Forgets what is recorded below `dir` (below its entries sorting after
+    /// `after`, if given).
+    fn remove_below(&mut self, dir: &RelPath, after: Option<&[u8]>) {
+        let mut prefix = dir.as_bytes().to_vec();
+        if !prefix.is_empty() {
+            prefix.push(b'/');
+        }
+        let below: Vec<RelPath> = self
+            .paths
+            .range::<[u8], _>((
+                std::ops::Bound::Included(&prefix[..]),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(p, _)| p)
+            .take_while(|p| p.as_bytes().starts_with(&prefix))
+            .filter(|p| !p.is_root())
+            .filter(|p| {
+                after.is_none_or(|a| {
+                    let rest = &p.as_bytes()[prefix.len()..];
+                    let first = rest.split(|&b| b == b'/').next().unwrap_or(rest);
+                    first > a
+                })
+            })
+            .cloned()
+            .collect();
+        for p in below {
+            self.paths.remove(&p);
+        }
+    }
+
+    /// Sets what is recorded at `path`, as is: for entries known not to
+    /// overlap the rest of the set (the items of a snapshot of a set).
+    pub fn insert_changes(&mut self, path: RelPath, changes: PathChanges) {
+        self.paths.insert(path, changes);
     }
 
     /// Whether nothing is recorded.
@@ -214,8 +337,7 @@ impl DirtySet {
 
     /// Merges every change of `other`.
     pub fn merge(&mut self, other: &DirtySet) {
-        let recs: Vec<(RelPath, Change)> = other.records().map(|(p, c)| (p.clone(), c)).collect();
-        for (p, c) in recs {
+        for (p, c) in other.records() {
             self.record(&p, c);
         }
     }
@@ -223,7 +345,7 @@ impl DirtySet {
     /// Every change, as records.
     #[must_use]
     pub fn to_records(&self) -> Vec<(RelPath, Change)> {
-        self.records().map(|(p, c)| (p.clone(), c)).collect()
+        self.records()
     }
 
     /// Bytes of the recorded ranges (an upper bound of what a
@@ -249,16 +371,43 @@ impl DirtySet {
     }
 
     /// The records that rebuild this set.
-    fn records(&self) -> impl Iterator<Item = (&RelPath, Change)> {
-        self.paths.iter().flat_map(|(p, c)| {
-            let tree = c.tree.then_some((p, Change::Tree));
-            let meta = (c.meta && !c.tree).then_some((p, Change::Meta));
-            let ranges = c
-                .ranges
-                .iter()
-                .map(move |(start, end)| (p, Change::Range { start, end }));
-            tree.into_iter().chain(meta).chain(ranges)
-        })
+    fn records(&self) -> Vec<(RelPath, Change)> {
+        let mut out = Vec::new();
+        for (p, c) in &self.paths {
+            if c.tree {
+                out.push((p.clone(), Change::Tree));
+                continue;
+            }
+            if c.meta {
+                out.push((p.clone(), Change::Meta));
+            }
+            if let Some(a) = &c.after {
+                // A name taken from a valid path joins again; else the
+                // whole subtree, which implies it.
+                match p.join(a) {
+                    Ok(at) => out.push((at, Change::After)),
+                    Err(_) => out.push((p.clone(), Change::Tree)),
+                }
+            }
+            for (start, end) in c.ranges.iter() {
+                out.push((p.clone(), Change::Range { start, end }));
+            }
+        }
+        out
+    }
+
+    /// Number of records that rebuild this set.
+    fn record_count(&self) -> usize {
+        self.paths
+            .values()
+            .map(|c| {
+                if c.tree {
+                    1
+                } else {
+                    usize::from(c.meta) + usize::from(c.after.is_some()) + c.ranges.len()
+                }
+            })
+            .sum()
     }
 }
 
@@ -304,6 +453,10 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, path: &RelPath, change: Change) {
             payload.push(KIND_TREE);
             proto::put_bytes(&mut payload, path.as_bytes());
         }
+        Change::After => {
+            payload.push(KIND_AFTER);
+            proto::put_bytes(&mut payload, path.as_bytes());
+        }
     }
     // Records are a few bytes plus a path of at most `proto::MAX_PATH`.
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
@@ -335,6 +488,7 @@ pub(crate) fn decode_records(buf: &[u8]) -> (Vec<(RelPath, Change)>, usize) {
                 },
                 KIND_META => Change::Meta,
                 KIND_TREE => Change::Tree,
+                KIND_AFTER => Change::After,
                 _ => return None,
             };
             (r.remaining() == 0).then_some((path, change))
@@ -394,7 +548,7 @@ pub fn changes_of(op: &proto::Op) -> Vec<(RelPath, Change)> {
         Op::Rename { from, to, .. } => {
             vec![(from.clone(), Change::Tree), (to.clone(), Change::Tree)]
         }
-        Op::Fsync { .. } | Op::InSync { .. } => vec![],
+        Op::Fsync { .. } | Op::InSync { .. } | Op::FullSync { .. } => vec![],
     }
 }
 
@@ -511,7 +665,7 @@ impl Journal {
         if !self.unsynced {
             return Ok(());
         }
-        if self.records > 1024 && self.records > 4 * self.set.records().count() {
+        if self.records > 1024 && self.records > 4 * self.set.record_count() {
             return self.compact();
         }
         self.file.sync_data().map_err(self.io("fsync"))?;
@@ -525,7 +679,7 @@ impl Journal {
         let mut buf = MAGIC.to_vec();
         let mut n = 0;
         for (p, c) in self.set.records() {
-            encode_record(&mut buf, p, c);
+            encode_record(&mut buf, &p, c);
             n += 1;
         }
         self.replace(&buf)?;
@@ -537,15 +691,15 @@ impl Journal {
     /// resynchronisation round, what changed during it.
     pub fn reset_to(&mut self, set: DirtySet) -> Result<(), JournalError> {
         let mut buf = MAGIC.to_vec();
-        let mut n = 0;
-        for (p, c) in set.records() {
-            encode_record(&mut buf, p, c);
-            n += 1;
+        let records = set.records();
+        for (p, c) in &records {
+            encode_record(&mut buf, p, *c);
         }
+        let n = records.len();
         self.replace(&buf)?;
         self.coarse = DirtySet::default();
-        for (p, c) in set.records() {
-            self.coarse.record(p, widened(c, CHUNK));
+        for (p, c) in records {
+            self.coarse.record(&p, widened(c, CHUNK));
         }
         self.set = set;
         self.records = n;
@@ -696,6 +850,65 @@ mod tests {
     }
 
     #[test]
+    fn ranges_remove_cuts_and_splits() {
+        let mut r = RangeSet::default();
+        r.insert(0, 100);
+        r.insert(200, 300);
+        r.remove(50, 60);
+        r.remove(90, 250);
+        r.remove(1000, 2000);
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            vec![(0, 50), (60, 90), (250, 300)]
+        );
+        r.remove(0, u64::MAX);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn after_covers_the_later_entries_of_a_directory_and_their_subtrees() {
+        let mut d = DirtySet::default();
+        d.record(&p("top/x/deep"), Change::Meta);
+        d.record(&p("top/b/f"), Change::Range { start: 0, end: 10 });
+        d.record(&p("top/a"), Change::Meta);
+        assert!(d.record(&p("top/b"), Change::After));
+        // Below the names after "b": implied, and forgotten.
+        assert!(d.covers(&p("top/c"), Change::Tree));
+        assert!(d.covers(&p("top/x/deep/er"), Change::Range { start: 0, end: 1 }));
+        assert!(!d.record(&p("top/c/new"), Change::Meta));
+        assert!(!d.iter().any(|(p, _)| p.as_bytes() == b"top/x/deep"));
+        // "b" itself and what sorts before it are not.
+        assert!(!d.covers(&p("top/b"), Change::Meta));
+        assert!(d.covers(&p("top/b/f"), Change::Range { start: 0, end: 10 }));
+        assert!(!d.covers(&p("top/a"), Change::Tree));
+        assert!(d.covers(&p("top/a"), Change::Meta));
+        assert!(!d.covers(&p("top"), Change::Meta));
+        assert!(!d.covers(&p("topx"), Change::Meta));
+        // A later cursor adds nothing, an earlier one widens it.
+        assert!(!d.record(&p("top/c"), Change::After));
+        assert!(d.record(&p("top/a"), Change::After));
+        assert!(!d.iter().any(|(p, _)| p.as_bytes() == b"top/b/f"));
+        assert_eq!(
+            d.iter()
+                .find(|(p, _)| p.as_bytes() == b"top")
+                .map(|(_, c)| c.after.clone()),
+            Some(Some(b"a".to_vec()))
+        );
+        // The records rebuild the set; a tree above swallows the cursor.
+        let mut again = DirtySet::default();
+        for (path, c) in d.to_records() {
+            again.record(&path, c);
+        }
+        assert_eq!(again, d);
+        assert!(d.record(&RelPath::root(), Change::Tree));
+        assert_eq!(d.len(), 1);
+        // At the root (no parent) it means the whole tree.
+        let mut r = DirtySet::default();
+        r.record(&RelPath::root(), Change::After);
+        assert!(r.covers(&p("any/thing"), Change::Meta));
+    }
+
+    #[test]
     fn paths_deeper_than_path_max_are_recorded_and_read_back() {
         let name = vec![b'n'; 200];
         let names: Vec<&[u8]> = (0..45).map(|_| name.as_slice()).collect();
@@ -747,6 +960,7 @@ mod tests {
             }
             j.record(&p("gone"), Change::Meta).expect("record");
             j.record(&p("d"), Change::Tree).expect("record");
+            j.record(&p("e/m"), Change::After).expect("record");
             j.sync().expect("sync");
         }
         // A torn record at the end: never acknowledged, cut off on open.
@@ -756,7 +970,8 @@ mod tests {
         std::fs::write(&path, &raw).expect("write");
         let mut j = Journal::open(&path).expect("reopen");
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), before as u64);
-        assert_eq!(j.dirty().len(), 3);
+        assert_eq!(j.dirty().len(), 4);
+        assert!(j.dirty().covers(&p("e/n/o"), Change::Meta));
         assert!(
             j.dirty()
                 .covers(&p("big"), Change::Range { start: 0, end: 1 })

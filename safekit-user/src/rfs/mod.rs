@@ -28,13 +28,15 @@
 //! while 16 MiB are sent and unacknowledged ([`replicator`]), the
 //! secondary's reader while 4096 operations wait for its applier.
 //!
+//! A returning secondary is resynchronised from the journal while the
+//! application goes on ([`Primary::resync`], [`resync`]); the journal
+//! shrinks as the secondary confirms what it wrote, so an interrupted
+//! resynchronisation (full ones included) resumes where it stopped.
+//!
 //! # Not yet
 //!
-//! The reintegration itself (sending the journalled paths and ranges to a
-//! returning secondary) is the next milestone: [`Primary::connect`] refuses
-//! while the journal holds changes. `fallocate` is refused (`EOPNOTSUPP`, so
-//! `posix_fallocate` falls back to writes); hard links created while ALONE are
-//! resynchronised as copies.
+//! `fallocate` is refused (`EOPNOTSUPP`, so `posix_fallocate` falls back to
+//! writes); hard links created while ALONE are resynchronised as copies.
 
 pub mod apply;
 pub mod channel;

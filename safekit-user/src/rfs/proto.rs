@@ -34,7 +34,7 @@ use thiserror::Error;
 pub type Seq = u64;
 
 /// Protocol version, checked in [`Message::Hello`].
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Longest relative path on the wire (bytes): 64 KiB, sixteen times Linux's
 /// `PATH_MAX` (a deep tree's path from the replicated root may exceed
@@ -210,6 +210,14 @@ impl RelPath {
         other.0.is_empty()
             || (self.0.starts_with(&other.0)
                 && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+    }
+}
+
+/// Lets a set ordered by path be searched by a byte prefix (the order of a
+/// path is the order of its bytes).
+impl std::borrow::Borrow<[u8]> for RelPath {
+    fn borrow(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -506,6 +514,14 @@ pub enum Op {
         /// Identifies this synchronisation point on both nodes.
         sync_id: u64,
     },
+    /// Start of a full resynchronisation: the secondary records `resume_id`
+    /// (durably, before applying what follows) and reports it in its next
+    /// [`Message::Welcome`]; a primary that recorded the same id sends only
+    /// what its journal says remains, instead of the whole tree again.
+    FullSync {
+        /// Identifies this full resynchronisation on both nodes.
+        resume_id: u64,
+    },
 }
 
 impl Op {
@@ -530,7 +546,7 @@ impl Op {
             | Op::Prune { path, .. }
             | Op::Hole { path, .. } => path,
             Op::Rename { to, .. } => to,
-            Op::InSync { .. } => RelPath::root_ref(),
+            Op::InSync { .. } | Op::FullSync { .. } => RelPath::root_ref(),
         }
     }
 
@@ -556,6 +572,7 @@ impl Op {
             Op::Prune { .. } => "prune",
             Op::Hole { .. } => "hole",
             Op::InSync { .. } => "insync",
+            Op::FullSync { .. } => "fullsync",
         }
     }
 }
@@ -613,6 +630,9 @@ pub enum Message {
         sync_id: u64,
         /// Paths and ranges to resynchronise from the primary.
         suspects: Vec<(RelPath, Change)>,
+        /// The [`Op::FullSync`] this copy received since its last
+        /// synchronisation point (0: none, or not trustworthy).
+        resume_id: u64,
     },
     /// Primary → secondary: one operation.
     Op {
@@ -679,6 +699,7 @@ const OP_REMOVE: u8 = 15;
 const OP_PRUNE: u8 = 16;
 const OP_HOLE: u8 = 17;
 const OP_INSYNC: u8 = 18;
+const OP_FULLSYNC: u8 = 19;
 
 /// Most suspects a [`Message::Welcome`] carries; past that the secondary
 /// asks for the whole tree.
@@ -949,6 +970,10 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             out.push(OP_INSYNC);
             put_u64(out, *sync_id);
         }
+        Op::FullSync { resume_id } => {
+            out.push(OP_FULLSYNC);
+            put_u64(out, *resume_id);
+        }
     }
 }
 
@@ -963,6 +988,7 @@ pub(crate) fn put_change(out: &mut Vec<u8>, path: &RelPath, change: Change) {
         }
         Change::Meta => out.push(1),
         Change::Tree => out.push(2),
+        Change::After => out.push(3),
     }
 }
 
@@ -988,13 +1014,18 @@ pub fn encode(out: &mut Vec<u8>, msg: &Message) {
             put_u64(out, u64::from(*version));
             put_bytes(out, dir.as_bytes());
         }
-        Message::Welcome { sync_id, suspects } => {
+        Message::Welcome {
+            sync_id,
+            suspects,
+            resume_id,
+        } => {
             out.push(MSG_WELCOME);
             put_u64(out, *sync_id);
             put_u64(out, suspects.len() as u64);
             for (p, c) in suspects {
                 put_change(out, p, *c);
             }
+            put_u64(out, *resume_id);
         }
         Message::Op { seq, op } => encode_op_message(out, *seq, op),
         Message::Ack { seq } => {
@@ -1196,6 +1227,7 @@ impl<'a> Reader<'a> {
             }
             1 => Change::Meta,
             2 => Change::Tree,
+            3 => Change::After,
             tag => {
                 return Err(DecodeError::Tag {
                     what: "change",
@@ -1429,6 +1461,9 @@ fn decode_op_from(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
         OP_INSYNC => Op::InSync {
             sync_id: r.u64("insync.sync_id")?,
         },
+        OP_FULLSYNC => Op::FullSync {
+            resume_id: r.u64("fullsync.resume_id")?,
+        },
         tag => return Err(DecodeError::Tag { what: "op", tag }),
     })
 }
@@ -1469,7 +1504,11 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             for _ in 0..n {
                 suspects.push(r.change()?);
             }
-            Message::Welcome { sync_id, suspects }
+            Message::Welcome {
+                sync_id,
+                suspects,
+                resume_id: r.u64("welcome.resume_id")?,
+            }
         }
         MSG_OP => {
             let seq = r.u64("op.seq")?;
@@ -1675,6 +1714,9 @@ mod tests {
                 len: 1 << 30,
             },
             Op::InSync { sync_id: 42 },
+            Op::FullSync {
+                resume_id: u64::MAX,
+            },
         ]
     }
 
@@ -1688,6 +1730,7 @@ mod tests {
             Message::Welcome {
                 sync_id: 0,
                 suspects: vec![],
+                resume_id: 0,
             },
             Message::Verify {
                 version: VERSION,
@@ -1721,7 +1764,9 @@ mod tests {
                             end: 1 << 33,
                         },
                     ),
+                    (p("d/m"), Change::After),
                 ],
+                resume_id: 7,
             },
             Message::Ack { seq: u64::MAX },
             Message::Failed {

@@ -9,6 +9,15 @@
 //! that, the receiver declares the secondary lost, shuts the socket down (which
 //! unblocks a sender stuck on a full TCP buffer), journals every
 //! unacknowledged operation, and completes every waiter.
+//!
+//! A resynchronisation ([`Replicator::resync`]) sends what the journal
+//! records, round after round, and checkpoints as the secondary confirms:
+//! every `CHECKPOINT_BYTES` or `CHECKPOINT_EVERY` it takes what remains
+//! of the round (`Round`) and queues a barrier; once the barrier is
+//! acknowledged (written and synced there), the journal is rewritten to
+//! that plus what the application changed since the round began. An
+//! interrupted resynchronisation, full ones included (their id is recorded
+//! on both sides, [`Op::FullSync`]), resumes from the journal.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -28,10 +37,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{
     RfsError, RfsEvent,
     channel::{self, ChannelError, ChannelKey, ChannelReceiver, ChannelSender, ShutdownHandle},
-    journal::{Change, DirtySet, Journal},
+    journal::{Change, DirtySet, Journal, PathChanges},
     proto::{self, Message, Op, RelPath, Seq},
     resync,
-    state::{self, DirState},
+    state::{self, DirState, Side},
 };
 
 /// Whether the secondary receives the operations.
@@ -74,6 +83,9 @@ pub struct Counters {
     pub journalled: AtomicU64,
     /// Bytes of file data sent by resynchronisations.
     pub resync_bytes: AtomicU64,
+    /// Resynchronisation checkpoints: the journal rewritten to what remains
+    /// once the secondary confirmed the operations before them written.
+    pub checkpoints: AtomicU64,
 }
 
 /// A sent operation: sequence, when, what to journal if it is lost, size.
@@ -99,6 +111,9 @@ struct Shared {
     al: Option<Journal>,
     /// The synchronisation point being established (its `InSync` seq, id).
     insync: Option<(Seq, u64)>,
+    /// Resynchronisation checkpoints sent: the seq of their barrier and
+    /// what remained of the round once everything before it is applied.
+    checkpoints: VecDeque<(Seq, DirtySet)>,
     shutdown: Option<ShutdownHandle>,
 }
 
@@ -128,6 +143,9 @@ pub struct Progress {
     pub active: bool,
     /// Full (every file) rather than what changed.
     pub full: bool,
+    /// Resumes a full resynchronisation that was interrupted: sends what
+    /// the journal says remains of it.
+    pub resumed: bool,
     /// Round (1 = the first pass).
     pub round: u32,
     /// Paths sent.
@@ -218,6 +236,13 @@ impl Replicator {
             dir: dir.clone(),
             source,
         };
+        // A journal that is not there (any more) says nothing of what a
+        // full resynchronisation left to send: it cannot be resumed.
+        if journal.as_ref().is_none_or(|p| !p.exists())
+            && let Some(st) = &state
+        {
+            let _ = st.forget_resume(Side::Sent);
+        }
         let mut journal = journal
             .map(|p| Journal::open(&p))
             .transpose()
@@ -227,6 +252,11 @@ impl Replicator {
         let al = match &state {
             Some(st) => {
                 let _ = st.create();
+                // This copy is the primary's now: changed here, it is no
+                // longer what a full resynchronisation towards it left.
+                if let Err(e) = st.forget_resume(Side::Received) {
+                    tracing::warn!(%dir, error = %e, "forgetting a received full resynchronisation");
+                }
                 let mut al = Journal::open(&st.al()).map_err(jerr)?;
                 if let Some(j) = journal.as_mut()
                     && !al.dirty().is_empty()
@@ -258,6 +288,7 @@ impl Replicator {
                 fresh: DirtySet::default(),
                 al,
                 insync: None,
+                checkpoints: VecDeque::new(),
                 shutdown: None,
             }),
             wake: Condvar::new(),
@@ -332,8 +363,12 @@ impl Replicator {
         )
         .map_err(chan)?;
         rx.set_read_timeout(Some(timeout)).map_err(chan)?;
-        let (their_id, suspects) = match rx.recv().map_err(chan)? {
-            Message::Welcome { sync_id, suspects } => (sync_id, suspects),
+        let (their_id, suspects, their_resume) = match rx.recv().map_err(chan)? {
+            Message::Welcome {
+                sync_id,
+                suspects,
+                resume_id,
+            } => (sync_id, suspects, resume_id),
             Message::Bye { reason } => {
                 return Err(RfsError::Refused {
                     dir: self.dir.clone(),
@@ -350,7 +385,11 @@ impl Replicator {
             }
         };
         let my_id = self.state.as_ref().map_or(0, DirState::sync_id);
-        let full = opts.full || their_id == 0 || their_id != my_id;
+        // A full resynchronisation that was interrupted: both recorded its
+        // id, and the journal here holds what remains of it.
+        let my_resume = self.state.as_ref().map_or(0, |st| st.resume_id(Side::Sent));
+        let resumed = !opts.full && their_resume != 0 && their_resume == my_resume;
+        let full = opts.full || ((their_id == 0 || their_id != my_id) && !resumed);
         let tick =
             (self.send_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(200));
         rx.set_read_timeout(Some(tick)).map_err(chan)?;
@@ -359,6 +398,7 @@ impl Replicator {
         let shutdown = tx.shutdown_handle().map_err(chan)?;
         // Without a journal, the pending set lives here.
         let mut pending = DirtySet::default();
+        let mut resume = None;
         let epoch = {
             let mut s = self.lock();
             if s.state != LinkState::Alone {
@@ -370,12 +410,29 @@ impl Replicator {
                 self.journal_record(&mut s, p, *c);
                 pending.record(p, *c);
             }
-            if full || s.journal_failed || s.journal.is_none() {
+            let whole = full || s.journal_failed || s.journal.is_none();
+            if whole {
                 self.journal_record(&mut s, &RelPath::root(), Change::Tree);
                 pending.record(&RelPath::root(), Change::Tree);
             }
-            if self.journal_sync(&mut s).is_err() {
+            let journal_ok = self.journal_sync(&mut s).is_ok();
+            if !journal_ok {
                 s.journal_failed = false;
+            }
+            // A new full resynchronisation: its id, recorded once the
+            // journal durably holds the whole tree (it then only shrinks
+            // to what remains), sent first.
+            if whole && journal_ok && s.journal.is_some() {
+                resume = self.state.as_ref().and_then(|st| {
+                    let id = state::new_sync_id();
+                    match st.set_resume_id(Side::Sent, id) {
+                        Ok(()) => Some(id),
+                        Err(e) => {
+                            tracing::warn!(dir = %self.dir, error = %e, "recording the full resynchronisation id");
+                            None
+                        }
+                    }
+                });
             }
             s.epoch += 1;
             s.state = LinkState::Resyncing;
@@ -386,13 +443,15 @@ impl Replicator {
             s.inflight_bytes = 0;
             s.fresh = DirtySet::default();
             s.insync = None;
+            s.checkpoints.clear();
             s.shutdown = Some(shutdown);
             s.epoch
         };
-        tracing::info!(dir = %self.dir, %peer, full, suspects = suspects.len(), cipher = tx.cipher().name(), "resynchronising the secondary");
+        tracing::info!(dir = %self.dir, %peer, full, resumed, suspects = suspects.len(), cipher = tx.cipher().name(), "resynchronising the secondary");
         *self.progress_lock() = Progress {
             active: true,
             full,
+            resumed,
             started: Some(Instant::now()),
             ..Progress::default()
         };
@@ -411,12 +470,17 @@ impl Replicator {
         let lost = || RfsError::ResyncLost {
             dir: self.dir.clone(),
         };
+        if let Some(resume_id) = resume {
+            self.submit_resync(epoch, &Op::FullSync { resume_id }, None)
+                .map_err(|()| lost())?;
+        }
         // Rounds: send a snapshot of what the secondary lacks while the
         // application goes on (its changes meanwhile gather in `fresh`).
         for round in 1..=MAX_ROUNDS {
             let snapshot = {
                 let mut s = self.lock();
                 s.fresh = DirtySet::default();
+                s.checkpoints.clear();
                 match &s.journal {
                     Some(j) => j.dirty().clone(),
                     None => std::mem::take(&mut pending),
@@ -506,7 +570,8 @@ impl Replicator {
         }
     }
 
-    /// Sends every path of `set`, `opts.workers` at a time.
+    /// Sends every path of `set`, `opts.workers` at a time, checkpointing
+    /// as it goes (see [`Round`]).
     fn send_set(
         &self,
         epoch: u64,
@@ -517,39 +582,54 @@ impl Replicator {
         let items: Vec<_> = set.iter().map(|(p, c)| (p.clone(), c.clone())).collect();
         // Totals first (subtrees counted by a walk), so the rate gives a
         // meaningful ETA from the start.
-        let (mut files, mut bytes) = (0u64, set.range_bytes());
+        let (mut files, mut bytes) = (0u64, 0u64);
         for (path, c) in &items {
-            if c.tree {
-                let (p, b) = resync::count_tree(root, path).unwrap_or((1, 0));
-                files += p;
-                bytes += b;
-            } else {
-                files += 1;
-            }
+            let (p, b) = resync::count_item(root, path, c);
+            files += p;
+            bytes += b;
         }
         {
             let mut p = self.progress_lock();
             p.files_total += files;
             p.bytes_total += bytes;
         }
-        let next = std::sync::atomic::AtomicUsize::new(0);
         let workers = opts.workers.clamp(1, 64).min(items.len().max(1));
-        let done = || self.progress_lock().files_done += 1;
+        let round = Mutex::new(Round {
+            next: 0,
+            slots: vec![None; workers],
+            since: 0,
+            last: Instant::now(),
+            checkpoints: self.lock().journal.is_some(),
+        });
+        let ctx = RoundCtx {
+            repl: self,
+            epoch,
+            bandwidth: opts.bandwidth,
+            items: &items,
+            round: &round,
+        };
         thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| -> Result<(), resync::ItemError> {
+                .map(|w| {
+                    let ctx = &ctx;
+                    scope.spawn(move || -> Result<(), resync::ItemError> {
                         loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some((path, changes)) = items.get(i) else {
-                                return Ok(());
+                            let i = {
+                                let mut r = lock_round(ctx.round);
+                                let i = r.next;
+                                if i >= ctx.items.len() {
+                                    r.slots[w] = None;
+                                    return Ok(());
+                                }
+                                r.next += 1;
+                                // Started: what remains of it is here from
+                                // now on (nothing sent yet: all of it).
+                                r.slots[w] = Some((i, None));
+                                i
                             };
-                            let mut emit = |op: Op| {
-                                self.submit_resync(epoch, &op, opts.bandwidth)
-                                    .map(|_| ())
-                                    .map_err(|()| resync::ItemError::Lost)
-                            };
-                            resync::item_ops(root, path, changes, &mut emit, &done)?;
+                            let (path, changes) = &ctx.items[i];
+                            let mut sink = WorkerSink { ctx, w, i };
+                            resync::item_ops(root, path, changes, &mut sink)?;
                         }
                     })
                 })
@@ -563,6 +643,28 @@ impl Replicator {
             }
             res
         })
+    }
+
+    /// Sends a checkpoint barrier for `remaining` (what remains of the
+    /// round once everything sent so far is applied), unless too many are
+    /// already waiting.
+    fn submit_checkpoint(&self, epoch: u64, remaining: DirtySet) -> Result<(), ()> {
+        let op = Op::Fsync {
+            path: RelPath::root(),
+            data_only: false,
+        };
+        let mut s = self.lock();
+        if s.epoch != epoch || s.state != LinkState::Resyncing {
+            return Err(());
+        }
+        if s.checkpoints.len() >= MAX_CHECKPOINTS {
+            return Ok(());
+        }
+        let seq = Self::enqueue(&mut s, &op, Vec::new());
+        s.checkpoints.push_back((seq, remaining));
+        drop(s);
+        self.sent(&op);
+        Ok(())
     }
 
     /// Queues one resynchronisation operation (flow-controlled, paced by the
@@ -757,13 +859,44 @@ impl Replicator {
                 Ok(()) => {
                     self.counters.journalled.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    s.journal_failed = true;
-                    let _ = self.events.send(RfsEvent::JournalFailed {
-                        dir: self.dir.clone(),
-                        error: e.to_string(),
-                    });
+                Err(e) => self.journal_failed(s, &e),
+            }
+        }
+    }
+
+    /// The journal could not be written: it may lack changes, so neither a
+    /// delta nor a resumed full resynchronisation may rely on it.
+    fn journal_failed(&self, s: &mut Shared, e: &super::journal::JournalError) {
+        s.journal_failed = true;
+        if let Some(st) = &self.state {
+            let _ = st.forget_resume(Side::Sent);
+        }
+        let _ = self.events.send(RfsEvent::JournalFailed {
+            dir: self.dir.clone(),
+            error: e.to_string(),
+        });
+    }
+
+    /// Applies the newest checkpoint whose barrier `acked` covers: the
+    /// secondary wrote (and synced) everything before it, so the journal
+    /// becomes what remained of the round then, plus every change made
+    /// since the round began.
+    fn checkpoint(&self, s: &mut Shared, acked: Seq) {
+        let mut ready = None;
+        while s.checkpoints.front().is_some_and(|c| c.0 <= acked) {
+            ready = s.checkpoints.pop_front().map(|c| c.1);
+        }
+        let Some(mut set) = ready else { return };
+        if s.state != LinkState::Resyncing || s.journal_failed {
+            return;
+        }
+        set.merge(&s.fresh);
+        if let Some(j) = s.journal.as_mut() {
+            match j.reset_to(set) {
+                Ok(()) => {
+                    self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 }
+                Err(e) => self.journal_failed(s, &e),
             }
         }
     }
@@ -773,11 +906,7 @@ impl Replicator {
         if let Some(j) = s.journal.as_mut()
             && let Err(e) = j.sync()
         {
-            s.journal_failed = true;
-            let _ = self.events.send(RfsEvent::JournalFailed {
-                dir: self.dir.clone(),
-                error: e.to_string(),
-            });
+            self.journal_failed(s, &e);
         }
         if s.journal_failed {
             Err(libc::EIO)
@@ -940,6 +1069,7 @@ impl Replicator {
                     s.inflight_bytes = s.inflight_bytes.saturating_sub(f.3);
                 }
             }
+            self.checkpoint(&mut s, seq);
             if let Some((at, id)) = s.insync
                 && seq >= at
             {
@@ -951,10 +1081,15 @@ impl Replicator {
                 {
                     tracing::warn!(dir = %self.dir, error = %e, "clearing the journal");
                 }
-                if let Some(st) = &self.state
-                    && let Err(e) = st.set_sync_id(id)
-                {
-                    tracing::warn!(dir = %self.dir, error = %e, "recording the synchronisation point");
+                if let Some(st) = &self.state {
+                    if let Err(e) = st.set_sync_id(id) {
+                        tracing::warn!(dir = %self.dir, error = %e, "recording the synchronisation point");
+                    }
+                    for side in [Side::Sent, Side::Received] {
+                        if let Err(e) = st.forget_resume(side) {
+                            tracing::warn!(dir = %self.dir, error = %e, "forgetting the full resynchronisation id");
+                        }
+                    }
                 }
                 synced = Some(());
             }
@@ -993,6 +1128,7 @@ impl Replicator {
             s.state = LinkState::Alone;
             s.epoch += 1;
             s.insync = None;
+            s.checkpoints.clear();
             s.inflight_bytes = 0;
             if let Some(h) = s.shutdown.take() {
                 h.shutdown();
@@ -1032,6 +1168,7 @@ impl Replicator {
             s.state = LinkState::Alone;
             s.epoch += 1;
             s.insync = None;
+            s.checkpoints.clear();
             // What was in flight may be missing there.
             let inflight = std::mem::take(&mut s.inflight);
             for (_, _, changes, _) in inflight {
@@ -1070,11 +1207,131 @@ fn queue_full(bytes: u64, ops: usize) -> bool {
 /// At most this many rounds before the last step.
 const MAX_ROUNDS: u32 = 8;
 /// Resynchronisation bytes in flight before the sender waits for acks.
-const MAX_INFLIGHT: u64 = 32 << 20;
+const MAX_INFLIGHT: u64 = 8 << 20;
+
+/// A checkpoint at least every this many bytes of resynchronisation sent
+/// (and every [`CHECKPOINT_EVERY`]): what an interruption sends again is at
+/// most this plus what is in flight ([`MAX_INFLIGHT`]).
+const CHECKPOINT_BYTES: u64 = 4 << 20;
+/// A checkpoint at least this often while the resynchronisation sends.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Checkpoints waiting for their barrier's acknowledgement, at most.
+const MAX_CHECKPOINTS: usize = 16;
 
 /// Small enough to send in the last step, with the application paused.
 fn small(set: &DirtySet) -> bool {
-    set.len() <= 256 && set.range_bytes() <= 16 << 20 && !set.iter().any(|(_, c)| c.tree)
+    set.len() <= 256
+        && set.range_bytes() <= 16 << 20
+        && !set.iter().any(|(_, c)| c.tree || c.after.is_some())
+}
+
+/// One round of a resynchronisation as the checkpoints see it: the items
+/// (the round's snapshot, in path order) are taken in order by the
+/// workers; each worker's slot holds the item it is on and what remains of
+/// it once what it sent is applied (`None`: all of it).
+///
+/// A checkpoint takes, under this lock, what remains of the round — the
+/// items not yet taken, and each slot's — and only then queues its barrier
+/// (an `Fsync` of the root: the secondary syncs its filesystem), so every
+/// operation that what it took reflects precedes the barrier. Once the
+/// barrier is acknowledged, the journal becomes that, plus every change
+/// made since the round began (`Replicator::checkpoint`).
+/// An item a worker is on, and what remains of it (`None`: all of it).
+type Slot = (usize, Option<Vec<(RelPath, Change)>>);
+
+struct Round {
+    next: usize,
+    slots: Vec<Option<Slot>>,
+    /// Bytes sent since the last checkpoint, and when it was.
+    since: u64,
+    last: Instant,
+    /// Whether there is a journal to checkpoint.
+    checkpoints: bool,
+}
+
+impl Round {
+    /// What remains of the round once everything sent so far is applied.
+    fn remaining(&self, items: &[(RelPath, PathChanges)]) -> DirtySet {
+        let mut set = DirtySet::default();
+        for (p, c) in items.iter().skip(self.next) {
+            set.insert_changes(p.clone(), c.clone());
+        }
+        for (i, rest) in self.slots.iter().flatten() {
+            match rest {
+                None => {
+                    if let Some((p, c)) = items.get(*i) {
+                        set.insert_changes(p.clone(), c.clone());
+                    }
+                }
+                Some(records) => {
+                    for (p, c) in records {
+                        set.record(p, *c);
+                    }
+                }
+            }
+        }
+        set
+    }
+}
+
+fn lock_round(r: &Mutex<Round>) -> MutexGuard<'_, Round> {
+    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the workers of a round share.
+struct RoundCtx<'a> {
+    repl: &'a Replicator,
+    epoch: u64,
+    bandwidth: Option<u64>,
+    items: &'a [(RelPath, PathChanges)],
+    round: &'a Mutex<Round>,
+}
+
+/// Where one worker's item goes: the operations to the secondary, what
+/// remains of the item to its slot, and a checkpoint when one is due.
+struct WorkerSink<'a> {
+    ctx: &'a RoundCtx<'a>,
+    w: usize,
+    i: usize,
+}
+
+impl resync::Sink for WorkerSink<'_> {
+    fn op(&mut self, op: Op) -> Result<(), resync::ItemError> {
+        let size = match &op {
+            Op::Write { data, .. } => data.len() as u64 + 64,
+            _ => 64,
+        };
+        self.ctx
+            .repl
+            .submit_resync(self.ctx.epoch, &op, self.ctx.bandwidth)
+            .map_err(|()| resync::ItemError::Lost)?;
+        lock_round(self.ctx.round).since += size;
+        Ok(())
+    }
+
+    fn remaining(&mut self, records: Vec<(RelPath, Change)>) {
+        let due = {
+            let mut r = lock_round(self.ctx.round);
+            r.slots[self.w] = Some((self.i, Some(records)));
+            if r.checkpoints
+                && (r.since >= CHECKPOINT_BYTES || r.last.elapsed() >= CHECKPOINT_EVERY)
+            {
+                r.since = 0;
+                r.last = Instant::now();
+                Some(r.remaining(self.ctx.items))
+            } else {
+                None
+            }
+        };
+        if let Some(set) = due {
+            // Lost meanwhile: the next operation says so.
+            let _ = self.ctx.repl.submit_checkpoint(self.ctx.epoch, set);
+        }
+    }
+
+    fn path_done(&mut self) {
+        self.ctx.repl.progress_lock().files_done += 1;
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use super::{
     channel::{self, ChannelError, ChannelKey, ChannelReceiver, ChannelSender, ShutdownHandle},
     journal::{self, Change, DirtySet, Journal},
     proto::{self, Message, Op, RelPath, Seq},
-    state::DirState,
+    state::{DirState, Side},
     sys,
 };
 use crate::config::AsyncMode;
@@ -57,8 +57,11 @@ pub struct SecondaryConfig {
 }
 
 /// Under a steady stream, an acknowledgement at least every this many
-/// operations.
+/// operations, and every this many bytes of them (a resynchronisation's
+/// 1 MiB writes: the primary keeps sending while earlier ones are written,
+/// and learns soon what is written).
 const ACK_EVERY: u32 = 16;
+const ACK_BYTES: u64 = 2 << 20;
 
 /// One directory this node receives.
 #[derive(Debug, Clone)]
@@ -837,19 +840,38 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
             }
         }
     }
-    let (sync_id, suspects) = match &state {
-        Some(st) => (
-            st.sync_id(),
-            suspects(al.as_ref(), alone.as_ref().and_then(|a| a.as_ref().ok())),
-        ),
-        None => (0, Vec::new()),
+    let (sync_id, suspects, resume_id) = match &state {
+        Some(st) => {
+            // This copy is a secondary's now: what it sent as a primary is
+            // over (its journal is no longer what a peer lacks).
+            if let Err(e) = st.forget_resume(Side::Sent) {
+                tracing::warn!(%dir, error = %e, "forgetting a sent full resynchronisation");
+            }
+            // A copy that failed to apply something is not what the
+            // primary's journal says it is.
+            let resume = if slot.failed.load(Ordering::Acquire) {
+                0
+            } else {
+                st.resume_id(Side::Received)
+            };
+            (
+                st.sync_id(),
+                suspects(al.as_ref(), alone.as_ref().and_then(|a| a.as_ref().ok())),
+                resume,
+            )
+        }
+        None => (0, Vec::new(), 0),
     };
     let activity = Mutex::new(Activity {
         log: al,
         received: 0,
         applied: 0,
     });
-    if let Err(e) = tx.send(&Message::Welcome { sync_id, suspects }) {
+    if let Err(e) = tx.send(&Message::Welcome {
+        sync_id,
+        suspects,
+        resume_id,
+    }) {
         ctx.event(SecondaryEvent::Disconnected {
             dir,
             reason: e.to_string(),
@@ -888,7 +910,7 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
             }
         });
         let mut last: Seq = 0;
-        let mut batch = 0u32;
+        let (mut batch, mut batch_bytes) = (0u32, 0u64);
         let reason = loop {
             match rx.recv() {
                 Ok(Message::Op { seq, op }) => {
@@ -897,12 +919,15 @@ fn connection(ctx: &Ctx, mut tx: ChannelSender, mut rx: ChannelReceiver, peer: S
                     }
                     last = seq;
                     // A batch ends when nothing more is buffered, or every
-                    // so many operations under a steady stream, so that
-                    // acknowledgements keep flowing.
+                    // so many operations or bytes under a steady stream, so
+                    // that acknowledgements keep flowing.
                     batch += 1;
-                    let batch_end = !rx.has_buffered() || batch >= ACK_EVERY;
+                    batch_bytes += weight(&op);
+                    let batch_end =
+                        !rx.has_buffered() || batch >= ACK_EVERY || batch_bytes >= ACK_BYTES;
                     if batch_end {
                         batch = 0;
+                        batch_bytes = 0;
                     }
                     // Live and acknowledged on receipt: in the activity log
                     // first, so a crash before it is written is known.
@@ -980,6 +1005,10 @@ impl Link<'_> {
         if let Some(st) = self.state {
             st.set_sync_id(id)
                 .map_err(|e| format!("recording the synchronisation point: {e}"))?;
+            for side in [Side::Received, Side::Sent] {
+                st.forget_resume(side)
+                    .map_err(|e| format!("forgetting the full resynchronisation: {e}"))?;
+            }
             let mut j = Journal::open(&st.journal()).map_err(|e| e.to_string())?;
             j.clear().map_err(|e| e.to_string())?;
             // That divergence is over: the next one is kept again.
@@ -1031,6 +1060,17 @@ fn apply_loop(link: &Link<'_>, applier: &mut Applier, ops: &mpsc::Receiver<Queue
                     failed = true;
                     link.fail(seq, 0, detail);
                 }
+            }
+        } else if let Op::FullSync { resume_id } = op {
+            // Before anything that follows is applied: this copy is now
+            // what this full resynchronisation left, and the primary's
+            // journal says what remains of it.
+            if let Some(st) = link.state
+                && let Err(e) = st.set_resume_id(Side::Received, resume_id)
+            {
+                // Whatever id it had no longer describes it.
+                let _ = st.forget_resume(Side::Received);
+                tracing::warn!(dir = %link.dir, error = %e, "cannot record the full resynchronisation id");
             }
         } else if let Err(e) = applier.apply(&op, true) {
             tracing::warn!(dir = %link.dir, seq, error = %e, "cannot apply replicated operation");

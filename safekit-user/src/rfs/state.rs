@@ -12,6 +12,13 @@
 //! - `sync_id`: the last synchronisation point both copies reached. A
 //!   returning secondary with the same id gets only what the journal
 //!   records; any other id means a full resynchronisation.
+//! - `resume_sent` (primary) and `resume_received` (secondary): the id of
+//!   the full resynchronisation under way ([`super::proto::Op::FullSync`]).
+//!   When the primary's `resume_sent` equals the returning secondary's
+//!   `resume_received`, the full resynchronisation resumes from what the
+//!   primary's journal says remains. Each is forgotten once the copies are
+//!   in sync, and as soon as the node takes the other role (a primary
+//!   forgets what it received, a secondary what it sent).
 
 use std::{
     io,
@@ -67,6 +74,51 @@ impl DirState {
     /// fsync the directory).
     pub fn set_sync_id(&self, id: u64) -> io::Result<()> {
         crate::paths::write_durably(&self.dir.join("sync_id"), format!("{id}\n").as_bytes())
+    }
+}
+
+/// Which side of a full resynchronisation an id was recorded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Sent as primary (`resume_sent`).
+    Sent,
+    /// Received as secondary (`resume_received`).
+    Received,
+}
+
+impl DirState {
+    fn resume_file(&self, side: Side) -> PathBuf {
+        self.dir.join(match side {
+            Side::Sent => "resume_sent",
+            Side::Received => "resume_received",
+        })
+    }
+
+    /// The full resynchronisation recorded on `side` (0: none or
+    /// unreadable).
+    #[must_use]
+    pub fn resume_id(&self, side: Side) -> u64 {
+        std::fs::read_to_string(self.resume_file(side))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records the full resynchronisation `id` on `side`, durably.
+    pub fn set_resume_id(&self, side: Side, id: u64) -> io::Result<()> {
+        self.create()?;
+        crate::paths::write_durably(&self.resume_file(side), format!("{id}\n").as_bytes())
+    }
+
+    /// Forgets the full resynchronisation recorded on `side` (durably: a
+    /// forgotten id never comes back after a crash).
+    pub fn forget_resume(&self, side: Side) -> io::Result<()> {
+        let f = self.resume_file(side);
+        match std::fs::remove_file(&f) {
+            Ok(()) => std::fs::File::open(&self.dir)?.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
