@@ -1075,11 +1075,13 @@ fn pgbench_compare(base: &Path) {
         v.get(v.len() / 2).copied()
     };
     let rows: Vec<Result<(f64, f64), String>> = (0..names.len())
-        .map(|k| match (&errors[k], median(&init_times[k]), median(&tps[k])) {
-            (Some(e), _, _) => Err(e.clone()),
-            (None, Some(i), Some(t)) => Ok((i, t)),
-            _ => Err("no round completed".into()),
-        })
+        .map(
+            |k| match (&errors[k], median(&init_times[k]), median(&tps[k])) {
+                (Some(e), _, _) => Err(e.clone()),
+                (None, Some(i), Some(t)) => Ok((i, t)),
+                _ => Err("no round completed".into()),
+            },
+        )
         .collect();
     print_pg_rows(&names, &rows);
 }
