@@ -1217,15 +1217,25 @@ fn resync_compare(base: &Path) {
     fs::remove_dir_all(&state).expect("remove");
 }
 
-#[test]
-#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
-fn replicated_mount_vs_plain_directory() {
-    if let Err(e) = fs::OpenOptions::new()
+/// Whether `/dev/fuse` opens; says why not (the benchmark is skipped).
+fn fuse_available() -> bool {
+    match fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
     {
-        eprintln!("skipped: /dev/fuse unavailable ({e})");
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: /dev/fuse unavailable ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+fn replicated_mount_vs_plain_directory() {
+    if !fuse_available() {
         return;
     }
     let scratch = Scratch::new();
@@ -1281,12 +1291,7 @@ fn replicated_mount_vs_plain_directory() {
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
 fn full_resync_rate() {
-    if let Err(e) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        eprintln!("skipped: /dev/fuse unavailable ({e})");
+    if !fuse_available() {
         return;
     }
     let scratch = Scratch::named("-resync");

@@ -30,6 +30,10 @@ use safekit::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
+mod fdwalk;
+
+use fdwalk::{open_sub, read_at};
+
 const KEY: [u8; 32] = *b"0123456789abcdef0123456789abcdef";
 
 /// A primary over `a` replicating into `b`, and a reference directory `r`.
@@ -295,82 +299,48 @@ fn snapshot(root: &Path, times: bool) -> BTreeMap<PathBuf, Meta> {
             },
         );
     }
-    let mut stack = vec![(PathBuf::new(), top)];
-    while let Some((rel, dir)) = stack.pop() {
-        let Ok(names) = list(&dir) else {
-            continue;
+    fdwalk::walk(top, |path, dir, name, st| {
+        let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        let (is_dir, is_link, is_file) = (
+            ft == rustix::fs::FileType::Directory,
+            ft == rustix::fs::FileType::Symlink,
+            ft == rustix::fs::FileType::RegularFile,
+        );
+        let kind = if is_dir {
+            "dir"
+        } else if is_link {
+            "symlink"
+        } else if is_file {
+            "file"
+        } else {
+            "other"
         };
-        for name in names {
-            let name = OsStr::from_bytes(&name);
-            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-            let (is_dir, is_link, is_file) = (
-                ft == rustix::fs::FileType::Directory,
-                ft == rustix::fs::FileType::Symlink,
-                ft == rustix::fs::FileType::RegularFile,
-            );
-            let kind = if is_dir {
-                "dir"
-            } else if is_link {
-                "symlink"
-            } else if is_file {
-                "file"
-            } else {
-                "other"
-            };
-            let link = is_link.then(|| {
-                rustix::fs::readlinkat(&dir, name, Vec::new())
-                    .map(|t| PathBuf::from(OsStr::from_bytes(t.as_bytes())))
-                    .unwrap_or_default()
-            });
-            let path = rel.join(name);
-            #[expect(
-                clippy::cast_sign_loss,
-                clippy::cast_possible_wrap,
-                reason = "sizes and times of stat"
-            )]
-            out.insert(
-                path.clone(),
-                Meta {
-                    kind,
-                    mode: if is_link { 0 } else { st.st_mode & 0o7777 },
-                    uid: st.st_uid,
-                    gid: st.st_gid,
-                    size: if is_dir { 0 } else { st.st_size as u64 },
-                    mtime: times.then_some((st.st_mtime, st.st_mtime_nsec as i64)),
-                    content: is_file.then(|| content_at(&dir, name)),
-                    link,
-                    xattrs: xattrs(&proc_entry(&dir, name)),
-                },
-            );
-            if is_dir
-                && let Ok(sub) = rustix::fs::openat(
-                    &dir,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-            {
-                stack.push((path, sub));
-            }
-        }
-    }
+        let link = is_link.then(|| {
+            rustix::fs::readlinkat(dir, name, Vec::new())
+                .map(|t| PathBuf::from(OsStr::from_bytes(t.as_bytes())))
+                .unwrap_or_default()
+        });
+        #[expect(
+            clippy::cast_sign_loss,
+            clippy::cast_possible_wrap,
+            reason = "sizes and times of stat"
+        )]
+        out.insert(
+            path.to_path_buf(),
+            Meta {
+                kind,
+                mode: if is_link { 0 } else { st.st_mode & 0o7777 },
+                uid: st.st_uid,
+                gid: st.st_gid,
+                size: if is_dir { 0 } else { st.st_size as u64 },
+                mtime: times.then_some((st.st_mtime, st.st_mtime_nsec as i64)),
+                content: is_file.then(|| content_at(dir, name)),
+                link,
+                xattrs: xattrs(&proc_entry(dir, name)),
+            },
+        );
+    });
     out
-}
-
-/// The names in directory `dir` (without `.` and `..`).
-fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
-    let mut d = rustix::fs::Dir::read_from(dir)?;
-    let mut out = Vec::new();
-    while let Some(e) = d.read() {
-        let name = e?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            out.push(name);
-        }
-    }
-    Ok(out)
 }
 
 fn res<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
@@ -1155,24 +1125,6 @@ fn durability_points_are_on_the_secondary_when_they_return() {
         on_b("target.tmp").is_none(),
         "temp name still on the secondary"
     );
-}
-
-/// `dir/name` (a directory) opened.
-fn open_sub(dir: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// The whole content of `dir/name`.
-fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<Vec<u8>> {
-    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let mut data = Vec::new();
-    File::from(fd).read_to_end(&mut data)?;
-    Ok(data)
 }
 
 #[test]

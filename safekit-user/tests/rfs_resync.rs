@@ -10,10 +10,7 @@ use std::{
     io::Write,
     os::{
         fd::OwnedFd,
-        unix::{
-            ffi::OsStrExt,
-            fs::{FileExt, MetadataExt, PermissionsExt},
-        },
+        unix::fs::{FileExt, MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
     sync::{
@@ -31,6 +28,10 @@ use safekit::{
         serve_registry, state::Side,
     },
 };
+
+mod fdwalk;
+
+use fdwalk::{open_sub, read_at};
 
 const KEY: [u8; 32] = [9; 32];
 const MIB: usize = 1 << 20;
@@ -72,93 +73,41 @@ fn digest(root: &Path) -> BTreeMap<PathBuf, (String, u32, u64, i64, String)> {
     let mut out = BTreeMap::new();
     let top = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
         .expect("open the root");
-    let mut stack = vec![(PathBuf::new(), top)];
-    while let Some((rel, dir)) = stack.pop() {
-        let Ok(names) = list(&dir) else {
-            continue;
+    fdwalk::walk(top, |path, dir, name, st| {
+        let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        let is_dir = ft == rustix::fs::FileType::Directory;
+        let (kind, sum) = match ft {
+            rustix::fs::FileType::Symlink => (
+                "link",
+                rustix::fs::readlinkat(dir, name, Vec::new())
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+            rustix::fs::FileType::Directory => ("dir", String::new()),
+            _ => (
+                "file",
+                read_at(dir, name).map_or_else(
+                    |e| format!("unreadable: {e}"),
+                    |data| blake3::hash(&data).to_hex().to_string(),
+                ),
+            ),
         };
-        for name in names {
-            let name = OsStr::from_bytes(&name);
-            let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-            let path = rel.join(name);
-            let (kind, sum) = match ft {
-                rustix::fs::FileType::Symlink => (
-                    "link",
-                    rustix::fs::readlinkat(&dir, name, Vec::new())
-                        .map(|t| t.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                ),
-                rustix::fs::FileType::Directory => {
-                    if let Ok(sub) = open_sub(&dir, name) {
-                        stack.push((path.clone(), sub));
-                    }
-                    ("dir", String::new())
-                }
-                _ => (
-                    "file",
-                    read_at(&dir, name).map_or_else(
-                        |e| format!("unreadable: {e}"),
-                        |data| blake3::hash(&data).to_hex().to_string(),
-                    ),
-                ),
-            };
-            let is_dir = ft == rustix::fs::FileType::Directory;
-            out.insert(
-                path,
-                (
-                    kind.to_string(),
-                    st.st_mode & 0o7777,
-                    if is_dir {
-                        0
-                    } else {
-                        u64::try_from(st.st_size).unwrap_or(0)
-                    },
-                    if is_dir { 0 } else { st.st_mtime },
-                    sum,
-                ),
-            );
-        }
-    }
+        out.insert(
+            path.to_path_buf(),
+            (
+                kind.to_string(),
+                st.st_mode & 0o7777,
+                if is_dir {
+                    0
+                } else {
+                    u64::try_from(st.st_size).unwrap_or(0)
+                },
+                if is_dir { 0 } else { st.st_mtime },
+                sum,
+            ),
+        );
+    });
     out
-}
-
-/// The names in directory `dir` (without `.` and `..`).
-fn list(dir: &OwnedFd) -> rustix::io::Result<Vec<Vec<u8>>> {
-    let mut d = rustix::fs::Dir::read_from(dir)?;
-    let mut out = Vec::new();
-    while let Some(e) = d.read() {
-        let name = e?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            out.push(name);
-        }
-    }
-    Ok(out)
-}
-
-/// `dir/name` (a directory) opened.
-fn open_sub(dir: &OwnedFd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// The whole content of `dir/name`.
-fn read_at(dir: &OwnedFd, name: &OsStr) -> std::io::Result<Vec<u8>> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut fs::File::from(fd), &mut data)?;
-    Ok(data)
 }
 
 fn fill(len: usize, seed: u8) -> Vec<u8> {
@@ -226,6 +175,19 @@ impl Secondary {
 }
 
 #[track_caller]
+/// The primary over `a` with its journal and state in `sa`, replicating to
+/// `sec` (send timeout 5 s).
+fn start_primary(
+    d: &Dirs,
+    sec: &Secondary,
+) -> (Primary, tokio::sync::mpsc::UnboundedReceiver<RfsEvent>) {
+    let mut params = PrimaryParams::new(d.name());
+    params.journal = Some(d.p("sa").join("journal"));
+    params.state = Some(DirState::new(d.p("sa")));
+    params.send_timeout = Duration::from_secs(5);
+    Primary::start(&d.p("a"), Some(sec.addr), &KEY, params).expect("start")
+}
+
 fn wait_connected(events: &mut tokio::sync::mpsc::UnboundedReceiver<RfsEvent>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -300,12 +262,7 @@ fn reintegration_sends_only_what_changed_while_the_application_writes() {
     .expect("setxattr");
 
     let sec = Secondary::start(&d, None);
-    let mut params = PrimaryParams::new(d.name());
-    params.journal = Some(d.p("sa").join("journal"));
-    params.state = Some(DirState::new(d.p("sa")));
-    params.send_timeout = Duration::from_secs(5);
-    let (primary, mut events) =
-        Primary::start(&d.p("a"), Some(sec.addr), &KEY, params).expect("start");
+    let (primary, mut events) = start_primary(&d, &sec);
     // First start: full resynchronisation; the sparse file stays sparse.
     wait_connected(&mut events);
     assert_eq!(primary.state(), LinkState::Connected);
@@ -509,12 +466,7 @@ fn a_tree_deeper_than_path_max_is_resynchronised_and_verified() {
         .expect("setxattr");
     }
     let sec = Secondary::start(&d, None);
-    let mut params = PrimaryParams::new(d.name());
-    params.journal = Some(d.p("sa").join("journal"));
-    params.state = Some(DirState::new(d.p("sa")));
-    params.send_timeout = Duration::from_secs(5);
-    let (primary, mut events) =
-        Primary::start(&d.p("a"), Some(sec.addr), &KEY, params).expect("start");
+    let (primary, mut events) = start_primary(&d, &sec);
     wait_connected(&mut events);
     wait_equal(&d);
     let a = digest(&d.p("a"));
